@@ -1,0 +1,153 @@
+"""Teacher sampling: CFG, temperature, top-k, top-p, and KV-cache AR sampling for any :class:`ARTeacher`.
+
+The same :class:`SamplingConfig` defines the teacher's distribution everywhere: when it samples, when
+DD1 maps noise to tokens and when DD2 computes the teacher's closed-form score (method.md section 1:
+"p after the teacher's CFG, temperature, top-k, top-p and renormalisation").
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from onestep.teacher.base import ARTeacher
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the teacher's logits become probabilities.
+
+    cfg_scale: classifier-free guidance s, logits = uncond + s (cond - uncond) (LlamaGen); 1 = off.
+    cfg_schedule: "constant", or "linear" (VAR: s_eff = 1 + (s - 1) * k / (K - 1) over AR steps k).
+    temperature: logits / temperature.  top_k: keep the k largest (0 = all).  top_p: nucleus mass.
+    """
+
+    cfg_scale: float = 1.0
+    cfg_schedule: str = "constant"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.cfg_schedule not in ("constant", "linear"):
+            raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {self.cfg_schedule!r}")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+    def scale_at(self, step_index: int, num_steps: int) -> float:
+        """Guidance scale of AR step ``step_index`` out of ``num_steps``."""
+        if self.cfg_schedule == "linear" and num_steps > 1:
+            return 1.0 + (self.cfg_scale - 1.0) * step_index / (num_steps - 1)
+        return self.cfg_scale
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def apply_cfg(logits_cond: Tensor, logits_uncond: Tensor | None, scale: float | Tensor) -> Tensor:
+    """logits = uncond + s (cond - uncond); ``scale`` may be a tensor broadcast over positions."""
+    if logits_uncond is None:
+        return logits_cond
+    return logits_uncond + scale * (logits_cond - logits_uncond)
+
+
+def truncate_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Temperature, then top-k, then top-p on the last dimension; removed codes get -inf (float32)."""
+    logits = logits.float() / temperature
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Remove a code when the mass strictly before it already reaches top_p (the top code always stays).
+        mass_before = probs.cumsum(-1) - probs
+        remove_sorted = mass_before >= top_p
+        remove = torch.zeros_like(remove_sorted).scatter(-1, idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def process_logits(logits_cond: Tensor, logits_uncond: Tensor | None, cfg: SamplingConfig,
+                   scale: float | Tensor | None = None) -> Tensor:
+    """Normalised log-probabilities (float32, -inf on truncated codes) of the teacher's sampling rule."""
+    s = cfg.cfg_scale if scale is None else scale
+    logits = apply_cfg(logits_cond.float(), None if logits_uncond is None else logits_uncond.float(), s)
+    return torch.log_softmax(truncate_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
+
+
+def _null_labels(teacher: ARTeacher, labels: Tensor) -> Tensor:
+    return torch.full_like(labels, teacher.num_classes)
+
+
+def _cfg_scales(teacher: ARTeacher, cfg: SamplingConfig, device) -> Tensor:
+    """(n, 1) guidance scale per position, following the schedule over AR steps."""
+    steps = teacher.ar_steps()
+    s = torch.empty(teacher.seq_len, 1, device=device)
+    for k, (a, b) in enumerate(steps):
+        s[a:b] = cfg.scale_at(k, len(steps))
+    return s
+
+
+def teacher_log_probs(teacher: ARTeacher, x: Tensor, labels: Tensor, cfg: SamplingConfig) -> Tensor:
+    """Teacher-forcing log p_i(. | x_<i, label) for every position i, (B, n, V), with CFG and truncation.
+
+    This is the p of method.md section 1 that DD1's map and DD2's teacher score use.
+    """
+    if not cfg.uses_cfg:
+        return process_logits(teacher(x, labels), None, cfg)
+    B = labels.shape[0]
+    logits = teacher(torch.cat([x, x]), torch.cat([labels, _null_labels(teacher, labels)]))
+    return process_logits(logits[:B], logits[B:], cfg, _cfg_scales(teacher, cfg, x.device))
+
+
+def _split_cfg_logits(teacher: ARTeacher, h: Tensor, B: int, cfg: SamplingConfig, k: int, K: int) -> Tensor:
+    logits = teacher.head(h)
+    if cfg.uses_cfg:
+        return process_logits(logits[:B], logits[B:], cfg, cfg.scale_at(k, K))
+    return process_logits(logits, None, cfg)
+
+
+@torch.no_grad()
+def sample_tokens(teacher: ARTeacher, labels: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+                  use_cache: bool = True, prefix: Tensor | None = None, start_step: int = 0) -> Tensor:
+    """Ancestral AR sampling of token ids (B, n).
+
+    ``use_cache=False`` recomputes the full teacher-forcing forward each step (the reference the KV
+    cache is tested against). ``prefix`` (B, n) ids with ``start_step`` > 0 keeps the prefix's positions
+    before AR step ``start_step`` and samples the rest (used by skip-n and multi-step samplers).
+    """
+    device = labels.device
+    B = labels.shape[0]
+    n = teacher.seq_len
+    steps = teacher.ar_steps()
+    K = len(steps)
+    ids = torch.zeros(B, n, dtype=torch.long, device=device) if prefix is None else prefix.clone()
+    lab = torch.cat([labels, _null_labels(teacher, labels)]) if cfg.uses_cfg else labels
+    rep = 2 if cfg.uses_cfg else 1
+    if use_cache:
+        cache = teacher.new_cache(B * rep, device)
+    for k, (a, b) in enumerate(steps):
+        if use_cache:
+            x_prev = None if k == 0 else ids[:, steps[k - 1][0]:steps[k - 1][1]].repeat(rep, 1)
+            h = teacher.step(cache, x_prev, lab, k)
+        else:
+            if k < start_step:
+                continue
+            h = teacher.features(ids.repeat(rep, 1), lab)[:, a:b]
+        if k < start_step:
+            continue
+        logp = _split_cfg_logits(teacher, h, B, cfg, k, K)  # (B, b-a, V)
+        probs = logp.exp().reshape(-1, logp.shape[-1])
+        ids[:, a:b] = torch.multinomial(probs, 1, generator=generator).reshape(B, b - a)
+    return ids

@@ -1,0 +1,198 @@
+"""Checkpoints: safetensors weights with a JSON config beside them, written atomically; strict loading.
+
+Layout of a model directory::
+
+    DIR/model.safetensors   weights (state_dict, contiguous CPU tensors)
+    DIR/config.json         {"kind": ..., "config": {...}, ...}: enough to rebuild the module
+
+A training run keeps its resumable checkpoints under ``RUN/checkpoints/step_XXXXXXXX/`` (one model
+directory per module plus ``trainer_state.pt`` with optimizers, step and RNG states) and a ``latest``
+pointer file, written last, so a run killed at any moment resumes from the last complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """Raised by :func:`load_state_dict_strict`; the message lists every mismatched key with shapes."""
+
+    def __init__(self, missing: dict, unexpected: dict, mismatched: dict, source: str = ""):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"checkpoint{(' ' + source) if source else ''} does not fit the model:"]
+        for title, d in (("missing keys (in model, not in checkpoint)", missing),
+                         ("unexpected keys (in checkpoint, not in model)", unexpected)):
+            if d:
+                lines.append(f"  {title}: {len(d)}")
+                lines += [f"    {k}: {list(s)}" for k, s in list(d.items())[:50]]
+                if len(d) > 50:
+                    lines.append(f"    ... and {len(d) - 50} more")
+        if mismatched:
+            lines.append(f"  shape mismatches: {len(mismatched)}")
+            lines += [f"    {k}: checkpoint {list(a)} vs model {list(b)}" for k, (a, b) in list(mismatched.items())[:50]]
+        super().__init__("\n".join(lines))
+
+
+# ---- atomic file writing ----------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory, so atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+            f.write("\n")
+    return atomic_write(path, w)
+
+
+def _json_default(o):
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+# ---- tensors ------------------------------------------------------------------------------------------
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "") -> None:
+    """Load with every key and shape checked; raise :class:`CheckpointMismatchError` listing all problems."""
+    own = module.state_dict()
+    missing = {k: tuple(v.shape) for k, v in own.items() if k not in state_dict}
+    unexpected = {k: tuple(v.shape) for k, v in state_dict.items() if k not in own}
+    mismatched = {k: (tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
+                  if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)}
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(missing, unexpected, mismatched, source)
+    module.load_state_dict(state_dict, strict=True)
+
+
+# ---- model directories --------------------------------------------------------------------------------
+def save_model(directory: str | os.PathLike, module: nn.Module, config: dict) -> Path:
+    """Write ``model.safetensors`` then ``config.json`` into ``directory``."""
+    directory = Path(directory)
+    save_tensors(directory / "model.safetensors", module.state_dict())
+    write_json(directory / "config.json", config)
+    return directory
+
+
+def load_model_weights(directory: str | os.PathLike, module: nn.Module) -> dict:
+    """Strictly load ``directory/model.safetensors`` into ``module``; returns the config dict."""
+    directory = Path(directory)
+    config = read_json(directory / "config.json")
+    load_state_dict_strict(module, load_tensors(directory / "model.safetensors"), source=str(directory))
+    return config
+
+
+# ---- resumable training state ----------------------------------------------------------------------
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, nn.Module],
+                             configs: dict[str, dict], state: dict, keep: int = 2) -> Path:
+    """Write ``checkpoints/step_N/`` (one model dir per module + trainer_state.pt), then the ``latest`` pointer."""
+    ckdir = Path(run_dir) / "checkpoints"
+    final = ckdir / f"step_{step:08d}"
+    tmp = ckdir / f".tmp_step_{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for name, m in modules.items():
+        save_model(tmp / name, m, configs.get(name, {}))
+    atomic_write(tmp / "trainer_state.pt", lambda p: torch.save(state, p))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write(ckdir / "latest", lambda p: Path(p).write_text(final.name + "\n"))
+    old = sorted(d for d in ckdir.glob("step_*") if d.is_dir() and d != final)
+    for d in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    ptr = Path(run_dir) / "checkpoints" / "latest"
+    if not ptr.exists():
+        return None
+    d = ptr.parent / ptr.read_text().strip()
+    if not (d / "trainer_state.pt").exists():
+        raise CheckpointError(f"{ptr} points at {d}, which is incomplete; delete it to restart")
+    return d
+
+
+def load_training_checkpoint(ckpt: Path, modules: dict[str, nn.Module]) -> dict:
+    for name, m in modules.items():
+        load_model_weights(ckpt / name, m)
+    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,142 @@
+"""Training the LlamaGen-style teacher on tokenized images (next-token cross-entropy, CFG label dropout).
+
+Recipe follows LlamaGen's c2i training (AdamW, betas (0.9, 0.95), weight decay 0.05, class dropout 0.1,
+grad clip 1.0) scaled down for a 2-core CPU. Token sequences are the tokenizer's ids of the training
+split, computed once and cached in the run directory (``tokens_train.npz``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from onestep import checkpoint as ckpt
+from onestep.distributed import DistInfo, wrap_ddp
+from onestep.teacher.llamagen import GPT, model_args
+from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, autocast, guarded_step, prepare_run_dir, set_lr, warmup_cosine
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    preset: str = "small"
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    class_dropout_prob: float = 0.1
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 500
+    amp: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TEACHER_TRAIN_PRESETS = {
+    "tiny": TeacherTrainConfig(preset="tiny", steps=20, batch_size=16, warmup_steps=2, log_every=5, ckpt_every=10),
+    "small": TeacherTrainConfig(),
+}
+
+
+def tokenize_split(tokenizer, images_uint8: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
+    """Token ids (N, n) of a uint8 image tensor, in batches, without gradients."""
+    from onestep.data import to_float
+
+    out = []
+    tokenizer.eval()
+    with torch.no_grad():
+        for i in range(0, len(images_uint8), batch_size):
+            out.append(tokenizer.encode_ids(to_float(images_uint8[i:i + batch_size]).to(device)).cpu())
+    return torch.cat(out)
+
+
+def cached_tokens(run_dir: Path, tokenizer, dataset, split: str, device="cpu") -> torch.Tensor:
+    path = Path(run_dir) / f"tokens_{split}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return torch.from_numpy(f["ids"]).long()
+    ids = tokenize_split(tokenizer, dataset.images, device=device)
+    ckpt.atomic_write(path, lambda p: np.savez(open(p, "wb"), ids=ids.numpy().astype(np.int32)))
+    return ids
+
+
+def build_teacher(preset: str, tokenizer, num_classes: int, class_dropout_prob: float = 0.1, **overrides) -> GPT:
+    """A GPT preset sized to the tokenizer (vocab, grid, code dim) and the data set's classes."""
+    h, w = tokenizer.grid
+    args = model_args(preset, vocab_size=tokenizer.config.codebook_size, code_dim=tokenizer.config.code_dim,
+                      grid_h=h, grid_w=w, num_classes=num_classes, class_dropout_prob=class_dropout_prob, **overrides)
+    return GPT(args, codebook=tokenizer.codebook_vectors().detach())
+
+
+def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTrainConfig, data: str = "fashion-mnist",
+                  data_root: str | None = None, info: DistInfo | None = None) -> Path:
+    """Train (or resume) a teacher; writes checkpoints and ``final/`` in ``run_dir``. Returns ``final/``."""
+    from onestep.data import load_dataset
+    from onestep.runs import load_tokenizer
+
+    info = info or DistInfo()
+    torch.manual_seed(cfg.seed)
+    tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, info.device)
+    ds = load_dataset(data, "train", root=data_root)
+    config = {"kind": "teacher", "family": "llamagen", "train": cfg.to_dict(), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+              "data": data, "data_root": data_root}
+    run_dir = prepare_run_dir(run_dir, config, info)
+    model = build_teacher(cfg.preset, tokenizer, len(ds.class_names), cfg.class_dropout_prob).to(info.device)
+    config["model"] = model.args.to_dict()
+    if info.is_main:
+        ckpt.write_json(run_dir / "config.json", config)
+    ids = cached_tokens(run_dir, tokenizer, ds, "train", info.device) if info.is_main else None
+    if info.enabled:
+        torch.distributed.barrier()
+        if ids is None:
+            ids = cached_tokens(run_dir, tokenizer, ds, "train", info.device)
+    labels = ds.labels
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    ddp = wrap_ddp(model, info)
+    loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every, cfg.amp),
+                     {"model": model}, {"model": opt}, {"model": config}, info, desc="teacher")
+    sched = BatchSchedule(len(ids), cfg.batch_size, cfg.seed, info)
+
+    def step_fn(step: int) -> dict:
+        model.train()
+        set_lr(opt, warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps))
+        idx = sched.indices(step)
+        x, y = ids[idx].to(info.device), labels[idx].to(info.device)
+        y = model.drop_labels(y, loop.generator)
+        with autocast(info.device, cfg.amp):
+            logits = ddp(x, y)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1))
+        ok = guarded_step(loss, opt, model.parameters(), cfg.grad_clip)
+        return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"], "nonfinite": not ok}
+
+    t0 = time.time()
+    loop.run(step_fn)
+    final = Path(run_dir) / "final"
+    if info.is_main:
+        config["wall_time_s"] = round(time.time() - t0, 2)
+        ckpt.save_model(final, model, config)
+    return final
+
+
+@torch.no_grad()
+def heldout_nll(model: GPT, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Mean per-token negative log-likelihood (nats) under teacher forcing (eval mode, no dropout)."""
+    model.eval()
+    tot, cnt = 0.0, 0
+    dev = next(model.parameters()).device
+    for i in range(0, len(ids), batch_size):
+        x, y = ids[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
+        logits = model(x, y).float()
+        tot += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1), reduction="sum").item()
+        cnt += x.numel()
+    return tot / cnt
+
+
+

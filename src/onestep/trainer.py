@@ -1,0 +1,208 @@
+"""A small resumable training loop shared by every stage (tokenizer, teacher, DD1, DD2).
+
+The loop owns what makes a run resumable and distributed-safe; a stage supplies ``step_fn(step) -> logs``
+that does one optimisation step. What the loop does:
+
+- deterministic data order: :class:`BatchSchedule` maps a step to batch indices (epoch permutation
+  seeded by ``seed + epoch``, global batch split across ranks), so the data position is the step;
+- an explicit ``torch.Generator`` (``loop.generator``) for all stage randomness, saved in checkpoints
+  together with the global torch / numpy / python RNG states;
+- checkpoints every ``ckpt_every`` steps and at the end (rank 0 only, atomic, see checkpoint.py);
+- resume from the latest checkpoint: weights, optimizers, step, RNG states;
+- a tqdm progress bar with ETA and ``log.jsonl`` (rank 0 only);
+- a NaN/inf guard: a step whose logs report ``nonfinite`` is counted, and too many in a row stop the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from onestep import checkpoint as ckpt
+from onestep.distributed import DistInfo, unwrap
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    batch_size: int  # global batch size, split evenly across ranks
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 500
+    amp: bool = False  # bf16 autocast; only used on CUDA (ignored with a warning on the CPU)
+    max_nonfinite: int = 20
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class BatchSchedule:
+    """Deterministic, rank-sharded batch indices: step -> this rank's slice of the global batch."""
+
+    def __init__(self, n_items: int, global_batch: int, seed: int, info: DistInfo | None = None):
+        info = info or DistInfo()
+        if global_batch % info.world_size:
+            raise ValueError(f"batch size {global_batch} is not divisible by world size {info.world_size}")
+        if n_items < global_batch:
+            raise ValueError(f"data set has {n_items} items, fewer than one batch of {global_batch}")
+        self.n, self.B, self.seed, self.info = n_items, global_batch, seed, info
+        self.per_epoch = n_items // global_batch
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, j = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            self._epoch = epoch
+        glob = self._perm[j * self.B:(j + 1) * self.B]
+        per = self.B // self.info.world_size
+        return glob[self.info.rank * per:(self.info.rank + 1) * per]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def warmup_cosine(step: int, total: int, base_lr: float, warmup: int = 0, min_ratio: float = 0.1) -> float:
+    """Linear warm-up to ``base_lr`` then cosine decay to ``min_ratio * base_lr``."""
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op context otherwise (bf16 is off on the CPU)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = None) -> Path:
+    """Create the run directory and write ``config.json`` (rank 0). A resumed run must keep its config."""
+    run_dir = Path(run_dir)
+    info = info or DistInfo()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = run_dir / "config.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            new = json.loads(json.dumps(config, default=ckpt._json_default))
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _VOLATILE)
+            if diff and ckpt.latest_checkpoint(run_dir) is not None:
+                raise ValueError(f"{run_dir} holds a run with a different config (keys {diff}); "
+                                 f"use a new --run-dir or delete the old one")
+        ckpt.write_json(cfg_path, config)
+    return run_dir
+
+
+_VOLATILE = {"device", "command", "started"}
+
+
+class TrainLoop:
+    """Run ``step_fn`` for ``cfg.steps`` steps with resume, checkpoints, progress bar and logs."""
+
+    def __init__(self, run_dir: str | Path, cfg: LoopConfig, modules: dict[str, nn.Module],
+                 optimizers: dict[str, torch.optim.Optimizer], configs: dict[str, dict],
+                 info: DistInfo | None = None, desc: str = "train", extra_state: dict | None = None):
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.modules, self.optimizers, self.configs = modules, optimizers, configs
+        self.info = info or DistInfo()
+        self.desc = desc
+        self.extra_state = extra_state if extra_state is not None else {}
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.info.rank)
+        self.step = 0
+        self.nonfinite_total = 0
+        self._nonfinite_run = 0
+
+    # ---- persistence -------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"step": self.step, "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "rng": ckpt.rng_state(), "generator": self.generator.get_state(),
+                "nonfinite_total": self.nonfinite_total, "extra": self.extra_state}
+
+    def save(self) -> None:
+        if self.info.is_main:
+            mods = {k: unwrap(m) for k, m in self.modules.items()}
+            ckpt.save_training_checkpoint(self.run_dir, self.step, mods, self.configs, self._state())
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint if there is one. Returns True when it resumed."""
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return False
+        state = ckpt.load_training_checkpoint(latest, {k: unwrap(m) for k, m in self.modules.items()})
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        ckpt.set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        self.extra_state.update(state.get("extra", {}))
+        if self.info.is_main:
+            print(f"[{self.desc}] resumed from {latest} at step {self.step}", flush=True)
+        return True
+
+    def log(self, record: dict) -> None:
+        if self.info.is_main:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- main loop -------------------------------------------------------------------------------
+    def run(self, step_fn: Callable[[int], dict], on_checkpoint: Callable[[int], None] | None = None) -> dict:
+        self.resume()
+        logs: dict = {}
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, disable=not self.info.is_main,
+                   dynamic_ncols=True, mininterval=1.0)
+        t0 = time.time()
+        while self.step < self.cfg.steps:
+            logs = step_fn(self.step)
+            if logs.get("nonfinite"):
+                self.nonfinite_total += 1
+                self._nonfinite_run += 1
+                if self._nonfinite_run > self.cfg.max_nonfinite:
+                    raise FloatingPointError(f"{self._nonfinite_run} non-finite steps in a row at step {self.step}; "
+                                             f"lower the learning rate or check the data")
+            else:
+                self._nonfinite_run = 0
+            self.step += 1
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                rec = {"step": self.step, "time_s": round(time.time() - t0, 3),
+                       **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()}}
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)}, refresh=False)
+                self.log(rec)
+            if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
+                self.save()
+                if on_checkpoint is not None:
+                    on_checkpoint(self.step)
+        bar.close()
+        return logs
+
+
+def guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, grad_clip: float = 0.0) -> bool:
+    """Backward + optimizer step, skipped when the loss or the gradient norm is non-finite.
+
+    Backward always runs, so DDP ranks stay in lock-step: a NaN on one rank reaches every rank through
+    the gradient all-reduce, and all ranks skip together. Returns True when it stepped.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in params if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params)) if params else torch.tensor(0.0)
+    if not (torch.isfinite(loss) and torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True

@@ -1,0 +1,137 @@
+"""LlamaGen-style teacher: official layout, KV cache, sampling rules (CFG, temperature, top-k, top-p)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from onestep.teacher.llamagen import GPT, GPT_PRESETS, model_args
+from onestep.teacher.sampling import SamplingConfig, process_logits, sample_tokens, teacher_log_probs, truncate_logits
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "checkpoints"
+if not FIXTURES.exists():  # CI: shared/ sits beside the clone
+    FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoints"
+
+
+@pytest.mark.parametrize("preset,fixture", [("GPT-B", "llamagen-gpt-b-256"), ("GPT-L", "llamagen-gpt-l-256"),
+                                            ("GPT-XL", "llamagen-gpt-xl-256"), ("GPT-XXL", "llamagen-gpt-xxl-256")])
+def test_official_layout_matches_fixture(preset, fixture):
+    path = FIXTURES / f"{fixture}.json"
+    if not path.exists():
+        pytest.skip(f"fixture {path} not available")
+    ref = json.loads(path.read_text())
+    with torch.device("meta"):
+        m = GPT(GPT_PRESETS[preset])
+    sd = m.state_dict()
+    assert list(sd) == list(ref["state_dict"]), "key order differs from the official state_dict"
+    for k, v in sd.items():
+        assert list(v.shape) == ref["state_dict"][k]["shape"], k
+        assert str(v.dtype).replace("torch.", "") == ref["state_dict"][k]["dtype"], k
+    assert sum(p.numel() for p in m.parameters()) == ref["num_params"]
+    assert m.args.ffn_hidden == ref["config"]["ffn_hidden"]
+
+
+def test_kv_cache_logits_equal_full_forward(tiny_gpt):
+    m = tiny_gpt
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(m.vocab_size, (3, m.seq_len), generator=g)
+    labels = torch.tensor([0, 5, m.num_classes])  # includes the null class
+    with torch.no_grad():
+        full = m(ids, labels)
+        cache = m.new_cache(3, "cpu")
+        steps = [m.head(m.step(cache, None if k == 0 else ids[:, k - 1:k], labels, k)) for k in range(m.seq_len)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+
+
+def test_features_are_causal(tiny_gpt):
+    m = tiny_gpt
+    ids = torch.randint(m.vocab_size, (1, m.seq_len), generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([3])
+    with torch.no_grad():
+        h = m.features(ids, labels)
+        ids2 = ids.clone()
+        ids2[0, 7] = (ids2[0, 7] + 1) % m.vocab_size
+        h2 = m.features(ids2, labels)
+    assert torch.equal(h[:, :8], h2[:, :8])  # rows 0..7 see tokens < row index only
+    assert not torch.allclose(h[:, 8:], h2[:, 8:])
+
+
+def test_sampling_with_and_without_cache_agree(tiny_gpt):
+    labels = torch.tensor([1, 2, 3, 4])
+    cfg = SamplingConfig(cfg_scale=2.0, temperature=0.9, top_k=8, top_p=0.9)
+    a = sample_tokens(tiny_gpt, labels, cfg, torch.Generator().manual_seed(0), use_cache=True)
+    b = sample_tokens(tiny_gpt, labels, cfg, torch.Generator().manual_seed(0), use_cache=False)
+    assert torch.equal(a, b)
+    c = sample_tokens(tiny_gpt, labels, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(a, c)  # seeded generators make sampling reproducible
+
+
+def test_sampling_matches_teacher_log_probs_distribution(tiny_gpt):
+    """Empirical first-token frequencies match the processed teacher distribution."""
+    n = 4000
+    labels = torch.full((n,), 2)
+    cfg = SamplingConfig(cfg_scale=1.5, top_k=6)
+    ids = sample_tokens(tiny_gpt, labels, cfg, torch.Generator().manual_seed(0))
+    p = teacher_log_probs(tiny_gpt, ids[:1], labels[:1], cfg)[0, 0].exp()
+    freq = torch.bincount(ids[:, 0], minlength=tiny_gpt.vocab_size).float() / n
+    assert (freq[p == 0] == 0).all()
+    assert (freq - p).abs().max() < 0.04
+
+
+def test_cfg_hand_computed():
+    cond = torch.tensor([[2.0, 0.0, -1.0]])
+    uncond = torch.tensor([[1.0, 1.0, 0.0]])
+    lp = process_logits(cond, uncond, SamplingConfig(cfg_scale=3.0))
+    expected = torch.log_softmax(torch.tensor([[1 + 3 * 1.0, 1 + 3 * -1.0, 0 + 3 * -1.0]]), -1)
+    torch.testing.assert_close(lp, expected)
+    # linear schedule (VAR): scale 1 at the first step, full at the last
+    cfg = SamplingConfig(cfg_scale=3.0, cfg_schedule="linear")
+    assert cfg.scale_at(0, 10) == 1.0 and cfg.scale_at(9, 10) == 3.0 and math.isclose(cfg.scale_at(3, 10), 1 + 2 * 3 / 9)
+
+
+def test_top_k_top_p_temperature_hand_computed():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    lk = truncate_logits(logits, top_k=2)
+    assert torch.isinf(lk[0, 2:]).all() and torch.isfinite(lk[0, :2]).all()
+    # top-p 0.7: 0.5 (mass before 0), 0.2 (before 0.5), 0.15 has 0.7 before it -> removed
+    lp = truncate_logits(logits, top_p=0.7)
+    assert torch.isfinite(lp[0, :2]).all() and torch.isinf(lp[0, 2:]).all()
+    # top-p 0.71 keeps the third code too
+    assert torch.isfinite(truncate_logits(logits, top_p=0.71)[0, :3]).all()
+    # temperature 2 on log-probs = sqrt of probabilities, renormalised
+    p = torch.softmax(truncate_logits(logits, temperature=2.0), -1)
+    q = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).sqrt()
+    torch.testing.assert_close(p, q / q.sum())
+    # top-1 always keeps the argmax, even with a tiny top_p
+    assert torch.isfinite(truncate_logits(logits, top_p=0.01)[0, 0])
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0.0)
+
+
+def test_class_dropout_only_in_training_mode(tiny_gpt):
+    labels = torch.arange(10).repeat(50)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(tiny_gpt.eval().drop_labels(labels, g), labels)
+    dropped = tiny_gpt.train().drop_labels(labels, g)
+    frac = (dropped == tiny_gpt.num_classes).float().mean().item()
+    assert 0.05 < frac < 0.15
+    tiny_gpt.eval()
+
+
+def test_continuous_input_teacher_embeds_vectors():
+    torch.manual_seed(0)
+    m = GPT(model_args("tiny", input_embedding="mlp"), codebook=torch.randn(16, 4)).eval()
+    ids = torch.randint(16, (2, 16))
+    with torch.no_grad():
+        a = m(ids, torch.tensor([0, 1]))
+        b = m(m.ids_to_codes(ids), torch.tensor([0, 1]))
+    torch.testing.assert_close(a, b)
+    assert "tok_mlp.0.weight" in m.state_dict() and "tok_embeddings.weight" not in m.state_dict()
+
+
+def test_presets_are_valid():
+    for name, args in GPT_PRESETS.items():
+        assert args.seq_len == args.grid_h * args.grid_w, name
+    with pytest.raises(KeyError, match="unknown GPT preset"):
+        model_args("GPT-Q")

@@ -79,13 +79,13 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
                   data_root: str | None = None, info: DistInfo | None = None) -> Path:
     """Train (or resume) a teacher; writes checkpoints and ``final/`` in ``run_dir``. Returns ``final/``."""
     from onestep.data import load_dataset
-    from onestep.runs import load_tokenizer
+    from onestep.runs import load_tokenizer, ref_to
 
     info = info or DistInfo()
     torch.manual_seed(cfg.seed)
     tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, info.device)
     ds = load_dataset(data, "train", root=data_root)
-    config = {"kind": "teacher", "family": "llamagen", "train": cfg.to_dict(), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+    config = {"kind": "teacher", "family": "llamagen", "train": cfg.to_dict(), "tokenizer_dir": ref_to(tokenizer_dir, run_dir),
               "data": data, "data_root": data_root}
     run_dir = prepare_run_dir(run_dir, config, info)
     model = build_teacher(cfg.preset, tokenizer, len(ds.class_names), cfg.class_dropout_prob).to(info.device)

@@ -1,0 +1,64 @@
+"""Shared by the benchmark scripts: provenance (command, commit, machine) and JSON + markdown output."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def provenance() -> dict:
+    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git_commit(), "machine": machine()}
+
+
+def _md_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_stem: str | Path, result: dict, title: str) -> None:
+    """``out_stem.json`` (everything) and ``out_stem.md`` (tables of list-of-dict entries + provenance)."""
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    out_stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md = [f"# {title}", "", f"- command: `{result.get('command')}`", f"- commit: `{result.get('commit')}`",
+          f"- machine: {json.dumps(result.get('machine'))}", ""]
+    for k, v in result.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            md += [f"## {k}", "", _md_table(v), ""]
+        elif isinstance(v, dict) and k not in ("machine",):
+            md += [f"## {k}", "", "```json", json.dumps(v, indent=2, default=str), "```", ""]
+    out_stem.with_suffix(".md").write_text("\n".join(md))

@@ -1,0 +1,177 @@
+"""The ``onestep`` command line: train a tokenizer and a teacher, distil them (DD1, DD2), sample, evaluate.
+
+Every command that trains writes a run directory (config.json, log.jsonl, checkpoints/, final/) and
+resumes from it when re-run with the same arguments. ``--device`` and ``--seed`` are flags everywhere;
+multi-process training: ``torchrun --nproc_per_node N -m onestep train-teacher ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_common(p: argparse.ArgumentParser, seed: int = 0) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
+
+
+def add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "mnist", "folder"],
+                   help="data set (default: fashion-mnist, from Debian's dataset-fashion-mnist)")
+    p.add_argument("--data-root", default=None, help="override the data location (required for --data folder)")
+
+
+def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = 2.0) -> None:
+    g = p.add_argument_group("teacher sampling rule (also defines p for DD1's map and DD2's teacher score)")
+    g.add_argument("--cfg-scale", type=float, default=cfg_scale, help=f"classifier-free guidance (default {cfg_scale}; 1 = off)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
+
+
+def _torch_threads(args) -> None:
+    import os
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS") is None and getattr(args, "device", "cpu") == "cpu":
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
+
+
+# ---- tokenizer / teacher -------------------------------------------------------------------------------
+def cmd_train_tokenizer(args) -> None:
+    from onestep.distributed import cleanup, setup
+    from onestep.tokenizer.train import VQ_TRAIN_PRESETS, train_tokenizer
+
+    cfg = VQ_TRAIN_PRESETS[args.preset]
+    cfg = _override(cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    info = setup(args.device)
+    final = train_tokenizer(args.run_dir, cfg, data=args.data, data_root=args.data_root, info=info)
+    if info.is_main:
+        print(f"tokenizer written to {final}")
+    cleanup(info)
+
+
+def cmd_train_teacher(args) -> None:
+    from onestep.distributed import cleanup, setup
+    from onestep.teacher.train import TEACHER_TRAIN_PRESETS, train_teacher
+
+    cfg = _override(TEACHER_TRAIN_PRESETS[args.preset], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    seed=args.seed, amp=args.amp or None)
+    info = setup(args.device)
+    final = train_teacher(args.run_dir, args.tokenizer, cfg, data=args.data, data_root=args.data_root, info=info)
+    if info.is_main:
+        print(f"teacher written to {final}")
+    cleanup(info)
+
+
+def _override(cfg, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
+
+
+# ---- sampling -----------------------------------------------------------------------------------------
+def cmd_sample(args) -> None:
+    import numpy as np
+    import torch
+
+    from onestep.distributed import resolve_device
+    from onestep.eval.report import save_grid
+    from onestep.samplers import build_sampler, class_labels, generate
+
+    device = resolve_device(args.device)
+    sampler = build_sampler(args.method, args.run, steps=args.steps, device=device, args=args)
+    if args.labels:
+        labels = torch.tensor([int(x) for x in args.labels.split(",")], device=device)
+        labels = labels.repeat((args.n + len(labels) - 1) // len(labels))[: args.n]
+    else:
+        labels = class_labels(args.n, sampler.info["num_classes"], device)
+    out = generate(sampler, labels, args.seed, batch_size=args.batch_size)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = out_dir / f"{sampler.name}.png"
+    save_grid(out["images"][: args.grid], grid, nrow=args.nrow or int(max(1, min(args.grid, sampler.info["num_classes"]))))
+    npz = out_dir / f"{sampler.name}.npz"
+    tokens = out["tokens"]
+    np.savez(npz, tokens=tokens.numpy(), labels=out["labels"].numpy(), images=out["images"].numpy(), seed=args.seed)
+    print(f"{len(labels)} samples from {sampler.name} ({sampler.steps} steps): grid {grid}, tokens {npz}")
+
+
+# ---- parser -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onestep",
+        description="Turn an image autoregressive model into a one-step generator with Distilled Decoding 2 "
+                    "(conditional score distillation), with Distilled Decoding 1 as the baseline.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train-tokenizer", help="train a VQ tokenizer (VQGAN-style, l2-normalised codebook)",
+                       description="Train a VQ tokenizer on a data set; reports test PSNR and codebook usage.")
+    add_data(p)
+    p.add_argument("--preset", default="default", help="tokenizer preset: tiny, small, default")
+    p.add_argument("--run-dir", default="runs/tokenizer")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    add_common(p)
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("train-teacher", help="train a LlamaGen-style class-conditional AR teacher on tokens",
+                       description="Train the raster-order AR transformer (LlamaGen GPT design) on a tokenizer's ids.")
+    add_data(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer run directory")
+    p.add_argument("--preset", default="small", help="teacher training preset: tiny, small")
+    p.add_argument("--run-dir", default="runs/teacher")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only; off on the CPU)")
+    add_common(p)
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("sample", help="sample images: PNG grid + tokens (.npz)",
+                       description="Sample with the teacher, DD1, DD2 or a baseline; writes METHOD.png and METHOD.npz.")
+    p.add_argument("--method", default="teacher",
+                   help="teacher, teacher-nocache, dd1, dd2, skip-N (e.g. skip-10), onestep-star")
+    p.add_argument("--run", required=True, help="run directory of the method (teacher run for teacher/baselines)")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps for dd1/dd2 (default 1)")
+    p.add_argument("--continuous", action="store_true", help="dd2: decode continuous vectors instead of nearest codes")
+    p.add_argument("-n", "--n", type=int, default=100, help="number of samples")
+    p.add_argument("--labels", default=None, help="comma-separated class labels (default: balanced over classes)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--grid", type=int, default=100, help="how many samples to put in the grid")
+    p.add_argument("--nrow", type=int, default=0, help="grid columns (default: number of classes)")
+    p.add_argument("--out", default="samples")
+    add_sampling(p)
+    add_common(p)
+    p.set_defaults(func=cmd_sample)
+
+    from onestep.eval.commands import register as register_eval
+
+    register_eval(sub)
+    for mod in ("onestep.dd1.commands", "onestep.dd2.commands", "onestep.pipeline"):
+        __import__(mod, fromlist=["register"]).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _torch_threads(args)
+    from onestep.checkpoint import CheckpointError
+    from onestep.data import DataError
+
+    try:
+        args.func(args)
+    except (DataError, CheckpointError) as e:
+        print(f"onestep {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

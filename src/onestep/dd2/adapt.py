@@ -1,0 +1,141 @@
+"""DD2 stage 0: a continuous-input teacher (method.md section 3, "Stage 0").
+
+The LlamaGen teacher embeds token ids with a table, but DD2's generator emits vectors that are not
+exactly codebook entries, and the teacher must condition on them. Stage 0 replaces ``tok_embeddings``
+by an MLP on the code vectors (``tok_mlp``), in two phases:
+
+1. fit: regress mlp(c_j) onto emb(j) for all V codes (MSE; every other weight copied unchanged);
+2. fine-tune: the whole model with its ordinary AR loss (next-token cross-entropy) on the training
+   tokens, fed as code vectors, until it has lost nothing (held-out NLL within 1% of the original).
+
+The result is the teacher from then on (DD2 stages 1 and 2 use it).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from onestep import checkpoint as ckpt
+from onestep.distributed import DistInfo, wrap_ddp
+from onestep.teacher.llamagen import GPT
+from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, guarded_step, prepare_run_dir, set_lr, warmup_cosine
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    fit_steps: int = 2000        # phase 1: MLP regression onto the embedding table (cheap: V rows)
+    fit_lr: float = 3e-3
+    steps: int = 600             # phase 2: fine-tuning with the AR loss
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 200
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ADAPT_PRESETS = {"tiny": AdaptConfig(fit_steps=50, steps=4, batch_size=16, log_every=2, ckpt_every=2),
+                 "small": AdaptConfig()}
+
+
+def continuous_copy(teacher: GPT) -> GPT:
+    """A GPT with ``input_embedding="mlp"``, all shared weights copied from ``teacher``."""
+    student = GPT(replace(teacher.args, input_embedding="mlp"), codebook=teacher.codebook().detach().cpu())
+    own = student.state_dict()
+    shared = {k: v for k, v in teacher.state_dict().items() if k in own}
+    missing = set(own) - set(shared)
+    assert all(k.startswith("tok_mlp.") for k in missing), missing
+    student.load_state_dict({**own, **shared})
+    return student.to(teacher.codebook().device)
+
+
+def fit_embedding_mlp(student: GPT, table: torch.Tensor, steps: int, lr: float, seed: int = 0) -> float:
+    """Phase 1: regress tok_mlp(c_j) onto the table row emb(j); returns the final relative MSE."""
+    torch.manual_seed(seed)
+    cb = student.codebook()
+    opt = torch.optim.Adam(student.tok_mlp.parameters(), lr=lr)
+    target = table.detach()
+    scale = target.pow(2).mean()
+    for i in range(steps):
+        set_lr(opt, warmup_cosine(i, steps, lr, warmup=0, min_ratio=0.01))
+        loss = (student.tok_mlp(cb) - target).pow(2).mean() / scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig, info: DistInfo | None = None) -> Path:
+    """Stage 0 end to end; writes ``final/`` (kind "teacher", input_embedding "mlp") and ``metrics.json``."""
+    from onestep.data import load_dataset
+    from onestep.runs import load_teacher, ref_to
+    from onestep.teacher.train import cached_tokens, heldout_nll
+
+    info = info or DistInfo()
+    teacher, tconf, tokenizer = load_teacher(teacher_dir, info.device)
+    config = {"kind": "teacher", "family": "llamagen", "stage": "dd2-adapt", "adapt": cfg.to_dict(),
+              "teacher_dir": ref_to(teacher_dir, run_dir), "data": tconf["data"], "data_root": tconf.get("data_root")}
+    run_dir = prepare_run_dir(run_dir, config, info)
+    t_start = time.time()
+    student = continuous_copy(teacher)
+    config["model"] = student.args.to_dict()
+    # the adapted teacher refers to the same tokenizer as the original one
+    from onestep.runs import final_dir, resolve_ref
+
+    config["tokenizer_dir"] = ref_to(resolve_ref(tconf["tokenizer_dir"], final_dir(teacher_dir)), run_dir)
+    train = load_dataset(tconf["data"], "train", root=tconf.get("data_root"))
+    test = load_dataset(tconf["data"], "test", root=tconf.get("data_root"))
+    ids = cached_tokens(run_dir, tokenizer, train, "train", info.device)
+    ids_test = cached_tokens(run_dir, tokenizer, test, "test", info.device)
+    metrics_path = Path(run_dir) / "metrics.json"
+    metrics = ckpt.read_json(metrics_path) if metrics_path.exists() else {}
+    if "nll_teacher" not in metrics:
+        metrics["nll_teacher"] = heldout_nll(teacher, ids_test, test.labels)
+        metrics["fit_rel_mse"] = fit_embedding_mlp(student, teacher.tok_embeddings.weight, cfg.fit_steps, cfg.fit_lr, cfg.seed)
+        metrics["nll_after_fit"] = heldout_nll(student, ids_test, test.labels)
+        metrics["fit_wall_time_s"] = round(time.time() - t_start, 2)
+        if info.is_main:
+            ckpt.write_json(metrics_path, metrics)
+            ckpt.save_model(Path(run_dir) / "fitted", student, config)
+    else:
+        ckpt.load_model_weights(Path(run_dir) / "fitted", student)
+
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    ddp = wrap_ddp(student, info)
+    loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),
+                     {"model": student}, {"model": opt}, {"model": config}, info, desc="dd2 adapt")
+    sched = BatchSchedule(len(ids), cfg.batch_size, cfg.seed, info)
+    labels = train.labels
+
+    def step_fn(step: int) -> dict:
+        student.train()
+        set_lr(opt, warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps))
+        idx = sched.indices(step)
+        x, y = ids[idx].to(info.device), labels[idx].to(info.device)
+        y = student.drop_labels(y, loop.generator)
+        logits = ddp(student.ids_to_codes(x), y)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1))
+        ok = guarded_step(loss, opt, student.parameters(), cfg.grad_clip)
+        return {"loss": loss.item(), "nonfinite": not ok}
+
+    t1 = time.time()
+    loop.run(step_fn)
+    final = Path(run_dir) / "final"
+    if info.is_main:
+        metrics["nll_adapted"] = heldout_nll(student, ids_test, test.labels)
+        metrics["nll_rel_change"] = metrics["nll_adapted"] / metrics["nll_teacher"] - 1.0
+        metrics["within_1pct"] = bool(metrics["nll_rel_change"] <= 0.01)
+        metrics["finetune_wall_time_s"] = round(time.time() - t1, 2)
+        metrics["wall_time_s"] = round(metrics["fit_wall_time_s"] + metrics["finetune_wall_time_s"], 2)
+        ckpt.write_json(metrics_path, metrics)
+        config["metrics"] = metrics
+        ckpt.save_model(final, student, config)
+    return final

@@ -1,0 +1,72 @@
+"""Run directories: where each stage's outputs live and how to load them back.
+
+Every command writes into a run directory holding ``config.json`` (the full config, seeds included),
+``log.jsonl``, ``checkpoints/`` (resumable state) and, once finished, ``final/`` (``model.safetensors``
++ ``config.json``). Downstream stages refer to upstream runs by directory:
+
+    tokenizer run  ->  teacher run (config["tokenizer_dir"])  ->  DD1 / DD2 runs (config["teacher_dir"])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from onestep import checkpoint as ckpt
+
+
+def final_dir(run_dir: str | Path) -> Path:
+    """``RUN/final`` (or RUN itself if it is a model directory); a clear error if the run never finished."""
+    run_dir = Path(run_dir)
+    if (run_dir / "model.safetensors").exists():
+        return run_dir
+    if (run_dir / "final" / "model.safetensors").exists():
+        return run_dir / "final"
+    if not run_dir.exists():
+        raise ckpt.CheckpointError(f"run directory {run_dir} does not exist")
+    hint = " (it has checkpoints: re-run the same command to resume it)" if (run_dir / "checkpoints").exists() else ""
+    raise ckpt.CheckpointError(f"{run_dir} holds no finished model (no final/model.safetensors){hint}")
+
+
+def load_tokenizer(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(VQModel, config) from a tokenizer run (or model) directory, in eval mode."""
+    from onestep.tokenizer.vq import VQConfig, VQModel
+
+    d = final_dir(run_dir)
+    config = ckpt.read_json(d / "config.json")
+    if config.get("kind") != "tokenizer":
+        raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a tokenizer")
+    model = VQModel(VQConfig(**config["model"]))
+    ckpt.load_model_weights(d, model)
+    return model.to(device).eval(), config
+
+
+def load_teacher(run_dir: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = True):
+    """(GPT, config, tokenizer | None) from a teacher run directory; the codebook comes from its tokenizer."""
+    from onestep.teacher.llamagen import GPT, ModelArgs
+
+    d = final_dir(run_dir)
+    config = ckpt.read_json(d / "config.json")
+    if config.get("kind") != "teacher":
+        raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a teacher")
+    tokenizer, _ = load_tokenizer(resolve_ref(config["tokenizer_dir"], d), device)
+    model = GPT(ModelArgs.from_dict(config["model"]), codebook=tokenizer.codebook_vectors().detach().cpu())
+    ckpt.load_model_weights(d, model)
+    return model.to(device).eval(), config, (tokenizer if with_tokenizer else None)
+
+
+def ref_to(target: str | Path, run_dir: str | Path) -> str:
+    """How a run records another run: a path relative to its own directory, so run trees can move."""
+    import os
+
+    return os.path.relpath(Path(target).resolve(), Path(run_dir).resolve())
+
+
+def resolve_ref(path: str, model_dir: Path) -> Path:
+    """Inverse of :func:`ref_to` for a model directory ``RUN/final`` (also accepts absolute paths)."""
+    p = Path(path)
+    run_dir = model_dir.parent if model_dir.name == "final" else model_dir
+    for cand in (run_dir / p, p):
+        if cand.exists():
+            return cand
+    raise ckpt.CheckpointError(f"referenced run {path} not found (looked next to {run_dir})")

@@ -1,0 +1,77 @@
+"""Smoke runs of every command on tiny presets (two training steps each), help texts, clear errors."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onestep.cli import build_parser, main
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_data = pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def test_help_texts(capsys):
+    parser = build_parser()
+    text = parser.format_help()
+    for cmd in ("train-tokenizer", "train-teacher", "sample", "eval", "report", "dd1", "dd2", "demo", "bench"):
+        assert cmd in text
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        assert p.description or p.format_help(), name
+        assert "--help" in p.format_help()
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A tiny tokenizer and teacher trained for two steps each through the CLI."""
+    if not FASHION.exists():
+        pytest.skip("Fashion-MNIST not installed")
+    root = tmp_path_factory.mktemp("cli")
+    main(["train-tokenizer", "--preset", "tiny", "--steps", "2", "--run-dir", str(root / "tok"), "--seed", "1"])
+    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(root / "tok"), "--steps", "2",
+          "--run-dir", str(root / "teacher"), "--seed", "1"])
+    return root
+
+
+@needs_data
+def test_train_commands_write_run_dirs(tiny_runs):
+    for run in ("tok", "teacher"):
+        d = tiny_runs / run
+        assert (d / "config.json").exists() and (d / "log.jsonl").exists()
+        assert (d / "final" / "model.safetensors").exists() and (d / "final" / "config.json").exists()
+        assert (d / "checkpoints" / "latest").exists()
+    cfg = json.loads((tiny_runs / "teacher" / "config.json").read_text())
+    assert cfg["train"]["seed"] == 1 and cfg["train"]["steps"] == 2
+
+
+@needs_data
+def test_sample_writes_grid_and_tokens(tiny_runs, capsys):
+    out = tiny_runs / "samples"
+    main(["sample", "--run", str(tiny_runs / "teacher"), "-n", "6", "--out", str(out), "--top-k", "5"])
+    assert (out / "teacher.png").exists()
+    with np.load(out / "teacher.npz") as f:
+        assert f["tokens"].shape[0] == 6 and f["images"].shape[0] == 6
+        assert list(f["labels"]) == [0, 1, 2, 3, 4, 5]
+
+
+@needs_data
+def test_rerun_finished_training_resumes_without_work(tiny_runs, capsys):
+    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(tiny_runs / "tok"), "--steps", "2",
+          "--run-dir", str(tiny_runs / "teacher"), "--seed", "1"])
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_missing_data_gives_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train-tokenizer", "--preset", "tiny", "--steps", "2", "--data-root", str(tmp_path / "nothing"),
+              "--run-dir", str(tmp_path / "tok")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+def test_missing_run_gives_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--run", str(tmp_path / "nope"), "-n", "2", "--out", str(tmp_path)])
+    assert "does not exist" in capsys.readouterr().err

@@ -148,11 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_sample)
 
-    from onestep.eval.commands import register as register_eval
-
-    register_eval(sub)
-    for mod in ("onestep.dd1.commands", "onestep.dd2.commands", "onestep.pipeline"):
-        __import__(mod, fromlist=["register"]).register(sub)
+    for mod in ("onestep.eval.commands", "onestep.dd1.commands", "onestep.dd2.commands", "onestep.pipeline"):
+        try:  # TEMP-INTEGRATION: remove once every module has landed
+            __import__(mod, fromlist=["register"]).register(sub)
+        except ModuleNotFoundError:
+            pass
     return parser
 
 

@@ -76,21 +76,19 @@ def fit_embedding_mlp(student: GPT, table: torch.Tensor, steps: int, lr: float, 
 def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig, info: DistInfo | None = None) -> Path:
     """Stage 0 end to end; writes ``final/`` (kind "teacher", input_embedding "mlp") and ``metrics.json``."""
     from onestep.data import load_dataset
-    from onestep.runs import load_teacher, ref_to
+    from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
     from onestep.teacher.train import cached_tokens, heldout_nll
 
     info = info or DistInfo()
     teacher, tconf, tokenizer = load_teacher(teacher_dir, info.device)
     config = {"kind": "teacher", "family": "llamagen", "stage": "dd2-adapt", "adapt": cfg.to_dict(),
               "teacher_dir": ref_to(teacher_dir, run_dir), "data": tconf["data"], "data_root": tconf.get("data_root")}
-    run_dir = prepare_run_dir(run_dir, config, info)
     t_start = time.time()
     student = continuous_copy(teacher)
     config["model"] = student.args.to_dict()
     # the adapted teacher refers to the same tokenizer as the original one
-    from onestep.runs import final_dir, resolve_ref
-
     config["tokenizer_dir"] = ref_to(resolve_ref(tconf["tokenizer_dir"], final_dir(teacher_dir)), run_dir)
+    run_dir = prepare_run_dir(run_dir, config, info)
     train = load_dataset(tconf["data"], "train", root=tconf.get("data_root"))
     test = load_dataset(tconf["data"], "test", root=tconf.get("data_root"))
     ids = cached_tokens(run_dir, tokenizer, train, "train", info.device)

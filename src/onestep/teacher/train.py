@@ -87,11 +87,9 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
     ds = load_dataset(data, "train", root=data_root)
     config = {"kind": "teacher", "family": "llamagen", "train": cfg.to_dict(), "tokenizer_dir": ref_to(tokenizer_dir, run_dir),
               "data": data, "data_root": data_root}
-    run_dir = prepare_run_dir(run_dir, config, info)
     model = build_teacher(cfg.preset, tokenizer, len(ds.class_names), cfg.class_dropout_prob).to(info.device)
     config["model"] = model.args.to_dict()
-    if info.is_main:
-        ckpt.write_json(run_dir / "config.json", config)
+    run_dir = prepare_run_dir(run_dir, config, info)
     ids = cached_tokens(run_dir, tokenizer, ds, "train", info.device) if info.is_main else None
     if info.enabled:
         torch.distributed.barrier()

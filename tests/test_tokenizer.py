@@ -1,0 +1,189 @@
+"""VQ tokenizer: shapes, id/code consistency, normalised codebook, training, dead-code restart, gradients."""
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onestep.tokenizer.train import VQ_TRAIN_PRESETS, evaluate_tokenizer, tokenizer_loss
+from onestep.tokenizer.vq import VQ_PRESETS, VQConfig, VQModel, vq_config
+
+
+def _images(n: int = 16, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Smooth random images in [-1, 1] (blurred noise), (n, 1, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, size // 4, size // 4, generator=g)
+    return torch.tanh(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
+
+
+def _tiny(**kw) -> VQModel:
+    torch.manual_seed(0)
+    return VQModel(vq_config("tiny", **kw))
+
+
+def test_presets_and_config_roundtrip():
+    assert set(VQ_PRESETS) >= {"tiny", "small", "default"} and set(VQ_TRAIN_PRESETS) >= {"tiny", "small", "default"}
+    d = VQ_PRESETS["default"]
+    assert d.image_size // d.downsample == 7 and 256 <= d.codebook_size <= 512
+    cfg = VQConfig(**VQ_PRESETS["default"].to_dict())  # JSON-style dict (lists) -> same config
+    assert cfg == VQ_PRESETS["default"]
+    with pytest.raises(ValueError, match="divisible"):
+        vq_config("default", image_size=30)
+
+
+def test_round_trip_shapes():
+    m = _tiny().eval()
+    x = _images(3)
+    assert m.grid == (4, 4) and m.seq_len == 16
+    z_q, ids, losses = m.encode(x)
+    assert z_q.shape == (3, 4, 4, 4) and ids.shape == (3, 16) and ids.dtype == torch.int64
+    assert {"vq", "commit"} <= set(losses)
+    rec = m.decode_ids(m.encode_ids(x))
+    assert rec.shape == x.shape and rec.min() >= -1 and rec.max() <= 1
+    recon, ids2, _ = m(x)
+    assert recon.shape == x.shape and torch.equal(ids, ids2)
+    # raster order: ids[b, i * w + j] is the code of latent cell (i, j)
+    cb = m.codebook_vectors()
+    assert torch.allclose(z_q.permute(0, 2, 3, 1).reshape(3, 16, -1), cb[ids], atol=1e-6)
+
+
+def test_decode_ids_matches_decode_codes_and_codebook_is_normalised():
+    m = _tiny().eval()
+    with torch.no_grad():
+        m.quantize.embedding.weight.mul_(torch.rand(32, 1) * 5 + 0.1)  # rows of arbitrary norms
+    cb = m.codebook_vectors()
+    assert cb.shape == (32, 4)
+    assert torch.allclose(cb.norm(dim=-1), torch.ones(32), atol=1e-5)
+    ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(m.decode_ids(ids), m.decode_codes(cb[ids]), atol=1e-6)
+        # encode_ids of a decoded image's codes picks the nearest (max-cosine) codebook row
+        z = F.normalize(m.quant_conv(m.encoder(_images(2))).permute(0, 2, 3, 1).reshape(2, 16, 4), dim=-1)
+        assert torch.equal(m.encode_ids(_images(2)), (z @ cb.t()).argmax(-1))
+    with pytest.raises(ValueError):
+        m.decode_codes(torch.zeros(2, 15, 4))
+
+
+def test_straight_through_gradient_reaches_encoder():
+    m = _tiny().train()
+    x = _images(4)
+    recon, _, _ = m(x, generator=torch.Generator().manual_seed(0))
+    F.mse_loss(recon, x).backward()  # pixel loss only: gradient must pass the quantizer straight through
+    for p in (m.encoder.conv_in.weight, m.quant_conv.weight, m.decoder.conv_out.weight):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert m.quantize.embedding.weight.grad is None or m.quantize.embedding.weight.grad.abs().sum() == 0
+
+
+def test_training_steps_reduce_loss_and_evaluate():
+    m = _tiny().train()
+    x = _images(16)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss, logs = tokenizer_loss(m, x, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert {"loss", "rec_mse", "psnr_db", "vq", "commit", "usage", "restarted"} <= set(logs)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    ev = evaluate_tokenizer(m, ((x + 1) * 127.5).round().to(torch.uint8), batch_size=10)
+    assert set(ev) >= {"psnr_db", "codebook_usage", "rec_loss"} and 0 < ev["codebook_usage"] <= 1
+    assert ev["psnr_db"] > 10 and m.training  # mode restored
+
+
+def test_kmeans_init_on_first_training_batch():
+    m = _tiny().train()
+    assert int(m.quantize.initialized) == 0
+    before = m.quantize.embedding.weight.detach().clone()
+    m(_images(8), generator=torch.Generator().manual_seed(0))
+    assert int(m.quantize.initialized) == 1 and not torch.equal(before, m.quantize.embedding.weight)
+    m.eval()(_images(8))  # eval forward: no codebook updates
+    assert int(m.quantize.unused_steps.max()) <= 1
+
+
+def _dead_code_setup(restart_after: int):
+    m = _tiny(restart_after=restart_after).train()
+    x = _images(16)
+    g = torch.Generator().manual_seed(0)
+    m(x, generator=g)  # k-means init
+    with torch.no_grad():  # codes 0..15 collapse onto one vector far from the data: at most one can be used
+        z = F.normalize(m.quant_conv(m.encoder(x)).permute(0, 2, 3, 1).reshape(-1, 4), dim=-1)
+        m.quantize.embedding.weight[:16] = -F.normalize(z.mean(0), dim=0)
+    return m, x, g
+
+
+def test_dead_code_restart_revives_unused_codes():
+    m, x, g = _dead_code_setup(restart_after=3)
+    dead = torch.arange(16)
+    m.eval()
+    assert len(set(m.encode_ids(x).unique().tolist()) & set(dead.tolist())) <= 1
+    m.train()
+    for _ in range(3):  # unused for restart_after steps -> restarted on the next training forward
+        _, _, losses = m(x, generator=g)
+    assert int(m.quantize.unused_steps[dead].min()) >= 3 and int(m.quantize.restarts) == 0
+    _, _, losses = m(x, generator=g)
+    assert float(losses["restarted"]) >= 15 and int(m.quantize.restarts) >= 15
+    m.eval()
+    revived = set(m.encode_ids(x).unique().tolist()) & set(dead.tolist())
+    assert len(revived) >= 8  # restarted codes sit on current latents, so they are used again
+    cb = m.codebook_vectors()
+    assert torch.allclose(cb.norm(dim=-1), torch.ones(len(cb)), atol=1e-5)
+
+    # disabled restart leaves the dead codes dead
+    m2, x2, g2 = _dead_code_setup(restart_after=0)
+    for _ in range(5):
+        m2(x2, generator=g2)
+    assert int(m2.quantize.restarts) == 0
+
+
+def test_restart_state_is_saved_and_resume_is_deterministic():
+    def step(m, opt, g, x):
+        loss, _ = tokenizer_loss(m, x, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    x = _images(16)
+    a = _tiny(restart_after=2).train()
+    opt_a = torch.optim.Adam(a.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        step(a, opt_a, g, x)
+    sd = {k: v.clone() for k, v in a.state_dict().items()}
+    assert {"quantize.unused_steps", "quantize.initialized", "quantize.restarts"} <= set(sd)
+    opt_sd, g_state = copy.deepcopy(opt_a.state_dict()), g.get_state()
+    b = VQModel(vq_config("tiny", restart_after=2)).train()
+    b.load_state_dict(sd)
+    opt_b = torch.optim.Adam(b.parameters(), lr=1e-3)
+    opt_b.load_state_dict(opt_sd)
+    g_b = torch.Generator()
+    g_b.set_state(g_state)
+    for _ in range(4):
+        step(a, opt_a, g, x)
+        step(b, opt_b, g_b, x)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_train_tokenizer_run_on_image_folder(tmp_path):
+    """End-to-end: the resumable run on a small folder data set; final/ loads back with test metrics."""
+    import numpy as np
+    from PIL import Image
+
+    from onestep.runs import load_tokenizer
+    from onestep.tokenizer.train import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    cfg = replace(VQ_TRAIN_PRESETS["tiny"], steps=4, batch_size=8, log_every=2, ckpt_every=2)
+    final = train_tokenizer(tmp_path / "run", cfg, data="folder", data_root=str(tmp_path / "data"))
+    model, config = load_tokenizer(final)
+    assert config["kind"] == "tokenizer" and set(config["eval"]) >= {"psnr_db", "codebook_usage"}
+    assert model.grid == (4, 4) and model.config.in_channels == 1
+    assert int(model.quantize.initialized) == 1

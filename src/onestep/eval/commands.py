@@ -1,0 +1,100 @@
+"""``onestep eval`` and ``onestep report``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def load_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Generated images from an ``.npz`` (uint8 ``images`` (N, C, H, W), optional ``labels``) or a PNG folder.
+
+    A folder's PNGs are read in sorted order; a label can be given as the file-name prefix ``<label>_*.png``.
+    """
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if "images" not in f:
+                raise ValueError(f"{path} has no 'images' array (write images as uint8 (N, C, H, W))")
+            return torch.from_numpy(f["images"]), (torch.from_numpy(f["labels"]).long() if "labels" in f else None)
+    from PIL import Image
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise ValueError(f"no images in {path}")
+    arrs = [np.asarray(Image.open(p)) for p in files]
+    x = torch.from_numpy(np.stack(arrs))
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    labels = None
+    if all(p.stem.split("_")[0].isdigit() for p in files):
+        labels = torch.tensor([int(p.stem.split("_")[0]) for p in files])
+    return x.contiguous(), labels
+
+
+def cmd_eval(args) -> None:
+    from onestep.eval.evaluate import Evaluator
+
+    ev = Evaluator(args.data, args.data_root, args.device, n_ref_inception=args.n_ref_inception)
+    if args.images:
+        images, labels = load_images(args.images)
+        images, labels = images[: args.n], (labels[: args.n] if labels is not None else None)
+        source = {"images": str(args.images)}
+    else:
+        from onestep.samplers import build_sampler, class_labels, generate
+
+        sampler = build_sampler(args.method, args.run, steps=args.steps, device=args.device, args=args)
+        out = generate(sampler, class_labels(args.n, sampler.info["num_classes"], args.device), args.seed,
+                       batch_size=args.batch_size, keep_tokens=False)
+        images, labels = out["images"], out["labels"]
+        source = {"run": str(args.run), "method": sampler.name, "steps": sampler.steps, "params": sampler.params}
+    res = ev.evaluate(images, labels, n_inception=args.n_inception)
+    res.update(source)
+    res["data_floor"] = ev.data_floor(n_inception=min(args.n_inception, 2000) if args.n_inception else 0)
+    res["classifier_test_accuracy"] = ev.classifier_meta.get("test_accuracy")
+    print(json.dumps(res, indent=2))
+    if args.out:
+        from onestep.checkpoint import write_json
+
+        write_json(args.out, res)
+        print(f"metrics written to {args.out}")
+
+
+def cmd_report(args) -> None:
+    from onestep.eval.report import write_report
+
+    path = write_report(args.runs, args.out, title=args.title)
+    print(f"report written to {path} and {path.with_suffix('.html')}")
+
+
+def register(sub) -> None:
+    from onestep.cli import add_common, add_data, add_sampling
+
+    p = sub.add_parser("eval", help="FID (classifier and Inception features), IS, precision/recall, class accuracy",
+                       description="Evaluate generated images (an .npz with uint8 'images' (N,C,H,W) and optional "
+                                   "'labels', or a folder of PNGs named <label>_*.png) or a model run, against the "
+                                   "data set's train split. Reference statistics are cached per data set and feature network.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="an .npz or a folder of PNGs")
+    src.add_argument("--run", help="a run directory to sample from (see --method)")
+    p.add_argument("--method", default="teacher", help="with --run: teacher, dd1, dd2, skip-N, onestep-star")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--continuous", action="store_true")
+    p.add_argument("-n", "--n", type=int, default=10000, help="number of samples")
+    p.add_argument("--n-inception", type=int, default=2000, help="samples for the Inception FID (0 = skip)")
+    p.add_argument("--n-ref-inception", type=int, default=5000, help="train images for the Inception reference")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", default=None, help="write the metrics as JSON")
+    add_data(p)
+    add_sampling(p)
+    add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="write report.md / report.html with grids, the metrics table and plots",
+                       description="Collect metrics.json of run directories into report.md and report.html with "
+                                   "sample grids, the metrics table and FID-vs-steps / FID-vs-latency plots.")
+    r.add_argument("runs", nargs="+", help="run directories (each with metrics.json) or metrics JSON files")
+    r.add_argument("--out", default="report")
+    r.add_argument("--title", default="onestep report")
+    r.set_defaults(func=cmd_report)

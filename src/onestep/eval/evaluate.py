@@ -1,0 +1,119 @@
+"""Evaluate generated images against a data set: FID (classifier and Inception), IS, precision/recall, accuracy.
+
+Protocol (the same for every method in a comparison):
+- reference = the TRAIN split (all of it for the classifier FID, the first ``n_ref_inception`` images in
+  a fixed seeded order for the Inception FID; precision/recall use ``n_ref_pr`` reference images and
+  as many generated images, k = 3);
+- reference statistics are cached per data set and feature network as ``.npz`` (``mu``, ``sigma``,
+  plus the precision/recall feature subset) under the cache directory;
+- the data floor is the same metric between the TEST split and the reference, reported beside tables.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onestep.eval import metrics
+from onestep.eval.classifier import cache_dir, load_or_train_classifier
+
+
+def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra) -> Path:
+    """ADM-evaluator style ``.npz`` with ``mu`` and ``sigma`` (plus optional arrays), written atomically."""
+    from onestep.checkpoint import atomic_write
+
+    return atomic_write(path, lambda p: np.savez(open(p, "wb"), mu=mu, sigma=sigma, **extra))
+
+
+def load_stats(path: str | Path) -> dict:
+    """Read an ``.npz`` holding ``mu`` and ``sigma`` (ours or the ADM evaluator's reference batches)."""
+    with np.load(path) as f:
+        if "mu" not in f or "sigma" not in f:
+            raise ValueError(f"{path} has no 'mu'/'sigma' arrays (keys: {list(f.keys())})")
+        return {k: f[k] for k in f.keys()}
+
+
+class Evaluator:
+    """Feature networks + cached reference statistics for one data set."""
+
+    def __init__(self, data: str = "fashion-mnist", data_root: str | None = None, device="cpu",
+                 n_ref_inception: int = 5000, n_ref_pr: int = 5000, seed: int = 0, progress: bool = True):
+        from onestep.data import load_dataset
+
+        self.data, self.data_root, self.device, self.progress = data, data_root, device, progress
+        self.train = load_dataset(data, "train", root=data_root)
+        self.n_ref_inception, self.n_ref_pr, self.seed = n_ref_inception, n_ref_pr, seed
+        self.classifier, self.classifier_meta = load_or_train_classifier(data, data_root, device)
+        C, H, W = self.train.image_shape
+        self.cache = cache_dir() / "refstats" / f"{data}-{C}x{H}x{W}"
+        self._ref: dict[str, dict] = {}
+
+    def _ref_order(self) -> torch.Tensor:
+        return torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.seed))
+
+    def reference(self, feature: str) -> dict:
+        """Reference statistics (``mu``, ``sigma``, ``pr_features``) of the train split, cached on disk."""
+        if feature in self._ref:
+            return self._ref[feature]
+        tag = f"{feature}-{self.classifier_meta.get('test_accuracy', 0):.6f}" if feature == "classifier" else \
+            f"{feature}-n{self.n_ref_inception}"
+        path = self.cache / f"{tag}-seed{self.seed}.npz"
+        if path.exists():
+            self._ref[feature] = load_stats(path)
+            return self._ref[feature]
+        order = self._ref_order()
+        if feature == "classifier":
+            feats, _ = self.classifier.embed(self.train.images)
+        else:
+            feats = self.features("inception", self.train.images[order[: self.n_ref_inception]])
+            order = torch.arange(len(feats))
+        mu, sigma = metrics.feature_stats(feats)
+        pr = feats[order[: self.n_ref_pr]].numpy() if feature == "classifier" else feats[: self.n_ref_pr].numpy()
+        save_stats(path, mu, sigma, pr_features=pr.astype(np.float32))
+        self._ref[feature] = load_stats(path)
+        return self._ref[feature]
+
+    def features(self, feature: str, images_uint8: torch.Tensor) -> torch.Tensor:
+        if feature == "classifier":
+            return self.classifier.embed(images_uint8)[0]
+        from onestep.eval.inception import inception_features
+
+        return inception_features(images_uint8, device=str(self.device), progress=self.progress)
+
+    def evaluate(self, images_uint8: torch.Tensor, labels: torch.Tensor | None = None,
+                 n_inception: int | None = None) -> dict:
+        """Metrics of generated uint8 images. ``n_inception`` = 0 skips the Inception FID."""
+        out: dict = {"n": len(images_uint8)}
+        feats, logits = self.classifier.embed(images_uint8)
+        ref = self.reference("classifier")
+        out["fid_classifier"] = metrics.frechet_distance(*metrics.feature_stats(feats), ref["mu"], ref["sigma"])
+        out["inception_score"] = metrics.inception_score(logits)
+        n_pr = min(len(feats), len(ref["pr_features"]))
+        out["precision"], out["recall"] = metrics.precision_recall(ref["pr_features"][:n_pr], feats[:n_pr].numpy())
+        if labels is not None:
+            out["class_accuracy"] = metrics.class_accuracy(logits, labels)
+        if n_inception is None or n_inception > 0:
+            n_inc = len(images_uint8) if n_inception is None else min(n_inception, len(images_uint8))
+            ref_i = self.reference("inception")
+            fi = self.features("inception", images_uint8[:n_inc])
+            out["fid_inception"] = metrics.frechet_distance(*metrics.feature_stats(fi), ref_i["mu"], ref_i["sigma"])
+            out["n_inception"] = n_inc
+        return out
+
+    def data_floor(self, n_inception: int | None = 2000) -> dict:
+        """The same metrics for real TEST images against the TRAIN reference: the best a generator can get."""
+        from onestep.data import load_dataset
+
+        test = load_dataset(self.data, "test", root=self.data_root)
+        key = f"floor-n{n_inception}-seed{self.seed}"
+        path = self.cache / f"{key}.json"
+        if path.exists():
+            import json
+
+            return json.loads(path.read_text())
+        res = self.evaluate(test.images, test.labels, n_inception=n_inception)
+        from onestep.checkpoint import write_json
+
+        write_json(path, res)
+        return res

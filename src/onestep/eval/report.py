@@ -1,0 +1,137 @@
+"""Reports: sample grids, the metrics table, and plots (FID vs steps, FID vs latency) as md + html + png.
+
+Input: run directories, each holding ``metrics.json``::
+
+    {"rows": [{"method": str, "steps": int, "params": int, "fid_classifier": float, "fid_inception": float,
+               "inception_score": float, "precision": float, "recall": float, "latency_b1_s": float,
+               "throughput_b64": float, "speedup_b1": float, "speedup_b64": float, "grid": "path.png"}, ...],
+     "data_floor_fid": {...}, ...}
+
+Missing values are shown as "-". Grids are referenced relative to the report.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+COLUMNS = ["method", "steps", "params", "fid_classifier", "fid_inception", "inception_score", "precision", "recall",
+           "class_accuracy", "latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64"]
+
+
+def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int = 10, pad: int = 2) -> Path:
+    """Tile uint8 images (N, C, H, W) into one PNG, ``nrow`` per row, with a white border."""
+    from PIL import Image
+
+    x = images_uint8.cpu()
+    if x.dtype != torch.uint8:
+        raise TypeError("save_grid expects uint8 images")
+    N, C, H, W = x.shape
+    nrow = max(1, min(nrow, N))
+    rows = (N + nrow - 1) // nrow
+    grid = torch.full((C, rows * (H + pad) + pad, nrow * (W + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[..., 0] if C == 1 else arr).save(path)
+    return path
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    if isinstance(v, int) and v > 10_000:
+        return f"{v / 1e6:.2f}M"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    cols = [c for c in columns if any(c in r for r in rows)]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def plot_fid(rows: list[dict], x: str, path: Path, metric: str = "fid_classifier", logx: bool = False) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r.get(x) is not None and r.get(metric) is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    families: dict[str, list] = {}
+    for r in pts:
+        families.setdefault(r["method"].split("-")[0].split(" ")[0], []).append(r)
+    for fam, rs in families.items():
+        rs = sorted(rs, key=lambda r: r[x])
+        ax.plot([r[x] for r in rs], [r[metric] for r in rs], "o-", label=fam)
+        for r in rs:
+            ax.annotate(r["method"], (r[x], r[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(sources: list[str | Path] | list[dict], out_dir: str | Path, title: str = "onestep report") -> Path:
+    """Collect rows from run dirs (``metrics.json``) or dicts; write report.md, report.html and plots."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, extras = [], {}
+    for s in sources:
+        if isinstance(s, dict):
+            data, base = s, out_dir
+        else:
+            p = Path(s)
+            p = p / "metrics.json" if p.is_dir() else p
+            data, base = json.loads(p.read_text()), p.parent
+        for r in data.get("rows", []):
+            r = dict(r)
+            if r.get("grid"):
+                g = Path(r["grid"])
+                g = g if g.is_absolute() else (base / g)
+                r["grid"] = os.path.relpath(g, out_dir)
+            rows.append(r)
+        extras.update({k: v for k, v in data.items() if k != "rows"})
+    plots = [plot_fid(rows, "steps", out_dir / "fid_vs_steps.png", logx=True),
+             plot_fid(rows, "latency_b1_s", out_dir / "fid_vs_latency.png", logx=True)]
+    md = [f"# {title}", "", markdown_table(rows), ""]
+    if "data_floor_fid" in extras:
+        md += [f"Data floor (test split vs train reference): {json.dumps(extras['data_floor_fid'])}", ""]
+    md += [f"![{p.stem}]({p.name})" for p in plots if p] + [""]
+    md += ["## Samples (same labels and seeds for every method)", ""]
+    md += [f"**{r['method']}**\n\n![{r['method']}]({r['grid']})\n" for r in rows if r.get("grid")]
+    (out_dir / "report.md").write_text("\n".join(md))
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    h = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{image-rendering:pixelated}</style></head><body>",
+         f"<h1>{html.escape(title)}</h1><table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
+    h += ["<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows]
+    h.append("</table>")
+    if "data_floor_fid" in extras:
+        h.append(f"<p>Data floor: {html.escape(json.dumps(extras['data_floor_fid']))}</p>")
+    h += [f"<img src='{p.name}'>" for p in plots if p]
+    h += [f"<h3>{html.escape(r['method'])}</h3><img src='{html.escape(r['grid'])}' width='420'>" for r in rows if r.get("grid")]
+    h.append("</body></html>")
+    (out_dir / "report.html").write_text("\n".join(h))
+    return out_dir / "report.md"

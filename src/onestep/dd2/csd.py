@@ -1,0 +1,142 @@
+"""DD2 stage 2: conditional score distillation (CSD), alternating guidance and generator turns.
+
+:class:`DD2` is one wrapper (DMD2-style) whose ``forward(labels, turn, generator)`` runs either turn
+and returns (loss, logs); it can be DDP-wrapped as a whole (``find_unused_parameters=True``).
+:class:`CSDSchedule` holds the optimisers, the generator's LR warm-up, the EMA and performance
+alignment, so that one outer step = K guidance updates + 1 generator update, resumable by step.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from onestep.dd2.losses import csd_generator_loss, dsm_loss
+from onestep.dd2.model import ARDiffusion
+from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
+from onestep.trainer import guarded_step, set_lr
+
+
+@dataclass(frozen=True)
+class CSDConfig:
+    steps: int = 1000            # generator updates (outer steps, alignment phase excluded)
+    batch_size: int = 64
+    lr: float = 2e-5             # generator learning rate (after warm-up)
+    guidance_lr: float = 1e-4
+    guidance_steps: int = 5      # K guidance updates per generator update (paper: 5)
+    m_noise: int = 4             # noise draws per generated sequence for the guidance DSM loss
+    alpha: float = 1.0           # SiD alpha (paper: 1.0; 1.2 diverged in the prototype)
+    t_min: float = 0.02          # generator-turn t range
+    t_max: float = 0.98
+    dsm_t_min: float = 1e-3
+    warmup_steps: int = 100      # generator LR: linear 1e-6 -> lr
+    ema_max: float = 0.9999
+    align_at: int = 0            # performance alignment: at this generator step (0 = off) ...
+    align_steps: int = 0         # ... run this many guidance-only outer steps on the frozen EMA generator
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 250
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + (self.align_steps if self.align_at > 0 else 0)
+
+
+class DD2(nn.Module):
+    """Generator theta, guidance psi, frozen teacher; forward(labels, turn) -> (loss, logs)."""
+
+    def __init__(self, generator: ARDiffusion, guidance: ARDiffusion, teacher: nn.Module, sampling: SamplingConfig,
+                 cfg: CSDConfig):
+        super().__init__()
+        self.generator, self.guidance, self.teacher = generator, guidance, teacher
+        self.sampling, self.cfg = sampling, cfg
+        self.teacher.requires_grad_(False).eval()
+        self.seq_len, self.code_dim = teacher.seq_len, teacher.code_dim
+
+    def noise(self, batch: int, generator: torch.Generator | None, device) -> Tensor:
+        return torch.randn(batch, self.seq_len, self.code_dim, generator=generator, device=device)
+
+    def forward(self, labels: Tensor, turn: str, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        cfg = self.cfg
+        eps = self.noise(labels.shape[0], generator, labels.device)
+        if turn == "guidance":
+            with torch.no_grad():
+                x = self.generator.generate(eps, labels)
+            return dsm_loss(self.guidance, x, labels, cfg.m_noise, generator, cfg.dsm_t_min)
+        if turn != "generator":
+            raise ValueError(f"turn must be 'generator' or 'guidance', got {turn!r}")
+        x = self.generator.generate(eps, labels)
+        x_sg = x.detach()
+        with torch.no_grad():  # prefix conditions: no graph over the teacher's or psi's backbone
+            log_p = teacher_log_probs(self.teacher, x_sg, labels, self.sampling)
+            f_psi = self.guidance.features(x_sg, labels)
+        return csd_generator_loss(x, labels, log_p, self.teacher.codebook(), self.guidance, f_psi, generator,
+                                  cfg.alpha, cfg.t_min, cfg.t_max)
+
+
+def ema_rate(it: int, ema_max: float) -> float:
+    """min(ema_max, (it + 1) / (it + 10)) (method.md section 3)."""
+    return min(ema_max, (it + 1) / (it + 10))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1 - rate)
+
+
+class CSDSchedule:
+    """Optimisers, warm-up, EMA and alignment around a :class:`DD2` wrapper (maybe DDP-wrapped)."""
+
+    def __init__(self, dd2: DD2, wrapped: nn.Module | None = None):
+        self.dd2, self.wrapped = dd2, wrapped if wrapped is not None else dd2
+        cfg = dd2.cfg
+        self.ema = copy.deepcopy(dd2.generator).requires_grad_(False).eval()
+        self.opt_gen = torch.optim.Adam(dd2.generator.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+        self.opt_guid = torch.optim.Adam(dd2.guidance.parameters(), lr=cfg.guidance_lr, betas=(0.9, 0.95))
+
+    def generator_lr(self, gen_step: int) -> float:
+        cfg = self.dd2.cfg
+        if gen_step < cfg.warmup_steps:
+            return 1e-6 + (cfg.lr - 1e-6) * gen_step / cfg.warmup_steps
+        return cfg.lr
+
+    def phase(self, step: int) -> tuple[str, int]:
+        """('align' | 'csd', generator steps done before this outer step)."""
+        cfg = self.dd2.cfg
+        if cfg.align_at > 0 and step >= cfg.align_at:
+            if step < cfg.align_at + cfg.align_steps:
+                return "align", cfg.align_at
+            return "csd", step - cfg.align_steps
+        return "csd", step
+
+    def step(self, step: int, sample_labels, generator: torch.Generator) -> dict:
+        """One outer step: K guidance updates, then one generator update (none during alignment)."""
+        cfg, dd2 = self.dd2.cfg, self.dd2
+        phase, gen_step = self.phase(step)
+        if phase == "align" and step == cfg.align_at:  # swap in the EMA generator, frozen during alignment
+            dd2.generator.load_state_dict(self.ema.state_dict())
+        logs: dict = {"phase": phase}
+        bad = False
+        dd2.guidance.train()
+        for _ in range(cfg.guidance_steps):
+            loss, lg = self.wrapped(sample_labels(), "guidance", generator)
+            bad |= not guarded_step(loss, self.opt_guid, dd2.guidance.parameters(), cfg.grad_clip)
+        logs.update(lg)
+        if phase == "csd":
+            set_lr(self.opt_gen, self.generator_lr(gen_step))
+            dd2.generator.train()
+            loss, lg = self.wrapped(sample_labels(), "generator", generator)
+            bad |= not guarded_step(loss, self.opt_gen, dd2.generator.parameters(), cfg.grad_clip)
+            self.opt_guid.zero_grad(set_to_none=True)  # the generator turn's input-gradients through psi's head
+            ema_update(self.ema, dd2.generator, ema_rate(gen_step, cfg.ema_max))
+            logs.update(lg)
+            logs["lr"] = self.opt_gen.param_groups[0]["lr"]
+        logs["nonfinite"] = bad
+        return logs

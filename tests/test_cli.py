@@ -14,7 +14,7 @@ needs_data = pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST not 
 def test_help_texts(capsys):
     parser = build_parser()
     text = parser.format_help()
-    for cmd in ("train-tokenizer", "train-teacher", "sample", "eval", "report", "dd1", "dd2", "demo", "bench"):
+    for cmd in ("train-tokenizer", "train-teacher", "sample", "eval", "report", "dd2", "demo", "bench"):
         assert cmd in text
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, p in sub.choices.items():
@@ -75,3 +75,42 @@ def test_missing_run_gives_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--run", str(tmp_path / "nope"), "-n", "2", "--out", str(tmp_path)])
     assert "does not exist" in capsys.readouterr().err
+
+
+@needs_data
+def test_dd2_adapt_smoke(tiny_runs):
+    main(["dd2", "adapt", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--run-dir",
+          str(tiny_runs / "adapt"), "--steps", "2", "--fit-steps", "5"])
+    d = tiny_runs / "adapt"
+    m = json.loads((d / "metrics.json").read_text())
+    assert {"nll_teacher", "nll_after_fit", "nll_adapted", "nll_rel_change"} <= set(m)
+    cfg = json.loads((d / "final" / "config.json").read_text())
+    assert cfg["model"]["input_embedding"] == "mlp"
+    from onestep.runs import load_teacher
+
+    teacher, _, _ = load_teacher(d)
+    assert "tok_mlp.0.weight" in teacher.state_dict()
+
+
+@needs_data
+def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
+    """onestep eval on a .npz of images (tiny classifier cache), then onestep report."""
+    import torch
+
+    from onestep.data import load_dataset
+    from onestep.eval import classifier
+
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    real = classifier.train_classifier
+    monkeypatch.setattr(classifier, "classifier_dir", lambda data, shape: tmp_path / "cache" / "clf")
+    monkeypatch.setattr(classifier, "train_classifier",
+                        lambda *a, **k: real(*a, **{**k, "max_steps": 2, "progress": False}))
+    test = load_dataset("fashion-mnist", "test")
+    np.savez(tmp_path / "gen.npz", images=test.images[:64].numpy(), labels=test.labels[:64].numpy())
+    out = tmp_path / "run" / "metrics.json"
+    main(["eval", "--images", str(tmp_path / "gen.npz"), "-n", "64", "--n-inception", "0", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert {"fid_classifier", "inception_score", "precision", "recall", "class_accuracy", "data_floor"} <= set(res)
+    out.write_text(json.dumps({"rows": [{"method": "real", "steps": 0, "fid_classifier": res["fid_classifier"]}]}))
+    main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")])
+    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "report.html").exists()

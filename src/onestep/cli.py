@@ -82,7 +82,7 @@ def cmd_sample(args) -> None:
     from onestep.samplers import build_sampler, class_labels, generate
 
     device = resolve_device(args.device)
-    sampler = build_sampler(args.method, args.run, steps=args.steps, device=device, args=args)
+    sampler = build_sampler(args.method, args.run, device=device, args=args)
     if args.labels:
         labels = torch.tensor([int(x) for x in args.labels.split(",")], device=device)
         labels = labels.repeat((args.n + len(labels) - 1) // len(labels))[: args.n]
@@ -132,12 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_teacher)
 
     p = sub.add_parser("sample", help="sample images: PNG grid + tokens (.npz)",
-                       description="Sample with the teacher, DD1, DD2 or a baseline; writes METHOD.png and METHOD.npz.")
-    p.add_argument("--method", default="teacher",
-                   help="teacher, teacher-nocache, dd1, dd2, skip-N (e.g. skip-10), onestep-star")
-    p.add_argument("--run", required=True, help="run directory of the method (teacher run for teacher/baselines)")
-    p.add_argument("--steps", type=int, default=1, help="sampling steps for dd1/dd2 (default 1)")
-    p.add_argument("--continuous", action="store_true", help="dd2: decode continuous vectors instead of nearest codes")
+                       description="Sample with the teacher; writes METHOD.png (grid) and METHOD.npz (tokens, labels, images).")
+    p.add_argument("--method", default="teacher", help="teacher (KV cache) or teacher-nocache")
+    p.add_argument("--run", required=True, help="teacher run directory")
     p.add_argument("-n", "--n", type=int, default=100, help="number of samples")
     p.add_argument("--labels", default=None, help="comma-separated class labels (default: balanced over classes)")
     p.add_argument("--batch-size", type=int, default=100)
@@ -148,11 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_sample)
 
-    for mod in ("onestep.eval.commands", "onestep.dd1.commands", "onestep.dd2.commands", "onestep.pipeline"):
-        try:  # TEMP-INTEGRATION: remove once every module has landed
-            __import__(mod, fromlist=["register"]).register(sub)
-        except ModuleNotFoundError:
-            pass
+    for mod in ("onestep.eval.commands", "onestep.dd2.commands", "onestep.pipeline"):
+        __import__(mod, fromlist=["register"]).register(sub)
     return parser
 
 

@@ -85,34 +85,18 @@ def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256,
     return {"images": torch.cat(imgs), "labels": labels.cpu(), "tokens": torch.cat(toks) if keep_tokens else None}
 
 
-def build_sampler(method: str, run_dir: str, steps: int = 1, device="cpu", args=None) -> Sampler:
-    """A :class:`Sampler` by name: ``teacher``, ``teacher-nocache``, ``skip-N``, ``onestep-star``, ``dd1``, ``dd2``.
+def build_sampler(method: str, run_dir: str, device="cpu", args=None) -> Sampler:
+    """A :class:`Sampler` by name: ``teacher`` (KV cache) or ``teacher-nocache`` (full recompute per step).
 
-    The teacher and the baselines read a teacher run and use the sampling rule given in ``args``
-    (CFG, temperature, top-k, top-p); DD1 and DD2 read their own run, whose config fixes the rule.
+    The teacher reads a teacher run and uses the sampling rule given in ``args`` (CFG, temperature,
+    top-k, top-p).
     """
-    if method in ("dd1", "dd2"):
-        from importlib import import_module
-
-        mod = import_module(f"onestep.{method}.sampling")
-        return mod.load_sampler(run_dir, steps=steps, device=device,
-                                continuous=bool(getattr(args, "continuous", False)))
+    if method not in ("teacher", "teacher-nocache"):
+        raise ValueError(f"unknown method {method!r}: this version samples with 'teacher' or 'teacher-nocache'")
     from onestep.runs import load_teacher
 
     teacher, _, tokenizer = load_teacher(run_dir, device)
     cfg = sampling_config_from_args(args) if args is not None else SamplingConfig()
-    info = {"num_classes": teacher.num_classes}
-    if method in ("teacher", "teacher-nocache"):
-        s = teacher_sampler(teacher, tokenizer, cfg, use_cache=method == "teacher", name=method)
-    elif method.startswith("skip-"):
-        from onestep.dd1.baselines import skip_sampler
-
-        s = skip_sampler(teacher, tokenizer, cfg, int(method.split("-", 1)[1]))
-    elif method == "onestep-star":
-        from onestep.dd1.baselines import onestep_star_sampler
-
-        s = onestep_star_sampler(teacher, tokenizer, cfg, run_dir=run_dir)
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    s.info.update(info)
+    s = teacher_sampler(teacher, tokenizer, cfg, use_cache=method == "teacher", name=method)
+    s.info["num_classes"] = teacher.num_classes
     return s

@@ -44,7 +44,7 @@ def cmd_eval(args) -> None:
     else:
         from onestep.samplers import build_sampler, class_labels, generate
 
-        sampler = build_sampler(args.method, args.run, steps=args.steps, device=args.device, args=args)
+        sampler = build_sampler(args.method, args.run, device=args.device, args=args)
         out = generate(sampler, class_labels(args.n, sampler.info["num_classes"], args.device), args.seed,
                        batch_size=args.batch_size, keep_tokens=False)
         images, labels = out["images"], out["labels"]
@@ -78,9 +78,7 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="an .npz or a folder of PNGs")
     src.add_argument("--run", help="a run directory to sample from (see --method)")
-    p.add_argument("--method", default="teacher", help="with --run: teacher, dd1, dd2, skip-N, onestep-star")
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--continuous", action="store_true")
+    p.add_argument("--method", default="teacher", help="with --run: teacher or teacher-nocache")
     p.add_argument("-n", "--n", type=int, default=10000, help="number of samples")
     p.add_argument("--n-inception", type=int, default=2000, help="samples for the Inception FID (0 = skip)")
     p.add_argument("--n-ref-inception", type=int, default=5000, help="train images for the Inception reference")

@@ -108,9 +108,26 @@ def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
     test = load_dataset("fashion-mnist", "test")
     np.savez(tmp_path / "gen.npz", images=test.images[:64].numpy(), labels=test.labels[:64].numpy())
     out = tmp_path / "run" / "metrics.json"
-    main(["eval", "--images", str(tmp_path / "gen.npz"), "-n", "64", "--n-inception", "0", "--out", str(out)])
+    main(["eval", "--images", str(tmp_path / "gen.npz"), "-n", "64", "--n-inception", "0", "--n-ref-classifier", "500",
+          "--out", str(out)])
     res = json.loads(out.read_text())
     assert {"fid_classifier", "inception_score", "precision", "recall", "class_accuracy", "data_floor"} <= set(res)
     out.write_text(json.dumps({"rows": [{"method": "real", "steps": 0, "fid_classifier": res["fid_classifier"]}]}))
     main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")])
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "report.html").exists()
+
+
+@needs_data
+def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
+    """The main job on the tiny preset: trains tokenizer + teacher, samples, evaluates, reports."""
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    main(["demo", "--preset", "tiny", "--root", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert "Everything is under" in out
+    res = json.loads((tmp_path / "demo" / "outputs.json").read_text())
+    assert Path(res["teacher_grid"]).exists() and Path(res["report"]).exists()
+    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert m["rows"][0]["method"] == "teacher" and "fid_classifier" in m["rows"][0]
+    # re-running re-uses the finished stages
+    main(["demo", "--preset", "tiny", "--root", str(tmp_path / "demo")])
+    assert "reusing" in capsys.readouterr().out

@@ -3,7 +3,9 @@
 Stages, each in its own run directory under ``ROOT`` and skipped when already finished (re-running the
 command resumes an interrupted stage from its last checkpoint):
 
-    tokenizer -> teacher -> [DD1: pairs -> train] -> [DD2: adapt -> tune -> train (+ alignment)] -> eval -> report
+    tokenizer -> teacher -> teacher samples -> eval (classifier FID, IS, precision/recall, accuracy) -> report
+
+(DD1 and DD2 stages join this pipeline as they land.)
 
 The tokenizer and teacher can come from a shipped checkpoint (``assets/``) made with this project's own
 commands (see assets/README.md), so the quick job fits its time budget on a 2-core CPU.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,8 +40,9 @@ class PipelineConfig:
     temperature: float = 1.0
     use_assets: bool = True
     n_grid: int = 50
-    stages: tuple[str, ...] = ("tokenizer", "teacher", "samples")
-    extra: dict = field(default_factory=dict)
+    n_eval: int = 1000        # teacher samples scored with the classifier features
+    n_inception: int = 0      # of those, how many also get the Inception FID (slow on a CPU)
+    n_ref_classifier: int | None = None  # train images in the classifier reference (None = all)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,8 +55,9 @@ class PipelineConfig:
 
 PIPELINE_PRESETS = {
     "quick": PipelineConfig(name="quick"),
-    "full": PipelineConfig(name="full", use_assets=False),
-    "tiny": PipelineConfig(name="tiny", tokenizer_preset="tiny", teacher_preset="tiny", use_assets=False, n_grid=10),
+    "full": PipelineConfig(name="full", use_assets=False, n_eval=10000, n_inception=2000),
+    "tiny": PipelineConfig(name="tiny", tokenizer_preset="tiny", teacher_preset="tiny", use_assets=False, n_grid=10,
+                           n_eval=100, n_ref_classifier=1000),
 }
 
 
@@ -113,26 +117,37 @@ class Pipeline:
                     lambda: train_teacher(run, tokenizer_dir, cfg, self.cfg.data, self.data_root, setup(self.device)))
         return run
 
-    def teacher_samples(self, teacher_dir: Path) -> Path:
-        from onestep.eval.report import save_grid
+    def evaluate_teacher(self, teacher_dir: Path) -> dict:
+        """Teacher samples: a grid (same labels/seeds as every method) and the metrics row + report."""
+        from onestep.eval.evaluate import Evaluator
+        from onestep.eval.report import save_grid, write_report
         from onestep.runs import load_teacher
         from onestep.samplers import class_labels, generate, teacher_sampler
 
         teacher, _, tok = load_teacher(teacher_dir, self.device)
         s = teacher_sampler(teacher, tok, self.cfg.sampling())
-        labels = class_labels(self.cfg.n_grid, teacher.num_classes, self.device)
-        out = generate(s, labels, self.seed, batch_size=100)
-        path = self.root / "grids" / "teacher.png"
-        save_grid(out["images"], path, nrow=teacher.num_classes)
-        return path
+        labels = class_labels(max(self.cfg.n_eval, self.cfg.n_grid), teacher.num_classes, self.device)
+        out = generate(s, labels, self.seed, batch_size=100, keep_tokens=False)
+        grid = save_grid(out["images"][: self.cfg.n_grid], self.root / "grids" / "teacher.png", nrow=teacher.num_classes)
+        ev = Evaluator(self.cfg.data, self.data_root, self.device, n_ref_classifier=self.cfg.n_ref_classifier,
+                       n_ref_inception=max(self.cfg.n_inception, 2000))
+        res = ev.evaluate(out["images"], out["labels"], n_inception=self.cfg.n_inception)
+        row = {"method": "teacher", "steps": s.steps, "params": s.params, **res, "grid": str(grid.relative_to(self.root))}
+        floor = ev.data_floor(n_inception=self.cfg.n_inception, n_test=self.cfg.n_ref_classifier)
+        metrics = {"rows": [row], "data_floor_fid": {k: floor[k] for k in ("fid_classifier", "fid_inception") if k in floor},
+                   "sampling": self.cfg.sampling().to_dict(), "classifier_test_accuracy": ev.classifier_meta["test_accuracy"]}
+        ckpt.write_json(self.root / "metrics.json", metrics)
+        report = write_report([self.root], self.root / "report", title=f"onestep {self.cfg.name}: {self.cfg.data}")
+        return {"teacher_grid": str(grid), "metrics": str(self.root / "metrics.json"), "report": str(report),
+                "teacher_fid_classifier": round(res["fid_classifier"], 3),
+                "teacher_class_accuracy": round(res["class_accuracy"], 4)}
 
     def run(self) -> dict:
         t0 = time.time()
         tok = self.tokenizer()
         teacher = self.teacher(tok)
         outputs = {"tokenizer": str(tok), "teacher": str(teacher)}
-        if "samples" in self.cfg.stages:
-            outputs["teacher_grid"] = str(self.teacher_samples(teacher))
+        outputs.update(self.evaluate_teacher(teacher))
         outputs["wall_time_s"] = round(time.time() - t0, 1)
         ckpt.write_json(self.root / "outputs.json", outputs)
         return outputs

@@ -36,7 +36,8 @@ def load_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 def cmd_eval(args) -> None:
     from onestep.eval.evaluate import Evaluator
 
-    ev = Evaluator(args.data, args.data_root, args.device, n_ref_inception=args.n_ref_inception)
+    ev = Evaluator(args.data, args.data_root, args.device, n_ref_inception=args.n_ref_inception,
+                   n_ref_classifier=args.n_ref_classifier)
     if args.images:
         images, labels = load_images(args.images)
         images, labels = images[: args.n], (labels[: args.n] if labels is not None else None)
@@ -51,7 +52,8 @@ def cmd_eval(args) -> None:
         source = {"run": str(args.run), "method": sampler.name, "steps": sampler.steps, "params": sampler.params}
     res = ev.evaluate(images, labels, n_inception=args.n_inception)
     res.update(source)
-    res["data_floor"] = ev.data_floor(n_inception=min(args.n_inception, 2000) if args.n_inception else 0)
+    res["data_floor"] = ev.data_floor(n_inception=min(args.n_inception, 2000) if args.n_inception else 0,
+                                      n_test=args.n_ref_classifier)
     res["classifier_test_accuracy"] = ev.classifier_meta.get("test_accuracy")
     print(json.dumps(res, indent=2))
     if args.out:
@@ -82,6 +84,8 @@ def register(sub) -> None:
     p.add_argument("-n", "--n", type=int, default=10000, help="number of samples")
     p.add_argument("--n-inception", type=int, default=2000, help="samples for the Inception FID (0 = skip)")
     p.add_argument("--n-ref-inception", type=int, default=5000, help="train images for the Inception reference")
+    p.add_argument("--n-ref-classifier", type=int, default=None,
+                   help="train images in the classifier reference (default: all; the data floor then uses as many test images)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", default=None, help="write the metrics as JSON")
     add_data(p)

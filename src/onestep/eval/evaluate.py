@@ -1,8 +1,8 @@
 """Evaluate generated images against a data set: FID (classifier and Inception), IS, precision/recall, accuracy.
 
 Protocol (the same for every method in a comparison):
-- reference = the TRAIN split (all of it for the classifier FID, the first ``n_ref_inception`` images in
-  a fixed seeded order for the Inception FID; precision/recall use ``n_ref_pr`` reference images and
+- reference = the TRAIN split (all of it for the classifier FID unless ``n_ref_classifier`` is set, the
+  first ``n_ref_inception`` images in a fixed seeded order for the Inception FID; precision/recall use ``n_ref_pr`` reference images and
   as many generated images, k = 3);
 - reference statistics are cached per data set and feature network as ``.npz`` (``mu``, ``sigma``,
   plus the precision/recall feature subset) under the cache directory;
@@ -38,12 +38,14 @@ class Evaluator:
     """Feature networks + cached reference statistics for one data set."""
 
     def __init__(self, data: str = "fashion-mnist", data_root: str | None = None, device="cpu",
-                 n_ref_inception: int = 5000, n_ref_pr: int = 5000, seed: int = 0, progress: bool = True):
+                 n_ref_inception: int = 5000, n_ref_pr: int = 5000, seed: int = 0, progress: bool = True,
+                 n_ref_classifier: int | None = None):
         from onestep.data import load_dataset
 
         self.data, self.data_root, self.device, self.progress = data, data_root, device, progress
         self.train = load_dataset(data, "train", root=data_root)
         self.n_ref_inception, self.n_ref_pr, self.seed = n_ref_inception, n_ref_pr, seed
+        self.n_ref_classifier = n_ref_classifier or len(self.train)
         self.classifier, self.classifier_meta = load_or_train_classifier(data, data_root, device)
         C, H, W = self.train.image_shape
         self.cache = cache_dir() / "refstats" / f"{data}-{C}x{H}x{W}"
@@ -56,7 +58,7 @@ class Evaluator:
         """Reference statistics (``mu``, ``sigma``, ``pr_features``) of the train split, cached on disk."""
         if feature in self._ref:
             return self._ref[feature]
-        tag = f"{feature}-{self.classifier_meta.get('test_accuracy', 0):.6f}" if feature == "classifier" else \
+        tag = f"{feature}-{self.classifier_meta.get('test_accuracy', 0):.6f}-n{self.n_ref_classifier}" if feature == "classifier" else \
             f"{feature}-n{self.n_ref_inception}"
         path = self.cache / f"{tag}-seed{self.seed}.npz"
         if path.exists():
@@ -64,12 +66,12 @@ class Evaluator:
             return self._ref[feature]
         order = self._ref_order()
         if feature == "classifier":
-            feats, _ = self.classifier.embed(self.train.images)
+            order = order[: self.n_ref_classifier]
+            feats, _ = self.classifier.embed(self.train.images[order])
         else:
             feats = self.features("inception", self.train.images[order[: self.n_ref_inception]])
-            order = torch.arange(len(feats))
         mu, sigma = metrics.feature_stats(feats)
-        pr = feats[order[: self.n_ref_pr]].numpy() if feature == "classifier" else feats[: self.n_ref_pr].numpy()
+        pr = feats[: self.n_ref_pr].numpy()
         save_stats(path, mu, sigma, pr_features=pr.astype(np.float32))
         self._ref[feature] = load_stats(path)
         return self._ref[feature]
@@ -101,18 +103,19 @@ class Evaluator:
             out["n_inception"] = n_inc
         return out
 
-    def data_floor(self, n_inception: int | None = 2000) -> dict:
+    def data_floor(self, n_inception: int | None = 2000, n_test: int | None = None) -> dict:
         """The same metrics for real TEST images against the TRAIN reference: the best a generator can get."""
         from onestep.data import load_dataset
 
         test = load_dataset(self.data, "test", root=self.data_root)
-        key = f"floor-n{n_inception}-seed{self.seed}"
+        n_test = n_test or len(test)
+        key = f"floor-ref{self.n_ref_classifier}-test{n_test}-inc{n_inception}-seed{self.seed}"
         path = self.cache / f"{key}.json"
         if path.exists():
             import json
 
             return json.loads(path.read_text())
-        res = self.evaluate(test.images, test.labels, n_inception=n_inception)
+        res = self.evaluate(test.images[:n_test], test.labels[:n_test], n_inception=n_inception)
         from onestep.checkpoint import write_json
 
         write_json(path, res)

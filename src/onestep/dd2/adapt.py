@@ -37,12 +37,13 @@ class AdaptConfig:
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 200
+    max_items: int | None = None  # use the first N train/test images only (tiny smoke runs)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-ADAPT_PRESETS = {"tiny": AdaptConfig(fit_steps=50, steps=4, batch_size=16, log_every=2, ckpt_every=2),
+ADAPT_PRESETS = {"tiny": AdaptConfig(fit_steps=50, steps=4, batch_size=16, log_every=2, ckpt_every=2, max_items=1024),
                  "small": AdaptConfig()}
 
 
@@ -77,7 +78,7 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     """Stage 0 end to end; writes ``final/`` (kind "teacher", input_embedding "mlp") and ``metrics.json``."""
     from onestep.data import load_dataset
     from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
-    from onestep.teacher.train import cached_tokens, heldout_nll
+    from onestep.teacher.train import cached_tokens, heldout_nll, subset
 
     info = info or DistInfo()
     teacher, tconf, tokenizer = load_teacher(teacher_dir, info.device)
@@ -89,8 +90,8 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     # the adapted teacher refers to the same tokenizer as the original one
     config["tokenizer_dir"] = ref_to(resolve_ref(tconf["tokenizer_dir"], final_dir(teacher_dir)), run_dir)
     run_dir = prepare_run_dir(run_dir, config, info)
-    train = load_dataset(tconf["data"], "train", root=tconf.get("data_root"))
-    test = load_dataset(tconf["data"], "test", root=tconf.get("data_root"))
+    train = subset(load_dataset(tconf["data"], "train", root=tconf.get("data_root")), cfg.max_items)
+    test = subset(load_dataset(tconf["data"], "test", root=tconf.get("data_root")), cfg.max_items)
     ids = cached_tokens(run_dir, tokenizer, train, "train", info.device)
     ids_test = cached_tokens(run_dir, tokenizer, test, "test", info.device)
     metrics_path = Path(run_dir) / "metrics.json"

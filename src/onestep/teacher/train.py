@@ -34,13 +34,15 @@ class TeacherTrainConfig:
     log_every: int = 50
     ckpt_every: int = 500
     amp: bool = False
+    max_train_items: int | None = None  # train on the first N images only (tiny smoke runs)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 TEACHER_TRAIN_PRESETS = {
-    "tiny": TeacherTrainConfig(preset="tiny", steps=20, batch_size=16, warmup_steps=2, log_every=5, ckpt_every=10),
+    "tiny": TeacherTrainConfig(preset="tiny", steps=20, batch_size=16, warmup_steps=2, log_every=5, ckpt_every=10,
+                               max_train_items=2048),
     "small": TeacherTrainConfig(),
 }
 
@@ -57,8 +59,17 @@ def tokenize_split(tokenizer, images_uint8: torch.Tensor, batch_size: int = 500,
     return torch.cat(out)
 
 
+def subset(dataset, n: int | None):
+    """The first ``n`` items of an ImageDataset (all when ``n`` is None)."""
+    from dataclasses import replace as dc_replace
+
+    if n is None or n >= len(dataset):
+        return dataset
+    return dc_replace(dataset, images=dataset.images[:n], labels=dataset.labels[:n])
+
+
 def cached_tokens(run_dir: Path, tokenizer, dataset, split: str, device="cpu") -> torch.Tensor:
-    path = Path(run_dir) / f"tokens_{split}.npz"
+    path = Path(run_dir) / f"tokens_{split}_{len(dataset)}.npz"
     if path.exists():
         with np.load(path) as f:
             return torch.from_numpy(f["ids"]).long()
@@ -84,7 +95,7 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
     info = info or DistInfo()
     torch.manual_seed(cfg.seed)
     tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, info.device)
-    ds = load_dataset(data, "train", root=data_root)
+    ds = subset(load_dataset(data, "train", root=data_root), cfg.max_train_items)
     config = {"kind": "teacher", "family": "llamagen", "train": cfg.to_dict(), "tokenizer_dir": ref_to(tokenizer_dir, run_dir),
               "data": data, "data_root": data_root}
     model = build_teacher(cfg.preset, tokenizer, len(ds.class_names), cfg.class_dropout_prob).to(info.device)

@@ -86,7 +86,13 @@ class DD1Generator(nn.Module):
         src = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
         if input_mode == "linear":
             src.pop("tok_embeddings.weight", None)
-        m.load_state_dict(src, strict=False)
+        # Only the DD1-specific modules may stay at their fresh initialisation: anything else is a bug.
+        fresh = {k for k in own if k not in src}
+        allowed = ("n_d_embed.", "noise_proj.", "tok_embeddings." if input_mode == "linear" else "n_d_embed.")
+        unexpected = sorted(k for k in fresh if not k.startswith(allowed))
+        if unexpected:
+            raise ValueError(f"teacher weights do not cover DD1 generator keys: {unexpected}")
+        m.load_state_dict({**own, **src}, strict=True)
         with torch.no_grad():
             cb = teacher.codebook().float()
             emb = teacher.embed_tokens(torch.arange(teacher.vocab_size, device=cb.device)[None])[0].float()

@@ -133,8 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images: PNG grid + tokens (.npz)",
                        description="Sample with the teacher; writes METHOD.png (grid) and METHOD.npz (tokens, labels, images).")
-    p.add_argument("--method", default="teacher", help="teacher (KV cache) or teacher-nocache")
-    p.add_argument("--run", required=True, help="teacher run directory")
+    p.add_argument("--method", default="teacher", choices=["teacher", "teacher-nocache", "dd1", "dd2"],
+                   help="teacher (KV cache), teacher-nocache, dd1 or dd2 (default: teacher)")
+    p.add_argument("--run", required=True, help="run directory: a teacher run, or a DD1 / DD2 training run")
+    p.add_argument("--steps", type=int, default=1,
+                   help="dd1 / dd2: number of sampling steps (dd2: 1 step + the teacher re-samples the last k-1 AR "
+                        "steps, paper Alg. 4; dd1: 1 = one step, 2 = two-step)")
+    p.add_argument("--continuous", action="store_true",
+                   help="dd2: decode the generator's continuous vectors instead of quantising to the nearest code")
     p.add_argument("-n", "--n", type=int, default=100, help="number of samples")
     p.add_argument("--labels", default=None, help="comma-separated class labels (default: balanced over classes)")
     p.add_argument("--batch-size", type=int, default=100)
@@ -145,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_sample)
 
-    for mod in ("onestep.eval.commands", "onestep.dd2.commands", "onestep.pipeline"):
+    for mod in ("onestep.eval.commands", "onestep.dd2.commands", "onestep.pipeline"):  # + "onestep.dd1.commands" once it lands
         __import__(mod, fromlist=["register"]).register(sub)
     return parser
 

@@ -85,14 +85,17 @@ def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256,
     return {"images": torch.cat(imgs), "labels": labels.cpu(), "tokens": torch.cat(toks) if keep_tokens else None}
 
 
-def build_sampler(method: str, run_dir: str, device="cpu", args=None) -> Sampler:
-    """A :class:`Sampler` by name: ``teacher`` (KV cache) or ``teacher-nocache`` (full recompute per step).
+# method name -> "module:function"; each builder is ``fn(run_dir, device, args) -> Sampler``. ``args`` is the
+# parsed command line of ``onestep sample`` (sampling rule, ``steps``, ``continuous``) or None for defaults.
+SAMPLER_BUILDERS = {
+    "teacher": "onestep.samplers:_build_teacher",
+    "teacher-nocache": "onestep.samplers:_build_teacher",
+    "dd1": "onestep.dd1.sampling:build_sampler",
+    "dd2": "onestep.dd2.sampling:build_sampler",
+}
 
-    The teacher reads a teacher run and uses the sampling rule given in ``args`` (CFG, temperature,
-    top-k, top-p).
-    """
-    if method not in ("teacher", "teacher-nocache"):
-        raise ValueError(f"unknown method {method!r}: this version samples with 'teacher' or 'teacher-nocache'")
+
+def _build_teacher(method: str, run_dir: str, device="cpu", args=None) -> Sampler:
     from onestep.runs import load_teacher
 
     teacher, _, tokenizer = load_teacher(run_dir, device)
@@ -100,3 +103,17 @@ def build_sampler(method: str, run_dir: str, device="cpu", args=None) -> Sampler
     s = teacher_sampler(teacher, tokenizer, cfg, use_cache=method == "teacher", name=method)
     s.info["num_classes"] = teacher.num_classes
     return s
+
+
+def build_sampler(method: str, run_dir: str, device="cpu", args=None) -> Sampler:
+    """A :class:`Sampler` by method name (see ``SAMPLER_BUILDERS``) from a run directory.
+
+    ``teacher`` / ``teacher-nocache`` read a teacher run; ``dd1`` and ``dd2`` read their training runs
+    (which record the teacher they were distilled from). The sampler's ``info["num_classes"]`` is set.
+    """
+    import importlib
+
+    if method not in SAMPLER_BUILDERS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(SAMPLER_BUILDERS)}")
+    mod, fn = SAMPLER_BUILDERS[method].split(":")
+    return getattr(importlib.import_module(mod), fn)(method, run_dir, device, args)

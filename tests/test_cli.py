@@ -131,3 +131,32 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     # re-running re-uses the finished stages
     main(["demo", "--preset", "tiny", "--root", str(tmp_path / "demo")])
     assert "reusing" in capsys.readouterr().out
+
+
+@needs_data
+def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
+    """Stages 1 and 2 on the tiny preset, resumable, then one-step / multi-step / continuous sampling."""
+    adapt = tiny_runs / "adapt2"
+    main(["dd2", "adapt", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--run-dir", str(adapt),
+          "--steps", "2", "--fit-steps", "5"])
+    main(["dd2", "tune", "--preset", "tiny", "--teacher", str(adapt), "--run-dir", str(tiny_runs / "tune"), "--top-k", "8"])
+    tcfg = json.loads((tiny_runs / "tune" / "final" / "config.json").read_text())
+    assert tcfg["kind"] == "dd2-ardiffusion" and tcfg["sampling"]["top_k"] == 8 and tcfg["sampling"]["cfg_scale"] == 2.0
+    assert (tiny_runs / "tune" / "pool.npz").exists() and "wall_time_s" in tcfg["metrics"]
+    main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2"),
+          "--align-at", "1", "--align-steps", "1"])
+    d = tiny_runs / "dd2"
+    assert (d / "final" / "model.safetensors").exists() and (d / "raw" / "model.safetensors").exists()
+    logs = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+    assert [r["align"] for r in logs] == [False, True, False]  # 2 generator steps + 1 alignment step
+    capsys.readouterr()
+    main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(d),
+          "--align-at", "1", "--align-steps", "1"])
+    assert "resumed from" in capsys.readouterr().out
+    for steps, extra in ((1, []), (3, []), (1, ["--continuous"])):
+        out = tiny_runs / f"dd2-samples-{steps}{len(extra)}"
+        main(["sample", "--method", "dd2", "--run", str(d), "--steps", str(steps), "-n", "4", "--out", str(out), *extra])
+        name = f"dd2-{steps}step" + ("-continuous" if extra else "")
+        with np.load(out / f"{name}.npz") as f:
+            assert f["images"].shape[0] == 4
+            assert f["tokens"].ndim == (3 if extra else 2)

@@ -1,7 +1,9 @@
-"""``onestep dd2 adapt``: DD2 stage 0 as a resumable command (method.md section 3).
+"""``onestep dd2 adapt | tune | train``: DD2 stages 0, 1 and 2 as resumable commands (method.md section 3).
 
-Stages 1 (tune) and 2 (CSD train) exist as library code (dd2/losses.py, dd2/csd.py) and are exercised on
-the tabular teacher; their commands on image teachers are not wired yet.
+    onestep dd2 adapt --teacher T  --run-dir A   # stage 0: continuous-input teacher
+    onestep dd2 tune  --teacher A  --run-dir B   # stage 1: AR-diffusion tuning (GTS loss)
+    onestep dd2 train --tune B     --run-dir C   # stage 2: CSD (+ optional performance alignment)
+    onestep sample --method dd2 --run C --steps K
 """
 from __future__ import annotations
 
@@ -24,10 +26,39 @@ def cmd_adapt(args) -> None:
     cleanup(info)
 
 
+def cmd_tune(args) -> None:
+    from onestep.dd2.tune import TUNE_PRESETS, tune
+    from onestep.distributed import cleanup, setup
+    from onestep.samplers import sampling_config_from_args
+
+    cfg = _override(TUNE_PRESETS[args.preset], args, ("steps", "head_only_steps", "batch_size", "lr", "head_lr",
+                                                       "loss", "n_pool", "seed"))
+    info = setup(args.device)
+    final = tune(args.run_dir, args.teacher, cfg, sampling_config_from_args(args), info)
+    if info.is_main:
+        print(f"AR-diffusion model (stage 1) written to {final}")
+    cleanup(info)
+
+
+def cmd_train(args) -> None:
+    from onestep.dd2.train import TRAIN_PRESETS, train
+    from onestep.distributed import cleanup, setup
+
+    cfg = _override(TRAIN_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps",
+                                                        "m_noise", "align_at", "align_steps", "seed"))
+    info = setup(args.device)
+    final = train(args.run_dir, args.tune, cfg, info)
+    if info.is_main:
+        print(f"DD2 generator (EMA) written to {final}")
+    cleanup(info)
+
+
 def register(sub) -> None:
-    p = sub.add_parser("dd2", help="DD2 stage 0: adapt (continuous-input teacher)",
+    from onestep.cli import add_sampling
+
+    p = sub.add_parser("dd2", help="DD2: adapt (stage 0), tune (stage 1), train (stage 2, CSD)",
                        description="Distilled Decoding 2: conditional score distillation of an AR teacher into a "
-                                   "one-step generator. Stage 0 (adapt) is available here; it resumes when re-run.")
+                                   "one-step generator. Each stage writes a run directory and resumes when re-run.")
     s = p.add_subparsers(dest="dd2_command", required=True, metavar="STAGE")
 
     a = s.add_parser("adapt", help="stage 0: continuous-input teacher (MLP on code vectors replaces the token table)",
@@ -43,3 +74,41 @@ def register(sub) -> None:
     a.add_argument("--device", default="cpu")
     a.add_argument("--seed", type=int, default=None)
     a.set_defaults(func=cmd_adapt)
+
+    t = s.add_parser("tune", help="stage 1: AR-diffusion tuning with the GTS loss on teacher samples",
+                     description="Stage 1: the continuous-input teacher's backbone + a MAR-style MLP velocity head, "
+                                 "trained on teacher-sampled sequences with the Ground Truth Score loss (or the "
+                                 "ordinary diffusion loss, --loss dsm, the paper's ablation).")
+    t.add_argument("--teacher", required=True, help="continuous-input teacher run (onestep dd2 adapt)")
+    t.add_argument("--run-dir", default="runs/dd2-tune")
+    t.add_argument("--preset", default="small", help="tiny, small")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--head-only-steps", type=int, default=None, help="first steps train the head only (0 = off)")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None, help="backbone learning rate")
+    t.add_argument("--head-lr", type=float, default=None)
+    t.add_argument("--loss", choices=["gts", "dsm"], default=None, help="gts (default) or dsm (ablation)")
+    t.add_argument("--n-pool", type=int, default=None, help="number of teacher-sampled training sequences")
+    add_sampling(t)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--seed", type=int, default=None)
+    t.set_defaults(func=cmd_tune)
+
+    r = s.add_parser("train", help="stage 2: conditional score distillation (generator + guidance network)",
+                     description="Stage 2: CSD. Generator and guidance network start from the stage-1 model; K "
+                                 "guidance (DSM) updates per generator (SiD-form CSD) update; EMA generator; optional "
+                                 "performance alignment (--align-at, --align-steps).")
+    r.add_argument("--tune", required=True, help="stage-1 run (onestep dd2 tune)")
+    r.add_argument("--run-dir", default="runs/dd2")
+    r.add_argument("--preset", default="small", help="tiny, small")
+    r.add_argument("--steps", type=int, default=None, help="generator updates")
+    r.add_argument("--batch-size", type=int, default=None)
+    r.add_argument("--lr", type=float, default=None, help="generator learning rate (after warm-up)")
+    r.add_argument("--guidance-lr", type=float, default=None)
+    r.add_argument("--guidance-steps", type=int, default=None, help="K guidance updates per generator update")
+    r.add_argument("--m-noise", type=int, default=None, help="noise draws per sequence in the guidance loss")
+    r.add_argument("--align-at", type=int, default=None, help="performance alignment at this generator step (0 = off)")
+    r.add_argument("--align-steps", type=int, default=None, help="guidance-only steps of the alignment")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--seed", type=int, default=None)
+    r.set_defaults(func=cmd_train)

@@ -1,0 +1,78 @@
+"""DD2 stage 2: conditional score distillation on an image teacher (method.md section 3, "Stages" 2-3).
+
+Generator theta and guidance psi are both initialised from the stage-1 AR-diffusion model; the teacher
+is the stage-0 continuous-input teacher that stage 1 was tuned on, with the SAME sampling rule (read
+from the stage-1 run). One outer step = K guidance updates + one generator update
+(:class:`~onestep.dd2.csd.CSDSchedule`), inside the shared resumable :class:`~onestep.trainer.TrainLoop`
+(checkpoints hold generator, guidance, EMA and both optimisers). Performance alignment is the
+``align_at`` / ``align_steps`` option of :class:`~onestep.dd2.csd.CSDConfig`.
+
+Outputs: ``final/`` = the EMA generator (what ``onestep sample --method dd2`` uses), ``raw/`` = the
+generator itself, ``metrics.json`` with the wall time.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from onestep import checkpoint as ckpt
+from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
+from onestep.distributed import DistInfo, wrap_ddp
+from onestep.trainer import LoopConfig, TrainLoop, prepare_run_dir
+
+TRAIN_PRESETS = {
+    "tiny": CSDConfig(steps=2, batch_size=4, guidance_steps=1, m_noise=2, warmup_steps=1, log_every=1, ckpt_every=1),
+    "small": CSDConfig(steps=300, batch_size=32, lr=2e-5, guidance_lr=1e-4, guidance_steps=3, m_noise=2,
+                       warmup_steps=50, log_every=10, ckpt_every=50),
+}
+
+
+def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistInfo | None = None) -> Path:
+    """Stage 2 end to end from a finished stage-1 run; returns ``RUN/final`` (the EMA generator)."""
+    from onestep.dd2.tune import load_ardiffusion
+    from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
+    from onestep.teacher.sampling import SamplingConfig
+
+    info = info or DistInfo()
+    init, tune_cfg = load_ardiffusion(tune_dir, info.device)
+    teacher_dir = resolve_ref(tune_cfg["teacher_dir"], final_dir(tune_dir))
+    teacher, _, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
+    sampling = SamplingConfig(**tune_cfg["sampling"])
+    config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg.to_dict(), "sampling": tune_cfg["sampling"],
+              "teacher_dir": ref_to(teacher_dir, run_dir), "tune_dir": ref_to(tune_dir, run_dir),
+              "model": tune_cfg["model"]}
+    run_dir = prepare_run_dir(run_dir, config, info)
+    generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
+    generator.requires_grad_(True)
+    guidance.requires_grad_(True)
+    dd2 = DD2(generator, guidance, teacher, sampling, cfg)
+    wrapped = wrap_ddp(dd2, info, find_unused_parameters=True)
+    sched = CSDSchedule(dd2, wrapped)
+    loop = TrainLoop(run_dir, LoopConfig(cfg.total_steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),
+                     {"generator": generator, "guidance": guidance, "ema": sched.ema},
+                     {"generator": sched.opt_gen, "guidance": sched.opt_guid},
+                     {"generator": config, "guidance": config, "ema": config}, info, desc="dd2 train")
+    per_rank = cfg.batch_size // info.world_size
+
+    def sample_labels():
+        return torch.randint(teacher.num_classes, (per_rank,), generator=loop.generator).to(info.device)
+
+    def step_fn(step: int) -> dict:
+        logs = sched.step(step, sample_labels, loop.generator)
+        return {k: v for k, v in logs.items() if k != "phase"} | {"align": logs["phase"] == "align"}
+
+    t0 = time.time()
+    loop.run(step_fn)
+    final = Path(run_dir) / "final"
+    if info.is_main:
+        mpath = Path(run_dir) / "metrics.json"
+        metrics = ckpt.read_json(mpath) if mpath.exists() else {}
+        metrics["wall_time_s"] = round(metrics.get("wall_time_s", 0.0) + time.time() - t0, 2)
+        metrics["nonfinite_steps"] = loop.nonfinite_total
+        ckpt.write_json(mpath, metrics)
+        ckpt.save_model(Path(run_dir) / "raw", generator, {**config, "weights": "raw generator"})
+        ckpt.save_model(final, sched.ema, {**config, "weights": "EMA generator", "metrics": metrics})
+    return final

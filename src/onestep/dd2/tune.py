@@ -1,0 +1,222 @@
+"""DD2 stage 1: AR-diffusion tuning (method.md section 3, "Stages" 1; paper Table 7).
+
+The AR-diffusion model is the stage-0 (continuous-input) teacher's causal backbone plus a MAR-style MLP
+velocity head (:class:`~onestep.dd2.model.ARDiffusion`). It is trained on sequences sampled from the
+teacher with the SAME sampling rule as evaluation (CFG, temperature, top-k, top-p) with
+
+- ``loss="gts"`` (default): the Ground Truth Score loss, regressing the head onto the teacher's
+  closed-form velocity given the clean prefix (flow.py), or
+- ``loss="dsm"``: the ordinary diffusion loss with the Monte-Carlo target (the paper's ablation).
+
+An optional head-only phase (``head_only_steps``, VAR's recipe) trains the head on frozen backbone
+features before all parameters train. The teacher-sampled sequences are drawn once (``n_pool``
+sequences, stored in the run directory as ``pool.npz``, seeded) and re-used in a deterministic order.
+
+Evaluation as Table 7: :func:`euler_sample` samples token by token, each token with a ``euler_steps``
+Euler solve of the head's ODE from t = 1 to 0, feeding the continuous tokens back to the backbone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from onestep import checkpoint as ckpt
+from onestep.distributed import DistInfo, wrap_ddp
+from onestep.dd2.losses import dsm_loss, gts_loss
+from onestep.dd2.model import ARDiffusion, MLPHead
+from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
+from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, guarded_step, prepare_run_dir, warmup_cosine
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    steps: int = 400             # total optimisation steps (head-only phase included)
+    head_only_steps: int = 50    # first steps train the head only (backbone frozen); 0 = off
+    batch_size: int = 32
+    lr: float = 1e-4             # backbone learning rate
+    head_lr: float = 1e-3        # head learning rate
+    loss: str = "gts"            # "gts" (paper) or "dsm" (ablation: Monte-Carlo target eps - x0)
+    m_noise: int = 4             # noise draws per sequence (backbone once, head m times)
+    t_min: float = 1e-3
+    head_width: int = 256
+    head_depth: int = 3
+    head_time_dim: int = 128
+    n_pool: int = 4096           # teacher-sampled training sequences
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 100
+
+    def __post_init__(self):
+        if self.loss not in ("gts", "dsm"):
+            raise ValueError(f"loss must be 'gts' or 'dsm', got {self.loss!r}")
+        if not 0 <= self.head_only_steps <= self.steps:
+            raise ValueError("head_only_steps must lie in [0, steps]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TUNE_PRESETS = {
+    "tiny": TuneConfig(steps=4, head_only_steps=2, batch_size=8, m_noise=2, head_width=32, head_depth=1,
+                       head_time_dim=16, n_pool=32, warmup_steps=1, log_every=2, ckpt_every=2),
+    "small": TuneConfig(),
+}
+
+
+# ---- model construction / loading --------------------------------------------------------------------
+def build_ardiffusion(teacher, cfg: TuneConfig) -> ARDiffusion:
+    """Backbone = a copy of the continuous-input teacher (its logits head stays, unused); fresh MLP head."""
+    import copy
+
+    backbone = copy.deepcopy(teacher).requires_grad_(True).train()
+    head = MLPHead(teacher.code_dim, teacher.feature_dim, cfg.head_width, cfg.head_depth, cfg.head_time_dim)
+    return ARDiffusion(backbone, head).to(teacher.codebook().device)
+
+
+def ardiffusion_config(teacher_cfg: dict, head: MLPHead) -> dict:
+    return {"backbone": teacher_cfg["model"], "head": head.config()}
+
+
+def load_ardiffusion(model_dir: str | Path, device="cpu") -> tuple[ARDiffusion, dict]:
+    """(ARDiffusion, config) from a model directory written by stage 1 or 2 (strict load)."""
+    from onestep.runs import final_dir, load_teacher, resolve_ref
+    from onestep.teacher.llamagen import GPT, ModelArgs
+
+    d = final_dir(model_dir)
+    config = ckpt.read_json(d / "config.json")
+    if config.get("kind") not in ("dd2-ardiffusion", "dd2-generator"):
+        raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} model, not a DD2 AR-diffusion model")
+    teacher, _, _ = load_teacher(resolve_ref(config["teacher_dir"], d), "cpu", with_tokenizer=True)
+    backbone = GPT(ModelArgs.from_dict(config["model"]["backbone"]), codebook=teacher.codebook().cpu())
+    model = ARDiffusion(backbone, MLPHead(**config["model"]["head"]))
+    ckpt.load_model_weights(d, model)
+    return model.to(device).eval(), config
+
+
+# ---- teacher-sampled pool ---------------------------------------------------------------------------
+def teacher_pool(path: Path, teacher, n: int, num_classes: int, sampling: SamplingConfig, seed: int,
+                 batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """``n`` (ids (n, L), labels (n,)) sampled from the teacher with ``sampling``; cached at ``path``."""
+    if path.exists():
+        with np.load(path) as f:
+            if len(f["ids"]) == n and int(f["seed"]) == seed:
+                return torch.from_numpy(f["ids"]).long(), torch.from_numpy(f["labels"]).long()
+    from tqdm.auto import tqdm
+
+    device = teacher.codebook().device
+    labels = torch.arange(n) % num_classes
+    ids = []
+    for b in tqdm(range(0, n, batch_size), desc="teacher pool", dynamic_ncols=True):
+        g = torch.Generator(device=device).manual_seed(seed * 7919 + b)
+        ids.append(sample_tokens(teacher, labels[b:b + batch_size].to(device), sampling, g).cpu())
+    ids = torch.cat(ids)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=ids.numpy().astype(np.int32), labels=labels.numpy(), seed=seed)
+
+    ckpt.atomic_write(path, write)
+    return ids, labels
+
+
+class TuneObjective(torch.nn.Module):
+    """forward(ids, labels, head_only, generator) -> (loss, logs): one stage-1 loss evaluation (DDP-wrappable).
+
+    In the head-only phase the backbone features are detached, so the backbone gets no gradient."""
+
+    def __init__(self, model: ARDiffusion, teacher, sampling: SamplingConfig, cfg: TuneConfig):
+        super().__init__()
+        self.model, self.cfg, self.sampling = model, cfg, sampling
+        self.teacher = [teacher]  # a list: not a submodule, so DDP does not see the frozen teacher
+
+    def forward(self, ids: Tensor, labels: Tensor, head_only: bool, generator: torch.Generator | None):
+        teacher, cfg = self.teacher[0], self.cfg
+        cb = teacher.codebook()
+        q = cb[ids]
+        if cfg.loss == "gts":
+            with torch.no_grad():
+                log_p = teacher_log_probs(teacher, q, labels, self.sampling)
+            return gts_loss(self.model, q, labels, log_p, cb, cfg.m_noise, generator, cfg.t_min, not head_only)
+        return dsm_loss(self.model, q, labels, cfg.m_noise, generator, cfg.t_min, not head_only)
+
+
+# ---- stage 1 -----------------------------------------------------------------------------------------
+def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling: SamplingConfig,
+         info: DistInfo | None = None) -> Path:
+    """Stage 1 end to end: pool of teacher samples, GTS (or DSM) training, ``final/`` + ``metrics.json``."""
+    from onestep.runs import load_teacher, ref_to
+
+    info = info or DistInfo()
+    teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
+    if tconf["model"].get("input_embedding") != "mlp":
+        raise ValueError(f"{teacher_dir} is not a continuous-input teacher: run `onestep dd2 adapt` (stage 0) first")
+    teacher.requires_grad_(False).eval()
+    model = build_ardiffusion(teacher, cfg)
+    config = {"kind": "dd2-ardiffusion", "stage": "dd2-tune", "tune": cfg.to_dict(), "sampling": sampling.to_dict(),
+              "teacher_dir": ref_to(teacher_dir, run_dir), "model": ardiffusion_config(tconf, model.head)}
+    run_dir = prepare_run_dir(run_dir, config, info)
+    t0 = time.time()
+    ids, labels = teacher_pool(Path(run_dir) / "pool.npz", teacher, cfg.n_pool, teacher.num_classes, sampling, cfg.seed)
+    pool_time = time.time() - t0
+    objective = TuneObjective(model, teacher, sampling, cfg)
+    opt = torch.optim.AdamW([{"params": list(model.backbone.parameters())}, {"params": list(model.head.parameters())}],
+                            betas=(0.9, 0.95), weight_decay=0.0)
+    wrapped = wrap_ddp(objective, info, find_unused_parameters=True)
+    loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),
+                     {"model": model}, {"model": opt}, {"model": config}, info, desc="dd2 tune")
+    sched = BatchSchedule(len(ids), cfg.batch_size, cfg.seed, info)
+
+    def step_fn(step: int) -> dict:
+        head_only = step < cfg.head_only_steps
+        model.train()
+        opt.param_groups[0]["lr"] = 0.0 if head_only else warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+        opt.param_groups[1]["lr"] = warmup_cosine(step, cfg.steps, cfg.head_lr, cfg.warmup_steps)
+        idx = sched.indices(step)
+        loss, logs = wrapped(ids[idx].to(info.device), labels[idx].to(info.device), head_only, loop.generator)
+        ok = guarded_step(loss, opt, model.parameters(), cfg.grad_clip)
+        return {**logs, "head_only": head_only, "nonfinite": not ok}
+
+    t1 = time.time()
+    loop.run(step_fn)
+    final = Path(run_dir) / "final"
+    if info.is_main:
+        mpath = Path(run_dir) / "metrics.json"
+        metrics = ckpt.read_json(mpath) if mpath.exists() else {}
+        metrics.setdefault("pool_wall_time_s", round(pool_time, 2))
+        metrics["train_wall_time_s"] = round(metrics.get("train_wall_time_s", 0.0) + time.time() - t1, 2)
+        metrics["wall_time_s"] = round(metrics["pool_wall_time_s"] + metrics["train_wall_time_s"], 2)
+        ckpt.write_json(mpath, metrics)
+        ckpt.save_model(final, model, {**config, "metrics": metrics})
+    return final
+
+
+# ---- Table 7 evaluation: per-token Euler sampling ----------------------------------------------------
+@torch.no_grad()
+def euler_sample(model: ARDiffusion, labels: Tensor, generator: torch.Generator | None = None,
+                 euler_steps: int = 10) -> Tensor:
+    """AR sampling with the AR-diffusion model: each position by an ``euler_steps`` Euler solve of
+    dx/dt = v(x, t, f_i) from t = 1 (noise) to 0; the continuous result is fed back (KV cache).
+    Returns continuous tokens (B, L, C)."""
+    bb = model.backbone
+    B, device = labels.shape[0], labels.device
+    L, C = bb.seq_len, bb.code_dim
+    cache = bb.new_cache(B, device)
+    ts = torch.linspace(1.0, 0.0, euler_steps + 1, device=device)
+    out = torch.empty(B, L, C, device=device)
+    x_prev = None
+    for k, (a, b) in enumerate(bb.ar_steps()):
+        f = bb.step(cache, x_prev, labels, k)  # (B, b - a, D)
+        x = torch.randn(B, b - a, C, generator=generator, device=device)
+        for j in range(euler_steps):
+            t, dt = ts[j], ts[j] - ts[j + 1]
+            x = x - dt * model.velocity(x, t.expand(B, b - a), f)
+        out[:, a:b] = x
+        x_prev = x
+    return out

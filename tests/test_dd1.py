@@ -22,6 +22,16 @@ P_MIN = 1e-3
 N_DRAWS = 20_000
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """DD1's tests run many tiny ops: one intra-op thread (on a shared 2-core machine, 2 threads make tiny
+    ops up to ~30x slower through thread synchronisation). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _codebook(V, C, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(V, C, generator=g), dim=-1)
@@ -300,3 +310,197 @@ def test_onestep_star_marginals():
     draws = baselines.sample_marginals(est, N_DRAWS, torch.Generator().manual_seed(1))
     assert draws.shape == (N_DRAWS, 3)
     assert (baselines.estimate_marginals(draws, 4) - est).abs().max() < 0.015
+
+
+# ---- stages, commands and samplers (issue 5: pairs, train, sample, baselines, cost) --------------------------
+def test_teacher_stepping_helper_end_step_and_prefix(tiny_gpt):
+    """sample_tokens with end_step draws exactly the first AR steps of the full sampler (one stepping loop)."""
+    cfg = _tiny_cfg()
+    labels = torch.arange(4)
+    full = sample_tokens(tiny_gpt, labels, cfg, torch.Generator().manual_seed(2))
+    part = sample_tokens(tiny_gpt, labels, cfg, torch.Generator().manual_seed(2), end_step=6)
+    assert torch.equal(part[:, :6], full[:, :6]) and (part[:, 6:] == 0).all()
+    nocache = sample_tokens(tiny_gpt, labels, cfg, torch.Generator().manual_seed(2), use_cache=False, end_step=6)
+    assert torch.equal(nocache, part)
+    rest = sample_tokens(tiny_gpt, labels, cfg, torch.Generator().manual_seed(3), prefix=part, start_step=6)
+    assert torch.equal(rest[:, :6], part[:, :6])
+    assert torch.equal(sampling.sample_window(tiny_gpt, part, labels, cfg, 6, 9, torch.Generator().manual_seed(3))[:, :9],
+                       rest[:, :9])
+    with pytest.raises(ValueError):
+        sample_tokens(tiny_gpt, labels, cfg, end_step=tiny_gpt.seq_len + 1)
+
+
+def _make_tiny_teacher_run(root):
+    """A tokenizer run and a teacher run (tiny presets, random weights, no training data needed)."""
+    from onestep import checkpoint as ckpt
+    from onestep.teacher.llamagen import GPT, model_args
+    from onestep.tokenizer.vq import VQModel, vq_config
+
+    torch.manual_seed(0)
+    tok = VQModel(vq_config("tiny"))
+    ckpt.save_model(root / "tok" / "final", tok, {"kind": "tokenizer", "model": tok.config.to_dict()})
+    args = model_args("tiny", vocab_size=tok.config.codebook_size, code_dim=tok.config.code_dim)
+    teacher = GPT(args, codebook=tok.codebook_vectors().detach())
+    for p in teacher.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ckpt.save_model(root / "teacher" / "final", teacher, {"kind": "teacher", "family": "llamagen",
+                                                          "tokenizer_dir": "../tok", "model": args.to_dict()})
+    return root / "teacher"
+
+
+@pytest.fixture(scope="module")
+def dd1_cli_run(tmp_path_factory):
+    """tiny preset through the CLI: onestep dd1 pairs, then onestep dd1 train."""
+    from onestep.cli import main
+
+    root = tmp_path_factory.mktemp("dd1cli")
+    teacher = _make_tiny_teacher_run(root)
+    main(["dd1", "pairs", "--teacher", str(teacher), "--out", str(root / "pairs"), "--preset", "tiny", "--seed", "3"])
+    main(["dd1", "train", "--pairs", str(root / "pairs"), "--teacher", str(teacher), "--run-dir", str(root / "dd1"),
+          "--preset", "tiny"])
+    return root
+
+
+def test_cli_pairs_train_sample_smoke(dd1_cli_run, capsys):
+    from onestep.cli import main
+    from onestep.runs import resolve_ref
+
+    root = dd1_cli_run
+    man = json.loads((root / "pairs" / "manifest.json").read_text())
+    assert man["complete"] and man["n"] == 256 and man["seed"] == 3 and man["sampling"]["cfg_scale"] == 2.0
+    assert man["teacher_dir"] == "../teacher" and man["wall_s"] > 0 and man["threads"] >= 1
+    assert [s["seed"] for s in man["shards"]] == [3, 4]
+    run = root / "dd1"
+    for f in ("config.json", "log.jsonl", "metrics.json", "final/model.safetensors", "final/config.json",
+              "checkpoints/latest"):
+        assert (run / f).exists(), f
+    cfg = json.loads((run / "final" / "config.json").read_text())
+    assert cfg["kind"] == "dd1" and cfg["sampling"] == man["sampling"] and cfg["train"]["steps"] == 20
+    assert resolve_ref(cfg["teacher_dir"], run / "final").resolve() == (root / "teacher").resolve()
+    assert resolve_ref(cfg["pairs_manifest"], run / "final").resolve() == (root / "pairs" / "manifest.json").resolve()
+    met = json.loads((run / "metrics.json").read_text())
+    assert met["pairs_wall_time_s"] == round(man["wall_s"], 2) and met["train_wall_time_s"] > 0
+    assert met["total_wall_time_s"] == pytest.approx(met["pairs_wall_time_s"] + met["train_wall_time_s"], abs=0.02)
+    assert 0 <= met["val_acc_1step"] <= 1 and met["n_val"] == 32 and met["nonfinite_steps"] == 0
+    # re-running the finished training resumes from its last checkpoint and does no work
+    lines = (run / "log.jsonl").read_text().count("\n")
+    capsys.readouterr()
+    main(["dd1", "train", "--pairs", str(root / "pairs"), "--teacher", str(root / "teacher"), "--run-dir", str(run),
+          "--preset", "tiny"])
+    assert "resumed" in capsys.readouterr().out and (run / "log.jsonl").read_text().count("\n") == lines
+    # the generator distils the pairs' sampling rule: another rule is refused with a clear message
+    with pytest.raises(SystemExit, match="differs from the one the pairs were made with"):
+        main(["dd1", "train", "--pairs", str(root / "pairs"), "--teacher", str(root / "teacher"), "--run-dir",
+              str(root / "other"), "--preset", "tiny", "--cfg-scale", "1.5"])
+    # onestep sample --method dd1 --steps 1 and 2 (same seed -> same noise: 2-step keeps 1-step's first s tokens)
+    out = root / "samples"
+    for k in (1, 2):
+        main(["sample", "--method", "dd1", "--run", str(run), "--steps", str(k), "-n", "12", "--out", str(out)])
+    one, two = np.load(out / "dd1-1step.npz"), np.load(out / "dd1-2step.npz")
+    assert one["tokens"].shape == (12, 16) and one["images"].shape[0] == 12 and (out / "dd1-2step.png").exists()
+    s = sampling.default_split(16)
+    assert np.array_equal(one["tokens"][:, :s], two["tokens"][:, :s]) and list(one["labels"][:3]) == [0, 1, 2]
+
+
+def test_cli_pairs_resume_after_interruption_and_resize(tmp_path, monkeypatch):
+    from onestep.cli import main
+    from onestep.dd1.stages import check_pairs
+
+    teacher = _make_tiny_teacher_run(tmp_path)
+    args = ["dd1", "pairs", "--teacher", str(teacher), "--preset", "tiny", "-n", "300"]
+    main(args + ["--out", str(tmp_path / "ref")])
+    calls = {"n": 0}
+    real = pairs.map_noise_to_tokens
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    out = tmp_path / "p"
+    monkeypatch.setattr(pairs, "map_noise_to_tokens", interrupted)
+    with pytest.raises(SystemExit) as e:  # the CLI reports the interruption (exit 130)
+        main(args + ["--out", str(out)])
+    assert e.value.code == 130
+    assert sorted(p.name for p in out.glob("shard_*.npz")) == ["shard_00000.npz", "shard_00001.npz"]
+    assert not list(out.glob(".shard_*"))  # no partial file: shards are written atomically
+    with pytest.raises(Exception, match="incomplete"):
+        check_pairs(out, teacher)
+    monkeypatch.setattr(pairs, "map_noise_to_tokens", real)
+    main(args + ["--out", str(out)])
+    assert calls["n"] == 3  # the resumed run did not redo shards 0 and 1
+    ref, got = pairs.load_pairs(tmp_path / "ref"), pairs.load_pairs(out)
+    for k in ("eps", "ids", "labels", "index"):
+        assert torch.equal(ref[k], got[k]), k
+    # a larger -n extends the set: the old partial last shard is redone at full size; equal to a fresh run
+    main(["dd1", "pairs", "--teacher", str(teacher), "--preset", "tiny", "-n", "400", "--out", str(out)])
+    main(["dd1", "pairs", "--teacher", str(teacher), "--preset", "tiny", "-n", "400", "--out", str(tmp_path / "ref400")])
+    a, b = pairs.load_pairs(out), pairs.load_pairs(tmp_path / "ref400")
+    assert len(a["ids"]) == 400 and all(torch.equal(a[k], b[k]) for k in a)
+    assert check_pairs(out, teacher)["n"] == 400
+    with pytest.raises(SystemExit, match="seed"):
+        main(["dd1", "pairs", "--teacher", str(teacher), "--preset", "tiny", "-n", "400", "--out", str(out), "--seed", "9"])
+
+
+def test_sampler_builder_dd1_and_baselines(dd1_cli_run):
+    import argparse
+    from types import SimpleNamespace
+
+    from onestep.dd1.baselines import baseline_samplers
+    from onestep.samplers import build_sampler
+
+    run, teacher_dir = dd1_cli_run / "dd1", dd1_cli_run / "teacher"
+
+    def args(steps, cfg_scale=2.0):
+        return argparse.Namespace(steps=steps, cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0)
+
+    labels = torch.arange(10)
+    one = build_sampler("dd1", str(run), "cpu", None)
+    assert one.name == "dd1-1step" and one.steps == 1 and one.info["num_classes"] == 10
+    for k in (1, 2, 3, 7, 16):
+        smp = build_sampler("dd1", str(run), "cpu", args(k))
+        assert smp.steps == k, (k, smp.steps)
+        ids = smp.sample(labels, torch.Generator().manual_seed(0))
+        assert ids.shape == (10, 16) and ids.dtype == torch.long and ids.max() < 32
+    ti = build_sampler("dd1", str(run), "cpu", args(7))
+    assert ti.name == "dd1-teacher-involved" and ti.info["window"] == (5, 10) and ti.params > one.params
+    for bad in (0, 17):
+        with pytest.raises(ValueError):
+            build_sampler("dd1", str(run), "cpu", args(bad))
+    with pytest.raises(ValueError, match="sampling rule"):
+        build_sampler("dd1", str(run), "cpu", args(3, cfg_scale=1.5))
+    # the window of the benchmark teacher (49 positions): after the 2-step split s = 15, moved back to fit
+    t49 = SimpleNamespace(seq_len=49, ar_steps=lambda: [(i, i + 1) for i in range(49)])
+    assert sampling.default_split(49) == 15
+    assert sampling.teacher_window(t49, 12) == (15, 25) and sampling.teacher_window(t49, 49) == (1, 48)
+    d = sampling.dd1_samplers(str(run))
+    assert {k: v.steps for k, v in d.items()} == {"dd1-1step": 1, "dd1-2step": 2,
+                                                  "dd1-teacher-involved": sampling.TEACHER_INVOLVED_STEPS}
+    assert all(v.name == k for k, v in d.items())
+    # baselines: skip-n at ~60% / ~40% of the 16 AR steps, onestep* from (class-conditional) teacher samples
+    t_ids = sample_tokens(one_teacher := _load_teacher(teacher_dir), torch.arange(200) % 10, _sampling(),
+                          torch.Generator().manual_seed(0))
+    t_lab = torch.arange(200) % 10
+    b = baseline_samplers(str(teacher_dir), "cpu", _sampling(), (t_ids, t_lab))
+    assert {k: v.steps for k, v in b.items()} == {"skip-6": 10, "skip-10": 6, "onestep*": 1}
+    assert b["onestep*"].info["class_conditional"] and b["onestep*"].params == 0
+    assert b["skip-6"].params == sum(p.numel() for p in one_teacher.parameters())
+    star = b["onestep*"].sample(torch.full((300,), 4), torch.Generator().manual_seed(1))
+    seen = torch.zeros(16, 32, dtype=torch.bool)
+    seen[torch.arange(16).expand(20, 16), t_ids[t_lab == 4]] = True
+    assert seen[torch.arange(16).expand(300, 16), star].all()  # class 4 draws only codes class 4 used there
+    for v in b.values():
+        assert v.images(labels, torch.Generator().manual_seed(0)).shape[0] == 10
+    with pytest.raises(ValueError):
+        baseline_samplers(str(teacher_dir), "cpu", _sampling(), t_ids[:, :5])
+
+
+def _load_teacher(d):
+    from onestep.runs import load_teacher
+
+    return load_teacher(d, "cpu", with_tokenizer=False)[0]
+
+
+def _sampling():
+    return SamplingConfig(cfg_scale=2.0)

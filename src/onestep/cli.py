@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_sample)
 
-    for mod in ("onestep.eval.commands", "onestep.dd2.commands", "onestep.pipeline"):  # + "onestep.dd1.commands" once it lands
+    for mod in ("onestep.eval.commands", "onestep.dd1.commands", "onestep.dd2.commands", "onestep.pipeline"):
         __import__(mod, fromlist=["register"]).register(sub)
     return parser
 

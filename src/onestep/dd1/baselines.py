@@ -17,7 +17,12 @@ skip-n ("drop the last n AR steps"): K - n teacher forward passes instead of K.
 
 onestep*: each token independently from its per-position marginal token frequency measured on
 teacher samples (the best a model that predicts positions independently could do): 1 "step", no
-network at sampling time.
+network at sampling time. With the samples' class labels the marginals are per class (p(q_i | class),
+the best independent-position model for a class-conditional benchmark); without them, unconditional.
+
+:func:`baseline_samplers` builds the benchmark's rows: skip-n at ~60% and ~40% of the teacher's AR steps
+(n = round(0.4 K) and round(0.6 K): skip-20 (29 steps) and skip-29 (20 steps) for K = 49, like DD1's
+LlamaGen-skip-106 / -156 of 256), and onestep*.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ from onestep.dd1.sampling import sample_window
 from onestep.teacher.base import ARTeacher
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
 
-__all__ = ["skip_n", "estimate_marginals", "sample_marginals", "skip_sampler", "onestep_star_sampler"]
+__all__ = ["skip_n", "estimate_marginals", "estimate_class_marginals", "sample_marginals", "sample_class_marginals",
+           "skip_sampler", "onestep_star_sampler", "baseline_samplers", "SKIP_FRACTIONS"]
 
 
 def estimate_marginals(ids: Tensor, vocab_size: int, smoothing: float = 0.0) -> Tensor:
@@ -39,6 +45,27 @@ def estimate_marginals(ids: Tensor, vocab_size: int, smoothing: float = 0.0) -> 
     counts.scatter_add_(1, ids.t().contiguous(), torch.ones(ids.t().shape, dtype=torch.float64))
     counts += smoothing
     return counts / counts.sum(1, keepdim=True)
+
+
+def estimate_class_marginals(ids: Tensor, labels: Tensor, vocab_size: int, num_classes: int,
+                             smoothing: float = 0.0) -> Tensor:
+    """(N, n) ids with (N,) labels -> (num_classes, n, V) per-class per-position frequencies. A class with
+    no sample raises (its marginals are unknown)."""
+    labels = labels.long().cpu()
+    missing = [c for c in range(num_classes) if not (labels == c).any()]
+    if missing:
+        raise ValueError(f"no teacher samples of classes {missing}: cannot estimate their marginals")
+    return torch.stack([estimate_marginals(ids[labels == c], vocab_size, smoothing) for c in range(num_classes)])
+
+
+def sample_class_marginals(class_marginals: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(B, n) ids, position i of sample b drawn from class_marginals[labels[b], i]."""
+    B, (C, n, V) = labels.shape[0], class_marginals.shape
+    out = torch.empty(B, n, dtype=torch.long, device=labels.device)
+    for c in labels.unique().tolist():
+        sel = (labels == c).nonzero().squeeze(1)
+        out[sel] = sample_marginals(class_marginals[c], len(sel), generator, labels.device)
+    return out
 
 
 def sample_marginals(marginals: Tensor, B: int, generator: torch.Generator | None = None, device=None) -> Tensor:
@@ -88,8 +115,67 @@ def skip_sampler(teacher: ARTeacher, tokenizer, cfg: SamplingConfig, n_skip: int
                    info={"sampling": cfg.to_dict(), "n_skip": n_skip, "fill": fill})
 
 
-def onestep_star_sampler(marginals: Tensor, tokenizer):
+def onestep_star_sampler(marginals: Tensor, tokenizer, class_marginals: Tensor | None = None):
+    """onestep*: independent per-position draws from ``class_marginals`` (C, n, V) by label if given, else
+    from the unconditional ``marginals`` (n, V)."""
     from onestep.samplers import Sampler
 
-    return Sampler(name="onestep*", steps=1, sample=lambda labels, g: sample_marginals(marginals, labels.shape[0], g, labels.device),
-                   tokenizer=tokenizer, params=0, info={"marginals_shape": list(marginals.shape)})
+    def sample(labels: Tensor, g: torch.Generator) -> Tensor:
+        if class_marginals is not None:
+            return sample_class_marginals(class_marginals.to(labels.device), labels, g)
+        return sample_marginals(marginals, labels.shape[0], g, labels.device)
+
+    return Sampler(name="onestep*", steps=1, sample=sample, tokenizer=tokenizer, params=0,
+                   info={"marginals_shape": list(marginals.shape), "class_conditional": class_marginals is not None})
+
+
+SKIP_FRACTIONS = (0.4, 0.6)  # skip-n drops these fractions of the AR steps (keeps ~60% and ~40%)
+
+
+def _token_samples(samples):
+    """Tensor (N, n) | (ids, labels) | dict with "tokens" (and "labels") | path to an ``onestep sample`` .npz."""
+    import numpy as np
+
+    if isinstance(samples, (str, bytes)) or hasattr(samples, "__fspath__"):
+        with np.load(samples) as z:
+            samples = {k: torch.from_numpy(z[k]) for k in ("tokens", "labels") if k in z.files}
+    if isinstance(samples, dict):
+        return samples["tokens"], samples.get("labels")
+    if isinstance(samples, (tuple, list)):
+        return samples[0], samples[1]
+    return samples, None
+
+
+def baseline_samplers(teacher_dir, device="cpu", sampling_cfg: SamplingConfig | None = None, teacher_token_samples=None,
+                      fractions: tuple[float, ...] = SKIP_FRACTIONS) -> dict:
+    """The naive baselines DD1 reports (method.md 2.5): {"skip-N1", "skip-N2", "onestep*"} -> Sampler.
+
+    ``teacher_token_samples``: the teacher's token samples under ``sampling_cfg`` (default CFG 2.0): a (N, n)
+    tensor, (ids, labels), a dict {"tokens", "labels"} or an ``onestep sample`` .npz path. With labels,
+    onestep* uses per-class marginals; skip-n's fillers use the unconditional ones.
+    """
+    from onestep.runs import load_teacher
+
+    if teacher_token_samples is None:
+        raise ValueError("baseline_samplers needs teacher token samples (for the marginals of onestep* and skip-n)")
+    teacher, _, tokenizer = load_teacher(teacher_dir, device)
+    cfg = sampling_cfg or SamplingConfig(cfg_scale=2.0)
+    ids, labels = _token_samples(teacher_token_samples)
+    ids = torch.as_tensor(ids).long()
+    if ids.dim() != 2 or ids.shape[1] != teacher.seq_len or ids.min() < 0 or ids.max() >= teacher.vocab_size:
+        raise ValueError(f"teacher token samples must be (N, {teacher.seq_len}) ids in [0, {teacher.vocab_size}), "
+                         f"got shape {tuple(ids.shape)}")
+    marg = estimate_marginals(ids, teacher.vocab_size)
+    cmarg = None if labels is None else estimate_class_marginals(ids, torch.as_tensor(labels), teacher.vocab_size,
+                                                                 teacher.num_classes)
+    K = len(teacher.ar_steps())
+    out = {}
+    for f in fractions:
+        n_skip = int(round(f * K))
+        smp = skip_sampler(teacher, tokenizer, cfg, n_skip, "marginal", marg.to(device))
+        out[smp.name] = smp
+    out["onestep*"] = onestep_star_sampler(marg, tokenizer, cmarg)
+    for smp in out.values():
+        smp.info["num_classes"] = teacher.num_classes
+        smp.info["n_teacher_samples"] = len(ids)
+    return out

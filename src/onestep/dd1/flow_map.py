@@ -6,7 +6,8 @@ For one position with teacher probabilities p over the codes c_j, integrating th
 
 from t = 1 (x = eps ~ N(0, I)) to t = 0 lands on a code, and the push-forward of N(0, I) is exactly p.
 A whole sequence of noise eps_1..eps_n maps to tokens by doing this position after position in the
-teacher's AR order, p_i coming from the teacher given the tokens already mapped (KV cache, the SAME
+teacher's AR order, p_i coming from the teacher given the tokens already mapped (the teacher's own
+stepping loop :func:`onestep.teacher.sampling.step_through`: KV cache, the SAME
 :class:`~onestep.teacher.sampling.SamplingConfig` as sampling, CFG batch doubling [cond; null]).
 
 Solver (documented choice; the DD1 paper only hints at "a DPM-solver style ODE with ~200 steps")
@@ -51,16 +52,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from onestep import flow
 from onestep.teacher.base import ARTeacher
-from onestep.teacher.sampling import SamplingConfig, process_logits
+from onestep.teacher.sampling import SamplingConfig, step_through
 
-__all__ = ["ODEConfig", "time_grid", "ode_map", "TeacherRunner", "map_noise_to_tokens"]
+__all__ = ["ODEConfig", "time_grid", "ode_map", "map_noise_to_tokens"]
 
 
 @dataclass(frozen=True)
@@ -156,45 +156,6 @@ def ode_map(eps: Tensor, log_p: Tensor, codebook: Tensor, cfg: ODEConfig | None 
     return ids, {"snap_dist": (d - cb[ids]).norm(dim=-1)}
 
 
-def _null_labels(teacher: ARTeacher, labels: Tensor) -> Tensor:
-    return torch.full_like(labels, teacher.num_classes)
-
-
-class TeacherRunner:
-    """Step-by-step teacher probabilities with the KV cache and CFG batch doubling [cond; null].
-
-    ``log_probs(x_prev)`` runs AR step ``self.k`` (``x_prev``: ids of step k-1 for the B sequences, or
-    None at step 0) and returns log p (B, b - a, V) after CFG / temperature / top-k / top-p, exactly as
-    :func:`onestep.teacher.sampling.sample_tokens` computes them. ``feed(x_prev)`` runs a step whose
-    probabilities are not needed (a kept prefix): the teacher still has to see it.
-    """
-
-    def __init__(self, teacher: ARTeacher, labels: Tensor, cfg: SamplingConfig):
-        self.teacher, self.cfg, self.B = teacher, cfg, labels.shape[0]
-        self.steps = teacher.ar_steps()
-        self.rep = 2 if cfg.uses_cfg else 1
-        self.labels = torch.cat([labels, _null_labels(teacher, labels)]) if cfg.uses_cfg else labels
-        self.cache: Any = teacher.new_cache(self.B * self.rep, labels.device)
-        self.k = 0
-
-    def _h(self, x_prev: Tensor | None) -> Tensor:
-        if x_prev is not None and self.rep > 1:
-            x_prev = x_prev.repeat(self.rep, *([1] * (x_prev.dim() - 1)))
-        h = self.teacher.step(self.cache, x_prev, self.labels, self.k)
-        self.k += 1
-        return h
-
-    def feed(self, x_prev: Tensor | None) -> None:
-        self._h(x_prev)
-
-    def log_probs(self, x_prev: Tensor | None) -> Tensor:
-        k = self.k
-        logits = self.teacher.head(self._h(x_prev))
-        if self.cfg.uses_cfg:
-            return process_logits(logits[:self.B], logits[self.B:], self.cfg, self.cfg.scale_at(k, len(self.steps)))
-        return process_logits(logits, None, self.cfg)
-
-
 @torch.no_grad()
 def map_noise_to_tokens(teacher: ARTeacher, eps: Tensor, labels: Tensor, sampling_cfg: SamplingConfig,
                         ode: ODEConfig | None = None, prefix: Tensor | None = None, start_step: int = 0,
@@ -211,24 +172,21 @@ def map_noise_to_tokens(teacher: ARTeacher, eps: Tensor, labels: Tensor, samplin
     ode = ode or ODEConfig()
     B, n = eps.shape[:2]
     steps = teacher.ar_steps()
-    end_step = len(steps) if end_step is None else end_step
     ids = torch.zeros(B, n, dtype=torch.long, device=eps.device) if prefix is None else prefix.clone()
     cb = teacher.codebook()
-    run = TeacherRunner(teacher, labels, sampling_cfg)
-    moved, total, dmax = 0, 0, 0.0
-    for k, (a, b) in enumerate(steps[:end_step]):
-        x_prev = None if k == 0 else ids[:, steps[k - 1][0]:steps[k - 1][1]]
-        if k < start_step:
-            run.feed(x_prev)
-            continue
-        log_p = run.log_probs(x_prev)
-        if return_stats:
-            ids[:, a:b], st = ode_map(eps[:, a:b], log_p, cb, ode, return_stats=True)
-            moved += int((st["snap_dist"] > ode.snap_tol).sum())
-            total += st["snap_dist"].numel()
-            dmax = max(dmax, float(st["snap_dist"].max()))
-        else:
-            ids[:, a:b] = ode_map(eps[:, a:b], log_p, cb, ode)
+    st = {"moved": 0, "total": 0, "max": 0.0}
+
+    def to_code(k: int, log_p: Tensor) -> Tensor:
+        a, b = steps[k]
+        if not return_stats:
+            return ode_map(eps[:, a:b], log_p, cb, ode)
+        q, s = ode_map(eps[:, a:b], log_p, cb, ode, return_stats=True)
+        st["moved"] += int((s["snap_dist"] > ode.snap_tol).sum())
+        st["total"] += s["snap_dist"].numel()
+        st["max"] = max(st["max"], float(s["snap_dist"].max()))
+        return q
+
+    step_through(teacher, ids, labels, sampling_cfg, to_code, start_step, end_step)
     if return_stats:
-        return ids, {"snap_moved": moved / max(total, 1), "snap_max": dmax, "mapped": total}
+        return ids, {"snap_moved": st["moved"] / max(st["total"], 1), "snap_max": st["max"], "mapped": st["total"]}
     return ids

@@ -3,10 +3,10 @@
 Layout of ``out_dir``::
 
     manifest.json          config (n, shard_size, seed, sampling, ODE solver, teacher, eps dtype),
-                           and after :func:`finalize_manifest` the per-shard wall times and snap stats
+                           and after :func:`finalize_manifest` the per-shard wall and CPU times and snap stats
     shard_00000.npz        eps (m, n, C) float16|float32, ids (m, n) int16|int32|int64, labels (m,),
     shard_00001.npz        index (m,) global sample indices, seeds (m,) = the shard's noise seed,
-    ...                    wall_s, snap_moved, snap_max (scalars)
+    ...                    wall_s, cpu_s (process CPU time), snap_moved, snap_max (scalars)
 
 Shard i holds samples [i * shard_size, min(n, (i + 1) * shard_size)); its noise AND labels come from a
 CPU ``torch.Generator`` seeded ``seed + i``, so any shard can be regenerated on its own and a resumed
@@ -64,8 +64,8 @@ def _shard_noise(i: int, m: int, seed: int, teacher: ARTeacher) -> tuple[Tensor,
     return eps, labels
 
 
-def _config(teacher, n, shard_size, seed, sampling_cfg, ode, eps_dtype) -> dict:
-    return {
+def _config(teacher, n, shard_size, seed, sampling_cfg, ode, eps_dtype, meta=None) -> dict:
+    return {**(meta or {}),
         "format": "onestep.dd1.pairs/1",
         "n": n, "shard_size": shard_size, "num_shards": (n + shard_size - 1) // shard_size, "seed": seed,
         "shard_seed_rule": "seed + shard_index (CPU torch.Generator: randn eps (m, n, C), then randint labels)",
@@ -80,11 +80,16 @@ def _config(teacher, n, shard_size, seed, sampling_cfg, ode, eps_dtype) -> dict:
 def generate_pairs(teacher: ARTeacher, n: int, out_dir: str | Path, shard_size: int = 1024, seed: int = 0,
                    sampling_cfg: SamplingConfig | None = None, ode: ODEConfig | None = None,
                    eps_dtype: str = "float16", map_batch: int = 256, device: str | torch.device | None = None,
-                   rank: int = 0, world_size: int = 1, progress: bool = True, finalize: bool = True) -> dict:
+                   rank: int = 0, world_size: int = 1, progress: bool = True, finalize: bool = True,
+                   meta: dict | None = None) -> dict:
     """Write ``n`` (eps, ids, labels) pairs to ``out_dir`` in shards; resumable. Returns the manifest.
 
-    ``map_batch`` sequences are mapped at once (memory: map_batch x V x C per ODE evaluation).
-    Raises if ``out_dir`` already holds a manifest with a different configuration.
+    ``map_batch`` sequences are mapped at once (memory: map_batch x V x C per ODE evaluation). ``meta``:
+    extra manifest entries that must also match on resume (e.g. the teacher's path).
+    Resuming with another ``n`` (same everything else) extends or shrinks the set: a shard whose stored
+    size differs from the new one (the old last, partial shard) is regenerated, the others are kept
+    (shard i depends only on seed + i and its size); shards past the new end are ignored.
+    Raises if ``out_dir`` already holds a manifest with any other difference in configuration.
     """
     from tqdm.auto import tqdm
 
@@ -96,23 +101,42 @@ def generate_pairs(teacher: ARTeacher, n: int, out_dir: str | Path, shard_size: 
         (b.device for b in list(teacher.parameters()) + list(teacher.buffers())), torch.device("cpu"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _config(teacher, n, shard_size, seed, sampling_cfg, ode, eps_dtype)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    cfg = _config(teacher, n, shard_size, seed, sampling_cfg, ode, eps_dtype, meta)
     mpath = out / MANIFEST
     if mpath.exists():
         old = read_manifest(out)
-        old_cfg = {k: old.get(k) for k in cfg}
-        if old_cfg != json.loads(json.dumps(cfg)):
-            raise ValueError(f"{out} holds pairs made with another configuration: {old_cfg} vs {cfg}")
+        sized = ("n", "num_shards")
+        old_cfg = {k: old.get(k) for k in cfg if k not in sized}
+        new_cfg = {k: v for k, v in json.loads(json.dumps(cfg)).items() if k not in sized}
+        if old_cfg != new_cfg:
+            diff = sorted(k for k in new_cfg if old_cfg.get(k) != new_cfg[k])
+            raise ValueError(f"{out} holds pairs made with another configuration (differences in {diff}): "
+                             f"{ {k: old_cfg.get(k) for k in diff} } vs { {k: new_cfg[k] for k in diff} }; "
+                             f"use another output directory")
+        if old.get("n") != n and rank == 0:  # resized: the new config (without the old completion record)
+            _write_json_atomic(mpath, cfg)
     elif rank == 0:
         _write_json_atomic(mpath, cfg)
     mine = [i for i in range(cfg["num_shards"]) if i % world_size == rank]
+    for i in mine:  # a shard of another size (the old partial last shard after a resize) is redone
+        p = shard_path(out, i)
+        if p.exists():
+            with np.load(p) as z:
+                stored = len(z["ids"])
+            if stored != min(shard_size, n - i * shard_size):
+                p.unlink()
     todo = [i for i in mine if not shard_path(out, i).exists()]
-    bar = tqdm(total=len(mine) * shard_size, initial=(len(mine) - len(todo)) * shard_size, unit="pair",
+    if todo and rank == 0 and read_manifest(out).get("complete"):  # a shard went missing: not complete any more
+        _write_json_atomic(mpath, cfg)
+    size = {i: min(shard_size, n - i * shard_size) for i in mine}
+    bar = tqdm(total=sum(size.values()), initial=sum(size[i] for i in mine if i not in todo), unit="pair",
                desc="dd1 pairs", disable=not progress or rank != 0, dynamic_ncols=True)
     np_eps = np.float16 if eps_dtype == "float16" else np.float32
     for i in todo:
-        t0 = time.time()
-        m = min(shard_size, n - i * shard_size)
+        t0, c0 = time.time(), time.process_time()
+        m = size[i]
         eps, labels = _shard_noise(i, m, seed, teacher)
         eps = eps.to(getattr(torch, eps_dtype)).float()  # map exactly the noise that is stored
         ids, moved, smax = [], 0.0, 0.0
@@ -129,6 +153,7 @@ def generate_pairs(teacher: ARTeacher, n: int, out_dir: str | Path, shard_size: 
                  labels=labels.numpy().astype(np.int64),
                  index=np.arange(i * shard_size, i * shard_size + m, dtype=np.int64),
                  seeds=np.full(m, seed + i, dtype=np.int64), wall_s=np.float64(time.time() - t0),
+                 cpu_s=np.float64(time.process_time() - c0),
                  snap_moved=np.float64(moved / m), snap_max=np.float64(smax))
         os.replace(tmp, shard_path(out, i))
     bar.close()
@@ -150,6 +175,7 @@ def finalize_manifest(out_dir: str | Path) -> dict:
         with np.load(p) as z:
             shards.append({"file": p.name, "count": int(len(z["ids"])), "seed": int(z["seeds"][0]),
                            "wall_s": float(z["wall_s"]), "snap_moved": float(z["snap_moved"]),
+                           "cpu_s": float(z["cpu_s"]) if "cpu_s" in z.files else None,
                            "snap_max": float(z["snap_max"])})
     if missing:
         raise FileNotFoundError(f"{len(missing)} shards missing in {out}, e.g. {missing[:5]}")
@@ -158,6 +184,8 @@ def finalize_manifest(out_dir: str | Path) -> dict:
     man["complete"] = True
     man["wall_s"] = sum(s["wall_s"] for s in shards)
     man["wall_s_per_1k"] = 1000 * man["wall_s"] / max(cnt, 1)
+    cpu = [s["cpu_s"] for s in shards]
+    man["cpu_s"] = sum(cpu) if all(c is not None for c in cpu) else None  # process CPU time (all threads)
     man["snap_moved"] = sum(s["snap_moved"] * s["count"] for s in shards) / max(cnt, 1)
     man["snap_max"] = max((s["snap_max"] for s in shards), default=0.0)
     _write_json_atomic(out / MANIFEST, man)

@@ -14,6 +14,11 @@ input), never to fresh noise.
   exact trajectory the generator was trained on), then one DD step from X_{b+1} finishes the rest.
   With a = 0 the first DD step is skipped (the teacher starts from scratch). Model calls: 2 (1 if a = 0);
   teacher AR steps: those of the window.
+
+``onestep sample --method dd1 --steps K`` (:func:`build_sampler`): K = 1 one step, K = 2 two steps, K >= 3
+teacher-involved with K sequential network calls in total (1 DD call + K - 2 teacher AR steps starting
+right after the 2-step split + 1 DD call; :func:`teacher_window`). :func:`dd1_samplers` gives the
+benchmark's three DD1 rows; the skip-n and onestep* rows are :func:`onestep.dd1.baselines.baseline_samplers`.
 """
 from __future__ import annotations
 
@@ -22,13 +27,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from onestep.dd1.flow_map import ODEConfig, TeacherRunner, map_noise_to_tokens
+from onestep.dd1.flow_map import ODEConfig, map_noise_to_tokens
 from onestep.dd1.model import clean_mask
 from onestep.teacher.base import ARTeacher
-from onestep.teacher.sampling import SamplingConfig
+from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
 __all__ = ["default_split", "dd_step", "one_step", "two_step", "multi_step", "teacher_involved", "sample_window",
-           "draw_noise", "dd1_sampler"]
+           "draw_noise", "dd1_sampler", "teacher_window", "build_sampler", "dd1_samplers"]
 
 
 def default_split(n: int) -> int:
@@ -74,23 +79,11 @@ def two_step(model, eps: Tensor, labels: Tensor, s: int | None = None) -> Tensor
     return multi_step(model, eps, labels, [default_split(eps.shape[1]) if s is None else s])
 
 
-@torch.no_grad()
 def sample_window(teacher: ARTeacher, ids: Tensor, labels: Tensor, cfg: SamplingConfig, start: int, end: int,
                   generator: torch.Generator | None = None) -> Tensor:
     """Teacher ancestral sampling of the positions of AR steps [start, end) given ``ids`` before them
-    (KV cache; later positions are left untouched)."""
-    ids = ids.clone()
-    steps = teacher.ar_steps()
-    run = TeacherRunner(teacher, labels, cfg)
-    B = ids.shape[0]
-    for k, (a, b) in enumerate(steps[:end]):
-        x_prev = None if k == 0 else ids[:, steps[k - 1][0]:steps[k - 1][1]]
-        if k < start:
-            run.feed(x_prev)
-            continue
-        probs = run.log_probs(x_prev).exp().reshape(-1, teacher.vocab_size)
-        ids[:, a:b] = torch.multinomial(probs, 1, generator=generator).reshape(B, b - a)
-    return ids
+    (KV cache; later positions are left untouched): :func:`onestep.teacher.sampling.sample_tokens`."""
+    return sample_tokens(teacher, labels, cfg, generator, prefix=ids, start_step=start, end_step=end)
 
 
 def _step_of_position(teacher: ARTeacher, pos: int) -> int:
@@ -123,9 +116,17 @@ def teacher_involved(model, teacher: ARTeacher, eps: Tensor, labels: Tensor, cfg
 
 
 def dd1_sampler(model, tokenizer, mode: str = "1step", s: int | None = None, teacher: ARTeacher | None = None,
-                cfg: SamplingConfig | None = None, window: tuple[int, int] | None = None, teacher_mode: str = "sample"):
-    """A :class:`onestep.samplers.Sampler` for evaluation: mode "1step", "2step" or "teacher"."""
+                cfg: SamplingConfig | None = None, window: tuple[int, int] | None = None, teacher_mode: str = "sample",
+                ode: ODEConfig | None = None):
+    """A :class:`onestep.samplers.Sampler` for evaluation: mode "1step", "2step" or "teacher" (teacher-involved,
+    named "dd1-teacher-involved"). ``steps`` counts sequential network calls: generator calls plus the
+    teacher's AR steps. ``params`` counts the networks used (generator, plus the teacher when involved)."""
     from onestep.samplers import Sampler, num_params
+
+    if mode not in ("1step", "2step", "teacher"):
+        raise ValueError(f"unknown DD1 sampling mode {mode!r}; choose 1step, 2step or teacher")
+    if mode == "teacher" and (teacher is None or cfg is None or window is None):
+        raise ValueError("teacher-involved sampling needs the teacher, its SamplingConfig and a window")
 
     def sample(labels: Tensor, g: torch.Generator) -> Tensor:
         eps = draw_noise(model, labels.shape[0], g, labels.device)
@@ -133,9 +134,7 @@ def dd1_sampler(model, tokenizer, mode: str = "1step", s: int | None = None, tea
             return one_step(model, eps, labels)
         if mode == "2step":
             return two_step(model, eps, labels, s)
-        if mode == "teacher":
-            return teacher_involved(model, teacher, eps, labels, cfg, window, teacher_mode, g)
-        raise ValueError(f"unknown DD1 sampling mode {mode!r}")
+        return teacher_involved(model, teacher, eps, labels, cfg, window, teacher_mode, g, ode)
 
     if mode == "teacher":
         a, b = window
@@ -145,5 +144,91 @@ def dd1_sampler(model, tokenizer, mode: str = "1step", s: int | None = None, tea
     else:
         steps, params = (1 if mode == "1step" else 2), num_params(model)
     info = {"mode": mode, "s": s if s is not None else default_split(model.seq_len), "window": window,
-            "teacher_mode": teacher_mode}
-    return Sampler(name=f"dd1-{mode}", steps=steps, sample=sample, tokenizer=tokenizer, params=params, info=info)
+            "teacher_mode": teacher_mode, "num_classes": model.num_classes}
+    if cfg is not None:
+        info["sampling"] = cfg.to_dict()
+    name = "dd1-teacher-involved" if mode == "teacher" else f"dd1-{mode}"
+    return Sampler(name=name, steps=steps, sample=sample, tokenizer=tokenizer, params=params, info=info)
+
+
+# ---- building samplers from a DD1 run (``onestep sample --method dd1``, the benchmark) -------------------------
+TEACHER_INVOLVED_STEPS = 12  # default total for dd1_samplers: 1 DD step + 10 teacher AR steps + 1 DD step (n = 49)
+
+
+def teacher_window(teacher: ARTeacher, total_steps: int) -> tuple[int, int]:
+    """The teacher's window (a, b) (positions) for teacher-involved sampling with ``total_steps`` sequential
+    network calls: DD step, keep the first a tokens, the teacher samples AR steps [a, b) (total_steps - 2
+    of them), one DD step finishes from X_{b+1}. The window starts right after the 2-step split
+    s = round(n * 80 / 256) (the tokens 2-step sampling keeps), moved earlier if it would not fit before
+    the last position; both DD steps are always made, so the total is exactly ``total_steps``.
+    Valid totals: 3 .. K (the teacher's number of AR steps)."""
+    steps = teacher.ar_steps()
+    K = len(steps)
+    w = total_steps - 2
+    if not 1 <= w <= K - 2:
+        raise ValueError(f"teacher-involved DD1 sampling takes 3..{K} steps (1 DD step + teacher window + 1 DD step), "
+                         f"got {total_steps}")
+    s = default_split(teacher.seq_len)
+    ks = max([k for k, (a, _) in enumerate(steps) if a <= s] or [1])  # the AR step starting at or before s
+    ka = max(1, min(ks, K - 1 - w))
+    kb = ka + w
+    return steps[ka][0], steps[kb][0]
+
+
+def _sampling_of_run(config: dict, sampling_cfg: SamplingConfig | None, what: str) -> SamplingConfig:
+    run_cfg = SamplingConfig(**config["sampling"])
+    if sampling_cfg is not None and sampling_cfg != run_cfg:
+        raise ValueError(f"{what}: this DD1 run distils the teacher under the sampling rule {run_cfg.to_dict()}, "
+                         f"not {sampling_cfg.to_dict()}; pass the same rule (or none)")
+    return run_cfg
+
+
+def build_sampler(method: str, run_dir, device="cpu", args=None):
+    """``onestep sample --method dd1 --run RUN --steps K`` (the ``SAMPLER_BUILDERS`` entry).
+
+    K = 1: one step; K = 2: two steps (keep s = round(n * 80 / 256) tokens, same noise); K >= 3:
+    teacher-involved with K sequential calls (:func:`teacher_window`; the teacher samples ancestrally under
+    the run's sampling rule). ``args`` may be None (one step). The teacher's sampling flags in ``args``
+    matter only for K >= 3 and must then equal the rule the run was distilled with.
+    """
+    from onestep.dd1.stages import load_dd1
+
+    if method != "dd1":
+        raise ValueError(f"the DD1 builder makes 'dd1' samplers, not {method!r}")
+    steps = getattr(args, "steps", None)
+    steps = 1 if steps is None else int(steps)
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    model, config, teacher, tokenizer = load_dd1(run_dir, device)
+    if steps <= 2:
+        smp = dd1_sampler(model, tokenizer, "1step" if steps == 1 else "2step")
+    else:
+        from onestep.samplers import sampling_config_from_args
+
+        cfg = _sampling_of_run(config, sampling_config_from_args(args) if args is not None else None, "dd1 sampling")
+        smp = dd1_sampler(model, tokenizer, "teacher", teacher=teacher, cfg=cfg, window=teacher_window(teacher, steps),
+                          ode=ODEConfig(**config["ode"]))
+    smp.info["num_classes"] = teacher.num_classes
+    smp.info["run"] = str(run_dir)
+    return smp
+
+
+def dd1_samplers(run_dir, device="cpu", sampling_cfg: SamplingConfig | None = None,
+                 teacher_steps: int = TEACHER_INVOLVED_STEPS) -> dict:
+    """The benchmark's DD1 rows: {"dd1-1step", "dd1-2step", "dd1-teacher-involved"} -> Sampler.
+
+    ``steps``: 1, 2 and ``teacher_steps`` (1 DD call + teacher_steps - 2 teacher AR steps + 1 DD call).
+    ``sampling_cfg`` (None: the run's) must equal the rule the run was distilled with.
+    """
+    from onestep.dd1.stages import load_dd1
+
+    model, config, teacher, tokenizer = load_dd1(run_dir, device)
+    cfg = _sampling_of_run(config, sampling_cfg, "dd1_samplers")
+    out = {"dd1-1step": dd1_sampler(model, tokenizer, "1step", cfg=cfg),
+           "dd1-2step": dd1_sampler(model, tokenizer, "2step", cfg=cfg),
+           "dd1-teacher-involved": dd1_sampler(model, tokenizer, "teacher", teacher=teacher, cfg=cfg,
+                                               window=teacher_window(teacher, teacher_steps),
+                                               ode=ODEConfig(**config["ode"]))}
+    for smp in out.values():
+        smp.info["num_classes"] = teacher.num_classes
+    return out

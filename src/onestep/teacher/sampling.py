@@ -7,6 +7,7 @@ DD1 maps noise to tokens and when DD2 computes the teacher's closed-form score (
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -111,43 +112,95 @@ def teacher_log_probs(teacher: ARTeacher, x: Tensor, labels: Tensor, cfg: Sampli
     return process_logits(logits[:B], logits[B:], cfg, _cfg_scales(teacher, cfg, x.device))
 
 
-def _split_cfg_logits(teacher: ARTeacher, h: Tensor, B: int, cfg: SamplingConfig, k: int, K: int) -> Tensor:
-    logits = teacher.head(h)
-    if cfg.uses_cfg:
-        return process_logits(logits[:B], logits[B:], cfg, cfg.scale_at(k, K))
-    return process_logits(logits, None, cfg)
+class TeacherStepper:
+    """The teacher's AR steps one at a time: KV cache, CFG batch doubling [cond; null], processed log p.
+
+    The one stepping loop every sampler shares (teacher ancestral sampling, DD1's flow map, DD1's
+    teacher-involved window, skip-n). ``log_probs(x_prev)`` runs AR step ``self.k`` (``x_prev``: ids of
+    step k-1 for the B sequences, None at step 0) and returns log p (B, b - a, V) after CFG (scale of
+    ``cfg.scale_at(k, K)``), temperature, top-k and top-p (method.md section 1). ``feed(x_prev)`` runs
+    a step whose probabilities are not needed (a kept prefix): the teacher still has to see it.
+    """
+
+    def __init__(self, teacher: ARTeacher, labels: Tensor, cfg: SamplingConfig):
+        self.teacher, self.cfg, self.B = teacher, cfg, labels.shape[0]
+        self.steps = teacher.ar_steps()
+        self.rep = 2 if cfg.uses_cfg else 1
+        self.labels = torch.cat([labels, _null_labels(teacher, labels)]) if cfg.uses_cfg else labels
+        self.cache = teacher.new_cache(self.B * self.rep, labels.device)
+        self.k = 0
+
+    def _h(self, x_prev: Tensor | None) -> Tensor:
+        if x_prev is not None and self.rep > 1:
+            x_prev = x_prev.repeat(self.rep, *([1] * (x_prev.dim() - 1)))
+        h = self.teacher.step(self.cache, x_prev, self.labels, self.k)
+        self.k += 1
+        return h
+
+    def feed(self, x_prev: Tensor | None) -> None:
+        self._h(x_prev)
+
+    def log_probs(self, x_prev: Tensor | None) -> Tensor:
+        k = self.k
+        logits = self.teacher.head(self._h(x_prev))
+        if self.cfg.uses_cfg:
+            return process_logits(logits[:self.B], logits[self.B:], self.cfg, self.cfg.scale_at(k, len(self.steps)))
+        return process_logits(logits, None, self.cfg)
+
+
+def step_through(teacher: ARTeacher, ids: Tensor, labels: Tensor, cfg: SamplingConfig,
+                 choose: Callable[[int, Tensor], Tensor], start_step: int = 0, end_step: int | None = None) -> Tensor:
+    """Walk AR steps [0, end_step) in order with a :class:`TeacherStepper`, filling ``ids`` (B, n) IN PLACE.
+
+    Steps before ``start_step`` keep their ids (fed to the teacher, probabilities not computed); at step
+    k >= start_step, ``ids[:, a:b] = choose(k, log_p)`` with log_p (B, b - a, V); steps from
+    ``end_step`` on are neither fed nor touched. Returns ``ids``.
+    """
+    steps = teacher.ar_steps()
+    end_step = len(steps) if end_step is None else end_step
+    if not 0 <= start_step <= end_step <= len(steps):
+        raise ValueError(f"need 0 <= start_step <= end_step <= {len(steps)}, got {start_step}, {end_step}")
+    run = TeacherStepper(teacher, labels, cfg)
+    for k, (a, b) in enumerate(steps[:end_step]):
+        x_prev = None if k == 0 else ids[:, steps[k - 1][0]:steps[k - 1][1]]
+        if k < start_step:
+            run.feed(x_prev)
+        else:
+            ids[:, a:b] = choose(k, run.log_probs(x_prev))
+    return ids
 
 
 @torch.no_grad()
 def sample_tokens(teacher: ARTeacher, labels: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
-                  use_cache: bool = True, prefix: Tensor | None = None, start_step: int = 0) -> Tensor:
+                  use_cache: bool = True, prefix: Tensor | None = None, start_step: int = 0,
+                  end_step: int | None = None) -> Tensor:
     """Ancestral AR sampling of token ids (B, n).
 
     ``use_cache=False`` recomputes the full teacher-forcing forward each step (the reference the KV
     cache is tested against). ``prefix`` (B, n) ids with ``start_step`` > 0 keeps the prefix's positions
-    before AR step ``start_step`` and samples the rest (used by skip-n and multi-step samplers).
+    before AR step ``start_step`` and samples the rest; ``end_step`` stops before that AR step (later
+    positions keep the prefix's ids, zeros without one). Used by skip-n and DD1's teacher-involved window.
     """
     device = labels.device
     B = labels.shape[0]
     n = teacher.seq_len
     steps = teacher.ar_steps()
     K = len(steps)
+    end_step = K if end_step is None else end_step
     ids = torch.zeros(B, n, dtype=torch.long, device=device) if prefix is None else prefix.clone()
+
+    def draw(k: int, logp: Tensor) -> Tensor:
+        return torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=generator).reshape(B, -1)
+
+    if use_cache:
+        return step_through(teacher, ids, labels, cfg, draw, start_step, end_step)
     lab = torch.cat([labels, _null_labels(teacher, labels)]) if cfg.uses_cfg else labels
     rep = 2 if cfg.uses_cfg else 1
-    if use_cache:
-        cache = teacher.new_cache(B * rep, device)
-    for k, (a, b) in enumerate(steps):
-        if use_cache:
-            x_prev = None if k == 0 else ids[:, steps[k - 1][0]:steps[k - 1][1]].repeat(rep, 1)
-            h = teacher.step(cache, x_prev, lab, k)
-        else:
-            if k < start_step:
-                continue
-            h = teacher.features(ids.repeat(rep, 1), lab)[:, a:b]
+    for k, (a, b) in enumerate(steps[:end_step]):
         if k < start_step:
             continue
-        logp = _split_cfg_logits(teacher, h, B, cfg, k, K)  # (B, b-a, V)
-        probs = logp.exp().reshape(-1, logp.shape[-1])
-        ids[:, a:b] = torch.multinomial(probs, 1, generator=generator).reshape(B, b - a)
+        logits = teacher.head(teacher.features(ids.repeat(rep, 1), lab)[:, a:b])
+        logp = process_logits(logits[:B], logits[B:], cfg, cfg.scale_at(k, K)) if cfg.uses_cfg else \
+            process_logits(logits, None, cfg)
+        ids[:, a:b] = draw(k, logp)
     return ids

@@ -2,27 +2,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
 def machine() -> dict:
     from onestep.eval.speed import machine_info
 
     return machine_info()
+
+
+def git_commit() -> str:
+    from onestep.eval.speed import git_commit as commit
+
+    return commit()
 
 
 def provenance() -> dict:

@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded next to results
     _torch_threads(args)
     from onestep.checkpoint import CheckpointError
     from onestep.data import DataError

@@ -3,12 +3,16 @@
 Stages, each in its own run directory under ``ROOT`` and skipped when already finished (re-running the
 command resumes an interrupted stage from its last checkpoint):
 
-    tokenizer -> teacher -> teacher samples -> eval (classifier FID, IS, precision/recall, accuracy) -> report
-
-(DD1 and DD2 stages join this pipeline as they land.)
+    tokenizer -> teacher ----------------------------------------------+
+                   |-> DD2: adapt (stage 0) -> tune (stage 1) -> train   |-> evaluate every method (same labels
+                   |                                   \\-> train+align  |   and seeds): FID (classifier; Inception
+                   \\-> DD1: pairs -> train                              |   for the headline rows), IS, P/R,
+                                                                         |   speed side by side, PPL
+                                                                         \\-> tables (paper-table.json/.md), report
 
 The tokenizer and teacher can come from a shipped checkpoint (``assets/``) made with this project's own
-commands (see assets/README.md), so the quick job fits its time budget on a 2-core CPU.
+commands (see assets/README.md), so the quick job fits its time budget on a 2-core CPU. Each method's
+evaluation is cached in ``ROOT/evals/<method>.json``; delete one to re-evaluate it.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from onestep import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "assets"
+RESULTS = REPO / "benchmarks" / "results"
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,27 @@ class PipelineConfig:
     top_p: float = 1.0
     temperature: float = 1.0
     use_assets: bool = True
+    # distillation (presets of the stage commands; *_steps override their step counts)
+    distill: bool = True
+    adapt_preset: str = "small"
+    adapt_steps: int | None = 150
+    tune_preset: str = "small"
+    tune_steps: int | None = None
+    train_preset: str = "small"
+    train_steps: int | None = None
+    align: bool = True          # also train the performance-alignment variant
+    align_steps: int = 50       # guidance-only steps, at half the generator steps
+    dd1_preset: str = "small"
+    dd2_multi: tuple = (2, 3, 4)
+    # evaluation
     n_grid: int = 50
-    n_eval: int = 1000        # teacher samples scored with the classifier features
-    n_inception: int = 0      # of those, how many also get the Inception FID (slow on a CPU)
+    n_eval: int = 1000        # samples per method scored with the classifier features
+    n_inception: int = 0      # how many of them also get the Inception FID (slow on a CPU) ...
+    inception_methods: tuple = ("teacher", "dd1-1step", "dd2-1step")  # ... for these methods
     n_ref_classifier: int | None = None  # train images in the classifier reference (None = all)
+    n_ppl: int = 200
+    speed_repeats: int = 5
+    publish: bool = False     # also write benchmarks/results/{paper-table,dd1-<preset>,dd2-<preset>}.*
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,15 +76,20 @@ class PipelineConfig:
 
 
 PIPELINE_PRESETS = {
-    "quick": PipelineConfig(name="quick"),
-    "full": PipelineConfig(name="full", use_assets=False, n_eval=10000, n_inception=2000),
+    "quick": PipelineConfig(name="quick", adapt_steps=40, tune_steps=150, train_steps=60, align_steps=20,
+                            dd1_preset="quick", n_eval=1000, speed_repeats=3, n_ppl=100),
+    "full": PipelineConfig(name="full", n_eval=10000, n_inception=2000, publish=True),
     "tiny": PipelineConfig(name="tiny", tokenizer_preset="tiny", teacher_preset="tiny", use_assets=False, n_grid=10,
-                           n_eval=100, n_ref_classifier=1000),
+                           n_eval=100, n_ref_classifier=1000, adapt_preset="tiny", adapt_steps=2, tune_preset="tiny",
+                           tune_steps=None, train_preset="tiny", train_steps=None, align_steps=1, dd1_preset="tiny",
+                           dd2_multi=(2,), n_ppl=8, speed_repeats=1),
 }
 
 
 class Pipeline:
-    def __init__(self, root: str | Path, cfg: PipelineConfig, device: str = "cpu", seed: int = 0, data_root=None):
+    def __init__(self, root: str | Path, cfg: PipelineConfig, device: str = "cpu", seed: int = 0, data_root=None,
+                 command: str = ""):
+        self.command = command
         self.root, self.cfg, self.device, self.seed, self.data_root = Path(root), cfg, device, seed, data_root
         self.root.mkdir(parents=True, exist_ok=True)
         self.costs_path = self.root / "costs.json"
@@ -70,17 +97,23 @@ class Pipeline:
         ckpt.write_json(self.root / "pipeline.json", {"config": cfg.to_dict(), "device": device, "seed": seed})
 
     def _stage(self, name: str, done: Path, fn) -> Path:
-        if (done / "model.safetensors").exists() or (done.is_file()):
+        """Run ``fn`` unless ``done`` (a model dir or a file) exists; its wall time goes to costs.json."""
+        if (done / "model.safetensors").exists() or done.is_file():
             print(f"[{self.cfg.name}] {name}: reusing {done}", flush=True)
             return done
         print(f"[{self.cfg.name}] {name}: running", flush=True)
         t0 = time.time()
         out = fn()
-        self.costs[name] = round(time.time() - t0 + self.costs.get(f"{name}_previous", 0.0), 2)
+        self.costs[name] = round(time.time() - t0, 2)
         ckpt.write_json(self.costs_path, self.costs)
         return out
 
-    # ---- stages -------------------------------------------------------------------------------
+    def _info(self):
+        from onestep.distributed import setup
+
+        return setup(self.device)
+
+    # ---- tokenizer and teacher ----------------------------------------------------------------
     def asset(self, kind: str) -> Path | None:
         d = ASSETS / self.cfg.data / kind
         return d if self.cfg.use_assets and (d / "final" / "model.safetensors").exists() else None
@@ -90,15 +123,13 @@ class Pipeline:
         if shipped is not None:
             print(f"[{self.cfg.name}] tokenizer: shipped checkpoint {shipped}", flush=True)
             return shipped
-        from onestep.distributed import setup
         from onestep.tokenizer.train import VQ_TRAIN_PRESETS, train_tokenizer
 
         run = self.root / "tokenizer"
         cfg = replace(VQ_TRAIN_PRESETS[self.cfg.tokenizer_preset], seed=self.seed)
         if self.cfg.tokenizer_steps:
             cfg = replace(cfg, steps=self.cfg.tokenizer_steps)
-        self._stage("tokenizer", run / "final",
-                    lambda: train_tokenizer(run, cfg, self.cfg.data, self.data_root, setup(self.device)))
+        self._stage("tokenizer", run / "final", lambda: train_tokenizer(run, cfg, self.cfg.data, self.data_root, self._info()))
         return run
 
     def teacher(self, tokenizer_dir: Path) -> Path:
@@ -106,7 +137,6 @@ class Pipeline:
         if shipped is not None:
             print(f"[{self.cfg.name}] teacher: shipped checkpoint {shipped}", flush=True)
             return shipped
-        from onestep.distributed import setup
         from onestep.teacher.train import TEACHER_TRAIN_PRESETS, train_teacher
 
         run = self.root / "teacher"
@@ -114,49 +144,338 @@ class Pipeline:
         if self.cfg.teacher_steps:
             cfg = replace(cfg, steps=self.cfg.teacher_steps)
         self._stage("teacher", run / "final",
-                    lambda: train_teacher(run, tokenizer_dir, cfg, self.cfg.data, self.data_root, setup(self.device)))
+                    lambda: train_teacher(run, tokenizer_dir, cfg, self.cfg.data, self.data_root, self._info()))
         return run
 
-    def evaluate_teacher(self, teacher_dir: Path) -> dict:
-        """Teacher samples: a grid (same labels/seeds as every method) and the metrics row + report."""
-        from onestep.eval.evaluate import Evaluator
-        from onestep.eval.report import save_grid, write_report
+    # ---- DD2 ------------------------------------------------------------------------------------
+    def dd2_adapt(self, teacher_dir: Path) -> Path:
+        from onestep.dd2.adapt import ADAPT_PRESETS, adapt_teacher
+
+        run = self.root / "dd2-adapt"
+        cfg = replace(ADAPT_PRESETS[self.cfg.adapt_preset], seed=self.seed)
+        if self.cfg.adapt_steps:
+            cfg = replace(cfg, steps=self.cfg.adapt_steps, batch_size=min(cfg.batch_size, 64))
+        self._stage("dd2_adapt", run / "final", lambda: adapt_teacher(run, teacher_dir, cfg, self._info()))
+        return run
+
+    def dd2_tune(self, adapt_dir: Path) -> Path:
+        from onestep.dd2.tune import TUNE_PRESETS, tune
+
+        run = self.root / "dd2-tune"
+        cfg = replace(TUNE_PRESETS[self.cfg.tune_preset], seed=self.seed)
+        if self.cfg.tune_steps:
+            cfg = replace(cfg, steps=self.cfg.tune_steps, head_only_steps=min(cfg.head_only_steps, self.cfg.tune_steps // 4))
+        self._stage("dd2_tune", run / "final", lambda: tune(run, adapt_dir, cfg, self.cfg.sampling(), self._info()))
+        return run
+
+    def dd2_train(self, tune_dir: Path, align: bool) -> Path:
+        from onestep.dd2.train import TRAIN_PRESETS, train
+
+        run = self.root / ("dd2-align" if align else "dd2")
+        cfg = replace(TRAIN_PRESETS[self.cfg.train_preset], seed=self.seed)
+        if self.cfg.train_steps:
+            cfg = replace(cfg, steps=self.cfg.train_steps, warmup_steps=min(cfg.warmup_steps, self.cfg.train_steps // 4))
+        if align:
+            cfg = replace(cfg, align_at=max(1, cfg.steps // 2), align_steps=self.cfg.align_steps)
+        self._stage("dd2_train_align" if align else "dd2_train", run / "final", lambda: train(run, tune_dir, cfg, self._info()))
+        return run
+
+    # ---- DD1 ------------------------------------------------------------------------------------
+    def dd1(self, teacher_dir: Path) -> Path:
+        from onestep.dd1.commands import DD1_PRESETS, make_pairs, train_dd1
+
+        preset = DD1_PRESETS[self.cfg.dd1_preset]
+        pairs, run = self.root / "dd1-pairs", self.root / "dd1"
+        self._stage("dd1_pairs", pairs / "manifest.json",
+                    lambda: make_pairs(pairs, teacher_dir, preset, self.cfg.sampling(), self.seed, self.device))
+        self._stage("dd1_train", run / "final", lambda: train_dd1(run, pairs, teacher_dir, preset, self._info()))
+        return run
+
+    # ---- methods ----------------------------------------------------------------------------------
+    def samplers(self, teacher_dir: Path, runs: dict[str, Path]) -> dict:
+        """Every method of the tables as a :class:`~onestep.samplers.Sampler`, keyed by row name."""
+        from onestep.dd2.sampling import ardiffusion_sampler, dd2_sampler, load_dd2
+        from onestep.dd2.tune import load_ardiffusion
         from onestep.runs import load_teacher
-        from onestep.samplers import class_labels, generate, teacher_sampler
+        from onestep.samplers import teacher_sampler
 
         teacher, _, tok = load_teacher(teacher_dir, self.device)
-        s = teacher_sampler(teacher, tok, self.cfg.sampling())
-        labels = class_labels(max(self.cfg.n_eval, self.cfg.n_grid), teacher.num_classes, self.device)
-        out = generate(s, labels, self.seed, batch_size=100, keep_tokens=False)
-        grid = save_grid(out["images"][: self.cfg.n_grid], self.root / "grids" / "teacher.png", nrow=teacher.num_classes)
-        ev = Evaluator(self.cfg.data, self.data_root, self.device, n_ref_classifier=self.cfg.n_ref_classifier,
-                       n_ref_inception=max(self.cfg.n_inception, 2000))
-        res = ev.evaluate(out["images"], out["labels"], n_inception=self.cfg.n_inception)
-        row = {"method": "teacher", "steps": s.steps, "params": s.params, **res, "grid": str(grid.relative_to(self.root))}
-        floor = ev.data_floor(n_inception=self.cfg.n_inception, n_test=self.cfg.n_ref_classifier)
-        metrics = {"rows": [row], "data_floor_fid": {k: floor[k] for k in ("fid_classifier", "fid_inception") if k in floor},
-                   "sampling": self.cfg.sampling().to_dict(), "classifier_test_accuracy": ev.classifier_meta["test_accuracy"]}
-        ckpt.write_json(self.root / "metrics.json", metrics)
-        report = write_report([self.root], self.root / "report", title=f"onestep {self.cfg.name}: {self.cfg.data}")
-        return {"teacher_grid": str(grid), "metrics": str(self.root / "metrics.json"), "report": str(report),
-                "teacher_fid_classifier": round(res["fid_classifier"], 3),
-                "teacher_class_accuracy": round(res["class_accuracy"], 4)}
+        sampling = self.cfg.sampling()
+        out = {"teacher": teacher_sampler(teacher, tok, sampling)}
+        if "dd1" in runs:
+            from onestep.dd1.sampling import baseline_samplers, dd1_samplers
 
+            pool = self.teacher_tokens(runs)
+            out.update(baseline_samplers(teacher_dir, self.device, sampling, pool))
+            out.update(dd1_samplers(runs["dd1"], self.device, sampling))
+        if "dd2_adapt" in runs:  # stage 0's continuous-input teacher, sampled like the teacher (FID after stage 0)
+            adapted, _, _ = load_teacher(runs["dd2_adapt"], self.device, with_tokenizer=False)
+            out["teacher-stage0"] = teacher_sampler(adapted, tok, sampling, name="teacher-stage0")
+        if "dd2" in runs:
+            stage1, _ = load_ardiffusion(runs["dd2_tune"], self.device)
+            out["dd2-stage1-euler10"] = ardiffusion_sampler(stage1, tok, 10)
+            for key, suffix in (("dd2", ""), ("dd2_align", "-align")):
+                if key not in runs:
+                    continue
+                gen, dd2_teacher, _, samp = load_dd2(runs[key], self.device)
+                out[f"dd2-1step{suffix}"] = dd2_sampler(gen, dd2_teacher, tok, samp, 1, name=f"dd2-1step{suffix}")
+                if key == "dd2":
+                    out["dd2-1step-continuous"] = dd2_sampler(gen, dd2_teacher, tok, samp, 1, continuous=True)
+                    for k in self.cfg.dd2_multi:
+                        out[f"dd2-{k}step"] = dd2_sampler(gen, dd2_teacher, tok, samp, k)
+        return out
+
+    def teacher_tokens(self, runs: dict[str, Path]) -> torch.Tensor:
+        """Teacher token samples for the onestep* marginals: the stage-1 pool (same sampling rule)."""
+        import numpy as np
+
+        with np.load(runs["dd2_tune"] / "pool.npz") as f:
+            return torch.from_numpy(f["ids"]).long()
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def evaluator(self):
+        from onestep.eval.evaluate import Evaluator
+
+        if not hasattr(self, "_ev"):
+            self._ev = Evaluator(self.cfg.data, self.data_root, self.device, n_ref_classifier=self.cfg.n_ref_classifier,
+                                 n_ref_inception=max(self.cfg.n_inception, 2000))
+        return self._ev
+
+    def evaluate(self, samplers: dict) -> list[dict]:
+        """Quality rows, one per sampler, cached in ROOT/evals/<method>.json (same labels and seeds for all)."""
+        from onestep.eval.report import save_grid
+        from onestep.samplers import class_labels, generate
+
+        rows = []
+        for name, s in samplers.items():
+            path = self.root / "evals" / f"{name}.json"
+            if path.exists():
+                rows.append(ckpt.read_json(path))
+                continue
+            ev = self.evaluator()
+            n_cls = s.info["num_classes"] if "num_classes" in s.info else 10
+            labels = class_labels(max(self.cfg.n_eval, self.cfg.n_grid), n_cls, self.device)
+            t0 = time.time()
+            out = generate(s, labels, self.seed, batch_size=250, keep_tokens=False)
+            gen_time = time.time() - t0
+            grid = save_grid(out["images"][: self.cfg.n_grid], self.root / "grids" / f"{name}.png", nrow=n_cls)
+            n_inc = self.cfg.n_inception if name in self.cfg.inception_methods else 0
+            res = ev.evaluate(out["images"], out["labels"], n_inception=n_inc)
+            row = {"method": name, "steps": s.steps, "params": s.params, **res, "sampling_wall_time_s": round(gen_time, 2),
+                   "grid": str(grid.relative_to(self.root))}
+            ckpt.write_json(path, row)
+            print(f"[{self.cfg.name}] eval {name}: classifier FID {res['fid_classifier']:.3f}", flush=True)
+            rows.append(row)
+        return rows
+
+    def speed(self, samplers: dict) -> dict:
+        """Latency at batch 1 and throughput at batch 64 of every method, side by side in this process."""
+        from onestep.eval.speed import measure
+        from onestep.samplers import class_labels
+
+        path = self.root / "speed.json"
+        if path.exists():
+            return ckpt.read_json(path)
+        labels = class_labels(64, 10, self.device)
+
+        def fn(s):
+            g = torch.Generator(device=self.device).manual_seed(0)
+            return lambda b: s.images(labels[:b], g)
+
+        res = measure({k: fn(s) for k, s in samplers.items() if k != "dd2-stage1-euler10"}, (1, 64), warmup=1,
+                      repeats=self.cfg.speed_repeats, reference="teacher", device=self.device)
+        ckpt.write_json(path, res)
+        return res
+
+    def ppl(self, runs: dict[str, Path]) -> dict:
+        """Table 5: perceptual path length in noise space (classifier-feature PPL, see eval.metrics), DD1 vs DD2."""
+        from onestep.dd2.sampling import load_dd2
+        from onestep.eval.metrics import perceptual_path_length
+        from onestep.samplers import class_labels
+        from onestep.teacher.base import nearest_code
+
+        path = self.root / "ppl.json"
+        if path.exists():
+            return ckpt.read_json(path)
+        clf = self.evaluator().classifier
+        labels = class_labels(self.cfg.n_ppl, 10)
+        out: dict = {"n": self.cfg.n_ppl, "epsilon": 1e-4, "feature": "classifier penultimate layer"}
+        gen, teacher, tok, _ = load_dd2(runs["dd2"], self.device)
+        cb = teacher.codebook()
+        shape = (teacher.seq_len, teacher.code_dim)
+        with torch.no_grad():
+            out["dd2_quantised"] = perceptual_path_length(
+                lambda z, y: tok.decode_ids(nearest_code(gen.generate(z, y), cb)), shape, labels, clf.features)
+            out["dd2_continuous"] = perceptual_path_length(
+                lambda z, y: tok.decode_codes(gen.generate(z, y)), shape, labels, clf.features)
+            if "dd1" in runs:
+                from onestep.dd1.sampling import load_dd1, one_step
+
+                model, _, _ = load_dd1(runs["dd1"], self.device)
+                out["dd1_quantised"] = perceptual_path_length(
+                    lambda z, y: tok.decode_ids(one_step(model, z * model.noise_scale, y)), shape, labels, clf.features)
+        ckpt.write_json(path, out)
+        return out
+
+    # ---- tables -----------------------------------------------------------------------------------
+    def cost(self, runs: dict[str, Path]) -> dict:
+        """Table 3: training wall time per stage on this machine (from each run's metrics.json)."""
+        def wall(run: Path, key: str = "wall_time_s"):
+            p = run / "metrics.json"
+            return ckpt.read_json(p).get(key) if p.exists() else None
+
+        c: dict = {}
+        if "dd2" in runs:
+            c["dd2_stage0_adapt_s"] = wall(runs["dd2_adapt"])
+            c["dd2_stage1_tune_s"] = wall(runs["dd2_tune"])
+            c["dd2_stage2_csd_s"] = wall(runs["dd2"])
+            if "dd2_align" in runs:
+                c["dd2_stage2_csd_with_alignment_s"] = wall(runs["dd2_align"])
+            parts = [c["dd2_stage0_adapt_s"], c["dd2_stage1_tune_s"], c["dd2_stage2_csd_s"]]
+            c["dd2_total_s"] = round(sum(parts), 2) if None not in parts else None
+        if "dd1" in runs:
+            c["dd1_pairs_s"] = wall(runs["dd1"], "pairs_wall_time_s")
+            c["dd1_train_s"] = wall(runs["dd1"], "train_wall_time_s")
+            c["dd1_total_s"] = round(c["dd1_pairs_s"] + c["dd1_train_s"], 2) if None not in (c["dd1_pairs_s"], c["dd1_train_s"]) else None
+        c["note"] = "wall seconds on this machine (see machine); DD2 total = stages 0 + 1 + 2 (without alignment)"
+        return c
+
+    def tables(self, rows: list[dict], speed: dict, ppl: dict | None, cost: dict, floor: dict) -> dict:
+        from onestep.eval.speed import git_commit, machine_info
+
+        sp = {r["method"]: r for r in speed.get("rows", [])}
+        keys = ("latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64")
+        full = []
+        for r in rows:
+            r = {"fid_inception": None, **r}
+            r.update({k: sp.get(r["method"], {}).get(k) for k in keys})
+            full.append(r)
+        by = {r["method"]: r for r in full}
+        goals = {}
+        t, d1, d2 = by.get("teacher"), by.get("dd1-1step"), by.get("dd2-1step")
+        if t and d1 and d2:
+            gap1, gap2 = d1["fid_classifier"] - t["fid_classifier"], d2["fid_classifier"] - t["fid_classifier"]
+            goals["dd2_gap_le_third_of_dd1_gap"] = {"dd1_gap": gap1, "dd2_gap": gap2, "ratio": gap2 / gap1 if gap1 else None,
+                                                    "holds": bool(gap2 <= gap1 / 3)}
+            if d2.get("speedup_b1") is not None:
+                goals["speedup_b1_ge_20x"] = {"speedup_b1": d2["speedup_b1"], "holds": bool(d2["speedup_b1"] >= 20)}
+        if by.get("dd2-3step") and by.get("dd1-2step"):
+            goals["dd2_3step_beats_dd1_2step"] = {"dd2_3step": by["dd2-3step"]["fid_classifier"],
+                                                  "dd1_2step": by["dd1-2step"]["fid_classifier"],
+                                                  "holds": bool(by["dd2-3step"]["fid_classifier"] < by["dd1-2step"]["fid_classifier"])}
+        if cost.get("dd2_total_s") is not None and cost.get("dd1_total_s") is not None:
+            goals["dd2_train_time_le_dd1"] = {"dd2_total_s": cost["dd2_total_s"], "dd1_total_s": cost["dd1_total_s"],
+                                              "holds": bool(cost["dd2_total_s"] <= cost["dd1_total_s"])}
+        return {"rows": full, "data_floor_fid": floor, "cost": cost, "ppl": ppl, "goals": goals,
+                "sampling": self.cfg.sampling().to_dict(), "pipeline": self.cfg.to_dict(),
+                "command": self.command,
+                "commit": git_commit(), "machine": machine_info(), "speed_protocol": {k: v for k, v in speed.items() if k != "rows"}}
+
+    # ---- the whole job ------------------------------------------------------------------------------
     def run(self) -> dict:
         t0 = time.time()
         tok = self.tokenizer()
         teacher = self.teacher(tok)
         outputs = {"tokenizer": str(tok), "teacher": str(teacher)}
-        outputs.update(self.evaluate_teacher(teacher))
-        outputs["wall_time_s"] = round(time.time() - t0, 1)
+        runs: dict[str, Path] = {}
+        if self.cfg.distill:
+            runs["dd2_adapt"] = self.dd2_adapt(teacher)
+            runs["dd2_tune"] = self.dd2_tune(runs["dd2_adapt"])
+            runs["dd2"] = self.dd2_train(runs["dd2_tune"], align=False)
+            if self.cfg.align:
+                runs["dd2_align"] = self.dd2_train(runs["dd2_tune"], align=True)
+            runs["dd1"] = self.dd1(teacher)
+        samplers = self.samplers(teacher, runs)
+        rows = self.evaluate(samplers)
+        ev = self.evaluator()
+        floor = ev.data_floor(n_inception=self.cfg.n_inception, n_test=self.cfg.n_ref_classifier)
+        floor = {k: floor[k] for k in ("fid_classifier", "fid_inception") if k in floor}
+        speed = self.speed(samplers)
+        ppl = self.ppl(runs) if "dd2" in runs else None
+        table = self.tables(rows, speed, ppl, self.cost(runs), floor)
+        ckpt.write_json(self.root / "metrics.json", table)
+        write_tables_md(self.root / "paper-table.md", table)
+        grid = self.side_by_side(["teacher", "dd1-1step", "dd1-2step", "dd2-1step", "dd2-3step"])
+        from onestep.eval.report import write_report
+
+        report = write_report([self.root], self.root / "report", title=f"onestep {self.cfg.name}: {self.cfg.data}")
+        if self.cfg.publish:
+            publish(table, self.cfg.name)
+        outputs.update({"metrics": str(self.root / "metrics.json"), "tables": str(self.root / "paper-table.md"),
+                        "side_by_side_grid": str(grid) if grid else None, "report": str(report),
+                        "wall_time_s": round(time.time() - t0, 1)})
         ckpt.write_json(self.root / "outputs.json", outputs)
         return outputs
+
+    def side_by_side(self, methods: list[str]) -> Path | None:
+        """One PNG: for each method a block of its first grid rows, stacked vertically with labels."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from PIL import Image
+
+        have = [m for m in methods if (self.root / "grids" / f"{m}.png").exists()]
+        if not have:
+            return None
+        fig, axes = plt.subplots(len(have), 1, figsize=(7, 2.2 * len(have)))
+        for ax, m in zip(list(axes) if len(have) > 1 else [axes], have):
+            img = Image.open(self.root / "grids" / f"{m}.png")
+            w, h = img.size
+            ax.imshow(img.crop((0, 0, w, min(h, (w // 10) * 2 + 2))), cmap="gray")
+            ax.set_title(m, fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        out = self.root / "grids" / "side_by_side.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
+
+
+TABLE1 = ["method", "steps", "params", "fid_classifier", "fid_inception", "inception_score", "precision", "recall",
+          "latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64"]
+
+
+def write_tables_md(path: Path, table: dict) -> Path:
+    """Tables 1-3 and 5 of the DD2 paper, at this scale, as markdown."""
+    from onestep.eval.report import markdown_table
+
+    rows = table["rows"]
+    multi = [r for r in rows if r["method"].startswith(("teacher", "dd1", "dd2"))]
+    md = [f"# onestep: the papers' tables at small scale ({table['pipeline']['name']} preset)", "",
+          f"- command: `{table['command']}`", f"- commit: `{table['commit']}`", f"- machine: {json.dumps(table['machine'])}",
+          f"- teacher sampling: {json.dumps(table['sampling'])}",
+          f"- data floor (test split vs train reference): {json.dumps(table['data_floor_fid'])}", "",
+          "## Table 1: quality and speed", "", markdown_table(rows, TABLE1), "",
+          "## Table 2: multi-step", "", markdown_table(sorted(multi, key=lambda r: (r["method"].split("-")[0], r["steps"])),
+                                                        ["method", "steps", "fid_classifier", "fid_inception", "precision", "recall"]), "",
+          "## Table 3: training cost (wall seconds on this machine)", "",
+          "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table["cost"].items() if k != "note"]
+    if table.get("ppl"):
+        md += ["", "## Table 5: perceptual path length (lower = smoother)", "", "| generator | PPL |", "|---|---|"]
+        md += [f"| {k} | {v:.4g} |" for k, v in table["ppl"].items() if isinstance(v, float)]
+    md += ["", "## Goals", "", "| goal | holds | figures |", "|---|---|---|"]
+    md += [f"| {k} | {'yes' if v['holds'] else 'no'} | {json.dumps({a: b for a, b in v.items() if a != 'holds'})} |"
+           for k, v in table["goals"].items()]
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+def publish(table: dict, preset: str) -> None:
+    """benchmarks/results/paper-table.{json,md} and the per-method views dd1-<preset>, dd2-<preset>."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(RESULTS / "paper-table.json", table)
+    write_tables_md(RESULTS / "paper-table.md", table)
+    for fam in ("dd1", "dd2"):
+        sub = {**table, "rows": [r for r in table["rows"] if r["method"].startswith((fam, "teacher", "skip", "onestep"))]}
+        ckpt.write_json(RESULTS / f"{fam}-{preset}.json", sub)
+        write_tables_md(RESULTS / f"{fam}-{preset}.md", sub)
 
 
 def _print_outputs(root: Path, outputs: dict) -> None:
     print("\nDone. Everything is under", root.resolve())
     for k, v in outputs.items():
-        print(f"  {k:>16}: {v}")
+        print(f"  {k:>18}: {v}")
 
 
 def cmd_pipeline(args) -> None:
@@ -171,7 +490,8 @@ def cmd_pipeline(args) -> None:
     if os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(os.cpu_count() or 1)
     root = Path(args.root or f"runs/{preset}")
-    outputs = Pipeline(root, cfg, args.device, args.seed, args.data_root).run()
+    command = "onestep " + " ".join(args.argv) if getattr(args, "argv", None) else f"onestep {args.command}"
+    outputs = Pipeline(root, cfg, args.device, args.seed, args.data_root, command).run()
     _print_outputs(root, outputs)
 
 

@@ -32,6 +32,19 @@ def machine_info() -> dict:
             "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def git_commit() -> str:
+    """HEAD of the repository holding this package, with ``-dirty`` when tracked files are modified."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+        return run("rev-parse", "--short", "HEAD") + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except Exception:
+        return "unknown"
+
+
 def _sync(device: str | None):
     if device and device.startswith("cuda"):
         torch.cuda.synchronize()

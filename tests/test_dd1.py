@@ -388,6 +388,7 @@ def test_cli_pairs_train_sample_smoke(dd1_cli_run, capsys):
     main(["dd1", "train", "--pairs", str(root / "pairs"), "--teacher", str(root / "teacher"), "--run-dir", str(run),
           "--preset", "tiny"])
     assert "resumed" in capsys.readouterr().out and (run / "log.jsonl").read_text().count("\n") == lines
+    assert json.loads((run / "metrics.json").read_text()) == met
     # the generator distils the pairs' sampling rule: another rule is refused with a clear message
     with pytest.raises(SystemExit, match="differs from the one the pairs were made with"):
         main(["dd1", "train", "--pairs", str(root / "pairs"), "--teacher", str(root / "teacher"), "--run-dir",

@@ -249,6 +249,8 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     final = Path(run_dir) / "final"
     if info.is_main:
         metrics_path = Path(run_dir) / "metrics.json"
+        if not logs and metrics_path.exists():  # a finished run re-run: nothing trained, keep its last logs
+            logs = ckpt.read_json(metrics_path).get("final_logs", {})
         metrics = {"steps": cfg.steps, "final_logs": logs, **_val_accuracy(model, val, info.device)}
         pairs_s = float(man.get("wall_s") or 0.0)
         metrics.update({"train_wall_time_s": round(extra["train_wall_s"], 2), "pairs_wall_time_s": round(pairs_s, 2),

@@ -55,6 +55,8 @@ class PipelineConfig:
     align: bool = True          # also train the performance-alignment variant
     align_steps: int = 50       # guidance-only steps, at half the generator steps
     dd1_preset: str = "small"
+    dd1_pairs: int | None = None   # override the DD1 preset's number of pairs ...
+    dd1_steps: int | None = None   # ... and training steps
     dd2_multi: tuple = (2, 3, 4)
     # evaluation
     n_grid: int = 50
@@ -77,7 +79,7 @@ class PipelineConfig:
 
 PIPELINE_PRESETS = {
     "quick": PipelineConfig(name="quick", adapt_steps=40, tune_steps=150, train_steps=60, align_steps=20,
-                            dd1_preset="quick", n_eval=1000, speed_repeats=3, n_ppl=100),
+                            dd1_pairs=2048, dd1_steps=150, n_eval=1000, speed_repeats=3, n_ppl=100),
     "full": PipelineConfig(name="full", n_eval=10000, n_inception=2000, publish=True),
     "tiny": PipelineConfig(name="tiny", tokenizer_preset="tiny", teacher_preset="tiny", use_assets=False, n_grid=10,
                            n_eval=100, n_ref_classifier=1000, adapt_preset="tiny", adapt_steps=2, tune_preset="tiny",
@@ -182,12 +184,18 @@ class Pipeline:
 
     # ---- DD1 ------------------------------------------------------------------------------------
     def dd1(self, teacher_dir: Path) -> Path:
-        from onestep.dd1.commands import DD1_PRESETS, make_pairs, train_dd1
+        from onestep.dd1.stages import DD1_PRESETS, make_pairs, train_dd1
 
-        preset = DD1_PRESETS[self.cfg.dd1_preset]
+        preset = replace(DD1_PRESETS[self.cfg.dd1_preset], seed=self.seed)
+        if self.cfg.dd1_pairs:
+            preset = replace(preset, n_pairs=self.cfg.dd1_pairs)
+        if self.cfg.dd1_steps:
+            preset = replace(preset, steps=self.cfg.dd1_steps, warmup_steps=min(preset.warmup_steps, self.cfg.dd1_steps // 4))
         pairs, run = self.root / "dd1-pairs", self.root / "dd1"
-        self._stage("dd1_pairs", pairs / "manifest.json",
-                    lambda: make_pairs(pairs, teacher_dir, preset, self.cfg.sampling(), self.seed, self.device))
+        if not (run / "final" / "model.safetensors").exists():  # make_pairs resumes / returns at once when complete
+            self._stage("dd1_pairs", pairs / ".never",
+                        lambda: make_pairs(pairs, teacher_dir, None, self.seed, self.cfg.sampling(), cfg=preset,
+                                           info=self._info()))
         self._stage("dd1_train", run / "final", lambda: train_dd1(run, pairs, teacher_dir, preset, self._info()))
         return run
 
@@ -309,11 +317,12 @@ class Pipeline:
             out["dd2_continuous"] = perceptual_path_length(
                 lambda z, y: tok.decode_codes(gen.generate(z, y)), shape, labels, clf.features)
             if "dd1" in runs:
-                from onestep.dd1.sampling import load_dd1, one_step
+                from onestep.dd1.sampling import one_step
+                from onestep.dd1.stages import load_dd1
 
-                model, _, _ = load_dd1(runs["dd1"], self.device)
+                model = load_dd1(runs["dd1"], self.device)[0]
                 out["dd1_quantised"] = perceptual_path_length(
-                    lambda z, y: tok.decode_ids(one_step(model, z * model.noise_scale, y)), shape, labels, clf.features)
+                    lambda z, y: tok.decode_ids(one_step(model, z, y)), shape, labels, clf.features)
         ckpt.write_json(path, out)
         return out
 

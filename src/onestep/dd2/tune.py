@@ -162,9 +162,9 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
     config = {"kind": "dd2-ardiffusion", "stage": "dd2-tune", "tune": cfg.to_dict(), "sampling": sampling.to_dict(),
               "teacher_dir": ref_to(teacher_dir, run_dir), "model": ardiffusion_config(tconf, model.head)}
     run_dir = prepare_run_dir(run_dir, config, info)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     ids, labels = teacher_pool(Path(run_dir) / "pool.npz", teacher, cfg.n_pool, teacher.num_classes, sampling, cfg.seed)
-    pool_time = time.time() - t0
+    pool_time, pool_cpu = time.time() - t0, time.process_time() - c0
     objective = TuneObjective(model, teacher, sampling, cfg)
     opt = torch.optim.AdamW([{"params": list(model.backbone.parameters())}, {"params": list(model.head.parameters())}],
                             betas=(0.9, 0.95), weight_decay=0.0)
@@ -183,14 +183,17 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
         ok = guarded_step(loss, opt, model.parameters(), cfg.grad_clip)
         return {**logs, "head_only": head_only, "nonfinite": not ok}
 
-    t1 = time.time()
+    t1, c1 = time.time(), time.process_time()
     loop.run(step_fn)
     final = Path(run_dir) / "final"
     if info.is_main:
         mpath = Path(run_dir) / "metrics.json"
         metrics = ckpt.read_json(mpath) if mpath.exists() else {}
         metrics.setdefault("pool_wall_time_s", round(pool_time, 2))
+        metrics.setdefault("pool_cpu_time_s", round(pool_cpu, 2))
         metrics["train_wall_time_s"] = round(metrics.get("train_wall_time_s", 0.0) + time.time() - t1, 2)
+        metrics["train_cpu_time_s"] = round(metrics.get("train_cpu_time_s", 0.0) + time.process_time() - c1, 2)
+        metrics["cpu_time_s"] = round(metrics["pool_cpu_time_s"] + metrics["train_cpu_time_s"], 2)
         metrics["wall_time_s"] = round(metrics["pool_wall_time_s"] + metrics["train_wall_time_s"], 2)
         ckpt.write_json(mpath, metrics)
         ckpt.save_model(final, model, {**config, "metrics": metrics})

@@ -50,6 +50,7 @@ class PipelineConfig:
     adapt_steps: int | None = 150
     tune_preset: str = "small"
     tune_steps: int | None = None
+    tune_pool: int | None = None   # override the number of teacher-sampled sequences of stage 1
     train_preset: str = "small"
     train_steps: int | None = None
     align: bool = True          # also train the performance-alignment variant
@@ -78,7 +79,7 @@ class PipelineConfig:
 
 
 PIPELINE_PRESETS = {
-    "quick": PipelineConfig(name="quick", adapt_steps=40, tune_steps=150, train_steps=60, align_steps=20,
+    "quick": PipelineConfig(name="quick", adapt_steps=40, tune_steps=150, tune_pool=2048, train_steps=60, align_steps=20,
                             dd1_pairs=2048, dd1_steps=150, n_eval=1000, speed_repeats=3, n_ppl=100),
     "full": PipelineConfig(name="full", n_eval=10000, n_inception=2000, publish=True),
     "tiny": PipelineConfig(name="tiny", tokenizer_preset="tiny", teacher_preset="tiny", use_assets=False, n_grid=10,
@@ -167,6 +168,8 @@ class Pipeline:
         cfg = replace(TUNE_PRESETS[self.cfg.tune_preset], seed=self.seed)
         if self.cfg.tune_steps:
             cfg = replace(cfg, steps=self.cfg.tune_steps, head_only_steps=min(cfg.head_only_steps, self.cfg.tune_steps // 4))
+        if self.cfg.tune_pool:
+            cfg = replace(cfg, n_pool=self.cfg.tune_pool)
         self._stage("dd2_tune", run / "final", lambda: tune(run, adapt_dir, cfg, self.cfg.sampling(), self._info()))
         return run
 
@@ -211,7 +214,8 @@ class Pipeline:
         sampling = self.cfg.sampling()
         out = {"teacher": teacher_sampler(teacher, tok, sampling)}
         if "dd1" in runs:
-            from onestep.dd1.sampling import baseline_samplers, dd1_samplers
+            from onestep.dd1.baselines import baseline_samplers
+            from onestep.dd1.sampling import dd1_samplers
 
             pool = self.teacher_tokens(runs)
             out.update(baseline_samplers(teacher_dir, self.device, sampling, pool))
@@ -321,8 +325,19 @@ class Pipeline:
                 from onestep.dd1.stages import load_dd1
 
                 model = load_dd1(runs["dd1"], self.device)[0]
+                n_pos = teacher.seq_len
+
+                def dd1_soft(z, y):  # the smooth counterpart of DD1's argmax: the logits' expected code vector
+                    ids0 = torch.zeros(z.shape[:2], dtype=torch.long, device=z.device)
+                    clean = torch.zeros(z.shape[:2], dtype=torch.bool, device=z.device)
+                    return tok.decode_codes(model(ids0, z, clean, y).softmax(-1) @ cb)
+
+                assert model.seq_len == n_pos
                 out["dd1_quantised"] = perceptual_path_length(
                     lambda z, y: tok.decode_ids(one_step(model, z, y)), shape, labels, clf.features)
+                out["dd1_continuous"] = perceptual_path_length(dd1_soft, shape, labels, clf.features)
+        out["note"] = ("quantised: decoded nearest codes (piecewise constant in the noise, so the trimmed mean is "
+                       "mostly 0); continuous: DD2's output vectors / DD1's softmax-expected code vectors")
         ckpt.write_json(path, out)
         return out
 
@@ -462,7 +477,8 @@ def write_tables_md(path: Path, table: dict) -> Path:
           "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table["cost"].items() if k != "note"]
     if table.get("ppl"):
         md += ["", "## Table 5: perceptual path length (lower = smoother)", "", "| generator | PPL |", "|---|---|"]
-        md += [f"| {k} | {v:.4g} |" for k, v in table["ppl"].items() if isinstance(v, float)]
+        md += [f"| {k} | {v:.4g} |" for k, v in table["ppl"].items() if k.startswith("dd") and isinstance(v, float)]
+        md += ["", table["ppl"].get("note", "")]
     md += ["", "## Goals", "", "| goal | holds | figures |", "|---|---|---|"]
     md += [f"| {k} | {'yes' if v['holds'] else 'no'} | {json.dumps({a: b for a, b in v.items() if a != 'holds'})} |"
            for k, v in table["goals"].items()]

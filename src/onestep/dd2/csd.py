@@ -8,6 +8,7 @@ alignment, so that one outer step = K guidance updates + 1 generator update, res
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,6 +33,8 @@ class CSDConfig:
     t_max: float = 0.98
     dsm_t_min: float = 1e-3
     warmup_steps: int = 100      # generator LR: linear 1e-6 -> lr
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" (generator AND guidance LR follow a
+    final_lr_ratio: float = 0.0    # cosine from their LR to final_lr_ratio * LR at the last generator step)
     ema_max: float = 0.9999
     align_at: int = 0            # performance alignment: at this generator step (0 = off) ...
     align_steps: int = 0         # ... run this many guidance-only outer steps on the frozen EMA generator
@@ -39,6 +42,10 @@ class CSDConfig:
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 250
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,11 +108,23 @@ class CSDSchedule:
         self.opt_gen = torch.optim.Adam(dd2.generator.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
         self.opt_guid = torch.optim.Adam(dd2.guidance.parameters(), lr=cfg.guidance_lr, betas=(0.9, 0.95))
 
+    def decay(self, gen_step: int) -> float:
+        """LR multiplier after warm-up: 1 (constant), or a cosine from 1 to final_lr_ratio over the CSD steps."""
+        cfg = self.dd2.cfg
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - 1 - cfg.warmup_steps)
+        frac = min(1.0, max(0.0, (gen_step - cfg.warmup_steps) / span))
+        return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
     def generator_lr(self, gen_step: int) -> float:
         cfg = self.dd2.cfg
         if gen_step < cfg.warmup_steps:
             return 1e-6 + (cfg.lr - 1e-6) * gen_step / cfg.warmup_steps
-        return cfg.lr
+        return cfg.lr * self.decay(gen_step)
+
+    def guidance_lr(self, gen_step: int) -> float:
+        return self.dd2.cfg.guidance_lr * self.decay(gen_step)
 
     def phase(self, step: int) -> tuple[str, int]:
         """('align' | 'csd', generator steps done before this outer step)."""
@@ -125,6 +144,8 @@ class CSDSchedule:
         logs: dict = {"phase": phase}
         bad = False
         dd2.guidance.train()
+        if cfg.lr_schedule != "constant":
+            set_lr(self.opt_guid, self.guidance_lr(gen_step))
         for _ in range(cfg.guidance_steps):
             loss, lg = self.wrapped(sample_labels(), "guidance", generator)
             bad |= not guarded_step(loss, self.opt_guid, dd2.guidance.parameters(), cfg.grad_clip)

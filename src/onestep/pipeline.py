@@ -54,7 +54,7 @@ class PipelineConfig:
     train_preset: str = "small"
     train_steps: int | None = None
     align: bool = True          # also train the performance-alignment variant
-    align_steps: int = 50       # guidance-only steps, at half the generator steps
+    align_steps: int = 30       # guidance-only steps, at half the generator steps
     dd1_preset: str = "small"
     dd1_pairs: int | None = None   # override the DD1 preset's number of pairs ...
     dd1_steps: int | None = None   # ... and training steps
@@ -213,12 +213,13 @@ class Pipeline:
         teacher, _, tok = load_teacher(teacher_dir, self.device)
         sampling = self.cfg.sampling()
         out = {"teacher": teacher_sampler(teacher, tok, sampling)}
-        if "dd1" in runs:
+        if "dd2_tune" in runs:  # the baselines' marginals come from the stage-1 pool of teacher samples
             from onestep.dd1.baselines import baseline_samplers
+
+            out.update(baseline_samplers(teacher_dir, self.device, sampling, self.teacher_tokens(runs)))
+        if "dd1" in runs:
             from onestep.dd1.sampling import dd1_samplers
 
-            pool = self.teacher_tokens(runs)
-            out.update(baseline_samplers(teacher_dir, self.device, sampling, pool))
             out.update(dd1_samplers(runs["dd1"], self.device, sampling))
         if "dd2_adapt" in runs:  # stage 0's continuous-input teacher, sampled like the teacher (FID after stage 0)
             adapted, _, _ = load_teacher(runs["dd2_adapt"], self.device, with_tokenizer=False)
@@ -238,11 +239,11 @@ class Pipeline:
         return out
 
     def teacher_tokens(self, runs: dict[str, Path]) -> torch.Tensor:
-        """Teacher token samples for the onestep* marginals: the stage-1 pool (same sampling rule)."""
+        """Teacher token samples (ids, labels) for the onestep* marginals: the stage-1 pool (same sampling rule)."""
         import numpy as np
 
         with np.load(runs["dd2_tune"] / "pool.npz") as f:
-            return torch.from_numpy(f["ids"]).long()
+            return torch.from_numpy(f["ids"]).long(), torch.from_numpy(f["labels"]).long()
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluator(self):

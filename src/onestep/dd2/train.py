@@ -25,8 +25,8 @@ from onestep.trainer import LoopConfig, TrainLoop, prepare_run_dir
 
 TRAIN_PRESETS = {
     "tiny": CSDConfig(steps=2, batch_size=4, guidance_steps=1, m_noise=2, warmup_steps=1, log_every=1, ckpt_every=1),
-    # sized for ~20 min on one CPU thread: few outer steps, so a higher LR than the paper's GPU runs
-    "small": CSDConfig(steps=300, batch_size=32, lr=1e-4, guidance_lr=2e-4, guidance_steps=3, m_noise=2,
+    # sized for ~15 min on one CPU thread: few outer steps, so a higher LR than the paper's GPU runs
+    "small": CSDConfig(steps=200, batch_size=32, lr=1e-4, guidance_lr=2e-4, guidance_steps=3, m_noise=2,
                        warmup_steps=50, log_every=10, ckpt_every=50),
 }
 

@@ -48,6 +48,7 @@ class PipelineConfig:
     distill: bool = True
     adapt_preset: str = "small"
     adapt_steps: int | None = 150
+    adapt_max_items: int | None = None  # stage 0 on the first N train / test images only (quick runs)
     tune_preset: str = "small"
     tune_steps: int | None = None
     tune_pool: int | None = None   # override the number of teacher-sampled sequences of stage 1
@@ -79,8 +80,11 @@ class PipelineConfig:
 
 
 PIPELINE_PRESETS = {
-    "quick": PipelineConfig(name="quick", adapt_steps=40, tune_steps=150, tune_pool=2048, train_steps=60, align_steps=20,
-                            dd1_pairs=2048, dd1_steps=150, n_eval=1000, speed_repeats=3, n_ppl=100),
+    # the README's main command: every stage at a small budget (<= 20 min on 2 cores)
+    "quick": PipelineConfig(name="quick", adapt_steps=40, adapt_max_items=10000, tune_steps=150, tune_pool=2048,
+                            train_steps=60, align_steps=20, dd1_pairs=2048, dd1_steps=150, n_eval=1000,
+                            speed_repeats=3, n_ppl=100),
+    # `onestep bench`: the figures of benchmarks/results (stage budgets of the commands' "small" presets)
     "full": PipelineConfig(name="full", n_eval=10000, n_inception=2000, publish=True),
     "tiny": PipelineConfig(name="tiny", tokenizer_preset="tiny", teacher_preset="tiny", use_assets=False, n_grid=10,
                            n_eval=100, n_ref_classifier=1000, adapt_preset="tiny", adapt_steps=2, tune_preset="tiny",
@@ -158,6 +162,8 @@ class Pipeline:
         cfg = replace(ADAPT_PRESETS[self.cfg.adapt_preset], seed=self.seed)
         if self.cfg.adapt_steps:
             cfg = replace(cfg, steps=self.cfg.adapt_steps, batch_size=min(cfg.batch_size, 64))
+        if self.cfg.adapt_max_items:
+            cfg = replace(cfg, max_items=self.cfg.adapt_max_items)
         self._stage("dd2_adapt", run / "final", lambda: adapt_teacher(run, teacher_dir, cfg, self._info()))
         return run
 

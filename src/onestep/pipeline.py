@@ -55,7 +55,8 @@ class PipelineConfig:
     train_preset: str = "small"
     train_steps: int | None = None
     align: bool = True          # also train the performance-alignment variant
-    align_steps: int = 30       # guidance-only steps, at half the generator steps
+    align_steps: int = 30       # guidance-only steps ...
+    align_at_frac: float = 0.75  # ... at this fraction of the generator steps
     dd1_preset: str = "small"
     dd1_pairs: int | None = None   # override the DD1 preset's number of pairs ...
     dd1_steps: int | None = None   # ... and training steps
@@ -85,7 +86,8 @@ PIPELINE_PRESETS = {
                             train_steps=60, align_steps=20, dd1_pairs=2048, dd1_steps=150, n_eval=1000,
                             speed_repeats=3, n_ppl=100),
     # `onestep bench`: the figures of benchmarks/results (stage budgets of the commands' "small" presets)
-    "full": PipelineConfig(name="full", n_eval=10000, n_inception=2000, publish=True),
+    # Inception-v3 on a 2-core CPU costs ~0.3 s per image: 1000 samples for the headline rows (2000 reference images)
+    "full": PipelineConfig(name="full", n_eval=10000, n_inception=1000, publish=True),
     "tiny": PipelineConfig(name="tiny", tokenizer_preset="tiny", teacher_preset="tiny", use_assets=False, n_grid=10,
                            n_eval=100, n_ref_classifier=1000, adapt_preset="tiny", adapt_steps=2, tune_preset="tiny",
                            tune_steps=None, train_preset="tiny", train_steps=None, align_steps=1, dd1_preset="tiny",
@@ -187,7 +189,7 @@ class Pipeline:
         if self.cfg.train_steps:
             cfg = replace(cfg, steps=self.cfg.train_steps, warmup_steps=min(cfg.warmup_steps, self.cfg.train_steps // 4))
         if align:
-            cfg = replace(cfg, align_at=max(1, cfg.steps // 2), align_steps=self.cfg.align_steps)
+            cfg = replace(cfg, align_at=max(1, int(cfg.steps * self.cfg.align_at_frac)), align_steps=self.cfg.align_steps)
         self._stage("dd2_train_align" if align else "dd2_train", run / "final", lambda: train(run, tune_dir, cfg, self._info()))
         return run
 
@@ -361,7 +363,7 @@ class Pipeline:
             c["dd2_stage1_tune_s"] = wall(runs["dd2_tune"])
             c["dd2_stage2_csd_s"] = wall(runs["dd2"])
             if "dd2_align" in runs:
-                c["dd2_stage2_csd_with_alignment_s"] = wall(runs["dd2_align"])
+                c["dd2_stage2_csd_with_alignment_s"] = wall(runs["dd2_align"]) + branch_prefix_s(runs["dd2_align"])
             parts = [c["dd2_stage0_adapt_s"], c["dd2_stage1_tune_s"], c["dd2_stage2_csd_s"]]
             c["dd2_total_s"] = round(sum(parts), 2) if None not in parts else None
         if "dd1" in runs:
@@ -461,6 +463,21 @@ class Pipeline:
         fig.savefig(out, dpi=110)
         plt.close(fig)
         return out
+
+
+def branch_prefix_s(run: Path) -> float:
+    """Wall seconds of the shared prefix when ``run`` was branched from another run's checkpoint
+    (``branched_from.json``: {"run", "checkpoint"}; the parent's log gives the time at that step), else 0."""
+    b = run / "branched_from.json"
+    if not b.exists():
+        return 0.0
+    info = ckpt.read_json(b)
+    step = int(info["checkpoint"].split("_")[-1])
+    for line in (run / info["run"] / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["step"] == step:
+            return float(rec["time_s"])
+    raise ValueError(f"{b}: step {step} not in the parent's log")
 
 
 TABLE1 = ["method", "steps", "params", "fid_classifier", "fid_inception", "inception_score", "precision", "recall",

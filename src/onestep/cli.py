@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory: a teacher run, or a DD1 / DD2 training run")
     p.add_argument("--steps", type=int, default=1,
                    help="dd1 / dd2: number of sampling steps (dd2: 1 step + the teacher re-samples the last k-1 AR "
-                        "steps, paper Alg. 4; dd1: 1 = one step, 2 = two-step)")
+                        "steps, paper Alg. 4; dd1: 1 = one step, 2 = two-step, K >= 3 = teacher-involved with K "
+                        "sequential calls)")
     p.add_argument("--continuous", action="store_true",
                    help="dd2: decode the generator's continuous vectors instead of quantising to the nearest code")
     p.add_argument("-n", "--n", type=int, default=100, help="number of samples")
@@ -166,7 +167,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, ValueError) as e:  # bad input: one clear line (ONESTEP_DEBUG=1: traceback)
+        import os
+
+        if os.environ.get("ONESTEP_DEBUG"):
+            raise
         print(f"onestep {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

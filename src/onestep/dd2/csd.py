@@ -28,10 +28,12 @@ class CSDConfig:
     guidance_lr: float = 1e-4
     guidance_steps: int = 5      # K guidance updates per generator update (paper: 5)
     m_noise: int = 4             # noise draws per generated sequence for the guidance DSM loss
+    m_noise_gen: int = 1         # (t, eps) draws per generated sequence in the generator's CSD loss (1 = paper)
     alpha: float = 1.0           # SiD alpha (paper: 1.0; 1.2 diverged in the prototype)
     t_min: float = 0.02          # generator-turn t range
     t_max: float = 0.98
-    dsm_t_min: float = 1e-3
+    dsm_t_min: float = 1e-3      # guidance-turn (DSM) t range
+    dsm_t_max: float = 1.0
     warmup_steps: int = 100      # generator LR: linear 1e-6 -> lr
     lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" (generator AND guidance LR follow a
     final_lr_ratio: float = 0.0    # cosine from their LR to final_lr_ratio * LR at the last generator step)
@@ -75,7 +77,7 @@ class DD2(nn.Module):
         if turn == "guidance":
             with torch.no_grad():
                 x = self.generator.generate(eps, labels)
-            return dsm_loss(self.guidance, x, labels, cfg.m_noise, generator, cfg.dsm_t_min)
+            return dsm_loss(self.guidance, x, labels, cfg.m_noise, generator, cfg.dsm_t_min, t_max=cfg.dsm_t_max)
         if turn != "generator":
             raise ValueError(f"turn must be 'generator' or 'guidance', got {turn!r}")
         x = self.generator.generate(eps, labels)
@@ -84,7 +86,7 @@ class DD2(nn.Module):
             log_p = teacher_log_probs(self.teacher, x_sg, labels, self.sampling)
             f_psi = self.guidance.features(x_sg, labels)
         return csd_generator_loss(x, labels, log_p, self.teacher.codebook(), self.guidance, f_psi, generator,
-                                  cfg.alpha, cfg.t_min, cfg.t_max)
+                                  cfg.alpha, cfg.t_min, cfg.t_max, cfg.m_noise_gen)
 
 
 def ema_rate(it: int, ema_max: float) -> float:

@@ -45,10 +45,10 @@ def gts_loss(model: ARDiffusion, q: Tensor, labels: Tensor, log_p: Tensor, codeb
 
 
 def dsm_loss(model: ARDiffusion, x0: Tensor, labels: Tensor, m: int = 1, generator=None, t_min: float = 1e-3,
-             features_grad: bool = True) -> tuple[Tensor, dict]:
-    """Denoising score matching: v_target = eps - x0 (RectFlow), on sequences x0 (B, n, C)."""
+             features_grad: bool = True, t_max: float = 1.0) -> tuple[Tensor, dict]:
+    """Denoising score matching: v_target = eps - x0 (RectFlow), on sequences x0 (B, n, C), t ~ U[t_min, t_max]."""
     f = model.features(x0, labels) if features_grad else model.features(x0, labels).detach()
-    q_t, eps, t = _noised(x0, m, generator, t_min, 1.0)
+    q_t, eps, t = _noised(x0, m, generator, t_min, t_max)
     v = model.velocity(q_t, t, f.expand(m, *f.shape))
     loss = (v - (eps - x0)).pow(2).sum(-1).mean()
     return loss, {"dsm": loss.item()}
@@ -56,7 +56,7 @@ def dsm_loss(model: ARDiffusion, x0: Tensor, labels: Tensor, m: int = 1, generat
 
 def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codebook: Tensor, guidance: ARDiffusion,
                        f_guidance: Tensor, generator=None, alpha: float = 1.0, t_min: float = 0.02,
-                       t_max: float = 0.98) -> tuple[Tensor, dict]:
+                       t_max: float = 0.98, m: int = 1) -> tuple[Tensor, dict]:
     """Conditional score distillation, SiD form (method.md section 3, stage 2), for generated x (B, n, C).
 
     Per position: q_t = (1 - t) x_i + t eps; x0_T = teacher's closed-form denoised mean given the
@@ -65,19 +65,22 @@ def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codeboo
 
         loss_i = (x0_T - x0_psi) . ((x0_T - x_i) - alpha (x0_T - x0_psi)) / mean_i |x_i - x0_T|
 
-    the normaliser (per sample, detached) as in SiD. As in SiD, x0_T and x0_psi are differentiable
-    functions of q_t (the teacher's closed form and the guidance head, whose parameters receive no
-    update here); the prefix conditions (log p, f) are constants. So theta's gradient arrives only via
-    x_i at its own position: through q_t and through the explicit x_i term.
+    the normaliser (per sample and noise draw, detached) as in SiD. As in SiD, x0_T and x0_psi are
+    differentiable functions of q_t (the teacher's closed form and the guidance head, whose parameters
+    receive no update here); the prefix conditions (log p, f) are constants. So theta's gradient arrives
+    only via x_i at its own position: through q_t and through the explicit x_i term. ``m`` (t, eps) draws
+    per generated sequence are averaged (m = 1: one draw, the paper's loss; m > 1 lowers the variance of
+    the generator's gradient at the cost of m head evaluations, like the guidance turn's ``m_noise``).
     """
-    t = sample_t(x.shape[:-1], generator, x.device, t_min, t_max)
-    eps = torch.randn(x.shape, generator=generator, device=x.device)
+    shape = (m, *x.shape)
+    t = sample_t(shape[:-1], generator, x.device, t_min, t_max)
+    eps = torch.randn(shape, generator=generator, device=x.device)
     q_t = (1 - t[..., None]) * x + t[..., None] * eps
-    x0_T = flow.denoise(q_t, t, log_p_teacher, codebook)
-    x0_psi = guidance.denoise(q_t, t, f_guidance)
+    x0_T = flow.denoise(q_t, t, log_p_teacher.expand(m, *log_p_teacher.shape), codebook)
+    x0_psi = guidance.denoise(q_t, t, f_guidance.expand(m, *f_guidance.shape))
     diff = x0_T - x0_psi
     with torch.no_grad():
-        norm = (x - x0_T).abs().mean(dim=(1, 2), keepdim=True).clamp_min(1e-5)
+        norm = (x - x0_T).abs().mean(dim=(-2, -1), keepdim=True).clamp_min(1e-5)
     per = (diff * ((x0_T - x) - alpha * diff)).sum(-1, keepdim=True) / norm
     loss = per.mean()
     return loss, {"csd": loss.item(), "score_gap": diff.pow(2).sum(-1).mean().item(),

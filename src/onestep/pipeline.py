@@ -63,9 +63,10 @@ class PipelineConfig:
     dd2_multi: tuple = (2, 3, 4)
     # evaluation
     n_grid: int = 50
-    n_eval: int = 1000        # samples per method scored with the classifier features
-    n_inception: int = 0      # how many of them also get the Inception FID (slow on a CPU) ...
-    inception_methods: tuple = ("teacher", "dd1-1step", "dd2-1step")  # ... for these methods
+    n_eval: int = 1000        # samples per method scored with the classifier features (every row)
+    headline_methods: tuple = ("teacher", "dd1-1step", "dd2-1step")  # these rows also get ...
+    n_eval_headline: int = 0  # ... the classifier FID on this many samples (0 = off) and ...
+    n_inception: int = 0      # ... the Inception FID on this many (slow on a CPU: ~0.3 s per image)
     n_ref_classifier: int | None = None  # train images in the classifier reference (None = all)
     n_ppl: int = 200
     speed_repeats: int = 5
@@ -87,7 +88,7 @@ PIPELINE_PRESETS = {
                             speed_repeats=3, n_ppl=100),
     # `onestep bench`: the figures of benchmarks/results (stage budgets of the commands' "small" presets)
     # Inception-v3 on a 2-core CPU costs ~0.3 s per image: 1000 samples for the headline rows (2000 reference images)
-    "full": PipelineConfig(name="full", n_eval=10000, n_inception=1000, publish=True),
+    "full": PipelineConfig(name="full", n_eval=2000, n_eval_headline=10000, n_inception=1000, publish=True),
     "tiny": PipelineConfig(name="tiny", tokenizer_preset="tiny", teacher_preset="tiny", use_assets=False, n_grid=10,
                            n_eval=100, n_ref_classifier=1000, adapt_preset="tiny", adapt_steps=2, tune_preset="tiny",
                            tune_steps=None, train_preset="tiny", train_steps=None, align_steps=1, dd1_preset="tiny",
@@ -275,13 +276,18 @@ class Pipeline:
                 continue
             ev = self.evaluator()
             n_cls = s.info["num_classes"] if "num_classes" in s.info else 10
-            labels = class_labels(max(self.cfg.n_eval, self.cfg.n_grid), n_cls, self.device)
+            headline = name in self.cfg.headline_methods
+            n = max(self.cfg.n_eval, self.cfg.n_grid, self.cfg.n_eval_headline if headline else 0)
+            labels = class_labels(n, n_cls, self.device)
             t0 = time.time()
             out = generate(s, labels, self.seed, batch_size=250, keep_tokens=False)
             gen_time = time.time() - t0
             grid = save_grid(out["images"][: self.cfg.n_grid], self.root / "grids" / f"{name}.png", nrow=n_cls)
-            n_inc = self.cfg.n_inception if name in self.cfg.inception_methods else 0
-            res = ev.evaluate(out["images"], out["labels"], n_inception=n_inc)
+            n_inc = self.cfg.n_inception if headline else 0
+            k = self.cfg.n_eval  # every row's metrics on the same number of samples (FID's bias depends on it)
+            res = ev.evaluate(out["images"][:k], out["labels"][:k], n_inception=n_inc)
+            if len(out["images"]) > k:  # the headline rows also get the classifier FID on all their samples
+                res[f"fid_classifier_{len(out['images'])}"] = ev.evaluate(out["images"], None, n_inception=0)["fid_classifier"]
             row = {"method": name, "steps": s.steps, "params": s.params, **res, "sampling_wall_time_s": round(gen_time, 2),
                    "grid": str(grid.relative_to(self.root))}
             ckpt.write_json(path, row)
@@ -480,7 +486,7 @@ def branch_prefix_s(run: Path) -> float:
     raise ValueError(f"{b}: step {step} not in the parent's log")
 
 
-TABLE1 = ["method", "steps", "params", "fid_classifier", "fid_inception", "inception_score", "precision", "recall",
+TABLE1 = ["method", "steps", "params", "fid_classifier", "fid_classifier_10000", "fid_inception", "inception_score", "precision", "recall",
           "latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64"]
 
 

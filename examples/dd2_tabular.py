@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
              ("teacher's own samples (noise floor)", "tv_teacher_samples")]
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    Path(f"{path}.json").write_text(json.dumps(result, indent=2))
     ent = "; ".join(f"pos {e['position']}: {e['min']:.2f}-{e['max']:.2f} nats" for e in
                     result["teacher"]["conditional_entropy_nats"])
     md = ["# DD2 tabular exactness check (Proposition 1)", "",
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
         f"{r['tune_time_s']:.0f} / {r['csd_time_s']:.0f} / {r['total_time_s']:.0f}" for r in runs) + " |"]
     md += ["", f"{a.threads} thread(s), on a 2-core machine shared with other jobs (timings vary ~3x with the load).",
            "", "Config:", "", "```json", json.dumps(cfg.to_dict(), indent=2), "```", ""]
-    path.with_suffix(".md").write_text("\n".join(md))
+    Path(f"{path}.md").write_text("\n".join(md))
     return result
 
 

@@ -125,9 +125,19 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "Everything is under" in out
     res = json.loads((tmp_path / "demo" / "outputs.json").read_text())
-    assert Path(res["teacher_grid"]).exists() and Path(res["report"]).exists()
+    assert Path(res["side_by_side_grid"]).exists() and Path(res["report"]).exists() and Path(res["tables"]).exists()
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert m["rows"][0]["method"] == "teacher" and "fid_classifier" in m["rows"][0]
+    rows = {r["method"]: r for r in m["rows"]}
+    assert m["rows"][0]["method"] == "teacher"
+    for name in ("teacher", "skip-20", "onestep*", "dd1-1step", "dd1-2step", "dd1-teacher-involved", "teacher-stage0",
+                 "dd2-stage1-euler10", "dd2-1step", "dd2-2step", "dd2-1step-align"):
+        keys = {"method", "steps", "params", "fid_classifier", "fid_inception", "inception_score", "precision", "recall"}
+        assert keys <= set(rows[name]), name
+        if name != "dd2-stage1-euler10":
+            assert {"latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64"} <= set(rows[name]), name
+    assert rows["teacher"]["speedup_b1"] == 1.0 and rows["dd2-1step"]["steps"] == 1
+    assert {"data_floor_fid", "command", "commit", "machine", "cost", "ppl", "goals"} <= set(m)
+    assert m["cost"]["dd2_total_s"] > 0 and m["cost"]["dd1_total_s"] > 0
     # re-running re-uses the finished stages
     main(["demo", "--preset", "tiny", "--root", str(tmp_path / "demo")])
     assert "reusing" in capsys.readouterr().out

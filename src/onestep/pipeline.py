@@ -67,6 +67,7 @@ class PipelineConfig:
     headline_methods: tuple = ("teacher", "dd1-1step", "dd2-1step")  # these rows also get ...
     n_eval_headline: int = 0  # ... the classifier FID on this many samples (0 = off) and ...
     n_inception: int = 0      # ... the Inception FID on this many (slow on a CPU: ~0.3 s per image)
+    n_inception_floor: int = 0  # test images in the data floor's Inception FID (0 = classifier floor only)
     n_ref_classifier: int | None = None  # train images in the classifier reference (None = all)
     n_ppl: int = 200
     speed_repeats: int = 5
@@ -434,7 +435,7 @@ class Pipeline:
         samplers = self.samplers(teacher, runs)
         rows = self.evaluate(samplers)
         ev = self.evaluator()
-        floor = ev.data_floor(n_inception=self.cfg.n_inception, n_test=self.cfg.n_ref_classifier)
+        floor = ev.data_floor(n_inception=self.cfg.n_inception_floor, n_test=self.cfg.n_ref_classifier)
         floor = {k: floor[k] for k in ("fid_classifier", "fid_inception") if k in floor}
         speed = self.speed(samplers)
         ppl = self.ppl(runs) if "dd2" in runs else None

@@ -34,6 +34,8 @@ def main(argv=None) -> dict:
     p.add_argument("--positions", type=int, default=3)
     p.add_argument("--steps", type=int, default=base.csd.steps, help="CSD generator steps")
     p.add_argument("--tune-steps", type=int, default=base.tune_steps)
+    p.add_argument("--tune-loss", choices=["gts", "dsm", "none"], default=base.tune_loss,
+                   help="stage-1 initialisation (the Table 4 ablation: dsm = ordinary diffusion loss, none = no stage 1)")
     p.add_argument("--guidance-steps", type=int, default=base.csd.guidance_steps, help="K")
     p.add_argument("--batch-size", type=int, default=base.csd.batch_size)
     p.add_argument("--lr", type=float, default=base.csd.lr)
@@ -54,7 +56,7 @@ def main(argv=None) -> dict:
 
     runs = []
     for seed in a.seed:
-        cfg = dataclasses.replace(base, seed=seed, tune_steps=a.tune_steps, n_eval=a.n_eval, csd=csd)
+        cfg = dataclasses.replace(base, seed=seed, tune_steps=a.tune_steps, tune_loss=a.tune_loss, n_eval=a.n_eval, csd=csd)
         t0 = time.time()
         out = fit_tabular(teacher, cfg, log=log, log_every=a.log_every)
         out.pop("models")

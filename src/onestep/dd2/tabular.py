@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
-from onestep.dd2.losses import gts_loss
+from onestep.dd2.losses import dsm_loss, gts_loss
 from onestep.dd2.model import ARDiffusion, MLPHead
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
 from onestep.teacher.tabular import TabularTeacher, empirical_joint, total_variation
@@ -51,6 +51,8 @@ class TabularRunConfig:
     """
 
     tune_steps: int = 600
+    tune_loss: str = "gts"       # stage-1 init of generator and guidance: "gts", "dsm" (Monte-Carlo target) or
+                                 # "none" (no stage 1: fresh networks), the initialisation ablation (Table 4)
     tune_lr: float = 3e-3
     tune_batch: int = 256
     tune_m: int = 2
@@ -114,12 +116,18 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
     cb = teacher.codebook()
     t0 = time.time()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.tune_lr)
-    for step in range(cfg.tune_steps):
+    if cfg.tune_loss not in ("gts", "dsm", "none"):
+        raise ValueError(f"tune_loss must be 'gts', 'dsm' or 'none', got {cfg.tune_loss!r}")
+    loss = torch.tensor(float("nan"))
+    for step in range(cfg.tune_steps if cfg.tune_loss != "none" else 0):
         for group in opt.param_groups:
             group["lr"] = cfg.tune_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.tune_steps))
         ids = sample_tokens(teacher, labels, sampling, g)
         log_p = teacher_log_probs(teacher, ids, labels, sampling)
-        loss, _ = gts_loss(model, cb[ids], labels, log_p, cb, m=cfg.tune_m, generator=g, t_min=cfg.tune_t_min)
+        if cfg.tune_loss == "gts":
+            loss, _ = gts_loss(model, cb[ids], labels, log_p, cb, m=cfg.tune_m, generator=g, t_min=cfg.tune_t_min)
+        else:
+            loss, _ = dsm_loss(model, cb[ids], labels, m=cfg.tune_m, generator=g, t_min=cfg.tune_t_min)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

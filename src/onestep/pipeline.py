@@ -413,7 +413,10 @@ class Pipeline:
         if cost.get("dd2_total_s") is not None and cost.get("dd1_total_s") is not None:
             goals["dd2_train_time_le_dd1"] = {"dd2_total_s": cost["dd2_total_s"], "dd1_total_s": cost["dd1_total_s"],
                                               "holds": bool(cost["dd2_total_s"] <= cost["dd1_total_s"])}
+        abl = RESULTS / "dd2-init-ablation.json"  # Table 4 runs on the tabular teacher (benchmarks/dd2_init_ablation.py)
+        init_ablation = json.loads(abl.read_text()) if abl.exists() else None
         return {"rows": full, "data_floor_fid": floor, "cost": cost, "ppl": ppl, "goals": goals,
+                "init_ablation": init_ablation,
                 "sampling": self.cfg.sampling().to_dict(), "pipeline": self.cfg.to_dict(),
                 "command": self.command,
                 "commit": git_commit(), "machine": machine_info(), "speed_protocol": {k: v for k, v in speed.items() if k != "rows"}}
@@ -517,6 +520,12 @@ def write_tables_md(path: Path, table: dict) -> Path:
         md += ["", "## Table 5: perceptual path length (lower = smoother)", "", "| generator | PPL |", "|---|---|"]
         md += [f"| {k} | {v:.4g} |" for k, v in table["ppl"].items() if k.startswith("dd") and isinstance(v, float)]
         md += ["", table["ppl"].get("note", "")]
+    if table.get("init_ablation"):
+        md += ["", "## Table 4: CSD's initialisation (tiny scale: the tabular teacher, TV to its exact joint)", "",
+               f"`{table['init_ablation']['command']}`", "", "| stage-1 init | DD2 raw | DD2 EMA | init as a one-step generator |",
+               "|---|---|---|---|"]
+        md += [f"| {r['init']} | {r['tv_dd2']:.4f} | {r['tv_dd2_ema']:.4f} | {r['tv_init']:.4f} |"
+               for r in table["init_ablation"]["rows"]]
     md += ["", "## Goals", "", "| goal | holds | figures |", "|---|---|---|"]
     md += [f"| {k} | {'yes' if v['holds'] else 'no'} | {json.dumps({a: b for a, b in v.items() if a != 'holds'})} |"
            for k, v in table["goals"].items()]

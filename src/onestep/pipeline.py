@@ -352,8 +352,9 @@ class Pipeline:
                 out["dd1_quantised"] = perceptual_path_length(
                     lambda z, y: tok.decode_ids(one_step(model, z, y)), shape, labels, clf.features)
                 out["dd1_continuous"] = perceptual_path_length(dd1_soft, shape, labels, clf.features)
-        out["note"] = ("quantised: decoded nearest codes (piecewise constant in the noise, so the trimmed mean is "
-                       "mostly 0); continuous: DD2's output vectors / DD1's softmax-expected code vectors")
+        out["note"] = ("quantised: decoded nearest codes (piecewise constant in the noise: the mean is set by the rare "
+                       "pairs that cross a code boundary); continuous: DD2's output vectors / DD1's softmax-expected "
+                       "code vectors (smooth)")
         ckpt.write_json(path, out)
         return out
 
@@ -450,7 +451,7 @@ class Pipeline:
 
         report = write_report([self.root], self.root / "report", title=f"onestep {self.cfg.name}: {self.cfg.data}")
         if self.cfg.publish:
-            publish(table, self.cfg.name)
+            publish(table, self.cfg.tokenizer_preset)  # dd1-default / dd2-default: the default data preset
         outputs.update({"metrics": str(self.root / "metrics.json"), "tables": str(self.root / "paper-table.md"),
                         "side_by_side_grid": str(grid) if grid else None, "report": str(report),
                         "wall_time_s": round(time.time() - t0, 1)})

@@ -107,9 +107,10 @@ class Pipeline:
         self.costs = json.loads(self.costs_path.read_text()) if self.costs_path.exists() else {}
         ckpt.write_json(self.root / "pipeline.json", {"config": cfg.to_dict(), "device": device, "seed": seed})
 
-    def _stage(self, name: str, done: Path, fn) -> Path:
-        """Run ``fn`` unless ``done`` (a model dir or a file) exists; its wall time goes to costs.json."""
-        if (done / "model.safetensors").exists() or done.is_file():
+    def _stage(self, name: str, done: Path | None, fn) -> Path:
+        """Run ``fn`` unless ``done`` (a model dir or a file) exists (``None``: ``fn`` resumes by itself and is
+        always called); its wall time goes to costs.json."""
+        if done is not None and ((done / "model.safetensors").exists() or done.is_file()):
             print(f"[{self.cfg.name}] {name}: reusing {done}", flush=True)
             return done
         print(f"[{self.cfg.name}] {name}: running", flush=True)
@@ -206,7 +207,7 @@ class Pipeline:
             preset = replace(preset, steps=self.cfg.dd1_steps, warmup_steps=min(preset.warmup_steps, self.cfg.dd1_steps // 4))
         pairs, run = self.root / "dd1-pairs", self.root / "dd1"
         if not (run / "final" / "model.safetensors").exists():  # make_pairs resumes / returns at once when complete
-            self._stage("dd1_pairs", pairs / ".never",
+            self._stage("dd1_pairs", None,
                         lambda: make_pairs(pairs, teacher_dir, None, self.seed, self.cfg.sampling(), cfg=preset,
                                            info=self._info()))
         self._stage("dd1_train", run / "final", lambda: train_dd1(run, pairs, teacher_dir, preset, self._info()))

@@ -40,6 +40,10 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=base.csd.batch_size)
     p.add_argument("--lr", type=float, default=base.csd.lr)
     p.add_argument("--guidance-lr", type=float, default=base.csd.guidance_lr)
+    p.add_argument("--width", type=int, default=base.width, help="backbone feature width")
+    p.add_argument("--head-width", type=int, default=base.head_width)
+    p.add_argument("--backbone-gain", type=float, default=base.backbone_gain, help="backbone input gain")
+    p.add_argument("--head-gain", type=float, default=base.head_gain, help="MLP head input gain")
     p.add_argument("--n-eval", type=int, default=base.n_eval)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/dd2-tabular"), help="output path without suffix")
@@ -56,7 +60,9 @@ def main(argv=None) -> dict:
 
     runs = []
     for seed in a.seed:
-        cfg = dataclasses.replace(base, seed=seed, tune_steps=a.tune_steps, tune_loss=a.tune_loss, n_eval=a.n_eval, csd=csd)
+        cfg = dataclasses.replace(base, seed=seed, tune_steps=a.tune_steps, tune_loss=a.tune_loss, n_eval=a.n_eval, csd=csd,
+                                  width=a.width, head_width=a.head_width, backbone_gain=a.backbone_gain,
+                                  head_gain=a.head_gain)
         t0 = time.time()
         out = fit_tabular(teacher, cfg, log=log, log_every=a.log_every)
         out.pop("models")

@@ -123,8 +123,8 @@ EXACTNESS_TV = 0.05  # acceptance bound on TV(generator's quantised joint, teach
 
 @pytest.fixture(scope="module")
 def tabular_run():
-    """One DD2 run (GTS tuning + CSD) on a 4-code, 3-position teacher (seed 6: conditional entropies 0.19-1.37
-    nats, uniform = 1.39), 1 thread, the default TabularRunConfig, 20k evaluation samples."""
+    """One DD2 run (GTS tuning + CSD, the default TabularRunConfig) on a 4-code, 3-position teacher (seed 6:
+    conditional entropies 0.19-1.37 nats, uniform = 1.39), 1 thread, 20k evaluation samples."""
     torch.set_num_threads(1)
     teacher = TabularTeacher(4, 3, 2, seed=6)
     return fit_tabular(teacher, TabularRunConfig(seed=0))
@@ -135,12 +135,12 @@ def test_dd2_tabular_csd_does_the_work_and_beats_onestep_star(tabular_run):
     assert r["tv_onestep_star"] > 0.25  # independent marginals: exact product-of-marginals TV is 0.32 here
     best = min(r["tv_dd2"], r["tv_dd2_ema"])
     assert r["tv_gts_init"] > best + 0.25, r  # the GTS-initialised generator (CSD's start) is far worse
-    # Measured (seed 0, 1 thread): DD2 ~0.19 vs onestep* 0.32; NOT the "far worse, > 2x" of the acceptance
-    # criterion within this budget (a 1500-step run reaches 0.087, see benchmarks/results/dd2-tabular.md).
-    assert best < r["tv_onestep_star"] - 0.07, r
+    # onestep* is far worse than DD2: more than twice its TV (measured: ~0.09-0.10 vs 0.32)
+    assert best < 0.5 * r["tv_onestep_star"], r
 
 
 @pytest.mark.xfail(strict=False, reason="DD2 does not reach TV <= 0.05 within the 2-minute CPU budget of the test "
-                   "suite (see benchmarks/results/dd2-tabular.md for the measured TVs and the longer example run)")
+                   "suite: ~0.09-0.10 (the one-step generator's sharp noise partition is the limit; a supervised fit "
+                   "of the same network reaches only 0.04-0.06 in this budget). See benchmarks/results/dd2-tabular.md")
 def test_dd2_tabular_exactness_tv(tabular_run):
     assert tabular_run["tv_dd2_ema"] <= EXACTNESS_TV, tabular_run

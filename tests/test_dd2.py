@@ -27,6 +27,19 @@ def test_fresh_head_predicts_zero_velocity():
     assert torch.equal(v, torch.zeros_like(v))
 
 
+def test_head_input_gain_reparameterisation_keeps_the_function():
+    torch.manual_seed(0)
+    head = MLPHead(2, 16, width=32, depth=2, time_dim=8)
+    for p in head.parameters():  # leave the zero init so that the output depends on the input
+        torch.nn.init.normal_(p, std=0.3)
+    x, t, f = torch.randn(5, 2), torch.rand(5), torch.randn(5, 16)
+    before = head(x, t, f)
+    head.set_input_gain(8.0)
+    assert head.input_gain == 8.0 and head.config()["input_gain"] == 8.0
+    torch.testing.assert_close(head(x, t, f), before, rtol=1e-5, atol=1e-6)
+    assert MLPHead(**head.config()).input_gain == 8.0
+
+
 def test_generator_is_one_pass_and_causal_in_the_noise():
     m = _model()
     eps = torch.randn(2, 3, 2)

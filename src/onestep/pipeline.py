@@ -514,7 +514,8 @@ def branch_prefix_s(run: Path) -> float:
     raise ValueError(f"{b}: step {step} not in the parent's log")
 
 
-TABLE1 = ["method", "steps", "params", "fid_classifier", "fid_classifier_10000", "fid_inception", "inception_score", "precision", "recall",
+TABLE1 = ["method", "steps", "params", "fid_classifier", "fid_classifier_10000", "fid_inception", "n_inception",
+          "inception_score", "precision", "recall",
           "latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64"]
 
 
@@ -530,7 +531,8 @@ def write_tables_md(path: Path, table: dict) -> Path:
           f"- data floor (test split vs train reference): {json.dumps(table['data_floor_fid'])}", "",
           "## Table 1: quality and speed", "", markdown_table(rows, TABLE1), "",
           "## Table 2: multi-step", "", markdown_table(sorted(multi, key=lambda r: (r["method"].split("-")[0], r["steps"])),
-                                                        ["method", "steps", "fid_classifier", "fid_inception", "precision", "recall"]), "",
+                                                        ["method", "steps", "fid_classifier", "fid_classifier_10000", "fid_inception",
+                                                         "n_inception", "precision", "recall"]), "",
           "## Table 3: training cost (wall seconds on this machine)", "",
           "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table["cost"].items() if k != "note"]
     if table.get("ppl"):

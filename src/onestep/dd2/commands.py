@@ -45,7 +45,7 @@ def cmd_train(args) -> None:
     from onestep.distributed import cleanup, setup
 
     cfg = _override(TRAIN_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps",
-                                                        "m_noise", "align_at", "align_steps", "seed"))
+                                                        "m_noise", "align_at", "align_steps", "seed", "generator_head_gain"))
     info = setup(args.device)
     final = train(args.run_dir, args.tune, cfg, info)
     if info.is_main:
@@ -107,6 +107,9 @@ def register(sub) -> None:
     r.add_argument("--guidance-lr", type=float, default=None)
     r.add_argument("--guidance-steps", type=int, default=None, help="K guidance updates per generator update")
     r.add_argument("--m-noise", type=int, default=None, help="noise draws per sequence in the guidance loss")
+    r.add_argument("--generator-head-gain", type=float, default=None,
+                   help="re-parameterise the generator's head to this input gain at the start (function-preserving; "
+                        "faster learning of sharp noise partitions; 1 = off)")
     r.add_argument("--align-at", type=int, default=None, help="performance alignment at this generator step (0 = off)")
     r.add_argument("--align-steps", type=int, default=None, help="guidance-only steps of the alignment")
     r.add_argument("--device", default="cpu")

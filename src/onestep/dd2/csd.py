@@ -41,6 +41,8 @@ class CSDConfig:
     align_at: int = 0            # performance alignment: at this generator step (0 = off) ...
     align_steps: int = 0         # ... run this many guidance-only outer steps on the frozen EMA generator
     grad_clip: float = 1.0
+    generator_head_gain: float = 1.0  # the generator's head re-parameterised to this input gain at the start of CSD
+                                      # (function-preserving, see MLPHead.set_input_gain; 1 = as stage 1 left it)
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 250

@@ -82,6 +82,14 @@ class MLPHead(nn.Module):
         return {"code_dim": self.code_dim, "feature_dim": self.feature_dim, "width": self.width, "depth": self.depth,
                 "time_dim": self.time_dim, "input_gain": self.input_gain}
 
+    @torch.no_grad()
+    def set_input_gain(self, gain: float) -> None:
+        """Re-parameterise to ``input_gain = gain`` WITHOUT changing the function (the input projection's
+        weight is divided by the gain ratio): only the optimisation geometry changes (Adam moves the
+        effective input weights ~gain^2 times faster)."""
+        self.input_proj.weight.mul_(self.input_gain / gain)
+        self.input_gain = gain
+
     def forward(self, x_t: Tensor, t: Tensor, f: Tensor) -> Tensor:
         """x_t (..., C), t broadcastable to x_t.shape[:-1], f (..., D) -> v (..., C)."""
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[:-1])

@@ -42,11 +42,14 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     teacher_dir = resolve_ref(tune_cfg["teacher_dir"], final_dir(tune_dir))
     teacher, _, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     sampling = SamplingConfig(**tune_cfg["sampling"])
+    generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
+    if cfg.generator_head_gain != 1.0:
+        generator.head.set_input_gain(cfg.generator_head_gain)
+    model_cfg = {**tune_cfg["model"], "head": generator.head.config()}
     config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg.to_dict(), "sampling": tune_cfg["sampling"],
               "teacher_dir": ref_to(teacher_dir, run_dir), "tune_dir": ref_to(tune_dir, run_dir),
-              "model": tune_cfg["model"]}
+              "model": model_cfg}
     run_dir = prepare_run_dir(run_dir, config, info)
-    generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
     generator.requires_grad_(True)
     guidance.requires_grad_(True)
     dd2 = DD2(generator, guidance, teacher, sampling, cfg)

@@ -30,7 +30,8 @@ def main(argv=None) -> dict:
     rows = []
     for v, stem in VARIANTS.items():
         if a.rerun or not stem.with_suffix(".json").exists():
-            dd2_tabular.main(["--seed", "0", "--tune-loss", v, "--out", str(stem)])
+            out = stem.relative_to(ROOT) if Path.cwd().resolve() == ROOT else stem  # a portable command line
+            dd2_tabular.main(["--seed", "0", "--tune-loss", v, "--out", str(out)])
         d = json.loads(stem.with_suffix(".json").read_text())
         r = next(r for r in d["runs"] if r.get("seed", d["config"].get("seed")) == 0) if len(d["runs"]) > 1 else d["runs"][0]
         rows.append({"init": v, "tv_dd2": r["tv_dd2"], "tv_dd2_ema": r["tv_dd2_ema"], "tv_init": r["tv_gts_init"],

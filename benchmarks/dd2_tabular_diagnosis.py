@@ -142,7 +142,7 @@ def run_supervised(teacher, init, cfg: TabularRunConfig, steps: int, n_pairs: in
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--oracle-steps", type=int, default=300)
+    p.add_argument("--oracle-steps", type=int, default=TabularRunConfig().csd.steps, help="as many as CSD takes")
     p.add_argument("--n-oracle", type=int, default=4096, help="generator samples behind the oracle score")
     p.add_argument("--n-pairs", type=int, default=60000, help="noise/token pairs of the supervised fit")
     p.add_argument("--threads", type=int, default=1)

@@ -58,3 +58,16 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         ckpt.atomic_write(p, boom)
     assert ckpt.read_json(p) == {"a": 1}
     assert [f.name for f in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
+
+
+def test_run_references_resolve_from_final_raw_and_checkpoint_dirs(tmp_path):
+    from onestep.runs import ref_to, resolve_ref
+
+    teacher, run = tmp_path / "teacher", tmp_path / "runs" / "dd2"
+    teacher.mkdir()
+    ref = ref_to(teacher, run)  # recorded relative to the run directory
+    for model_dir in (run / "final", run / "raw", run / "checkpoints" / "step_00000050" / "generator"):
+        model_dir.mkdir(parents=True)
+        assert resolve_ref(ref, model_dir).resolve() == teacher.resolve()
+    with pytest.raises(ckpt.CheckpointError, match="not found"):
+        resolve_ref("../nowhere", run / "final")

@@ -63,9 +63,16 @@ def ref_to(target: str | Path, run_dir: str | Path) -> str:
 
 
 def resolve_ref(path: str, model_dir: Path) -> Path:
-    """Inverse of :func:`ref_to` for a model directory ``RUN/final`` (also accepts absolute paths)."""
+    """Inverse of :func:`ref_to` for a model directory of a run: ``RUN/final``, ``RUN/raw`` or a training
+    checkpoint's ``RUN/checkpoints/step_N/<module>`` (also accepts absolute paths)."""
     p = Path(path)
-    run_dir = model_dir.parent if model_dir.name == "final" else model_dir
+    model_dir = Path(model_dir)
+    if model_dir.name in ("final", "raw"):
+        run_dir = model_dir.parent
+    elif model_dir.parent.parent.name == "checkpoints":
+        run_dir = model_dir.parent.parent.parent
+    else:
+        run_dir = model_dir
     for cand in (run_dir / p, p):
         if cand.exists():
             return cand

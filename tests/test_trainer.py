@@ -48,8 +48,17 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume from {killed_at}"
 
 
+def _free_port() -> int:
+    """A port the OS just handed out (a fixed port collides with other jobs on a shared machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_two_processes_gloo_keep_weights_identical(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            str(SCRIPT), str(tmp_path / "ddp"), "6", "3"]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

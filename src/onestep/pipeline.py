@@ -67,7 +67,7 @@ class PipelineConfig:
     headline_methods: tuple = ("teacher", "dd1-1step", "dd1-2step", "dd1-teacher-involved", "dd2-1step",
                                "dd2-2step", "dd2-3step", "dd2-4step")  # these rows also get ...
     n_eval_headline: int = 0  # ... the classifier FID on this many samples (0 = off) and ...
-    n_inception: int = 0      # ... the Inception FID on this many (slow on a CPU: ~0.3 s per image)
+    n_inception: int = 0      # ... the Inception FID on this many (slow on a CPU: 0.12-0.25 s per image)
     n_inception_floor: int = 0  # test images in the data floor's Inception FID (0 = classifier floor only)
     n_ref_classifier: int | None = None  # train images in the classifier reference (None = all)
     n_ppl: int = 200

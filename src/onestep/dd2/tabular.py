@@ -64,7 +64,7 @@ class TabularRunConfig:
     - The same network trained by plain regression onto the exact DD1 noise-to-token map (a strictly
       easier, supervised problem) reaches only TV 0.058 after those 1200 steps.
     Hence the input gains (steeper first layers, ``backbone_gain`` / ``head_gain``) and many small-batch
-    generator steps (batch 128 x 1200 steps beat 512 x 300 at the same cost: 0.096 vs 0.117).
+    generator steps (batch 128 x 1200 steps: 0.096 in ~90 s, against 0.117 for 512 x 300 in ~70 s).
     """
 
     tune_steps: int = 600

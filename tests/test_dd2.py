@@ -152,7 +152,7 @@ def test_dd2_tabular_csd_does_the_work_and_beats_onestep_star(tabular_run):
     assert best < 0.5 * r["tv_onestep_star"], r
 
 
-@pytest.mark.xfail(strict=False, reason="DD2 does not reach TV <= 0.05 within the 2-minute CPU budget of the test "
+@pytest.mark.xfail(reason="DD2 does not reach TV <= 0.05 within the 2-minute CPU budget of the test "
                    "suite: ~0.09-0.10 (the one-step generator's sharp noise partition is the limit; a supervised fit "
                    "of the same network reaches only 0.04-0.06 in this budget). See benchmarks/results/dd2-tabular.md")
 def test_dd2_tabular_exactness_tv(tabular_run):

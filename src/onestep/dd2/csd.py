@@ -91,6 +91,22 @@ class DD2(nn.Module):
                                   cfg.alpha, cfg.t_min, cfg.t_max, cfg.m_noise_gen)
 
 
+def lr_decay(cfg: CSDConfig, gen_step: int) -> float:
+    """LR multiplier after warm-up: 1 (constant), or a cosine from 1 to final_lr_ratio over the CSD steps."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
+    frac = min(1.0, max(0.0, (gen_step - cfg.warmup_steps) / span))
+    return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def generator_lr(cfg: CSDConfig, gen_step: int) -> float:
+    """The generator's LR at a generator step: linear warm-up from 1e-6 (method.md section 3), then lr_decay."""
+    if gen_step < cfg.warmup_steps:
+        return 1e-6 + (cfg.lr - 1e-6) * gen_step / cfg.warmup_steps
+    return cfg.lr * lr_decay(cfg, gen_step)
+
+
 def ema_rate(it: int, ema_max: float) -> float:
     """min(ema_max, (it + 1) / (it + 10)) (method.md section 3)."""
     return min(ema_max, (it + 1) / (it + 10))
@@ -113,19 +129,10 @@ class CSDSchedule:
         self.opt_guid = torch.optim.Adam(dd2.guidance.parameters(), lr=cfg.guidance_lr, betas=(0.9, 0.95))
 
     def decay(self, gen_step: int) -> float:
-        """LR multiplier after warm-up: 1 (constant), or a cosine from 1 to final_lr_ratio over the CSD steps."""
-        cfg = self.dd2.cfg
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        span = max(1, cfg.steps - 1 - cfg.warmup_steps)
-        frac = min(1.0, max(0.0, (gen_step - cfg.warmup_steps) / span))
-        return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+        return lr_decay(self.dd2.cfg, gen_step)
 
     def generator_lr(self, gen_step: int) -> float:
-        cfg = self.dd2.cfg
-        if gen_step < cfg.warmup_steps:
-            return 1e-6 + (cfg.lr - 1e-6) * gen_step / cfg.warmup_steps
-        return cfg.lr * self.decay(gen_step)
+        return generator_lr(self.dd2.cfg, gen_step)
 
     def guidance_lr(self, gen_step: int) -> float:
         return self.dd2.cfg.guidance_lr * self.decay(gen_step)

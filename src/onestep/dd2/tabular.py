@@ -90,13 +90,23 @@ class TabularRunConfig:
         return asdict(self)
 
 
-@torch.no_grad()
-def generator_tv(generator: ARDiffusion, teacher: TabularTeacher, n: int, seed: int) -> float:
-    g = torch.Generator().manual_seed(seed)
-    eps = torch.randn(n, teacher.seq_len, teacher.code_dim, generator=g)
-    ids = teacher.nearest_ids(generator.generate(eps, torch.zeros(n, dtype=torch.long)))
+def tv_of_ids(teacher: TabularTeacher, ids: Tensor) -> float:
+    """TV between the empirical joint of token sequences ``ids`` (B, n) and the teacher's exact joint."""
     joint = teacher.exact_joint()
     return total_variation(empirical_joint(teacher.flat_index(ids), len(joint)), joint)
+
+
+@torch.no_grad()
+def generator_ids(generator: ARDiffusion, teacher: TabularTeacher, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(x, quantised ids) of n one-step samples from seeded noise (the same noise for every generator)."""
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(n, teacher.seq_len, teacher.code_dim, generator=g)
+    x = generator.generate(eps, torch.zeros(n, dtype=torch.long))
+    return x, teacher.nearest_ids(x)
+
+
+def generator_tv(generator: ARDiffusion, teacher: TabularTeacher, n: int, seed: int) -> float:
+    return tv_of_ids(teacher, generator_ids(generator, teacher, n, seed)[1])
 
 
 def onestep_star_tv(teacher: TabularTeacher, n: int, seed: int) -> float:
@@ -104,13 +114,7 @@ def onestep_star_tv(teacher: TabularTeacher, n: int, seed: int) -> float:
     g = torch.Generator().manual_seed(seed)
     marg = teacher.marginals()
     ids = torch.stack([torch.multinomial(marg[i], n, replacement=True, generator=g) for i in range(teacher.seq_len)], 1)
-    joint = teacher.exact_joint()
-    return total_variation(empirical_joint(teacher.flat_index(ids), len(joint)), joint)
-
-
-def _tv_of_ids(teacher: TabularTeacher, ids: Tensor) -> float:
-    joint = teacher.exact_joint()
-    return total_variation(empirical_joint(teacher.flat_index(ids), len(joint)), joint)
+    return tv_of_ids(teacher, ids)
 
 
 def build_model(teacher: TabularTeacher, cfg: TabularRunConfig) -> ARDiffusion:
@@ -174,7 +178,7 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
     # sampling noise floor: TV of the teacher's own samples of the same size
     ids = sample_tokens(teacher, torch.zeros(cfg.n_eval, dtype=torch.long), sampling,
                         torch.Generator().manual_seed(cfg.seed + 7))
-    out["tv_teacher_samples"] = _tv_of_ids(teacher, ids)
+    out["tv_teacher_samples"] = tv_of_ids(teacher, ids)
     out["models"] = {"generator": dd2.generator, "ema": sched.ema, "guidance": dd2.guidance, "gts": model}
     return out
 

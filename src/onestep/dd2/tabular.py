@@ -60,9 +60,9 @@ class TabularRunConfig:
     benchmarks/results/dd2-tabular.md): the generator must map Gaussian noise onto a partition with sharp
     boundaries, and its backbone must reproduce the boundaries of the earlier positions' partitions.
     - CSD with an ORACLE guidance score (the exact denoiser of the generator's own samples, per prefix)
-      instead of psi is only a little better: TV 0.084 against 0.096 after the same 1200 steps.
+      instead of psi is only a little better: TV 0.088 against 0.098 after the same 1200 steps.
     - The same network trained by plain regression onto the exact DD1 noise-to-token map (a strictly
-      easier, supervised problem) reaches only TV 0.058 after those 1200 steps.
+      easier, supervised problem) reaches only TV 0.060 after those 1200 steps.
     Hence the input gains (steeper first layers, ``backbone_gain`` / ``head_gain``) and many small-batch
     generator steps (batch 128 x 1200 steps: 0.096 in ~90 s, against 0.117 for 512 x 300 in ~70 s).
     """

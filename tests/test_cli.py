@@ -170,3 +170,12 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
         with np.load(out / f"{name}.npz") as f:
             assert f["images"].shape[0] == 4
             assert f["tokens"].ndim == (3 if extra else 2)
+    # --generator-t reaches the generator, its saved config and the loaded sampler
+    from onestep.dd2.sampling import load_dd2
+
+    main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2-gt"),
+          "--generator-t", "0.5"])
+    cfg = json.loads((tiny_runs / "dd2-gt" / "final" / "config.json").read_text())
+    assert cfg["model"]["generator_t"] == 0.5 and cfg["csd"]["generator_t"] == 0.5
+    assert load_dd2(tiny_runs / "dd2-gt")[0].generator_t == 0.5
+

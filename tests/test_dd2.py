@@ -52,6 +52,27 @@ def test_generator_is_one_pass_and_causal_in_the_noise():
         assert not changed[:j].any() and changed[j:].all(), (j, changed)
 
 
+def test_generator_time_one_is_the_paper_form_and_below_one_denoises_scaled_noise():
+    m = _model()
+    eps = torch.randn(4, 3, 2)
+    lab = torch.zeros(4, dtype=torch.long)
+    f = m.features(eps, lab)
+    paper = eps - m.head(eps, torch.ones(4, 3), f)  # x = eps - v(eps, 1, f)
+    torch.testing.assert_close(m.generate(eps, lab), paper)
+    m.generator_t = 0.4  # x = x0 estimate of x_s = s eps at time s
+    torch.testing.assert_close(m.generate(eps, lab), m.denoise(0.4 * eps, torch.full((4, 3), 0.4), f))
+    assert not torch.allclose(m.generate(eps, lab), paper)
+
+
+def test_generator_time_is_validated():
+    import pytest
+
+    with pytest.raises(ValueError, match="generator_t"):
+        CSDConfig(generator_t=0.0)
+    with pytest.raises(ValueError, match="generator_t"):
+        CSDConfig(generator_t=1.5)
+
+
 def test_gts_target_is_the_closed_form_velocity():
     T = TabularTeacher(4, 3, 2, seed=1)
     m = _model()
@@ -157,3 +178,31 @@ def test_dd2_tabular_csd_does_the_work_and_beats_onestep_star(tabular_run):
                    "of the same network reaches only 0.04-0.06 in this budget). See benchmarks/results/dd2-tabular.md")
 def test_dd2_tabular_exactness_tv(tabular_run):
     assert tabular_run["tv_dd2_ema"] <= EXACTNESS_TV, tabular_run
+
+
+def test_csd_dmd_form_gradient_is_the_denoiser_difference():
+    """loss_form "dmd": the gradient on x_i is exactly -(x0_T - x0_psi) / norm at the drawn (t, eps), averaged."""
+    from onestep.dd2.losses import sample_t
+
+    T = TabularTeacher(4, 3, 2, seed=2)
+    guid = _model(seed=1)
+    lab = torch.zeros(5, dtype=torch.long)
+    x = torch.randn(5, 3, 2, requires_grad=True)
+    with torch.no_grad():
+        log_p = teacher_log_probs(T, x, lab, SamplingConfig())
+        f = guid.features(x, lab)
+    loss, _ = csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(3), m=2,
+                                 form="dmd")
+    (grad,) = torch.autograd.grad(loss, x)
+    g = torch.Generator().manual_seed(3)
+    t = sample_t((2, 5, 3), g, "cpu", 0.02, 0.98)
+    eps = torch.randn(2, 5, 3, 2, generator=g)
+    with torch.no_grad():
+        q_t = (1 - t[..., None]) * x + t[..., None] * eps
+        diff = flow.denoise(q_t, t, log_p.expand(2, *log_p.shape), T.codebook()) - guid.denoise(q_t, t, f.expand(2, *f.shape))
+        norm = (x - flow.denoise(q_t, t, log_p.expand(2, *log_p.shape), T.codebook())).abs().mean(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(grad, (-diff / norm).sum(0) / (2 * 5 * 3))
+    import pytest
+
+    with pytest.raises(ValueError, match="form"):
+        csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, form="other")

@@ -45,7 +45,8 @@ def cmd_train(args) -> None:
     from onestep.distributed import cleanup, setup
 
     cfg = _override(TRAIN_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps",
-                                                        "m_noise", "align_at", "align_steps", "seed", "generator_head_gain"))
+                                                        "m_noise", "align_at", "align_steps", "seed", "generator_head_gain",
+                                                        "generator_t"))
     info = setup(args.device)
     final = train(args.run_dir, args.tune, cfg, info)
     if info.is_main:
@@ -110,6 +111,10 @@ def register(sub) -> None:
     r.add_argument("--generator-head-gain", type=float, default=None,
                    help="re-parameterise the generator's head to this input gain at the start (function-preserving; "
                         "faster learning of sharp noise partitions; 1 = off)")
+    r.add_argument("--generator-t", type=float, default=None,
+                   help="time s in (0, 1] at which the generator's head reads the noise: x = s eps - s v(s eps, s); "
+                        "1 = the paper's x = eps - v(eps, 1) (default); s < 1 starts CSD from a noise-dependent "
+                        "generator instead of the per-position mean")
     r.add_argument("--align-at", type=int, default=None, help="performance alignment at this generator step (0 = off)")
     r.add_argument("--align-steps", type=int, default=None, help="guidance-only steps of the alignment")
     r.add_argument("--device", default="cpu")

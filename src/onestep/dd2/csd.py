@@ -30,6 +30,7 @@ class CSDConfig:
     m_noise: int = 4             # noise draws per generated sequence for the guidance DSM loss
     m_noise_gen: int = 1         # (t, eps) draws per generated sequence in the generator's CSD loss (1 = paper)
     alpha: float = 1.0           # SiD alpha (paper: 1.0; 1.2 diverged in the prototype)
+    loss_form: str = "sid"       # generator loss: "sid" (paper) or "dmd" (no Jacobian of the denoisers, an ablation)
     t_min: float = 0.02          # generator-turn t range
     t_max: float = 0.98
     dsm_t_min: float = 1e-3      # guidance-turn (DSM) t range
@@ -43,11 +44,18 @@ class CSDConfig:
     grad_clip: float = 1.0
     generator_head_gain: float = 1.0  # the generator's head re-parameterised to this input gain at the start of CSD
                                       # (function-preserving, see MLPHead.set_input_gain; 1 = as stage 1 left it)
+    generator_t: float = 1.0     # the time s at which the generator's head reads the noise (ARDiffusion.generate):
+                                 # 1 = the paper's x = eps - v(eps, 1); s < 1 starts CSD from a noise-dependent
+                                 # generator instead of the per-position mean (see ARDiffusion.generate)
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 250
 
     def __post_init__(self):
+        if self.loss_form not in ("sid", "dmd"):
+            raise ValueError(f"loss_form must be 'sid' or 'dmd', got {self.loss_form!r}")
+        if not 0.0 < self.generator_t <= 1.0:
+            raise ValueError(f"generator_t must lie in (0, 1], got {self.generator_t}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
@@ -88,7 +96,7 @@ class DD2(nn.Module):
             log_p = teacher_log_probs(self.teacher, x_sg, labels, self.sampling)
             f_psi = self.guidance.features(x_sg, labels)
         return csd_generator_loss(x, labels, log_p, self.teacher.codebook(), self.guidance, f_psi, generator,
-                                  cfg.alpha, cfg.t_min, cfg.t_max, cfg.m_noise_gen)
+                                  cfg.alpha, cfg.t_min, cfg.t_max, cfg.m_noise_gen, cfg.loss_form)
 
 
 def lr_decay(cfg: CSDConfig, gen_step: int) -> float:

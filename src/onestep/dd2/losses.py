@@ -56,7 +56,7 @@ def dsm_loss(model: ARDiffusion, x0: Tensor, labels: Tensor, m: int = 1, generat
 
 def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codebook: Tensor, guidance: ARDiffusion,
                        f_guidance: Tensor, generator=None, alpha: float = 1.0, t_min: float = 0.02,
-                       t_max: float = 0.98, m: int = 1) -> tuple[Tensor, dict]:
+                       t_max: float = 0.98, m: int = 1, form: str = "sid") -> tuple[Tensor, dict]:
     """Conditional score distillation, SiD form (method.md section 3, stage 2), for generated x (B, n, C).
 
     Per position: q_t = (1 - t) x_i + t eps; x0_T = teacher's closed-form denoised mean given the
@@ -71,17 +71,27 @@ def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codeboo
     only via x_i at its own position: through q_t and through the explicit x_i term. ``m`` (t, eps) draws
     per generated sequence are averaged (m = 1: one draw, the paper's loss; m > 1 lowers the variance of
     the generator's gradient at the cost of m head evaluations, like the guidance turn's ``m_noise``).
+
+    ``form="dmd"`` (an ablation) drops the denoisers' Jacobians: both x0 estimates are evaluated at a
+    q_t built from sg(x), and the gradient on x_i is exactly -(x0_T - x0_psi) / norm (DMD's form of the
+    same score difference).
     """
+    if form not in ("sid", "dmd"):
+        raise ValueError(f"form must be 'sid' or 'dmd', got {form!r}")
     shape = (m, *x.shape)
     t = sample_t(shape[:-1], generator, x.device, t_min, t_max)
     eps = torch.randn(shape, generator=generator, device=x.device)
-    q_t = (1 - t[..., None]) * x + t[..., None] * eps
-    x0_T = flow.denoise(q_t, t, log_p_teacher.expand(m, *log_p_teacher.shape), codebook)
-    x0_psi = guidance.denoise(q_t, t, f_guidance.expand(m, *f_guidance.shape))
+    q_t = (1 - t[..., None]) * (x if form == "sid" else x.detach()) + t[..., None] * eps
+    with torch.set_grad_enabled(form == "sid" and torch.is_grad_enabled()):
+        x0_T = flow.denoise(q_t, t, log_p_teacher.expand(m, *log_p_teacher.shape), codebook)
+        x0_psi = guidance.denoise(q_t, t, f_guidance.expand(m, *f_guidance.shape))
     diff = x0_T - x0_psi
     with torch.no_grad():
         norm = (x - x0_T).abs().mean(dim=(-2, -1), keepdim=True).clamp_min(1e-5)
-    per = (diff * ((x0_T - x) - alpha * diff)).sum(-1, keepdim=True) / norm
+    if form == "sid":
+        per = (diff * ((x0_T - x) - alpha * diff)).sum(-1, keepdim=True) / norm
+    else:  # gradient -(x0_T - x0_psi) / norm on x_i alone: no Jacobian of either denoiser
+        per = -(diff * x).sum(-1, keepdim=True) / norm
     loss = per.mean()
     return loss, {"csd": loss.item(), "score_gap": diff.pow(2).sum(-1).mean().item(),
                   "gen_to_teacher": (x - x0_T).pow(2).sum(-1).mean().item()}

@@ -104,9 +104,10 @@ class MLPHead(nn.Module):
 class ARDiffusion(nn.Module):
     """Causal backbone + MLP velocity head (the AR-diffusion model, generator and guidance network)."""
 
-    def __init__(self, backbone: nn.Module, head: MLPHead):
+    def __init__(self, backbone: nn.Module, head: MLPHead, generator_t: float = 1.0):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.generator_t = generator_t
 
     def features(self, x: Tensor, labels: Tensor) -> Tensor:
         """f (B, n, D): row i depends on x_<i (continuous vectors) and the label."""
@@ -121,9 +122,14 @@ class ARDiffusion(nn.Module):
         return x_t - t * self.velocity(x_t, t[..., 0], f)
 
     def generate(self, eps: Tensor, labels: Tensor) -> Tensor:
-        """One-step generator: x_i = eps_i - v(eps_i, 1, f_i(eps_<i)), all positions in one pass."""
+        """One-step generator: x_i = eps_i - v(eps_i, 1, f_i(eps_<i)), all positions in one pass.
+
+        With ``generator_t`` = s < 1 the head reads the noise as a point of time s, x_s = s eps_i, and
+        the output is its denoised estimate x_i = x_s - s v(x_s, s, f_i) (s = 1: the paper's form)."""
         f = self.features(eps, labels)
-        return eps - self.head(eps, torch.ones(eps.shape[:-1], device=eps.device), f)
+        s = self.generator_t
+        x_s = eps * s if s != 1.0 else eps
+        return x_s - s * self.head(x_s, torch.full(eps.shape[:-1], s, device=eps.device), f)
 
     def forward(self, eps: Tensor, labels: Tensor) -> Tensor:
         return self.generate(eps, labels)

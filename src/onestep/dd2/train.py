@@ -25,9 +25,12 @@ from onestep.trainer import LoopConfig, TrainLoop, prepare_run_dir
 
 TRAIN_PRESETS = {
     "tiny": CSDConfig(steps=2, batch_size=4, guidance_steps=1, m_noise=2, warmup_steps=1, log_every=1, ckpt_every=1),
-    # sized for ~15 min on one CPU thread: few outer steps, so a higher LR than the paper's GPU runs
-    "small": CSDConfig(steps=200, batch_size=32, lr=1e-4, guidance_lr=2e-4, guidance_steps=3, m_noise=2,
-                       warmup_steps=50, log_every=10, ckpt_every=50),
+    # sized for ~25 min on one CPU thread: few outer steps, so higher LRs than the paper's GPU runs, with the
+    # generator 5x slower than the guidance network and K = 5 (two time-scales: with equal LRs CSD drifts away
+    # from the teacher, benchmarks/results/dd2-first-position.md), and the head reading the noise at s = 0.5
+    # (generator_t: at s = 1 the stage-1 head returns each position's mean whatever eps_i is)
+    "small": CSDConfig(steps=250, batch_size=32, lr=2e-4, guidance_lr=1e-3, guidance_steps=5, m_noise=2,
+                       warmup_steps=20, generator_t=0.5, log_every=10, ckpt_every=50),
 }
 
 
@@ -45,7 +48,8 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
     if cfg.generator_head_gain != 1.0:
         generator.head.set_input_gain(cfg.generator_head_gain)
-    model_cfg = {**tune_cfg["model"], "head": generator.head.config()}
+    generator.generator_t = cfg.generator_t
+    model_cfg = {**tune_cfg["model"], "head": generator.head.config(), "generator_t": cfg.generator_t}
     config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg.to_dict(), "sampling": tune_cfg["sampling"],
               "teacher_dir": ref_to(teacher_dir, run_dir), "tune_dir": ref_to(tune_dir, run_dir),
               "model": model_cfg}

@@ -95,7 +95,7 @@ def load_ardiffusion(model_dir: str | Path, device="cpu") -> tuple[ARDiffusion, 
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} model, not a DD2 AR-diffusion model")
     teacher, _, _ = load_teacher(resolve_ref(config["teacher_dir"], d), "cpu", with_tokenizer=True)
     backbone = GPT(ModelArgs.from_dict(config["model"]["backbone"]), codebook=teacher.codebook().cpu())
-    model = ARDiffusion(backbone, MLPHead(**config["model"]["head"]))
+    model = ARDiffusion(backbone, MLPHead(**config["model"]["head"]), config["model"].get("generator_t", 1.0))
     ckpt.load_model_weights(d, model)
     return model.to(device).eval(), config
 

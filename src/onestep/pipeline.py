@@ -84,9 +84,10 @@ class PipelineConfig:
 
 
 PIPELINE_PRESETS = {
-    # the README's main command: every stage at a small budget (<= 20 min on 2 cores)
+    # the README's main command: every stage at a small budget (<= 20 min on 2 cores); CSD with K = 5 guidance
+    # updates per generator step (the small preset): 40 + 12 steps cost what 60 + 20 did at K = 3
     "quick": PipelineConfig(name="quick", adapt_steps=40, adapt_max_items=10000, tune_steps=150, tune_pool=2048,
-                            train_steps=60, align_steps=20, dd1_pairs=2048, dd1_steps=150, n_eval=1000,
+                            train_steps=40, align_steps=12, dd1_pairs=2048, dd1_steps=150, n_eval=1000,
                             speed_repeats=3, n_ppl=100),
     # `onestep bench`: the figures of benchmarks/results (stage budgets of the commands' "small" presets)
     # the issues' protocol for the DD1 / DD2 rows and the teacher: classifier FID on 10k samples, Inception FID on

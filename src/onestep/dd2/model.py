@@ -126,10 +126,8 @@ class ARDiffusion(nn.Module):
 
         With ``generator_t`` = s < 1 the head reads the noise as a point of time s, x_s = s eps_i, and
         the output is its denoised estimate x_i = x_s - s v(x_s, s, f_i) (s = 1: the paper's form)."""
-        f = self.features(eps, labels)
         s = self.generator_t
-        x_s = eps * s if s != 1.0 else eps
-        return x_s - s * self.head(x_s, torch.full(eps.shape[:-1], s, device=eps.device), f)
+        return self.denoise(eps * s, s, self.features(eps, labels))
 
     def forward(self, eps: Tensor, labels: Tensor) -> Tensor:
         return self.generate(eps, labels)

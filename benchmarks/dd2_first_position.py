@@ -89,7 +89,6 @@ def run(tune_dir: str, overrides: dict, steps: int, batch: int, n_eval: int, see
     teacher, sampling = FirstPositions(full, 1), SamplingConfig(**tc["sampling"])
     cfg = replace(CSDConfig(steps=steps, batch_size=batch, m_noise=2, warmup_steps=20, seed=seed), **overrides)
     generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
-    generator.generator_t = cfg.generator_t
     torch.manual_seed(seed)
     dd2 = DD2(generator, guidance, teacher, sampling, cfg)
     sched = CSDSchedule(dd2)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance, write_results  # noqa: E402
 
 CSD_KEYS = ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps", "m_noise", "generator_t", "loss_form")
+CSD_DEFAULTS = {"generator_t": 1.0, "loss_form": "sid"}  # runs made before these options existed
 
 
 def main(argv=None) -> dict:
@@ -48,8 +49,8 @@ def main(argv=None) -> dict:
         config = ckpt.read_json(final_dir(run) / "config.json")
         csd, train_metrics = config.get("csd", {}), config.get("metrics", {})
         step_dir = next((q for q in Path(run).parts if q.startswith("step_")), None)  # a training checkpoint
-        rows.append({"run": name, "generator_steps_done": int(step_dir[5:]) if step_dir else csd.get("steps"), **{k: csd.get(k, 1.0 if k == "generator_t" else "sid" if k == "loss_form" else None)
-                                     for k in CSD_KEYS},
+        rows.append({"run": name, "generator_steps_done": int(step_dir[5:]) if step_dir else csd.get("steps"),
+                     **{k: csd.get(k, CSD_DEFAULTS.get(k)) for k in CSD_KEYS},
                      **{k: round(v, 4) for k, v in res.items() if isinstance(v, float)},
                      "train_cpu_s": train_metrics.get("cpu_time_s"), "train_wall_s": train_metrics.get("wall_time_s"),
                      "dir": run})

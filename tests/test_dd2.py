@@ -64,6 +64,17 @@ def test_generator_time_one_is_the_paper_form_and_below_one_denoises_scaled_nois
     assert not torch.allclose(m.generate(eps, lab), paper)
 
 
+def test_dd2_applies_the_generator_parameterisation_of_its_config():
+    T = TabularTeacher(4, 3, 2, seed=2)
+    gen, guid = _model(seed=0), _model(seed=1)
+    eps, lab = torch.randn(4, 3, 2), torch.zeros(4, dtype=torch.long)
+    before = gen.generate(eps, lab)
+    DD2(gen, guid, T, SamplingConfig(), CSDConfig(generator_head_gain=4.0, generator_t=0.5))
+    assert gen.head.input_gain == 4.0 and gen.generator_t == 0.5 and guid.generator_t == 1.0
+    gen.generator_t = 1.0  # the input gain alone keeps the function
+    torch.testing.assert_close(gen.generate(eps, lab), before, rtol=1e-5, atol=1e-6)
+
+
 def test_generator_time_is_validated():
     import pytest
 

@@ -75,6 +75,11 @@ class DD2(nn.Module):
         super().__init__()
         self.generator, self.guidance, self.teacher = generator, guidance, teacher
         self.sampling, self.cfg = sampling, cfg
+        # the generator's parameterisation from cfg (both no-ops at their defaults): the head's input gain
+        # (function-preserving) and the time at which the head reads the noise
+        if cfg.generator_head_gain != generator.head.input_gain:
+            generator.head.set_input_gain(cfg.generator_head_gain)
+        generator.generator_t = cfg.generator_t
         self.teacher.requires_grad_(False).eval()
         self.seq_len, self.code_dim = teacher.seq_len, teacher.code_dim
 

@@ -46,9 +46,7 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     teacher, _, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     sampling = SamplingConfig(**tune_cfg["sampling"])
     generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
-    if cfg.generator_head_gain != 1.0:
-        generator.head.set_input_gain(cfg.generator_head_gain)
-    generator.generator_t = cfg.generator_t
+    dd2 = DD2(generator, guidance, teacher, sampling, cfg)  # applies cfg's head gain and generator_t
     model_cfg = {**tune_cfg["model"], "head": generator.head.config(), "generator_t": cfg.generator_t}
     config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg.to_dict(), "sampling": tune_cfg["sampling"],
               "teacher_dir": ref_to(teacher_dir, run_dir), "tune_dir": ref_to(tune_dir, run_dir),
@@ -56,7 +54,6 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     run_dir = prepare_run_dir(run_dir, config, info)
     generator.requires_grad_(True)
     guidance.requires_grad_(True)
-    dd2 = DD2(generator, guidance, teacher, sampling, cfg)
     wrapped = wrap_ddp(dd2, info, find_unused_parameters=True)
     sched = CSDSchedule(dd2, wrapped)
     loop = TrainLoop(run_dir, LoopConfig(cfg.total_steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),

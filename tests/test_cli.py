@@ -121,7 +121,7 @@ def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
 def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     """The main job on the tiny preset: trains tokenizer + teacher, samples, evaluates, reports."""
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
-    main(["demo", "--preset", "tiny", "--root", str(tmp_path / "demo")])
+    main(["demo", "--preset", "tiny", "--root", str(tmp_path / "demo"), "--workers", "2"])
     out = capsys.readouterr().out
     assert "Everything is under" in out
     res = json.loads((tmp_path / "demo" / "outputs.json").read_text())
@@ -138,6 +138,12 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     assert rows["teacher"]["speedup_b1"] == 1.0 and rows["dd2-1step"]["steps"] == 1
     assert {"data_floor_fid", "command", "commit", "machine", "cost", "ppl", "goals"} <= set(m)
     assert m["cost"]["dd2_total_s"] > 0 and m["cost"]["dd1_total_s"] > 0
+    # the alignment run was branched off the plain run's checkpoint at align_at (2 tiny steps: align_at = 1), and its
+    # cost includes that shared prefix
+    branch = json.loads((tmp_path / "demo" / "dd2-align" / "branched_from.json").read_text())
+    assert branch["checkpoint"] == "step_00000001" and branch["prefix_wall_s"] > 0
+    assert m["cost"]["dd2_stage2_csd_with_alignment_s"] > branch["prefix_wall_s"]
+    assert json.loads((tmp_path / "demo" / "pipeline.json").read_text())["workers"] == 2  # the parallel schedule ran
     # re-running re-uses the finished stages
     main(["demo", "--preset", "tiny", "--root", str(tmp_path / "demo")])
     assert "reusing" in capsys.readouterr().out

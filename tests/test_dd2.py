@@ -73,6 +73,9 @@ def test_dd2_applies_the_generator_parameterisation_of_its_config():
     assert gen.head.input_gain == 4.0 and gen.generator_t == 0.5 and guid.generator_t == 1.0
     gen.generator_t = 1.0  # the input gain alone keeps the function
     torch.testing.assert_close(gen.generate(eps, lab), before, rtol=1e-5, atol=1e-6)
+    # the default keeps the gain stage 1 trained with (the tabular run's head gain 5 must survive into CSD)
+    DD2(gen, guid, T, SamplingConfig(), CSDConfig())
+    assert gen.head.input_gain == 4.0
 
 
 def test_generator_time_is_validated():

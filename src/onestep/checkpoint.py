@@ -192,6 +192,28 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return d
 
 
+def branch_run(parent_run: str | os.PathLike, step: int, child_run: str | os.PathLike, prefix_wall_s: float) -> Path:
+    """Start ``child_run`` from ``parent_run``'s checkpoint at ``step`` (a run whose config is identical up to that
+    step, e.g. the same CSD run with performance alignment after it): copies the checkpoint (atomically), points
+    ``latest`` at it and records ``branched_from.json`` ({"run", "checkpoint", "prefix_wall_s"}: the parent's wall
+    seconds up to the branch, so the child's cost can include the shared prefix). The child resumes from it."""
+    src = Path(parent_run) / "checkpoints" / f"step_{step:08d}"
+    if not (src / "trainer_state.pt").exists():
+        raise CheckpointError(f"no complete checkpoint at step {step} in {parent_run}")
+    ckdir = Path(child_run) / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    dst, tmp = ckdir / src.name, ckdir / f".tmp_{src.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    atomic_write(ckdir / "latest", lambda p: Path(p).write_text(dst.name + "\n"))
+    rel = os.path.relpath(Path(parent_run), Path(child_run))
+    write_json(Path(child_run) / "branched_from.json",
+               {"run": rel, "checkpoint": src.name, "prefix_wall_s": round(prefix_wall_s, 2)})
+    return dst
+
+
 def load_training_checkpoint(ckpt: Path, modules: dict[str, nn.Module]) -> dict:
     for name, m in modules.items():
         load_model_weights(ckpt / name, m)

@@ -102,13 +102,24 @@ PIPELINE_PRESETS = {
 
 class Pipeline:
     def __init__(self, root: str | Path, cfg: PipelineConfig, device: str = "cpu", seed: int = 0, data_root=None,
-                 command: str = ""):
-        self.command = command
+                 command: str = "", workers: int = 1, _worker: bool = False):
+        self.command, self.workers = command, workers
         self.root, self.cfg, self.device, self.seed, self.data_root = Path(root), cfg, device, seed, data_root
         self.root.mkdir(parents=True, exist_ok=True)
         self.costs_path = self.root / "costs.json"
-        self.costs = json.loads(self.costs_path.read_text()) if self.costs_path.exists() else {}
-        ckpt.write_json(self.root / "pipeline.json", {"config": cfg.to_dict(), "device": device, "seed": seed})
+        if not _worker:
+            ckpt.write_json(self.root / "pipeline.json", {"config": cfg.to_dict(), "device": device, "seed": seed,
+                                                          "workers": workers})
+
+    def _record_cost(self, name: str, seconds: float) -> None:
+        """costs.json[name] = seconds, read-modify-write under a lock (worker processes share the file)."""
+        import fcntl
+
+        with open(self.root / ".costs.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            costs = ckpt.read_json(self.costs_path) if self.costs_path.exists() else {}
+            costs[name] = round(seconds, 2)
+            ckpt.write_json(self.costs_path, costs)
 
     def _stage(self, name: str, done: Path | None, fn) -> Path:
         """Run ``fn`` unless ``done`` (a model dir or a file) exists (``None``: ``fn`` resumes by itself and is
@@ -119,8 +130,7 @@ class Pipeline:
         print(f"[{self.cfg.name}] {name}: running", flush=True)
         t0 = time.time()
         out = fn()
-        self.costs[name] = round(time.time() - t0, 2)
-        ckpt.write_json(self.costs_path, self.costs)
+        self._record_cost(name, time.time() - t0)
         return out
 
     def _info(self):
@@ -187,17 +197,46 @@ class Pipeline:
         self._stage("dd2_tune", run / "final", lambda: tune(run, adapt_dir, cfg, self.cfg.sampling(), self._info()))
         return run
 
-    def dd2_train(self, tune_dir: Path, align: bool) -> Path:
-        from onestep.dd2.train import TRAIN_PRESETS, train
+    def dd2_train_cfg(self, align: bool):
+        from onestep.dd2.train import TRAIN_PRESETS
 
-        run = self.root / ("dd2-align" if align else "dd2")
         cfg = replace(TRAIN_PRESETS[self.cfg.train_preset], seed=self.seed)
         if self.cfg.train_steps:
             cfg = replace(cfg, steps=self.cfg.train_steps, warmup_steps=min(cfg.warmup_steps, self.cfg.train_steps // 4))
-        if align:
-            cfg = replace(cfg, align_at=max(1, int(cfg.steps * self.cfg.align_at_frac)), align_steps=self.cfg.align_steps)
-        self._stage("dd2_train_align" if align else "dd2_train", run / "final", lambda: train(run, tune_dir, cfg, self._info()))
+        align_at = max(1, int(cfg.steps * self.cfg.align_at_frac))
+        return replace(cfg, align_at=align_at, align_steps=self.cfg.align_steps) if align else cfg, align_at
+
+    def dd2_train(self, tune_dir: Path, align: bool) -> Path:
+        """Stage 2 (CSD). The alignment run shares the plain run's first ``align_at`` steps (same config and
+        seeds up to there): the plain run checkpoints at ``align_at`` and the alignment run is branched off
+        that checkpoint (``branched_from.json``), so only the alignment phase and the rest are trained twice."""
+        from onestep.dd2.train import train
+
+        run = self.root / ("dd2-align" if align else "dd2")
+        cfg, align_at = self.dd2_train_cfg(align)
+        save_at, hook = (), None
+        branch = self.root / "dd2-align"
+        if not align and self.cfg.align and not (branch / "final" / "model.safetensors").exists() \
+                and ckpt.latest_checkpoint(branch) is None:
+            t0, save_at = time.time(), (align_at,)
+
+            def hook(step: int) -> None:
+                if step == align_at:
+                    ckpt.branch_run(run, step, branch, time.time() - t0)
+                    print(f"[{self.cfg.name}] dd2_train_align: branched from {run} at step {step}", flush=True)
+
+        self._stage("dd2_train_align" if align else "dd2_train", run / "final",
+                    lambda: train(run, tune_dir, cfg, self._info(), save_at=save_at, on_checkpoint=hook))
         return run
+
+    def dd2_branch(self, teacher_dir: Path) -> dict[str, Path]:
+        """Stages 0, 1, 2 (and the alignment run) in order."""
+        runs = {"dd2_adapt": self.dd2_adapt(teacher_dir)}
+        runs["dd2_tune"] = self.dd2_tune(runs["dd2_adapt"])
+        runs["dd2"] = self.dd2_train(runs["dd2_tune"], align=False)
+        if self.cfg.align:
+            runs["dd2_align"] = self.dd2_train(runs["dd2_tune"], align=True)
+        return runs
 
     # ---- DD1 ------------------------------------------------------------------------------------
     def dd1(self, teacher_dir: Path) -> Path:
@@ -445,13 +484,11 @@ class Pipeline:
         tok = self.tokenizer()
         teacher = self.teacher(tok)
         outputs = {"tokenizer": str(tok), "teacher": str(teacher)}
+        if self.workers > 1 and self.cfg.distill:
+            self.run_parallel()  # every stage and every row's evaluation, cached on disk: the code below re-uses them
         runs: dict[str, Path] = {}
         if self.cfg.distill:
-            runs["dd2_adapt"] = self.dd2_adapt(teacher)
-            runs["dd2_tune"] = self.dd2_tune(runs["dd2_adapt"])
-            runs["dd2"] = self.dd2_train(runs["dd2_tune"], align=False)
-            if self.cfg.align:
-                runs["dd2_align"] = self.dd2_train(runs["dd2_tune"], align=True)
+            runs.update(self.dd2_branch(teacher))
             runs["dd1"] = self.dd1(teacher)
         samplers = self.samplers(teacher, runs)
         rows = self.evaluate(samplers)
@@ -474,6 +511,44 @@ class Pipeline:
                         "wall_time_s": round(time.time() - t0, 1)})
         ckpt.write_json(self.root / "outputs.json", outputs)
         return outputs
+
+    # ---- parallel schedule (CPU) ------------------------------------------------------------------
+    def row_names(self) -> dict[str, list[str]]:
+        """The table's rows by what they need: the teacher alone, DD1, or DD2's stages (baselines included:
+        onestep*'s marginals come from the stage-1 pool), most expensive first."""
+        dd2 = [f"dd2-{k}step" for k in sorted(self.cfg.dd2_multi, reverse=True)]
+        dd2 += ["dd2-stage1-euler10", "teacher-stage0", "skip-20", "skip-29", "dd2-1step", "dd2-1step-continuous",
+                "onestep*"] + (["dd2-1step-align"] if self.cfg.align else [])
+        return {"teacher": ["teacher"], "dd1": ["dd1-teacher-involved", "dd1-2step", "dd1-1step"], "dd2": dd2}
+
+    def run_parallel(self) -> None:
+        """The DD1 and DD2 branches side by side, then every row's evaluation, in ``workers`` processes with
+        cpu_count // workers threads each (small models use 2 threads poorly: two 1-thread processes finish the
+        same work ~1.6x sooner on 2 cores). Rows are evaluated as soon as what they need is trained. Results land
+        in the run directories and ROOT/evals/, which the sequential code path then re-uses."""
+        import multiprocessing as mp
+        import os
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        args = (str(self.root), self.cfg, self.device, self.seed, self.data_root, self.command)
+        names = self.row_names()
+        ev = self.evaluator()  # the classifier and the reference statistics, made once here (cached on disk)
+        ev.reference("classifier")
+        if self.cfg.n_inception:
+            ev.reference("inception")
+        print(f"[{self.cfg.name}] parallel: {self.workers} worker processes x {threads} thread(s)", flush=True)
+        with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as ex:
+            branch = {ex.submit(_pipeline_task, args, threads, "dd2"): "dd2",
+                      ex.submit(_pipeline_task, args, threads, "dd1"): "dd1"}
+            evals = [ex.submit(_pipeline_task, args, threads, "eval", tuple(names["teacher"]))]
+            while branch:
+                done, _ = wait(list(branch), return_when=FIRST_COMPLETED)
+                for f in done:
+                    f.result()  # re-raises a worker's error
+                    evals += [ex.submit(_pipeline_task, args, threads, "eval", (n,)) for n in names[branch.pop(f)]]
+            for f in evals:
+                f.result()
 
     def side_by_side(self, methods: list[str]) -> Path | None:
         """One PNG: for each method a block of its first grid rows, stacked vertically with labels."""
@@ -502,17 +577,33 @@ class Pipeline:
 
 def branch_prefix_s(run: Path) -> float:
     """Wall seconds of the shared prefix when ``run`` was branched from another run's checkpoint
-    (``branched_from.json``: {"run", "checkpoint"}; the parent's log gives the time at that step), else 0."""
+    (``branched_from.json``, written by :func:`onestep.checkpoint.branch_run`), else 0."""
     b = run / "branched_from.json"
-    if not b.exists():
-        return 0.0
-    info = ckpt.read_json(b)
-    step = int(info["checkpoint"].split("_")[-1])
-    for line in (run / info["run"] / "log.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["step"] == step:
-            return float(rec["time_s"])
-    raise ValueError(f"{b}: step {step} not in the parent's log")
+    return float(ckpt.read_json(b)["prefix_wall_s"]) if b.exists() else 0.0
+
+
+def _pipeline_task(args: tuple, threads: int, task: str, rows: tuple = ()):
+    """One worker-process task of :meth:`Pipeline.run_parallel`: a training branch ("dd2", "dd1") or the
+    evaluation of some rows ("eval")."""
+    torch.set_num_threads(threads)
+    root, cfg, device, seed, data_root, command = args
+    p = Pipeline(root, cfg, device, seed, data_root, command, _worker=True)
+    teacher = p.teacher(p.tokenizer())
+    if task == "dd2":
+        p.dd2_branch(teacher)
+    elif task == "dd1":
+        p.dd1(teacher)
+    elif task == "eval":
+        runs = {k: p.root / d for k, d in (("dd2_adapt", "dd2-adapt"), ("dd2_tune", "dd2-tune"), ("dd2", "dd2"),
+                                          ("dd2_align", "dd2-align"), ("dd1", "dd1"))
+                if (p.root / d / "final" / "model.safetensors").exists()}
+        samplers = {k: v for k, v in p.samplers(teacher, runs).items() if k in rows}
+        missing = set(rows) - set(samplers)
+        if missing:
+            raise RuntimeError(f"rows {sorted(missing)} have no sampler (runs found: {sorted(runs)})")
+        p.evaluate(samplers)
+    else:
+        raise ValueError(task)
 
 
 TABLE1 = ["method", "steps", "params", "fid_classifier", "fid_classifier_10000", "fid_inception", "n_inception",
@@ -570,6 +661,13 @@ def _print_outputs(root: Path, outputs: dict) -> None:
         print(f"  {k:>18}: {v}")
 
 
+def default_workers(device: str) -> int:
+    """2 worker processes on a multi-core CPU (the DD1 and DD2 branches side by side), else 1 (sequential)."""
+    import os
+
+    return 2 if str(device).startswith("cpu") and (os.cpu_count() or 1) >= 2 else 1
+
+
 def cmd_pipeline(args) -> None:
     import os
 
@@ -583,7 +681,8 @@ def cmd_pipeline(args) -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     root = Path(args.root or f"runs/{preset}")
     command = "onestep " + " ".join(args.argv) if getattr(args, "argv", None) else f"onestep {args.command}"
-    outputs = Pipeline(root, cfg, args.device, args.seed, args.data_root, command).run()
+    workers = args.workers if args.workers is not None else default_workers(args.device)
+    outputs = Pipeline(root, cfg, args.device, args.seed, args.data_root, command, workers=workers).run()
     _print_outputs(root, outputs)
 
 
@@ -598,4 +697,7 @@ def register(sub) -> None:
         p.add_argument("--no-assets", action="store_true", help="train the tokenizer and teacher instead of using shipped ones")
         p.add_argument("--device", default="cpu")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--workers", type=int, default=None,
+                       help="processes for the DD1 / DD2 branches and the evaluations (default: 2 on a multi-core CPU, "
+                            "else 1 = sequential)")
         p.set_defaults(func=cmd_pipeline)

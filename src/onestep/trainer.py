@@ -39,6 +39,7 @@ class LoopConfig:
     ckpt_every: int = 500
     amp: bool = False  # bf16 autocast; only used on CUDA (ignored with a warning on the CPU)
     max_nonfinite: int = 20
+    save_at: tuple = ()  # extra checkpoint steps (e.g. a branch point), on top of every ckpt_every steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,7 +181,7 @@ class TrainLoop:
                        **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()}}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)}, refresh=False)
                 self.log(rec)
-            if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
+            if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps or self.step in self.cfg.save_at:
                 self.save()
                 if on_checkpoint is not None:
                     on_checkpoint(self.step)

@@ -110,7 +110,7 @@ def register(sub) -> None:
     r.add_argument("--m-noise", type=int, default=None, help="noise draws per sequence in the guidance loss")
     r.add_argument("--generator-head-gain", type=float, default=None,
                    help="re-parameterise the generator's head to this input gain at the start (function-preserving; "
-                        "faster learning of sharp noise partitions; 1 = off)")
+                        "faster learning of sharp noise partitions; default: keep stage 1's gain)")
     r.add_argument("--generator-t", type=float, default=None,
                    help="time s in (0, 1] at which the generator's head reads the noise: x = s eps - s v(s eps, s); "
                         "1 = the paper's x = eps - v(eps, 1) (default); s < 1 starts CSD from a noise-dependent "

@@ -42,8 +42,9 @@ class CSDConfig:
     align_at: int = 0            # performance alignment: at this generator step (0 = off) ...
     align_steps: int = 0         # ... run this many guidance-only outer steps on the frozen EMA generator
     grad_clip: float = 1.0
-    generator_head_gain: float = 1.0  # the generator's head re-parameterised to this input gain at the start of CSD
-                                      # (function-preserving, see MLPHead.set_input_gain; 1 = as stage 1 left it)
+    generator_head_gain: float | None = None  # the generator's head re-parameterised to this input gain at the start
+                                              # of CSD (function-preserving, see MLPHead.set_input_gain; None = keep
+                                              # the gain stage 1 trained with)
     generator_t: float = 1.0     # the time s at which the generator's head reads the noise (ARDiffusion.generate):
                                  # 1 = the paper's x = eps - v(eps, 1); s < 1 starts CSD from a noise-dependent
                                  # generator instead of the per-position mean (see ARDiffusion.generate)
@@ -77,7 +78,7 @@ class DD2(nn.Module):
         self.sampling, self.cfg = sampling, cfg
         # the generator's parameterisation from cfg (both no-ops at their defaults): the head's input gain
         # (function-preserving) and the time at which the head reads the noise
-        if cfg.generator_head_gain != generator.head.input_gain:
+        if cfg.generator_head_gain is not None and cfg.generator_head_gain != generator.head.input_gain:
             generator.head.set_input_gain(cfg.generator_head_gain)
         generator.generator_t = cfg.generator_t
         self.teacher.requires_grad_(False).eval()

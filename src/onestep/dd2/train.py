@@ -34,8 +34,12 @@ TRAIN_PRESETS = {
 }
 
 
-def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistInfo | None = None) -> Path:
-    """Stage 2 end to end from a finished stage-1 run; returns ``RUN/final`` (the EMA generator)."""
+def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistInfo | None = None,
+          save_at: tuple = (), on_checkpoint=None) -> Path:
+    """Stage 2 end to end from a finished stage-1 run; returns ``RUN/final`` (the EMA generator).
+
+    ``save_at``: extra checkpoint steps; ``on_checkpoint(step)`` is called after each checkpoint (the pipeline
+    branches the alignment run off the plain run's checkpoint at ``align_at`` this way)."""
     from onestep.dd2.tune import load_ardiffusion
     from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
     from onestep.teacher.sampling import SamplingConfig
@@ -56,7 +60,8 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     guidance.requires_grad_(True)
     wrapped = wrap_ddp(dd2, info, find_unused_parameters=True)
     sched = CSDSchedule(dd2, wrapped)
-    loop = TrainLoop(run_dir, LoopConfig(cfg.total_steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),
+    loop = TrainLoop(run_dir, LoopConfig(cfg.total_steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every,
+                                          save_at=tuple(save_at)),
                      {"generator": generator, "guidance": guidance, "ema": sched.ema},
                      {"generator": sched.opt_gen, "guidance": sched.opt_guid},
                      {"generator": config, "guidance": config, "ema": config}, info, desc="dd2 train")
@@ -70,7 +75,7 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
         return {k: v for k, v in logs.items() if k != "phase"} | {"align": logs["phase"] == "align"}
 
     t0, c0 = time.time(), time.process_time()
-    loop.run(step_fn)
+    loop.run(step_fn, on_checkpoint)
     final = Path(run_dir) / "final"
     if info.is_main:
         mpath = Path(run_dir) / "metrics.json"

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from onestep.cli import build_parser, main
@@ -176,6 +177,23 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
         with np.load(out / f"{name}.npz") as f:
             assert f["images"].shape[0] == 4
             assert f["tokens"].ndim == (3 if extra else 2)
+    # the pipeline's alignment branch: a run resumed from the plain run's checkpoint at align_at ends with exactly the
+    # weights of the alignment run trained from scratch (same config and seeds up to align_at)
+    from dataclasses import replace
+
+    from onestep.checkpoint import branch_run, load_tensors
+    from onestep.dd2.train import TRAIN_PRESETS, train
+
+    plain = replace(TRAIN_PRESETS["tiny"], steps=3, ckpt_every=100)
+    aligned = replace(plain, align_at=2, align_steps=1)
+    train(tiny_runs / "plain", tiny_runs / "tune", plain, save_at=(2,),
+          on_checkpoint=lambda step: step == 2 and branch_run(tiny_runs / "plain", 2, tiny_runs / "branched", 1.0))
+    assert json.loads((tiny_runs / "branched" / "branched_from.json").read_text())["checkpoint"] == "step_00000002"
+    train(tiny_runs / "branched", tiny_runs / "tune", aligned)
+    train(tiny_runs / "scratch", tiny_runs / "tune", aligned)
+    for w in ("final", "raw"):
+        a, b = (load_tensors(tiny_runs / r / w / "model.safetensors") for r in ("branched", "scratch"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), w
     # --generator-t reaches the generator, its saved config and the loaded sampler
     from onestep.dd2.sampling import load_dd2
 

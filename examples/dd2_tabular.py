@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from onestep.dd2.tabular import TabularRunConfig, conditional_entropies, fit_tabular
+from onestep.dd2.tabular import TabularRunConfig, conditional_entropies, conditional_errors, fit_tabular, generator_ids
 from onestep.teacher.tabular import TabularTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,7 @@ def main(argv=None) -> dict:
     p.add_argument("--backbone-gain", type=float, default=base.backbone_gain, help="backbone input gain")
     p.add_argument("--head-gain", type=float, default=base.head_gain, help="MLP head input gain")
     p.add_argument("--n-eval", type=int, default=base.n_eval)
+    p.add_argument("--n-diag", type=int, default=200000, help="samples for the per-prefix conditional diagnostic")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/dd2-tabular"), help="output path without suffix")
     p.add_argument("--log-every", type=int, default=100)
@@ -65,7 +66,11 @@ def main(argv=None) -> dict:
                                   head_gain=a.head_gain)
         t0 = time.time()
         out = fit_tabular(teacher, cfg, log=log, log_every=a.log_every)
-        out.pop("models")
+        models = out.pop("models")
+        # where the error sits: per-prefix conditional TV of the EMA generator, all samples and clean prefixes only
+        x, _ = generator_ids(models["ema"], teacher, a.n_diag, seed + 1)
+        out["conditional_errors"] = [conditional_errors(teacher, x, pos, margin)
+                                     for pos in range(1, teacher.seq_len) for margin in (0.0, 0.4)]
         out["total_time_s"] = round(time.time() - t0, 2)
         out["seed"] = seed
         runs.append(out)
@@ -94,12 +99,27 @@ def main(argv=None) -> dict:
           f"Teacher: TabularTeacher V={a.vocab} codes in 2-D (unit norm), n={a.positions} positions, seed "
           f"{a.teacher_seed} (joint over {a.vocab ** a.positions} sequences). Conditional entropies (min-max over "
           f"rows): {ent} (uniform = {torch.log(torch.tensor(float(a.vocab))).item():.2f}).", "",
+          f"Codes: {[[round(v, 3) for v in c] for c in teacher.codebook().tolist()]}; pairwise distances: "
+          f"{[[round(v, 2) for v in r] for r in torch.cdist(teacher.codebook(), teacher.codebook()).tolist()]}.", "",
           f"TV against the exact joint, {cfg.n_eval} samples each (acceptance: DD2 <= 0.05):", "",
           "| sampler | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |",
           "|---|" + "---|" * len(runs)]
     md += [f"| {name} | " + " | ".join(f"{r[key]:.4f}" for r in runs) + " |" for name, key in names]
     md += ["| time: GTS / CSD / total (s) | " + " | ".join(
         f"{r['tune_time_s']:.0f} / {r['csd_time_s']:.0f} / {r['total_time_s']:.0f}" for r in runs) + " |"]
+    md += ["", f"Where the error sits (EMA generator, {a.n_diag} samples): prefix-weighted TV of each position's "
+           "conditionals, over all samples and over those whose earlier positions lie at least 0.4 inside their "
+           "Voronoi cell (`conditional_errors`):", "",
+           "| position | min margin | " + " | ".join(f"seed {r['seed']}: kept / TV" for r in runs) + " |",
+           "|---|---|" + "---|" * len(runs)]
+    for j, ce in enumerate(runs[0]["conditional_errors"]):
+        md += [f"| {ce['position']} | {ce['min_margin']} | " + " | ".join(
+            f"{r['conditional_errors'][j]['kept']:.3f} / {r['conditional_errors'][j]['weighted_tv']:.4f}" for r in runs) + " |"]
+    last = runs[0]["conditional_errors"][-1]
+    md += ["", f"Seed {runs[0]['seed']}, position {last['position']}, clean prefixes: per prefix", "",
+           "| prefix | p(prefix) | entropy | teacher | generator | TV |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['prefix']} | {r['p_prefix']:.3f} | {r['entropy']:.2f} | {[round(v, 3) for v in r['teacher']]} | "
+           f"{[round(v, 3) for v in r['generator']]} | {r['tv']:.3f} |" for r in last["rows"]]
     md += ["", f"{a.threads} thread(s), on a 2-core machine shared with other jobs (timings vary ~3x with the load).",
            "", "Config:", "", "```json", json.dumps(cfg.to_dict(), indent=2), "```", ""]
     Path(f"{path}.md").write_text("\n".join(md))

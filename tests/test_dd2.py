@@ -220,3 +220,23 @@ def test_csd_dmd_form_gradient_is_the_denoiser_difference():
 
     with pytest.raises(ValueError, match="form"):
         csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, form="other")
+
+
+def test_conditional_errors_locates_a_wrong_conditional():
+    """The per-prefix diagnostic: ~0 on the teacher's own samples, large where a conditional is replaced."""
+    from onestep.dd2.tabular import conditional_errors
+    from onestep.teacher.sampling import SamplingConfig, sample_tokens
+
+    T = TabularTeacher(4, 3, 2, seed=6)
+    ids = sample_tokens(T, torch.zeros(40000, dtype=torch.long), SamplingConfig(), torch.Generator().manual_seed(0))
+    exact = conditional_errors(T, T.codebook()[ids], 2, min_margin=0.4)
+    assert exact["kept"] == 1.0 and exact["weighted_tv"] < 0.02
+    assert abs(sum(r["p_prefix"] for r in exact["rows"]) - 1) < 1e-5
+    bad = ids.clone()
+    bad[:, 2] = bad[torch.randperm(len(bad), generator=torch.Generator().manual_seed(1)), 2]  # position 2 ignores its prefix
+    wrong = conditional_errors(T, T.codebook()[bad], 2)
+    assert wrong["weighted_tv"] > 0.1
+    # a prefix position pushed onto a Voronoi boundary is dropped with a margin requirement
+    x = T.codebook()[ids]
+    x[:100, 0] = T.codebook()[:2].mean(0)
+    assert abs(conditional_errors(T, x, 2, min_margin=0.1)["kept"] - (1 - 100 / len(x))) < 1e-6

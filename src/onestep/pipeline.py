@@ -523,8 +523,8 @@ class Pipeline:
 
     def run_parallel(self) -> None:
         """The DD1 and DD2 branches side by side, then every row's evaluation, in ``workers`` processes with
-        cpu_count // workers threads each (small models use 2 threads poorly: two 1-thread processes finish the
-        same work ~1.6x sooner on 2 cores). Rows are evaluated as soon as what they need is trained. Results land
+        cpu_count // workers threads each (the models here are small and use several threads poorly). Rows are
+        evaluated as soon as what they need is trained. Results land
         in the run directories and ROOT/evals/, which the sequential code path then re-uses."""
         import multiprocessing as mp
         import os
@@ -542,13 +542,18 @@ class Pipeline:
             branch = {ex.submit(_pipeline_task, args, threads, "dd2"): "dd2",
                       ex.submit(_pipeline_task, args, threads, "dd1"): "dd1"}
             evals = [ex.submit(_pipeline_task, args, threads, "eval", tuple(names["teacher"]))]
-            while branch:
-                done, _ = wait(list(branch), return_when=FIRST_COMPLETED)
-                for f in done:
-                    f.result()  # re-raises a worker's error
-                    evals += [ex.submit(_pipeline_task, args, threads, "eval", (n,)) for n in names[branch.pop(f)]]
-            for f in evals:
-                f.result()
+            try:
+                while branch:
+                    done, _ = wait(list(branch), return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()  # re-raises a worker's error
+                        evals += [ex.submit(_pipeline_task, args, threads, "eval", (n,)) for n in names[branch.pop(f)]]
+                for f in evals:
+                    f.result()
+            except BaseException:
+                for f in [*branch, *evals]:
+                    f.cancel()  # queued tasks are dropped; running ones finish (their stages stay resumable)
+                raise
 
     def side_by_side(self, methods: list[str]) -> Path | None:
         """One PNG: for each method a block of its first grid rows, stacked vertically with labels."""

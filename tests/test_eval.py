@@ -66,6 +66,8 @@ def test_inception_network_runs_on_cpu():
     imgs = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     f = inception_features(imgs)
     assert f.shape == (2, 2048) and torch.isfinite(f).all()
+    # the NHWC input layout (the default, faster on a CPU) computes the same features as NCHW
+    torch.testing.assert_close(f, inception_features(imgs, channels_last=False), rtol=1e-4, atol=1e-4)
 
 
 def test_stats_npz_roundtrip(tmp_path):

@@ -44,6 +44,47 @@ def test_kv_cache_logits_equal_full_forward(tiny_gpt):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
 
 
+def test_prefill_equals_step_by_step(tiny_gpt):
+    """One prefill pass over steps [start, end) leaves the cache as end - start single steps do: the next step's
+    logits agree, from the first step and from the middle, with and without CFG doubling."""
+    from onestep.teacher.sampling import TeacherStepper
+
+    m = tiny_gpt
+    ids = torch.randint(m.vocab_size, (3, m.seq_len), generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 5, m.num_classes])
+    with torch.no_grad():
+        for start, end in ((0, 1), (0, 9), (3, 11), (5, m.seq_len - 1)):
+            a, b = m.new_cache(3, "cpu"), m.new_cache(3, "cpu")
+            for k in range(start):
+                for c in (a, b):
+                    m.step(c, None if k == 0 else ids[:, k - 1:k], labels, k)
+            m.prefill(a, ids, labels, start, end)
+            for k in range(start, end):
+                m.step(b, None if k == 0 else ids[:, k - 1:k], labels, k)
+            assert a.pos == b.pos == end
+            nxt = [m.head(m.step(c, ids[:, end - 1:end], labels, end)) for c in (a, b)]
+            torch.testing.assert_close(nxt[0], nxt[1], atol=1e-5, rtol=0)
+        for cfg in (SamplingConfig(), SamplingConfig(cfg_scale=2.0)):
+            s1, s2 = TeacherStepper(m, labels, cfg), TeacherStepper(m, labels, cfg)
+            s1.feed_prefix(ids, 7)
+            for k in range(7):
+                s2.feed(None if k == 0 else ids[:, k - 1:k])
+            torch.testing.assert_close(s1.log_probs(ids[:, 6:7]), s2.log_probs(ids[:, 6:7]), atol=1e-5, rtol=0)
+
+
+def test_sampling_from_a_kept_prefix_with_and_without_cache_agree(tiny_gpt):
+    """start_step > 0 (skip-n, DD1's windows, DD2's multi-step): the prefilled KV cache samples exactly what
+    full teacher-forcing passes sample, with the same seed."""
+    labels = torch.tensor([1, 2, 3, 4])
+    cfg = SamplingConfig(cfg_scale=2.0, temperature=0.9, top_k=8)
+    prefix = torch.randint(tiny_gpt.vocab_size, (4, tiny_gpt.seq_len), generator=torch.Generator().manual_seed(5))
+    for start in (1, 6, tiny_gpt.seq_len - 3):
+        a = sample_tokens(tiny_gpt, labels, cfg, torch.Generator().manual_seed(0), prefix=prefix, start_step=start)
+        b = sample_tokens(tiny_gpt, labels, cfg, torch.Generator().manual_seed(0), use_cache=False, prefix=prefix,
+                          start_step=start)
+        assert torch.equal(a, b) and torch.equal(a[:, :start], prefix[:, :start])
+
+
 def test_features_are_causal(tiny_gpt):
     m = tiny_gpt
     ids = torch.randint(m.vocab_size, (1, m.seq_len), generator=torch.Generator().manual_seed(2))

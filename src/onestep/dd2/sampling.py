@@ -3,8 +3,8 @@
 - one step: x = G(eps), every position in one forward pass; quantised to the nearest code (default)
   or kept continuous (``continuous=True``: the tokenizer decodes the vectors themselves).
 - k steps: the one-step sample, quantised, then the teacher re-samples its last k - 1 AR steps in
-  order (ancestral sampling with its sampling rule), k network evaluations in sequence. The teacher
-  runs teacher-forcing passes for those steps (no KV-cache prefill: k - 1 <= a few passes).
+  order (ancestral sampling with its sampling rule), k network evaluations in sequence: one pass that
+  prefills the teacher's KV cache with the kept prefix, then k - 1 cached steps.
 - Table 7's stage-1 evaluation (token-by-token Euler sampling of the AR-diffusion model) is
   :func:`onestep.dd2.tune.euler_sample`; its sampler is :func:`ardiffusion_sampler`.
 """
@@ -38,7 +38,7 @@ def multi_step(generator: ARDiffusion, teacher, labels: Tensor, sampling: Sampli
     K = len(teacher.ar_steps())
     if steps - 1 > K:
         raise ValueError(f"steps={steps}: the teacher has only {K} AR steps")
-    return sample_tokens(teacher, labels, sampling, g, use_cache=False, prefix=ids, start_step=K - (steps - 1))
+    return sample_tokens(teacher, labels, sampling, g, prefix=ids, start_step=K - (steps - 1))
 
 
 def dd2_sampler(generator: ARDiffusion, teacher, tokenizer, sampling: SamplingConfig, steps: int = 1,

@@ -291,6 +291,24 @@ class GPT(ARTeacher):
         cache.pos += 1
         return self.norm(h)
 
+    def prefill(self, cache: KVCache, x: Tensor, labels: Tensor, start: int, end: int) -> None:
+        """AR steps [start, end) in ONE pass over the cache (their tokens are known: ``x`` (B, n) ids or code
+        vectors; step k reads the class at k = 0, else token k - 1); the same keys and values as ``end - start``
+        calls of :meth:`step`. Used to feed a kept prefix (DD2's multi-step sampling, skip-n, DD1's windows)."""
+        if start != cache.pos:
+            raise ValueError(f"KV cache is at position {cache.pos}, asked to prefill from step {start}")
+        if not start < end <= self.seq_len:
+            raise ValueError(f"need {start} < end <= {self.seq_len}, got end = {end}")
+        parts = [self.cls_embedding(labels)[:, None]] if start == 0 else []
+        lo = max(start - 1, 0)
+        if end - 1 > lo:
+            parts.append(self.embed_tokens(x[:, lo:end - 1]))
+        h = torch.cat(parts, 1)
+        rope = self.rope[start:end]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, cache, i)
+        cache.pos = end
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

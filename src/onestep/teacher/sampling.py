@@ -140,6 +140,20 @@ class TeacherStepper:
     def feed(self, x_prev: Tensor | None) -> None:
         self._h(x_prev)
 
+    def feed_prefix(self, ids: Tensor, end_step: int) -> None:
+        """Feed AR steps [k, end_step) whose tokens ``ids`` (B, n) are known: one teacher pass when the teacher
+        has ``prefill`` (LlamaGen), else step by step."""
+        if end_step <= self.k:
+            return
+        prefill = getattr(self.teacher, "prefill", None)
+        if prefill is not None:
+            prefill(self.cache, ids.repeat(self.rep, 1) if self.rep > 1 else ids, self.labels, self.k, end_step)
+            self.k = end_step
+            return
+        while self.k < end_step:
+            k = self.k
+            self.feed(None if k == 0 else ids[:, self.steps[k - 1][0]:self.steps[k - 1][1]])
+
     def log_probs(self, x_prev: Tensor | None) -> Tensor:
         k = self.k
         logits = self.teacher.head(self._h(x_prev))
@@ -161,12 +175,11 @@ def step_through(teacher: ARTeacher, ids: Tensor, labels: Tensor, cfg: SamplingC
     if not 0 <= start_step <= end_step <= len(steps):
         raise ValueError(f"need 0 <= start_step <= end_step <= {len(steps)}, got {start_step}, {end_step}")
     run = TeacherStepper(teacher, labels, cfg)
-    for k, (a, b) in enumerate(steps[:end_step]):
+    run.feed_prefix(ids, start_step)  # the kept prefix: one pass where the teacher supports it
+    for k in range(start_step, end_step):
+        a, b = steps[k]
         x_prev = None if k == 0 else ids[:, steps[k - 1][0]:steps[k - 1][1]]
-        if k < start_step:
-            run.feed(x_prev)
-        else:
-            ids[:, a:b] = choose(k, run.log_probs(x_prev))
+        ids[:, a:b] = choose(k, run.log_probs(x_prev))
     return ids
 
 

@@ -100,6 +100,10 @@ PIPELINE_PRESETS = {
 }
 
 
+# run directory (under ROOT) of each trained stage, by its key in ``runs``
+RUN_DIRS = {"dd2_adapt": "dd2-adapt", "dd2_tune": "dd2-tune", "dd2": "dd2", "dd2_align": "dd2-align", "dd1": "dd1"}
+
+
 class Pipeline:
     def __init__(self, root: str | Path, cfg: PipelineConfig, device: str = "cpu", seed: int = 0, data_root=None,
                  command: str = "", workers: int = 1, _worker: bool = False):
@@ -176,7 +180,7 @@ class Pipeline:
     def dd2_adapt(self, teacher_dir: Path) -> Path:
         from onestep.dd2.adapt import ADAPT_PRESETS, adapt_teacher
 
-        run = self.root / "dd2-adapt"
+        run = self.root / RUN_DIRS["dd2_adapt"]
         cfg = replace(ADAPT_PRESETS[self.cfg.adapt_preset], seed=self.seed)
         if self.cfg.adapt_steps:
             cfg = replace(cfg, steps=self.cfg.adapt_steps, batch_size=min(cfg.batch_size, 64))
@@ -188,7 +192,7 @@ class Pipeline:
     def dd2_tune(self, adapt_dir: Path) -> Path:
         from onestep.dd2.tune import TUNE_PRESETS, tune
 
-        run = self.root / "dd2-tune"
+        run = self.root / RUN_DIRS["dd2_tune"]
         cfg = replace(TUNE_PRESETS[self.cfg.tune_preset], seed=self.seed)
         if self.cfg.tune_steps:
             cfg = replace(cfg, steps=self.cfg.tune_steps, head_only_steps=min(cfg.head_only_steps, self.cfg.tune_steps // 4))
@@ -212,10 +216,10 @@ class Pipeline:
         that checkpoint (``branched_from.json``), so only the alignment phase and the rest are trained twice."""
         from onestep.dd2.train import train
 
-        run = self.root / ("dd2-align" if align else "dd2")
+        run = self.root / RUN_DIRS["dd2_align" if align else "dd2"]
         cfg, align_at = self.dd2_train_cfg(align)
         save_at, hook = (), None
-        branch = self.root / "dd2-align"
+        branch = self.root / RUN_DIRS["dd2_align"]
         if not align and self.cfg.align and not (branch / "final" / "model.safetensors").exists() \
                 and ckpt.latest_checkpoint(branch) is None:
             t0, save_at = time.time(), (align_at,)
@@ -247,7 +251,7 @@ class Pipeline:
             preset = replace(preset, n_pairs=self.cfg.dd1_pairs)
         if self.cfg.dd1_steps:
             preset = replace(preset, steps=self.cfg.dd1_steps, warmup_steps=min(preset.warmup_steps, self.cfg.dd1_steps // 4))
-        pairs, run = self.root / "dd1-pairs", self.root / "dd1"
+        pairs, run = self.root / "dd1-pairs", self.root / RUN_DIRS["dd1"]
         if not (run / "final" / "model.safetensors").exists():  # make_pairs resumes / returns at once when complete
             self._stage("dd1_pairs", None,
                         lambda: make_pairs(pairs, teacher_dir, None, self.seed, self.cfg.sampling(), cfg=preset,
@@ -599,9 +603,7 @@ def _pipeline_task(args: tuple, threads: int, task: str, rows: tuple = ()):
     elif task == "dd1":
         p.dd1(teacher)
     elif task == "eval":
-        runs = {k: p.root / d for k, d in (("dd2_adapt", "dd2-adapt"), ("dd2_tune", "dd2-tune"), ("dd2", "dd2"),
-                                          ("dd2_align", "dd2-align"), ("dd1", "dd1"))
-                if (p.root / d / "final" / "model.safetensors").exists()}
+        runs = {k: p.root / d for k, d in RUN_DIRS.items() if (p.root / d / "final" / "model.safetensors").exists()}
         samplers = {k: v for k, v in p.samplers(teacher, runs).items() if k in rows}
         missing = set(rows) - set(samplers)
         if missing:

@@ -176,3 +176,18 @@ def test_presets_are_valid():
         assert args.seq_len == args.grid_h * args.grid_w, name
     with pytest.raises(KeyError, match="unknown GPT preset"):
         model_args("GPT-Q")
+
+
+def test_default_prefill_steps_through_a_kept_prefix():
+    """ARTeacher.prefill's step-by-step default (the tabular teacher has no one-pass prefill): sampling from a kept
+    prefix with the cache equals full teacher-forcing passes."""
+    from onestep.teacher.tabular import TabularTeacher
+
+    T = TabularTeacher(4, 4, 2, seed=3)
+    labels = torch.zeros(500, dtype=torch.long)
+    prefix = torch.randint(4, (500, 4), generator=torch.Generator().manual_seed(1))
+    for start in (1, 2, 3):
+        a = sample_tokens(T, labels, SamplingConfig(), torch.Generator().manual_seed(0), prefix=prefix, start_step=start)
+        b = sample_tokens(T, labels, SamplingConfig(), torch.Generator().manual_seed(0), use_cache=False, prefix=prefix,
+                          start_step=start)
+        assert torch.equal(a, b) and torch.equal(a[:, :start], prefix[:, :start])

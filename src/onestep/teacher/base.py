@@ -69,6 +69,13 @@ class ARTeacher(nn.Module):
         """
         raise NotImplementedError
 
+    def prefill(self, cache: Any, x: Tensor, labels: Tensor, start: int, end: int) -> None:
+        """Feed AR steps [start, end) whose tokens are known (``x`` (B, n) ids or (B, n, C) vectors) into the cache.
+        This default calls :meth:`step` once per step; a teacher that can do it in one pass overrides it."""
+        steps = self.ar_steps()
+        for k in range(start, end):
+            self.step(cache, None if k == 0 else x[:, steps[k - 1][0]:steps[k - 1][1]], labels, k)
+
     # ---- helpers -----------------------------------------------------------------------------
     def ids_to_codes(self, ids: Tensor) -> Tensor:
         """(B, n) ids -> (B, n, C) code vectors."""

@@ -285,10 +285,15 @@ class GPT(ARTeacher):
         if step_index != cache.pos:
             raise ValueError(f"KV cache is at position {cache.pos}, asked for step {step_index}")
         h = self.cls_embedding(labels)[:, None] if step_index == 0 else self.embed_tokens(x_prev)
-        rope = self.rope[step_index: step_index + 1]
+        return self._cached_pass(cache, h, step_index)
+
+    def _cached_pass(self, cache: KVCache, h: Tensor, start: int) -> Tensor:
+        """The layers over input rows h (B, S, dim) at AR steps [start, start + S), writing their keys and values
+        into the cache (causal within the block, full over the cached prefix); normed hidden states."""
+        rope = self.rope[start:start + h.shape[1]]
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache, i)
-        cache.pos += 1
+        cache.pos = start + h.shape[1]
         return self.norm(h)
 
     def prefill(self, cache: KVCache, x: Tensor, labels: Tensor, start: int, end: int) -> None:
@@ -303,11 +308,7 @@ class GPT(ARTeacher):
         lo = max(start - 1, 0)
         if end - 1 > lo:
             parts.append(self.embed_tokens(x[:, lo:end - 1]))
-        h = torch.cat(parts, 1)
-        rope = self.rope[start:end]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, cache, i)
-        cache.pos = end
+        self._cached_pass(cache, torch.cat(parts, 1), start)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -141,18 +141,13 @@ class TeacherStepper:
         self._h(x_prev)
 
     def feed_prefix(self, ids: Tensor, end_step: int) -> None:
-        """Feed AR steps [k, end_step) whose tokens ``ids`` (B, n) are known: one teacher pass when the teacher
-        has ``prefill`` (LlamaGen), else step by step."""
+        """Feed AR steps [k, end_step) whose tokens ``ids`` (B, n) are known (:meth:`ARTeacher.prefill`: one
+        pass for LlamaGen, step by step otherwise)."""
         if end_step <= self.k:
             return
-        prefill = getattr(self.teacher, "prefill", None)
-        if prefill is not None:
-            prefill(self.cache, ids.repeat(self.rep, 1) if self.rep > 1 else ids, self.labels, self.k, end_step)
-            self.k = end_step
-            return
-        while self.k < end_step:
-            k = self.k
-            self.feed(None if k == 0 else ids[:, self.steps[k - 1][0]:self.steps[k - 1][1]])
+        self.teacher.prefill(self.cache, ids.repeat(self.rep, 1) if self.rep > 1 else ids, self.labels, self.k,
+                             end_step)
+        self.k = end_step
 
     def log_probs(self, x_prev: Tensor | None) -> Tensor:
         k = self.k

@@ -37,12 +37,17 @@ def main(argv=None) -> dict:
     p.add_argument("--tune-loss", choices=["gts", "dsm", "none"], default=base.tune_loss,
                    help="stage-1 initialisation (the Table 4 ablation: dsm = ordinary diffusion loss, none = no stage 1)")
     p.add_argument("--guidance-steps", type=int, default=base.csd.guidance_steps, help="K")
+    p.add_argument("--m-noise", type=int, default=base.csd.m_noise, help="noise draws per sequence, guidance turn")
+    p.add_argument("--m-noise-gen", type=int, default=base.csd.m_noise_gen,
+                   help="(t, eps) draws per sequence, generator turn")
     p.add_argument("--batch-size", type=int, default=base.csd.batch_size)
     p.add_argument("--lr", type=float, default=base.csd.lr)
     p.add_argument("--guidance-lr", type=float, default=base.csd.guidance_lr)
     p.add_argument("--generator-t", type=float, default=base.csd.generator_t, help="time at which the head reads the noise")
     p.add_argument("--t-min", type=float, default=base.csd.t_min, help="generator loss: t ~ U[t_min, t_max]")
     p.add_argument("--t-max", type=float, default=base.csd.t_max)
+    p.add_argument("--condition-on-codes", action="store_true",
+                   help="psi's and the teacher's prefix conditions read the generator's prefix snapped to the codes")
     p.add_argument("--width", type=int, default=base.width, help="backbone feature width")
     p.add_argument("--head-width", type=int, default=base.head_width)
     p.add_argument("--backbone-gain", type=float, default=base.backbone_gain, help="backbone input gain")
@@ -56,7 +61,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     csd = dataclasses.replace(base.csd, steps=a.steps, guidance_steps=a.guidance_steps, batch_size=a.batch_size,
                               lr=a.lr, guidance_lr=a.guidance_lr, generator_t=a.generator_t, t_min=a.t_min,
-                              t_max=a.t_max)
+                              t_max=a.t_max, condition_on_codes=a.condition_on_codes,
+                              m_noise=a.m_noise, m_noise_gen=a.m_noise_gen)
     teacher = TabularTeacher(a.vocab, a.positions, 2, seed=a.teacher_seed)
 
     def log(step, logs, tv, tv_ema):

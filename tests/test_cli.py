@@ -194,12 +194,14 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     for w in ("final", "raw"):
         a, b = (load_tensors(tiny_runs / r / w / "model.safetensors") for r in ("branched", "scratch"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), w
-    # --generator-t reaches the generator, its saved config and the loaded sampler
+    # --generator-t reaches the generator, its saved config and the loaded sampler; --condition-on-codes runs CSD
+    # on the LlamaGen-style teacher with snapped prefix conditions and is recorded
     from onestep.dd2.sampling import load_dd2
 
     main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2-gt"),
-          "--generator-t", "0.5"])
+          "--generator-t", "0.5", "--condition-on-codes"])
     cfg = json.loads((tiny_runs / "dd2-gt" / "final" / "config.json").read_text())
     assert cfg["model"]["generator_t"] == 0.5 and cfg["csd"]["generator_t"] == 0.5
+    assert cfg["csd"]["condition_on_codes"] is True
     assert load_dd2(tiny_runs / "dd2-gt")[0].generator_t == 0.5
 

@@ -142,6 +142,43 @@ def test_csd_gradient_direction_with_fixed_denoisers():
     torch.testing.assert_close(g, -(x0_T - x0_psi) / norm)
 
 
+def test_condition_on_codes_snaps_only_the_conditions():
+    """CSDConfig.condition_on_codes: psi's and the teacher's prefix conditions read sg(x) snapped to the nearest
+    codes, in both turns; the generated x itself (the DSM target, the point the generator's loss is taken at)
+    stays continuous."""
+    from onestep.dd2.losses import dsm_loss
+
+    T = TabularTeacher(4, 3, 2, seed=2)
+    gen, guid = _model(seed=0), _model(seed=1)
+    lab = torch.zeros(6, dtype=torch.long)
+    snap = DD2(gen, guid, T, SamplingConfig(), CSDConfig(condition_on_codes=True))
+    plain = DD2(gen, guid, T, SamplingConfig(), CSDConfig())
+    x = torch.randn(6, 3, 2)
+    torch.testing.assert_close(snap.condition(x), T.codebook()[T.nearest_ids(x)])
+    assert torch.equal(plain.condition(x), x)
+    # guidance turn = DSM on the continuous samples with the backbone reading the snapped sequence
+    loss, _ = snap(lab, "guidance", torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        xg = gen.generate(snap.noise(6, g, "cpu"), lab)
+    ref, _ = dsm_loss(guid, xg, lab, snap.cfg.m_noise, g, snap.cfg.dsm_t_min, t_max=snap.cfg.dsm_t_max,
+                      condition=T.codebook()[T.nearest_ids(xg)])
+    torch.testing.assert_close(loss, ref)
+    assert not torch.allclose(loss, plain(lab, "guidance", torch.Generator().manual_seed(3))[0])
+    # generator turn: same loss as the plain one given the snapped conditions, and the gradient still reaches theta
+    loss, _ = snap(lab, "generator", torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    xg = gen.generate(snap.noise(6, g, "cpu"), lab)
+    cond = T.codebook()[T.nearest_ids(xg.detach())]
+    with torch.no_grad():
+        log_p, f = teacher_log_probs(T, cond, lab, SamplingConfig()), guid.features(cond, lab)
+    ref, _ = csd_generator_loss(xg, lab, log_p, T.codebook(), guid, f, g, m=snap.cfg.m_noise_gen)
+    torch.testing.assert_close(loss, ref)
+    gen.zero_grad()
+    loss.backward()
+    assert all(p.grad is not None for p in gen.parameters())
+
+
 def test_ema_rate_and_alignment_schedule():
     assert ema_rate(0, 0.9999) == 0.1 and ema_rate(10 ** 7, 0.9999) == 0.9999
     T = TabularTeacher(4, 2, 2, seed=0)

@@ -46,7 +46,7 @@ def cmd_train(args) -> None:
 
     cfg = _override(TRAIN_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps",
                                                         "m_noise", "align_at", "align_steps", "seed", "generator_head_gain",
-                                                        "generator_t"))
+                                                        "generator_t", "condition_on_codes"))
     info = setup(args.device)
     final = train(args.run_dir, args.tune, cfg, info)
     if info.is_main:
@@ -115,6 +115,9 @@ def register(sub) -> None:
                    help="time s in (0, 1] at which the generator's head reads the noise: x = s eps - s v(s eps, s); "
                         "1 = the paper's x = eps - v(eps, 1) (default); s < 1 starts CSD from a noise-dependent "
                         "generator instead of the per-position mean")
+    r.add_argument("--condition-on-codes", action="store_true", default=None,
+                   help="the teacher's and psi's prefix conditions read the generated prefix snapped to the nearest "
+                        "codes (psi then learns the generator's conditional given the quantised prefix)")
     r.add_argument("--align-at", type=int, default=None, help="performance alignment at this generator step (0 = off)")
     r.add_argument("--align-steps", type=int, default=None, help="guidance-only steps of the alignment")
     r.add_argument("--device", default="cpu")

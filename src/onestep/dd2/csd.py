@@ -48,6 +48,8 @@ class CSDConfig:
     generator_t: float = 1.0     # the time s at which the generator's head reads the noise (ARDiffusion.generate):
                                  # 1 = the paper's x = eps - v(eps, 1); s < 1 starts CSD from a noise-dependent
                                  # generator instead of the per-position mean (see ARDiffusion.generate)
+    condition_on_codes: bool = False  # the prefix conditions of psi and the teacher (both turns) read sg(x) snapped to
+                                      # the nearest codes, instead of the continuous sg(x) (see DD2.condition)
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 250
@@ -87,17 +89,29 @@ class DD2(nn.Module):
     def noise(self, batch: int, generator: torch.Generator | None, device) -> Tensor:
         return torch.randn(batch, self.seq_len, self.code_dim, generator=generator, device=device)
 
+    @torch.no_grad()
+    def condition(self, x: Tensor) -> Tensor:
+        """The sequence the prefix conditions read: sg(x), or with ``condition_on_codes`` every position snapped to
+        its nearest code. Snapped, psi learns the generator's conditional given the QUANTISED prefix, the quantity
+        the quantised joint is made of (Proposition 1 then holds for the quantised generator), and both
+        backbones read codes, as in stage 1."""
+        x = x.detach()
+        if not self.cfg.condition_on_codes:
+            return x
+        return self.teacher.codebook().to(x)[self.teacher.nearest_ids(x)]
+
     def forward(self, labels: Tensor, turn: str, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
         cfg = self.cfg
         eps = self.noise(labels.shape[0], generator, labels.device)
         if turn == "guidance":
             with torch.no_grad():
                 x = self.generator.generate(eps, labels)
-            return dsm_loss(self.guidance, x, labels, cfg.m_noise, generator, cfg.dsm_t_min, t_max=cfg.dsm_t_max)
+            return dsm_loss(self.guidance, x, labels, cfg.m_noise, generator, cfg.dsm_t_min, t_max=cfg.dsm_t_max,
+                            condition=self.condition(x))
         if turn != "generator":
             raise ValueError(f"turn must be 'generator' or 'guidance', got {turn!r}")
         x = self.generator.generate(eps, labels)
-        x_sg = x.detach()
+        x_sg = self.condition(x)
         with torch.no_grad():  # prefix conditions: no graph over the teacher's or psi's backbone
             log_p = teacher_log_probs(self.teacher, x_sg, labels, self.sampling)
             f_psi = self.guidance.features(x_sg, labels)

@@ -45,9 +45,13 @@ def gts_loss(model: ARDiffusion, q: Tensor, labels: Tensor, log_p: Tensor, codeb
 
 
 def dsm_loss(model: ARDiffusion, x0: Tensor, labels: Tensor, m: int = 1, generator=None, t_min: float = 1e-3,
-             features_grad: bool = True, t_max: float = 1.0) -> tuple[Tensor, dict]:
-    """Denoising score matching: v_target = eps - x0 (RectFlow), on sequences x0 (B, n, C), t ~ U[t_min, t_max]."""
-    f = model.features(x0, labels) if features_grad else model.features(x0, labels).detach()
+             features_grad: bool = True, t_max: float = 1.0, condition: Tensor | None = None) -> tuple[Tensor, dict]:
+    """Denoising score matching: v_target = eps - x0 (RectFlow), on sequences x0 (B, n, C), t ~ U[t_min, t_max].
+
+    ``condition`` (B, n, C), default x0: the sequence the backbone reads (its row i sees condition_<i), e.g. x0
+    with every position snapped to its nearest code (CSD's ``condition_on_codes``)."""
+    cond = x0 if condition is None else condition
+    f = model.features(cond, labels) if features_grad else model.features(cond, labels).detach()
     q_t, eps, t = _noised(x0, m, generator, t_min, t_max)
     v = model.velocity(q_t, t, f.expand(m, *f.shape))
     loss = (v - (eps - x0)).pow(2).sum(-1).mean()

@@ -17,8 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance, write_results  # noqa: E402
 
-CSD_KEYS = ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps", "m_noise", "generator_t", "loss_form")
-CSD_DEFAULTS = {"generator_t": 1.0, "loss_form": "sid"}  # runs made before these options existed
+CSD_KEYS = ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps", "m_noise", "generator_t", "loss_form",
+            "condition_on_codes", "seed")
+CSD_DEFAULTS = {"generator_t": 1.0, "loss_form": "sid", "condition_on_codes": False}  # runs made before these options existed
 
 
 def main(argv=None) -> dict:

@@ -178,6 +178,21 @@ def test_condition_on_codes_snaps_only_the_conditions():
     loss.backward()
     assert all(p.grad is not None for p in gen.parameters())
 
+    # the tabular teacher snaps its input itself, so watch what it is given: codes exactly, only with the option
+    class WatchedTeacher(TabularTeacher):
+        def _ids(self, x):
+            if x.dtype != torch.long:
+                self.seen.append(x.detach().clone())
+            return super()._ids(x)
+
+    for condition_on_codes in (True, False):
+        W = WatchedTeacher(4, 3, 2, seed=2)
+        W.seen = []
+        DD2(gen, guid, W, SamplingConfig(), CSDConfig(condition_on_codes=condition_on_codes))(
+            lab, "generator", torch.Generator().manual_seed(4))
+        dist = torch.cat([torch.cdist(x.reshape(-1, 2), W.codebook()).min(1).values for x in W.seen])
+        assert len(W.seen) > 0 and bool((dist == 0).all()) == condition_on_codes
+
 
 def test_ema_rate_and_alignment_schedule():
     assert ema_rate(0, 0.9999) == 0.1 and ema_rate(10 ** 7, 0.9999) == 0.9999

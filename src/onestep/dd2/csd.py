@@ -98,7 +98,7 @@ class DD2(nn.Module):
         x = x.detach()
         if not self.cfg.condition_on_codes:
             return x
-        return self.teacher.codebook().to(x)[self.teacher.nearest_ids(x)]
+        return self.teacher.ids_to_codes(self.teacher.nearest_ids(x)).to(x)
 
     def forward(self, labels: Tensor, turn: str, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
         cfg = self.cfg

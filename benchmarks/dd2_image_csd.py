@@ -19,7 +19,8 @@ from _common import provenance, write_results  # noqa: E402
 
 CSD_KEYS = ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps", "m_noise", "generator_t", "loss_form",
             "condition_on_codes", "seed")
-CSD_DEFAULTS = {"generator_t": 1.0, "loss_form": "sid", "condition_on_codes": False}  # runs made before these options existed
+# runs made before these options existed
+CSD_DEFAULTS = {"generator_t": 1.0, "loss_form": "sid", "condition_on_codes": False}
 
 
 def main(argv=None) -> dict:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 
 
@@ -115,7 +116,7 @@ def register(sub) -> None:
                    help="time s in (0, 1] at which the generator's head reads the noise: x = s eps - s v(s eps, s); "
                         "1 = the paper's x = eps - v(eps, 1) (default); s < 1 starts CSD from a noise-dependent "
                         "generator instead of the per-position mean")
-    r.add_argument("--condition-on-codes", action="store_true", default=None,
+    r.add_argument("--condition-on-codes", action=argparse.BooleanOptionalAction, default=None,
                    help="the teacher's and psi's prefix conditions read the generated prefix snapped to the nearest "
                         "codes (psi then learns the generator's conditional given the quantised prefix)")
     r.add_argument("--align-at", type=int, default=None, help="performance alignment at this generator step (0 = off)")

@@ -88,3 +88,25 @@ def test_guarded_step_skips_nonfinite():
     assert torch.equal(lin.weight, before)
     assert guarded_step(lin(torch.ones(1, 2)).sum(), opt, lin.parameters()) is True
     assert not torch.equal(lin.weight, before)
+
+
+def test_resuming_with_a_different_config_names_every_changed_leaf(tmp_path):
+    import pytest
+
+    from onestep import checkpoint as ckpt
+    from onestep.trainer import prepare_run_dir
+
+    run = tmp_path / "run"
+    prepare_run_dir(run, {"csd": {"steps": 250, "lr": 1e-3}, "seed": 0, "command": "a"})
+    prepare_run_dir(run, {"csd": {"steps": 1000, "lr": 1e-3}, "seed": 0, "command": "b"})  # no checkpoint yet: allowed
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000001" / "trainer_state.pt").write_bytes(b"")
+    ckpt.write_json(run / "config.json", {"csd": {"steps": 250, "lr": 1e-3}, "seed": 0, "command": "a"})
+    (run / "checkpoints" / "latest").write_text("step_00000001\n")
+    assert ckpt.latest_checkpoint(run) is not None
+    with pytest.raises(ValueError) as e:
+        prepare_run_dir(run, {"csd": {"steps": 1000, "lr": 1e-3, "new_knob": True}, "seed": 0, "command": "c"})
+    msg = str(e.value)
+    assert "csd.steps: 250 -> 1000" in msg and "csd.new_knob: absent -> true" in msg
+    assert "lr" not in msg and "command" not in msg and "seed" not in msg
+    prepare_run_dir(run, {"csd": {"steps": 250, "lr": 1e-3}, "seed": 0, "command": "d"})  # only volatile keys differ

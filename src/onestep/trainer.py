@@ -98,15 +98,30 @@ def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = N
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
             new = json.loads(json.dumps(config, default=ckpt._json_default))
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _VOLATILE)
+            diff = config_diff({k: v for k, v in old.items() if k not in _VOLATILE},
+                               {k: v for k, v in new.items() if k not in _VOLATILE})
             if diff and ckpt.latest_checkpoint(run_dir) is not None:
-                raise ValueError(f"{run_dir} holds a run with a different config (keys {diff}); "
+                raise ValueError(f"{run_dir} holds a run with a different config ({'; '.join(diff)}); "
                                  f"use a new --run-dir or delete the old one")
         ckpt.write_json(cfg_path, config)
     return run_dir
 
 
 _VOLATILE = {"device", "command", "started"}
+_ABSENT = object()
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Every leaf where two JSON configs differ, as 'a.b: old -> new' ('absent' for a missing key)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {'absent' if a is _ABSENT else json.dumps(a)} -> "
+                       f"{'absent' if b is _ABSENT else json.dumps(b)}")
+    return out
 
 
 class TrainLoop:

@@ -118,7 +118,9 @@ def register(sub) -> None:
                         "generator instead of the per-position mean")
     r.add_argument("--condition-on-codes", action=argparse.BooleanOptionalAction, default=None,
                    help="the teacher's and psi's prefix conditions read the generated prefix snapped to the nearest "
-                        "codes (psi then learns the generator's conditional given the quantised prefix)")
+                        "codes (psi then learns the generator's conditional given the quantised prefix); default: the "
+                        "preset's (on in small, off in tiny); --no-condition-on-codes gives the paper's continuous "
+                        "conditions")
     r.add_argument("--align-at", type=int, default=None, help="performance alignment at this generator step (0 = off)")
     r.add_argument("--align-steps", type=int, default=None, help="guidance-only steps of the alignment")
     r.add_argument("--device", default="cpu")

@@ -19,14 +19,13 @@ from _common import provenance, write_results  # noqa: E402
 
 CSD_KEYS = ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps", "m_noise", "generator_t", "loss_form",
             "condition_on_codes", "seed")
-# runs made before these options existed
-CSD_DEFAULTS = {"generator_t": 1.0, "loss_form": "sid", "condition_on_codes": False}
 
 
 def main(argv=None) -> dict:
     import torch
 
     from onestep import checkpoint as ckpt
+    from onestep.dd2.csd import CSDConfig
     from onestep.eval.evaluate import Evaluator
     from onestep.runs import final_dir
     from onestep.samplers import build_sampler, class_labels, generate
@@ -52,7 +51,7 @@ def main(argv=None) -> dict:
         csd, train_metrics = config.get("csd", {}), config.get("metrics", {})
         step_dir = next((q for q in Path(run).parts if q.startswith("step_")), None)  # a training checkpoint
         rows.append({"run": name, "generator_steps_done": int(step_dir[5:]) if step_dir else csd.get("steps"),
-                     **{k: csd.get(k, CSD_DEFAULTS.get(k)) for k in CSD_KEYS},
+                     **{k: csd.get(k, getattr(CSDConfig(), k)) for k in CSD_KEYS},  # older runs: the defaults
                      **{k: round(v, 4) for k, v in res.items() if isinstance(v, float)},
                      "train_cpu_s": train_metrics.get("cpu_time_s"), "train_wall_s": train_metrics.get("wall_time_s"),
                      "dir": run})

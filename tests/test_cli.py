@@ -199,9 +199,10 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     from onestep.dd2.sampling import load_dd2
 
     main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2-gt"),
-          "--generator-t", "0.5", "--condition-on-codes"])
+          "--generator-t", "0.5", "--condition-on-codes", "--lr-schedule", "cosine", "--final-lr-ratio", "0.1"])
     cfg = json.loads((tiny_runs / "dd2-gt" / "final" / "config.json").read_text())
     assert cfg["model"]["generator_t"] == 0.5 and cfg["csd"]["generator_t"] == 0.5
     assert cfg["csd"]["condition_on_codes"] is True
+    assert cfg["csd"]["lr_schedule"] == "cosine" and cfg["csd"]["final_lr_ratio"] == 0.1
     assert load_dd2(tiny_runs / "dd2-gt")[0].generator_t == 0.5
 

@@ -110,3 +110,30 @@ def test_resuming_with_a_different_config_names_every_changed_leaf(tmp_path):
     assert "csd.steps: 250 -> 1000" in msg and "csd.new_knob: absent -> true" in msg
     assert "lr" not in msg and "command" not in msg and "seed" not in msg
     prepare_run_dir(run, {"csd": {"steps": 250, "lr": 1e-3}, "seed": 0, "command": "d"})  # only volatile keys differ
+
+
+def test_a_run_older_than_a_config_field_resumes_when_the_field_keeps_its_default(tmp_path):
+    """A field added to a config dataclass (with a default = the old behaviour) must not lock out older runs."""
+    import pytest
+
+    from onestep import checkpoint as ckpt
+    from onestep.dd2.csd import CSDConfig
+    from onestep.trainer import prepare_run_dir
+
+    run = tmp_path / "run"
+    cfg = CSDConfig(steps=10).to_dict()
+    old = {k: v for k, v in cfg.items() if k != "condition_on_codes"}  # saved before condition_on_codes existed
+    ckpt.write_json(run / "config.json", {"csd": old, "seed": 0})
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000001" / "trainer_state.pt").write_bytes(b"")
+    (run / "checkpoints" / "latest").write_text("step_00000001\n")
+    defaults = {"csd": CSDConfig().to_dict()}
+    with pytest.raises(ValueError, match="csd.condition_on_codes: absent -> true"):  # not the default: a change
+        prepare_run_dir(run, {"csd": {**cfg, "condition_on_codes": True}, "seed": 0}, defaults=defaults)
+    assert "condition_on_codes" not in ckpt.read_json(run / "config.json")["csd"]  # a refused resume writes nothing
+    with pytest.raises(ValueError, match="csd.condition_on_codes: absent -> false"):  # without defaults: a change
+        prepare_run_dir(run, {"csd": cfg, "seed": 0})
+    prepare_run_dir(run, {"csd": cfg, "seed": 0}, defaults=defaults)  # the default: the same run
+    assert ckpt.read_json(run / "config.json")["csd"]["condition_on_codes"] is False  # now recorded
+    with pytest.raises(ValueError, match=r"csd.steps: 10 -> 20"):  # a real change is still refused
+        prepare_run_dir(run, {"csd": {**cfg, "steps": 20}, "seed": 0}, defaults=defaults)

@@ -88,8 +88,13 @@ def autocast(device: torch.device, enabled: bool):
     return nullcontext()
 
 
-def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = None) -> Path:
-    """Create the run directory and write ``config.json`` (rank 0). A resumed run must keep its config."""
+def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = None,
+                    defaults: dict | None = None) -> Path:
+    """Create the run directory and write ``config.json`` (rank 0). A resumed run must keep its config.
+
+    ``defaults`` mirrors ``config``'s dataclass sections with their defaults (e.g. ``{"csd": asdict(CSDConfig())}``):
+    a field the saved config lacks (the run predates it) is no change when the new value is its default, since a
+    field is only ever added with a default that keeps the old behaviour."""
     run_dir = Path(run_dir)
     info = info or DistInfo()
     if info.is_main:
@@ -99,7 +104,8 @@ def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = N
             old = json.loads(cfg_path.read_text())
             new = json.loads(json.dumps(config, default=ckpt._json_default))
             diff = config_diff({k: v for k, v in old.items() if k not in _VOLATILE},
-                               {k: v for k, v in new.items() if k not in _VOLATILE})
+                               {k: v for k, v in new.items() if k not in _VOLATILE},
+                               defaults=json.loads(json.dumps(defaults or {}, default=ckpt._json_default)))
             if diff and ckpt.latest_checkpoint(run_dir) is not None:
                 raise ValueError(f"{run_dir} holds a run with a different config ({'; '.join(diff)}); "
                                  f"use a new --run-dir or delete the old one")
@@ -111,13 +117,16 @@ _VOLATILE = {"device", "command", "started"}
 _ABSENT = object()
 
 
-def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Every leaf where two JSON configs differ, as 'a.b: old -> new' ('absent' for a missing key)."""
-    out = []
+def config_diff(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Every leaf where two JSON configs differ, as 'a.b: old -> new' ('absent' for a missing key). A leaf absent
+    from ``old`` whose new value equals its entry in ``defaults`` (same nesting) is not a difference."""
+    out, defaults = [], defaults or {}
     for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        a, b, d = old.get(k, _ABSENT), new.get(k, _ABSENT), defaults.get(k, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_diff(a, b, f"{prefix}{k}.")
+            out += config_diff(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None)
+        elif a is _ABSENT and b == d:
+            continue
         elif a != b:
             out.append(f"{prefix}{k}: {'absent' if a is _ABSENT else json.dumps(a)} -> "
                        f"{'absent' if b is _ABSENT else json.dumps(b)}")

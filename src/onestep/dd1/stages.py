@@ -221,7 +221,7 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
               "pairs": {"n": man["n"], "seed": man["seed"], "wall_s": man.get("wall_s")},
               "sampling": pair_sampling.to_dict(), "ode": man["ode"], "model": model.config(),
               "data": tconf.get("data")}
-    run_dir = prepare_run_dir(run_dir, config, info)
+    run_dir = prepare_run_dir(run_dir, config, info, defaults={"train": DD1Config().to_dict()})
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     ddp = wrap_ddp(model, info)
     extra = {"train_wall_s": 0.0, "train_cpu_s": 0.0}

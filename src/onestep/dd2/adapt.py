@@ -89,7 +89,7 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     config["model"] = student.args.to_dict()
     # the adapted teacher refers to the same tokenizer as the original one
     config["tokenizer_dir"] = ref_to(resolve_ref(tconf["tokenizer_dir"], final_dir(teacher_dir)), run_dir)
-    run_dir = prepare_run_dir(run_dir, config, info)
+    run_dir = prepare_run_dir(run_dir, config, info, defaults={"adapt": AdaptConfig().to_dict()})
     train = subset(load_dataset(tconf["data"], "train", root=tconf.get("data_root")), cfg.max_items)
     test = subset(load_dataset(tconf["data"], "test", root=tconf.get("data_root")), cfg.max_items)
     ids = cached_tokens(run_dir, tokenizer, train, "train", info.device)

@@ -47,7 +47,8 @@ def cmd_train(args) -> None:
 
     cfg = _override(TRAIN_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps",
                                                         "m_noise", "align_at", "align_steps", "seed", "generator_head_gain",
-                                                        "generator_t", "condition_on_codes"))
+                                                        "generator_t", "condition_on_codes", "lr_schedule",
+                                                        "final_lr_ratio"))
     info = setup(args.device)
     final = train(args.run_dir, args.tune, cfg, info)
     if info.is_main:
@@ -107,6 +108,10 @@ def register(sub) -> None:
     r.add_argument("--batch-size", type=int, default=None)
     r.add_argument("--lr", type=float, default=None, help="generator learning rate (after warm-up)")
     r.add_argument("--guidance-lr", type=float, default=None)
+    r.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                   help="after the warm-up: constant LRs, or both LRs on a cosine to --final-lr-ratio x their LR at the "
+                        "last step (default: the preset's, constant)")
+    r.add_argument("--final-lr-ratio", type=float, default=None, help="the cosine's end, as a fraction of the LR")
     r.add_argument("--guidance-steps", type=int, default=None, help="K guidance updates per generator update")
     r.add_argument("--m-noise", type=int, default=None, help="noise draws per sequence in the guidance loss")
     r.add_argument("--generator-head-gain", type=float, default=None,

@@ -161,7 +161,8 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
     model = build_ardiffusion(teacher, cfg)
     config = {"kind": "dd2-ardiffusion", "stage": "dd2-tune", "tune": cfg.to_dict(), "sampling": sampling.to_dict(),
               "teacher_dir": ref_to(teacher_dir, run_dir), "model": ardiffusion_config(tconf, model.head)}
-    run_dir = prepare_run_dir(run_dir, config, info)
+    run_dir = prepare_run_dir(run_dir, config, info,
+                              defaults={"tune": TuneConfig().to_dict(), "sampling": SamplingConfig().to_dict()})
     t0, c0 = time.time(), time.process_time()
     ids, labels = teacher_pool(Path(run_dir) / "pool.npz", teacher, cfg.n_pool, teacher.num_classes, sampling, cfg.seed)
     pool_time, pool_cpu = time.time() - t0, time.process_time() - c0

@@ -100,7 +100,7 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
               "data": data, "data_root": data_root}
     model = build_teacher(cfg.preset, tokenizer, len(ds.class_names), cfg.class_dropout_prob).to(info.device)
     config["model"] = model.args.to_dict()
-    run_dir = prepare_run_dir(run_dir, config, info)
+    run_dir = prepare_run_dir(run_dir, config, info, defaults={"train": TeacherTrainConfig().to_dict()})
     ids = cached_tokens(run_dir, tokenizer, ds, "train", info.device) if info.is_main else None
     if info.enabled:
         torch.distributed.barrier()

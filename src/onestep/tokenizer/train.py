@@ -144,7 +144,7 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
     model = build_tokenizer(cfg.preset, H, C).to(info.device)
     config = {"kind": "tokenizer", "train": cfg.to_dict(), "model": model.config.to_dict(), "data": data,
               "data_root": data_root, "class_names": ds.class_names}
-    run_dir = prepare_run_dir(run_dir, config, info)
+    run_dir = prepare_run_dir(run_dir, config, info, defaults={"train": VQTrainConfig().to_dict()})
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     ddp = wrap_ddp(model, info)
     loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),

@@ -1,11 +1,12 @@
 """Image CSD runs side by side: one-step quality of DD2 generators (EMA) from the same stage-1 model.
 
-    OMP_NUM_THREADS=1 python benchmarks/dd2_image_csd.py NAME=RUN_OR_MODULE_DIR [NAME=...] [-n 2000]
+    OMP_NUM_THREADS=1 python benchmarks/dd2_image_csd.py NAME=RUN_OR_MODULE_DIR [NAME=...] [-n 2000] [--steps 1 2 3 4]
 
 Every run is scored exactly as ``onestep eval --run RUN --method dd2`` scores it (the same balanced labels and
 seeds for all rows): classifier FID against the train split, IS, precision / recall, class accuracy. A
 training-checkpoint module directory (``RUN/checkpoints/step_N/ema``) is a valid RUN, so one training run
-gives a learning curve. The CSD configuration of each row is read from its config. Writes
+gives a learning curve. ``--steps`` adds the multi-step rows (paper Alg. 4: the teacher re-samples the last k - 1
+AR steps) of every run. The CSD configuration of each row is read from its config. Writes
 benchmarks/results/dd2-image-csd.{json,md} (``--out``).
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv=None) -> dict:
     p.add_argument("runs", nargs="+", help="NAME=DIR: a `onestep dd2 train` run or a checkpoint's ema/ directory")
     p.add_argument("-n", type=int, default=2000, help="samples per row")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, nargs="+", default=[1], help="total sampling steps k (1 = one step)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "dd2-image-csd"))
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
@@ -43,22 +45,24 @@ def main(argv=None) -> dict:
         name, _, run = spec.partition("=")
         if not run:
             raise ValueError(f"expected NAME=DIR, got {spec!r}")
-        sampler = build_sampler("dd2", run)
-        out = generate(sampler, class_labels(a.n, sampler.info["num_classes"]), a.seed, batch_size=250,
-                       progress=False, keep_tokens=False)
-        res = ev.evaluate(out["images"], out["labels"], n_inception=0)
         config = ckpt.read_json(final_dir(run) / "config.json")
         csd, train_metrics = config.get("csd", {}), config.get("metrics", {})
         step_dir = next((q for q in Path(run).parts if q.startswith("step_")), None)  # a training checkpoint
-        rows.append({"run": name, "generator_steps_done": int(step_dir[5:]) if step_dir else csd.get("steps"),
-                     **{k: csd.get(k, getattr(CSDConfig(), k)) for k in CSD_KEYS},  # older runs: the defaults
-                     **{k: round(v, 4) for k, v in res.items() if isinstance(v, float)},
-                     "train_cpu_s": train_metrics.get("cpu_time_s"), "train_wall_s": train_metrics.get("wall_time_s"),
-                     "dir": run})
-        print(rows[-1], flush=True)
+        for k in a.steps:
+            sampler = build_sampler("dd2", run, args=argparse.Namespace(steps=k, continuous=False))
+            out = generate(sampler, class_labels(a.n, sampler.info["num_classes"]), a.seed, batch_size=250,
+                           progress=False, keep_tokens=False)
+            res = ev.evaluate(out["images"], out["labels"], n_inception=0)
+            rows.append({"run": name, "sampling_steps": k,
+                         "generator_steps_done": int(step_dir[5:]) if step_dir else csd.get("steps"),
+                         **{c: csd.get(c, getattr(CSDConfig(), c)) for c in CSD_KEYS},  # older runs: the defaults
+                         **{m: round(v, 4) for m, v in res.items() if isinstance(v, float)},
+                         "train_cpu_s": train_metrics.get("cpu_time_s"), "train_wall_s": train_metrics.get("wall_time_s"),
+                         "dir": run})
+            print(rows[-1], flush=True)
     result = {**provenance(), "n_samples": a.n, "metric": "classifier FID (own features) vs the train split; same "
               "labels and seeds for every row", "rows": rows}
-    write_results(a.out, result, "DD2 image CSD runs side by side (one step, EMA generator)")
+    write_results(a.out, result, "DD2 image CSD runs side by side (EMA generator; sampling_steps 1 = one step)")
     return result
 
 

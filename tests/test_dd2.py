@@ -142,6 +142,36 @@ def test_csd_gradient_direction_with_fixed_denoisers():
     torch.testing.assert_close(g, -(x0_T - x0_psi) / norm)
 
 
+def test_csd_sid_loss_is_sids_formula_at_the_drawn_points():
+    """The library's default loss (form "sid", alpha = 1) is SiD's generator loss, written out here from the paper:
+    mean over draws and positions of (x0_T - x0_psi) . ((x0_T - x) - alpha (x0_T - x0_psi)) / mean|x - x0_T|, with
+    both denoisers evaluated (differentiably) at q_t = (1 - t) x + t eps for the same draws; value and gradient."""
+    from onestep.dd2.losses import sample_t
+
+    T = TabularTeacher(4, 3, 2, seed=2)
+    guid = _model(seed=1)
+    lab = torch.zeros(5, dtype=torch.long)
+    x = torch.randn(5, 3, 2, requires_grad=True)
+    with torch.no_grad():
+        log_p = teacher_log_probs(T, x, lab, SamplingConfig())
+        f = guid.features(x, lab)
+    for alpha in (1.0, 0.5):
+        loss, _ = csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(3), alpha=alpha,
+                                     m=2)
+        (grad,) = torch.autograd.grad(loss, x)
+        g = torch.Generator().manual_seed(3)
+        t = sample_t((2, 5, 3), g, "cpu", 0.02, 0.98)
+        eps = torch.randn(2, 5, 3, 2, generator=g)
+        q_t = (1 - t[..., None]) * x + t[..., None] * eps
+        y_real = flow.denoise(q_t, t, log_p.expand(2, *log_p.shape), T.codebook())
+        y_fake = guid.denoise(q_t, t, f.expand(2, *f.shape))
+        weight = (x - y_real).detach().abs().mean(dim=(-2, -1), keepdim=True)
+        ref = ((y_real - y_fake) * ((y_real - x) - alpha * (y_real - y_fake))).sum(-1) / weight[..., 0]
+        (ref_grad,) = torch.autograd.grad(ref.mean(), x)
+        torch.testing.assert_close(loss, ref.mean())
+        torch.testing.assert_close(grad, ref_grad)
+
+
 def test_condition_on_codes_snaps_only_the_conditions():
     """CSDConfig.condition_on_codes: psi's and the teacher's prefix conditions read sg(x) snapped to the nearest
     codes, in both turns; the generated x itself (the DSM target, the point the generator's loss is taken at)

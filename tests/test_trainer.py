@@ -137,3 +137,34 @@ def test_a_run_older_than_a_config_field_resumes_when_the_field_keeps_its_defaul
     assert ckpt.read_json(run / "config.json")["csd"]["condition_on_codes"] is False  # now recorded
     with pytest.raises(ValueError, match=r"csd.steps: 10 -> 20"):  # a real change is still refused
         prepare_run_dir(run, {"csd": {**cfg, "steps": 20}, "seed": 0}, defaults=defaults)
+
+
+def test_rng_draws_are_torch_draws_on_the_generators_device():
+    from onestep import rng
+
+    for fn, ref in ((rng.randn, torch.randn), (rng.rand, torch.rand)):
+        a = fn((3, 4), torch.Generator().manual_seed(5), "cpu")
+        b = ref((3, 4), generator=torch.Generator().manual_seed(5))
+        assert torch.equal(a, b) and a.device.type == "cpu"
+        assert fn((2,), torch.Generator().manual_seed(5)).shape == (2,)  # device defaults to the generator's
+    assert rng.randn((2,), None, "meta").device.type == "meta"  # moved to the requested device
+
+
+def test_no_source_draws_with_a_generator_onto_a_given_device():
+    """torch.rand*(..., generator=g, device=d) fails on CUDA when g is the training loop's CPU generator; every such
+    draw must go through onestep.rng (which draws on g's device and moves the result)."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "onestep"
+    bad = []
+    for path in src.rglob("*.py"):
+        if path.name == "rng.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    isinstance(node.func.value, ast.Name) and node.func.value.id == "torch" and \
+                    node.func.attr in ("randn", "rand", "randint", "randperm", "randn_like", "rand_like"):
+                kw = {k.arg for k in node.keywords}
+                if {"generator", "device"} <= kw:
+                    bad.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert not bad, bad

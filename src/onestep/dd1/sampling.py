@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from onestep import rng
 from onestep.dd1.flow_map import ODEConfig, map_noise_to_tokens
 from onestep.dd1.model import clean_mask
 from onestep.teacher.base import ARTeacher
@@ -44,7 +45,7 @@ def default_split(n: int) -> int:
 def draw_noise(model, B: int, generator: torch.Generator | None = None, device=None) -> Tensor:
     """eps ~ N(0, I) of shape (B, n, C)."""
     device = device if device is not None else next(model.parameters()).device
-    return torch.randn(B, model.seq_len, model.code_dim, generator=generator, device=device)
+    return rng.randn((B, model.seq_len, model.code_dim), generator, device)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from onestep import rng
 from onestep.dd2.losses import csd_generator_loss, dsm_loss
 from onestep.dd2.model import ARDiffusion
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
@@ -87,7 +88,7 @@ class DD2(nn.Module):
         self.seq_len, self.code_dim = teacher.seq_len, teacher.code_dim
 
     def noise(self, batch: int, generator: torch.Generator | None, device) -> Tensor:
-        return torch.randn(batch, self.seq_len, self.code_dim, generator=generator, device=device)
+        return rng.randn((batch, self.seq_len, self.code_dim), generator, device)
 
     @torch.no_grad()
     def condition(self, x: Tensor) -> Tensor:

@@ -15,20 +15,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from onestep import flow
+from onestep import flow, rng
 from onestep.dd2.model import ARDiffusion
 
 
 def sample_t(shape, generator: torch.Generator | None, device, t_min: float = 1e-3, t_max: float = 1.0) -> Tensor:
     """t ~ U[t_min, t_max] per position."""
-    return t_min + (t_max - t_min) * torch.rand(shape, generator=generator, device=device)
+    return t_min + (t_max - t_min) * rng.rand(shape, generator, device)
 
 
 def _noised(x0: Tensor, m: int, generator, t_min: float, t_max: float):
     """m noise draws per sequence: (m, B, n, C) q_t, eps and (m, B, n) t."""
     shape = (m, *x0.shape)
     t = sample_t(shape[:-1], generator, x0.device, t_min, t_max)
-    eps = torch.randn(shape, generator=generator, device=x0.device)
+    eps = rng.randn(shape, generator, x0.device)
     return (1 - t[..., None]) * x0 + t[..., None] * eps, eps, t
 
 
@@ -84,7 +84,7 @@ def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codeboo
         raise ValueError(f"form must be 'sid' or 'dmd', got {form!r}")
     shape = (m, *x.shape)
     t = sample_t(shape[:-1], generator, x.device, t_min, t_max)
-    eps = torch.randn(shape, generator=generator, device=x.device)
+    eps = rng.randn(shape, generator, x.device)
     q_t = (1 - t[..., None]) * (x if form == "sid" else x.detach()) + t[..., None] * eps
     with torch.set_grad_enabled(form == "sid" and torch.is_grad_enabled()):
         x0_T = flow.denoise(q_t, t, log_p_teacher.expand(m, *log_p_teacher.shape), codebook)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from onestep import rng
 from onestep.dd2.model import ARDiffusion
 from onestep.teacher.base import nearest_code
 from onestep.teacher.sampling import SamplingConfig, sample_tokens
@@ -24,7 +25,7 @@ from onestep.teacher.sampling import SamplingConfig, sample_tokens
 def one_step(generator: ARDiffusion, labels: Tensor, g: torch.Generator | None = None) -> Tensor:
     """x = G(eps) (B, L, C): one forward pass of the generator."""
     bb = generator.backbone
-    eps = torch.randn(labels.shape[0], bb.seq_len, bb.code_dim, generator=g, device=labels.device)
+    eps = rng.randn((labels.shape[0], bb.seq_len, bb.code_dim), g, labels.device)
     return generator.generate(eps, labels)
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from onestep import checkpoint as ckpt
+from onestep import rng
 from onestep.distributed import DistInfo, wrap_ddp
 from onestep.dd2.losses import dsm_loss, gts_loss
 from onestep.dd2.model import ARDiffusion, MLPHead
@@ -217,7 +218,7 @@ def euler_sample(model: ARDiffusion, labels: Tensor, generator: torch.Generator 
     x_prev = None
     for k, (a, b) in enumerate(bb.ar_steps()):
         f = bb.step(cache, x_prev, labels, k)  # (B, b - a, D)
-        x = torch.randn(B, b - a, C, generator=generator, device=device)
+        x = rng.randn((B, b - a, C), generator, device)
         for j in range(euler_steps):
             t, dt = ts[j], ts[j] - ts[j + 1]
             x = x - dt * model.velocity(x, t.expand(B, b - a), f)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onestep import rng
 from onestep.teacher.base import ARTeacher
 
 
@@ -254,7 +255,7 @@ class GPT(ARTeacher):
         """Classifier-free-guidance label dropout: only in training mode, with ``class_dropout_prob``."""
         if not self.training or self.args.class_dropout_prob <= 0:
             return labels
-        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.args.class_dropout_prob
+        drop = rng.rand(labels.shape, generator, labels.device) < self.args.class_dropout_prob
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def embed_tokens(self, x: Tensor) -> Tensor:

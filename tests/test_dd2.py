@@ -224,6 +224,22 @@ def test_condition_on_codes_snaps_only_the_conditions():
         assert len(W.seen) > 0 and bool((dist == 0).all()) == condition_on_codes
 
 
+def test_csd_learning_rates_come_from_the_config_after_a_resume():
+    """An optimiser's state_dict carries the LR it was saved with; a run branched or resumed with other LRs must train
+    with the config's (both networks, constant schedule)."""
+    T = TabularTeacher(4, 2, 2, seed=0)
+    m = _model(n=2)
+    old = CSDSchedule(DD2(copy.deepcopy(m), copy.deepcopy(m), T, SamplingConfig(), CSDConfig(lr=1e-3, guidance_lr=1e-3,
+                                                                                              warmup_steps=0)))
+    cfg = CSDConfig(lr=5e-5, guidance_lr=3e-3, guidance_steps=1, m_noise=1, warmup_steps=0)
+    s = CSDSchedule(DD2(copy.deepcopy(m), copy.deepcopy(m), T, SamplingConfig(), cfg))
+    s.opt_gen.load_state_dict(old.opt_gen.state_dict())
+    s.opt_guid.load_state_dict(old.opt_guid.state_dict())
+    assert s.opt_guid.param_groups[0]["lr"] == 1e-3  # what the checkpoint brought back
+    s.step(0, lambda: torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert s.opt_gen.param_groups[0]["lr"] == 5e-5 and s.opt_guid.param_groups[0]["lr"] == 3e-3
+
+
 def test_ema_rate_and_alignment_schedule():
     assert ema_rate(0, 0.9999) == 0.1 and ema_rate(10 ** 7, 0.9999) == 0.9999
     T = TabularTeacher(4, 2, 2, seed=0)

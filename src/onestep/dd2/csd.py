@@ -184,8 +184,8 @@ class CSDSchedule:
         logs: dict = {"phase": phase}
         bad = False
         dd2.guidance.train()
-        if cfg.lr_schedule != "constant":
-            set_lr(self.opt_guid, self.guidance_lr(gen_step))
+        # set every step, also at a constant LR: a resumed optimiser's state_dict brings back the LR it was saved with
+        set_lr(self.opt_guid, self.guidance_lr(gen_step))
         for _ in range(cfg.guidance_steps):
             loss, lg = self.wrapped(sample_labels(), "guidance", generator)
             bad |= not guarded_step(loss, self.opt_guid, dd2.guidance.parameters(), cfg.grad_clip)

@@ -142,12 +142,8 @@ def test_csd_gradient_direction_with_fixed_denoisers():
     torch.testing.assert_close(g, -(x0_T - x0_psi) / norm)
 
 
-def test_csd_sid_loss_is_sids_formula_at_the_drawn_points():
-    """The library's default loss (form "sid", alpha = 1) is SiD's generator loss, written out here from the paper:
-    mean over draws and positions of (x0_T - x0_psi) . ((x0_T - x) - alpha (x0_T - x0_psi)) / mean|x - x0_T|, with
-    both denoisers evaluated (differentiably) at q_t = (1 - t) x + t eps for the same draws; value and gradient."""
-    from onestep.dd2.losses import sample_t
-
+def _csd_inputs():
+    """A tabular teacher, a guidance network, labels, a generated batch x (B=5, n=3, C=2) and its prefix conditions."""
     T = TabularTeacher(4, 3, 2, seed=2)
     guid = _model(seed=1)
     lab = torch.zeros(5, dtype=torch.long)
@@ -155,6 +151,16 @@ def test_csd_sid_loss_is_sids_formula_at_the_drawn_points():
     with torch.no_grad():
         log_p = teacher_log_probs(T, x, lab, SamplingConfig())
         f = guid.features(x, lab)
+    return T, guid, lab, x, log_p, f
+
+
+def test_csd_sid_loss_is_sids_formula_at_the_drawn_points():
+    """The library's default loss (form "sid", alpha = 1) is SiD's generator loss, written out here from the paper:
+    mean over draws and positions of (x0_T - x0_psi) . ((x0_T - x) - alpha (x0_T - x0_psi)) / mean|x - x0_T|, with
+    both denoisers evaluated (differentiably) at q_t = (1 - t) x + t eps for the same draws; value and gradient."""
+    from onestep.dd2.losses import sample_t
+
+    T, guid, lab, x, log_p, f = _csd_inputs()
     for alpha in (1.0, 0.5):
         loss, _ = csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(3), alpha=alpha,
                                      m=2)
@@ -288,8 +294,8 @@ def test_dd2_tabular_csd_does_the_work_and_beats_onestep_star(tabular_run):
 @pytest.mark.xfail(reason="DD2 does not reach TV <= 0.05 within the 2-minute CPU budget of the test suite: "
                    "0.085-0.10 after the 1200 CSD steps it affords (3 seeds); the TV keeps falling with more steps "
                    "(0.049-0.062 after 6000, 0.055 after 12000 for seed 1), and at 1200 steps no knob tried (gains, "
-                   "generator_t, t range, noise draws, width, oracle score, condition_on_codes, gradient clipping, guidance LR) "
-                   "beats the seed spread. "
+                   "generator_t, t range, noise draws, width, oracle score, condition_on_codes, gradient clipping, "
+                   "guidance LR) beats the seed spread. "
                    "See benchmarks/results/dd2-tabular.notes.md")
 def test_dd2_tabular_exactness_tv(tabular_run):
     assert tabular_run["tv_dd2_ema"] <= EXACTNESS_TV, tabular_run
@@ -299,13 +305,7 @@ def test_csd_dmd_form_gradient_is_the_denoiser_difference():
     """loss_form "dmd": the gradient on x_i is exactly -(x0_T - x0_psi) / norm at the drawn (t, eps), averaged."""
     from onestep.dd2.losses import sample_t
 
-    T = TabularTeacher(4, 3, 2, seed=2)
-    guid = _model(seed=1)
-    lab = torch.zeros(5, dtype=torch.long)
-    x = torch.randn(5, 3, 2, requires_grad=True)
-    with torch.no_grad():
-        log_p = teacher_log_probs(T, x, lab, SamplingConfig())
-        f = guid.features(x, lab)
+    T, guid, lab, x, log_p, f = _csd_inputs()
     loss, _ = csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(3), m=2,
                                  form="dmd")
     (grad,) = torch.autograd.grad(loss, x)

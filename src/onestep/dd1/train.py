@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from onestep.dd1.model import clean_mask
+from onestep.trainer import make_optimizer
 
 __all__ = ["TrajectoryConfig", "TrajectorySampler", "add_trajectory_points", "dd1_loss", "fit"]
 
@@ -106,7 +107,7 @@ def fit(model, pairs: dict, steps: int, batch_size: int = 64, lr: float = 3e-4, 
     device = next(model.parameters()).device
     sampler = TrajectorySampler(traj, pairs["ids"].shape[1], ar_steps)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    opt = make_optimizer(torch.optim.AdamW, model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     N = pairs["ids"].shape[0]
     model.train()
     hist = []

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from onestep import checkpoint as ckpt
 from onestep.distributed import DistInfo, wrap_ddp
 from onestep.teacher.llamagen import GPT
-from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, guarded_step, prepare_run_dir, set_lr, warmup_cosine
+from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
+                             set_lr, warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def fit_embedding_mlp(student: GPT, table: torch.Tensor, steps: int, lr: float, 
     """Phase 1: regress tok_mlp(c_j) onto the table row emb(j); returns the final relative MSE."""
     torch.manual_seed(seed)
     cb = student.codebook()
-    opt = torch.optim.Adam(student.tok_mlp.parameters(), lr=lr)
+    opt = make_optimizer(torch.optim.Adam, student.tok_mlp.parameters(), lr=lr)
     target = table.detach()
     scale = target.pow(2).mean()
     for i in range(steps):
@@ -82,14 +83,14 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
 
     info = info or DistInfo()
     teacher, tconf, tokenizer = load_teacher(teacher_dir, info.device)
-    config = {"kind": "teacher", "family": "llamagen", "stage": "dd2-adapt", "adapt": cfg.to_dict(),
+    config = {"kind": "teacher", "family": "llamagen", "stage": "dd2-adapt", "adapt": cfg,
               "teacher_dir": ref_to(teacher_dir, run_dir), "data": tconf["data"], "data_root": tconf.get("data_root")}
     t_start = time.time()
     student = continuous_copy(teacher)
     config["model"] = student.args.to_dict()
     # the adapted teacher refers to the same tokenizer as the original one
     config["tokenizer_dir"] = ref_to(resolve_ref(tconf["tokenizer_dir"], final_dir(teacher_dir)), run_dir)
-    run_dir = prepare_run_dir(run_dir, config, info, defaults={"adapt": AdaptConfig().to_dict()})
+    run_dir = prepare_run_dir(run_dir, config, info)
     train = subset(load_dataset(tconf["data"], "train", root=tconf.get("data_root")), cfg.max_items)
     test = subset(load_dataset(tconf["data"], "test", root=tconf.get("data_root")), cfg.max_items)
     ids = cached_tokens(run_dir, tokenizer, train, "train", info.device)
@@ -107,7 +108,7 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     else:
         ckpt.load_model_weights(Path(run_dir) / "fitted", student)
 
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = make_optimizer(torch.optim.AdamW, student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     ddp = wrap_ddp(student, info)
     loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),
                      {"model": student}, {"model": opt}, {"model": config}, info, desc="dd2 adapt")

@@ -18,7 +18,7 @@ from onestep import rng
 from onestep.dd2.losses import csd_generator_loss, dsm_loss
 from onestep.dd2.model import ARDiffusion
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
-from onestep.trainer import guarded_step, set_lr
+from onestep.trainer import guarded_step, make_optimizer, set_lr
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,8 @@ class CSDSchedule:
         self.dd2, self.wrapped = dd2, wrapped if wrapped is not None else dd2
         cfg = dd2.cfg
         self.ema = copy.deepcopy(dd2.generator).requires_grad_(False).eval()
-        self.opt_gen = torch.optim.Adam(dd2.generator.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
-        self.opt_guid = torch.optim.Adam(dd2.guidance.parameters(), lr=cfg.guidance_lr, betas=(0.9, 0.95))
+        self.opt_gen = make_optimizer(torch.optim.Adam, dd2.generator.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+        self.opt_guid = make_optimizer(torch.optim.Adam, dd2.guidance.parameters(), lr=cfg.guidance_lr, betas=(0.9, 0.95))
 
     def decay(self, gen_step: int) -> float:
         return lr_decay(self.dd2.cfg, gen_step)

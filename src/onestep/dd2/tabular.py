@@ -20,6 +20,7 @@ from onestep.dd2.losses import dsm_loss, gts_loss
 from onestep.dd2.model import ARDiffusion, MLPHead
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
 from onestep.teacher.tabular import TabularTeacher, empirical_joint, total_variation
+from onestep.trainer import make_optimizer
 
 
 class CausalMLPBackbone(nn.Module):
@@ -140,7 +141,7 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
     labels = torch.zeros(cfg.tune_batch, dtype=torch.long)
     cb = teacher.codebook()
     t0 = time.time()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.tune_lr)
+    opt = make_optimizer(torch.optim.Adam, model.parameters(), lr=cfg.tune_lr)
     if cfg.tune_loss not in ("gts", "dsm", "none"):
         raise ValueError(f"tune_loss must be 'gts', 'dsm' or 'none', got {cfg.tune_loss!r}")
     loss = torch.tensor(float("nan"))

@@ -54,10 +54,10 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
     dd2 = DD2(generator, guidance, teacher, sampling, cfg)  # applies cfg's head gain and generator_t
     model_cfg = {**tune_cfg["model"], "head": generator.head.config(), "generator_t": cfg.generator_t}
-    config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg.to_dict(), "sampling": tune_cfg["sampling"],
+    config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg, "sampling": tune_cfg["sampling"],
               "teacher_dir": ref_to(teacher_dir, run_dir), "tune_dir": ref_to(tune_dir, run_dir),
               "model": model_cfg}
-    run_dir = prepare_run_dir(run_dir, config, info, defaults={"csd": CSDConfig().to_dict()})
+    run_dir = prepare_run_dir(run_dir, config, info)
     generator.requires_grad_(True)
     guidance.requires_grad_(True)
     wrapped = wrap_ddp(dd2, info, find_unused_parameters=True)

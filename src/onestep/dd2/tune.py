@@ -31,7 +31,8 @@ from onestep.distributed import DistInfo, wrap_ddp
 from onestep.dd2.losses import dsm_loss, gts_loss
 from onestep.dd2.model import ARDiffusion, MLPHead
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
-from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, guarded_step, prepare_run_dir, warmup_cosine
+from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
+                             warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -160,15 +161,14 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
         raise ValueError(f"{teacher_dir} is not a continuous-input teacher: run `onestep dd2 adapt` (stage 0) first")
     teacher.requires_grad_(False).eval()
     model = build_ardiffusion(teacher, cfg)
-    config = {"kind": "dd2-ardiffusion", "stage": "dd2-tune", "tune": cfg.to_dict(), "sampling": sampling.to_dict(),
+    config = {"kind": "dd2-ardiffusion", "stage": "dd2-tune", "tune": cfg, "sampling": sampling,
               "teacher_dir": ref_to(teacher_dir, run_dir), "model": ardiffusion_config(tconf, model.head)}
-    run_dir = prepare_run_dir(run_dir, config, info,
-                              defaults={"tune": TuneConfig().to_dict(), "sampling": SamplingConfig().to_dict()})
+    run_dir = prepare_run_dir(run_dir, config, info)
     t0, c0 = time.time(), time.process_time()
     ids, labels = teacher_pool(Path(run_dir) / "pool.npz", teacher, cfg.n_pool, teacher.num_classes, sampling, cfg.seed)
     pool_time, pool_cpu = time.time() - t0, time.process_time() - c0
     objective = TuneObjective(model, teacher, sampling, cfg)
-    opt = torch.optim.AdamW([{"params": list(model.backbone.parameters())}, {"params": list(model.head.parameters())}],
+    opt = make_optimizer(torch.optim.AdamW, [{"params": list(model.backbone.parameters())}, {"params": list(model.head.parameters())}],
                             betas=(0.9, 0.95), weight_decay=0.0)
     wrapped = wrap_ddp(objective, info, find_unused_parameters=True)
     loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),

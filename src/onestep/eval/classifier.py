@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onestep import checkpoint as ckpt
+from onestep.trainer import make_optimizer
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def train_classifier(train_images, train_labels, test_images, test_labels, cfg: 
     model = Classifier(cfg)
     steps_per_epoch = len(train_images) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch if max_steps is None else max_steps
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    opt = make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 2), pct_start=0.15)
     t0 = time.time()
     model.train()

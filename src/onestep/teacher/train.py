@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from onestep import checkpoint as ckpt
 from onestep.distributed import DistInfo, wrap_ddp
 from onestep.teacher.llamagen import GPT, model_args
-from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, autocast, guarded_step, prepare_run_dir, set_lr, warmup_cosine
+from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, autocast, guarded_step, make_optimizer,
+                             prepare_run_dir, set_lr, warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -96,18 +97,18 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
     torch.manual_seed(cfg.seed)
     tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, info.device)
     ds = subset(load_dataset(data, "train", root=data_root), cfg.max_train_items)
-    config = {"kind": "teacher", "family": "llamagen", "train": cfg.to_dict(), "tokenizer_dir": ref_to(tokenizer_dir, run_dir),
+    config = {"kind": "teacher", "family": "llamagen", "train": cfg, "tokenizer_dir": ref_to(tokenizer_dir, run_dir),
               "data": data, "data_root": data_root}
     model = build_teacher(cfg.preset, tokenizer, len(ds.class_names), cfg.class_dropout_prob).to(info.device)
     config["model"] = model.args.to_dict()
-    run_dir = prepare_run_dir(run_dir, config, info, defaults={"train": TeacherTrainConfig().to_dict()})
+    run_dir = prepare_run_dir(run_dir, config, info)
     ids = cached_tokens(run_dir, tokenizer, ds, "train", info.device) if info.is_main else None
     if info.enabled:
         torch.distributed.barrier()
         if ids is None:
             ids = cached_tokens(run_dir, tokenizer, ds, "train", info.device)
     labels = ds.labels
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     ddp = wrap_ddp(model, info)
     loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every, cfg.amp),
                      {"model": model}, {"model": opt}, {"model": config}, info, desc="teacher")

@@ -133,7 +133,8 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
     from onestep import checkpoint as ckpt
     from onestep.data import load_dataset, to_float
     from onestep.distributed import wrap_ddp
-    from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, guarded_step, prepare_run_dir, set_lr, warmup_cosine
+    from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
+                                 set_lr, warmup_cosine)
 
     info = info or DistInfo()
     torch.manual_seed(cfg.seed)
@@ -142,10 +143,10 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
     if H != W:
         raise ValueError(f"tokenizer needs square images, got {H}x{W}")
     model = build_tokenizer(cfg.preset, H, C).to(info.device)
-    config = {"kind": "tokenizer", "train": cfg.to_dict(), "model": model.config.to_dict(), "data": data,
+    config = {"kind": "tokenizer", "train": cfg, "model": model.config.to_dict(), "data": data,
               "data_root": data_root, "class_names": ds.class_names}
-    run_dir = prepare_run_dir(run_dir, config, info, defaults={"train": VQTrainConfig().to_dict()})
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    run_dir = prepare_run_dir(run_dir, config, info)
+    opt = make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     ddp = wrap_ddp(model, info)
     loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),
                      {"model": model}, {"model": opt}, {"model": config}, info, desc="tokenizer")

@@ -1,0 +1,250 @@
+"""VAR-style next-scale teacher: official layout, multi-scale quantiser, block causality, KV cache, and the
+teacher contract DD2 relies on (continuous prefixes, per-scale generator causality, CSD on a VAR teacher)."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
+from onestep.teacher.var import (OFFICIAL_PHI_INDEX, VAR, VAR_PRESETS, MultiScaleQuantizer, multiscale_inputs,
+                                 phi_index_for, var_args)
+from test_teacher import FIXTURES
+
+
+@pytest.fixture
+def tiny_var():
+    """A tiny VAR (scales 1, 2, 3: 14 tokens) with random non-zero weights and a random quantiser, in eval mode."""
+    torch.manual_seed(0)
+    args = var_args("tiny")
+    q = MultiScaleQuantizer(args)
+    for p in q.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    m = VAR(args, q)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return m.eval(), q
+
+
+@pytest.mark.parametrize("preset,fixture", [("VAR-d16", "var-d16"), ("VAR-d20", "var-d20"), ("VAR-d24", "var-d24"),
+                                            ("VAR-d30", "var-d30")])
+def test_official_layout_matches_fixture(preset, fixture):
+    path = FIXTURES / f"{fixture}.json"
+    if not path.exists():
+        pytest.skip(f"fixture {path} not available")
+    ref = json.loads(path.read_text())
+    with torch.device("meta"):
+        m = VAR(VAR_PRESETS[preset])
+    sd = m.state_dict()
+    assert list(sd) == list(ref["state_dict"]), "key order differs from the official state_dict"
+    for k, v in sd.items():
+        assert list(v.shape) == ref["state_dict"][k]["shape"], k
+        assert str(v.dtype).replace("torch.", "") == ref["state_dict"][k]["dtype"], k
+    assert sum(p.numel() for p in m.parameters()) == ref["num_params"]
+    assert sorted(ref["persistent_buffers_in_state_dict"]) == sorted(k for k, _ in m.named_buffers() if k in sd)
+
+
+def test_quantizer_layout_matches_the_official_vqvae_quantize_keys():
+    path = FIXTURES / "var-vqvae-ch160-v4096-z32.json"
+    if not path.exists():
+        pytest.skip(f"fixture {path} not available")
+    ref = json.loads(path.read_text())
+    expected = {k[len("quantize."):]: v for k, v in ref["state_dict"].items() if k.startswith("quantize.")}
+    sd = MultiScaleQuantizer(VAR_PRESETS["VAR-d16"]).state_dict()
+    assert list(sd) == list(expected)
+    assert all(list(v.shape) == expected[k]["shape"] for k, v in sd.items())
+    assert list(OFFICIAL_PHI_INDEX) == ref["config"]["phi_index_per_scale"]
+
+
+def test_phi_index_rule_and_presets():
+    assert phi_index_for(6, 4) == VAR_PRESETS["small"].phi_index == (0, 0, 1, 2, 3, 3)
+    # the official mapping agrees with the rule away from its two ties (scales 2 and 7)
+    rule = phi_index_for(10, 4)
+    assert all(rule[k] == OFFICIAL_PHI_INDEX[k] for k in range(10) if k not in (2, 7))
+    for name, a in VAR_PRESETS.items():
+        assert len(a.ar_steps()) == len(a.patch_nums) and a.ar_steps()[-1][1] == a.seq_len, name
+    assert VAR_PRESETS["VAR-d16"].seq_len == 680
+    with pytest.raises(ValueError, match="phi_index"):
+        var_args("tiny", phi_index=(0, 2, 1))
+
+
+def test_residual_quantisation_reconstructs_f_hat_from_its_ids(tiny_var):
+    """quantize(f) -> ids; the f_hat rebuilt from the ids' code vectors (the teacher's input path) is the
+    quantiser's own f_hat, and with more scales the residual shrinks."""
+    _, q = tiny_var
+    a = q.args
+    f = torch.randn(4, a.code_dim, a.latent_size, a.latent_size, generator=torch.Generator().manual_seed(3))
+    ids, f_hat = q.quantize(f)
+    assert ids.shape == (4, a.seq_len)
+    torch.testing.assert_close(q.f_hat(q.embedding.weight[ids]), f_hat, atol=1e-5, rtol=0)
+    # the first scale alone: the 1x1 code nearest to the area mean of f
+    z0 = f.mean((2, 3))
+    assert torch.equal(ids[:, 0], torch.cdist(z0, q.embedding.weight).argmin(1))
+
+
+def test_scale_inputs_are_area_downsampled_f_hat_by_hand(tiny_var):
+    """The input of scale k is area-down(sum_{j<k} phi_j(bicubic-up(x_j))), written out for scales 1 and 2."""
+    m, q = tiny_var
+    a = m.args
+    x = torch.randn(2, a.seq_len, a.code_dim, generator=torch.Generator().manual_seed(5))
+    inputs, _ = multiscale_inputs(x, a, m.codebook(), m.phi_w, m.phi_b)
+    x0 = x[:, :1].transpose(1, 2).reshape(2, -1, 1, 1)
+    x1 = x[:, 1:5].transpose(1, 2).reshape(2, -1, 2, 2)
+    up0 = F.interpolate(x0, size=(3, 3), mode="bicubic")
+    up1 = F.interpolate(x1, size=(3, 3), mode="bicubic")
+    r = a.quant_resi
+
+    def phi(j, h):  # phi(h) = (1 - r) h + r conv3x3_j(h), conv j of the quantiser
+        return (1 - r) * h + r * q.quant_resi.qresi_ls[j](h)
+
+    f1 = phi(a.phi_index[0], up0)
+    f2 = f1 + phi(a.phi_index[1], up1)
+    want1 = F.interpolate(f1, size=(2, 2), mode="area").flatten(2).transpose(1, 2)
+    want2 = f2.flatten(2).transpose(1, 2)  # the last scale is the latent size: no resampling
+    torch.testing.assert_close(inputs, torch.cat([want1, want2], 1), atol=1e-5, rtol=0)
+
+
+def test_attention_and_adaln_follow_vars_formulas_by_hand():
+    """One block written out from the official description: qkv bias [q_bias, 0, v_bias]; q, k l2-normalised per
+    head, q times exp(min(s_h, ln 100)), softmax temperature 1; AdaLN chunks gamma1, gamma2, scale1, scale2, shift1,
+    shift2; FFN with tanh GELU; and head_nm's chunks (scale, shift)."""
+    import math
+
+    from onestep.teacher.var import AdaLNBeforeHead, AdaLNSelfAttn
+
+    torch.manual_seed(0)
+    a = var_args("tiny")
+    C, H, D = a.embed_dim, a.num_heads, a.embed_dim // a.num_heads
+    blk = AdaLNSelfAttn(a)
+    for p in blk.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    with torch.no_grad():
+        blk.attn.scale_mul_1H11.copy_(torch.tensor([1.0, 6.0]).view(1, H, 1, 1))  # head 1 above ln 100: clamped
+    B, L = 2, 5
+    x, cond = torch.randn(B, L, C), torch.randn(B, C)
+    mask = torch.where(torch.rand(L, L) < 0.3, -torch.inf, 0.0).fill_diagonal_(0.0)
+    ada = blk.ada_lin[1](F.silu(cond))
+    gamma1, gamma2, scale1, scale2, shift1, shift2 = (ada[:, i * C:(i + 1) * C, None].transpose(1, 2) for i in range(6))
+
+    def ln(z):
+        return F.layer_norm(z, (C,), eps=1e-6)
+
+    def attn(z):
+        at = blk.attn
+        qkv = z @ at.mat_qkv.weight.T + torch.cat([at.q_bias, torch.zeros(C), at.v_bias])
+        q, k, v = (t.view(B, L, H, D).transpose(1, 2) for t in qkv.split(C, -1))
+        mul = torch.tensor([math.exp(1.0), 100.0]).view(1, H, 1, 1)
+        q, k = q / q.norm(dim=-1, keepdim=True) * mul, k / k.norm(dim=-1, keepdim=True)
+        y = torch.softmax(q @ k.transpose(-1, -2) + mask, -1) @ v
+        return at.proj(y.transpose(1, 2).reshape(B, L, C))
+
+    def ffn(z):
+        h = blk.ffn.fc1(z)
+        return blk.ffn.fc2(0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3))))
+
+    h = x + gamma1 * attn(ln(x) * (1 + scale1) + shift1)
+    want = h + gamma2 * ffn(ln(h) * (1 + scale2) + shift2)
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x, cond, mask[None, None]), want.detach(), atol=1e-5, rtol=1e-5)
+        nm = AdaLNBeforeHead(a)
+        torch.nn.init.normal_(nm.ada_lin[1].weight, std=0.3)
+        sc = nm.ada_lin[1](F.silu(cond))
+        torch.testing.assert_close(nm(x, cond), ln(x) * (1 + sc[:, None, :C]) + sc[:, None, C:], atol=1e-5, rtol=1e-5)
+
+
+def test_features_are_block_causal_over_scales(tiny_var):
+    """Rows of scale k see x at scales < k only: every token of their own and later scales may change."""
+    m, _ = tiny_var
+    steps = m.ar_steps()
+    ids = torch.randint(m.vocab_size, (2, m.seq_len), generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([3, 7])
+    with torch.no_grad():
+        h = m.features(ids, labels)
+        for k, (a, b) in enumerate(steps):
+            ids2 = ids.clone()
+            ids2[:, a:] = (ids2[:, a:] + 1) % m.vocab_size  # change scale k and everything after it
+            h2 = m.features(ids2, labels)
+            assert torch.equal(h[:, :b], h2[:, :b]), k  # rows up to the end of scale k are unchanged
+            if b < m.seq_len:
+                assert not torch.allclose(h[:, b:], h2[:, b:]), k
+
+
+def test_kv_cache_logits_equal_full_forward(tiny_var):
+    m, _ = tiny_var
+    ids = torch.randint(m.vocab_size, (3, m.seq_len), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 5, m.num_classes])  # includes the null class
+    x = m.codebook()[ids] + 0.1 * torch.randn(3, m.seq_len, m.code_dim)  # continuous inputs too
+    with torch.no_grad():
+        for inp in (ids, x):
+            full = m(inp, labels)
+            cache, steps, out = m.new_cache(3, "cpu"), m.ar_steps(), []
+            for k, (a, b) in enumerate(steps):
+                prev = None if k == 0 else inp[:, steps[k - 1][0]:steps[k - 1][1]]
+                out.append(m.head(m.step(cache, prev, labels, k)))
+            torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=0)
+
+
+def test_sampling_with_and_without_cache_agree_with_vars_cfg_ramp(tiny_var):
+    m, _ = tiny_var
+    labels = torch.tensor([1, 2, 3, 4])
+    cfg = SamplingConfig(cfg_scale=2.5, cfg_schedule="linear", temperature=0.9, top_k=8)
+    a = sample_tokens(m, labels, cfg, torch.Generator().manual_seed(0), use_cache=True)
+    b = sample_tokens(m, labels, cfg, torch.Generator().manual_seed(0), use_cache=False)
+    assert torch.equal(a, b)
+    # VAR's ramp with its cfg = 1.5: t = 1.5 k / (K - 1), logits = (1 + t) cond - t uncond
+    with torch.no_grad():
+        cond, unc = m(a, labels), m(a, torch.full_like(labels, m.num_classes))
+    t = torch.cat([torch.full((b_ - a_,), 1.5 * k / 2) for k, (a_, b_) in enumerate(m.ar_steps())])[None, :, None]
+    want = torch.log_softmax(((1 + t) * cond - t * unc) / 0.9, -1)
+    got = teacher_log_probs(m, a, labels, SamplingConfig(cfg_scale=2.5, cfg_schedule="linear", temperature=0.9))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_class_dropout_only_in_training_mode(tiny_var):
+    m, _ = tiny_var
+    labels = torch.zeros(1000, dtype=torch.long)
+    assert torch.equal(m.eval().drop_labels(labels), labels)
+    dropped = (m.train().drop_labels(labels, torch.Generator().manual_seed(0)) == m.num_classes).float().mean()
+    m.eval()
+    assert abs(dropped.item() - m.args.class_dropout_prob) < 0.04
+
+
+def test_set_quantizer_rejects_a_mismatched_quantizer(tiny_var):
+    m, _ = tiny_var
+    with pytest.raises(ValueError, match="codebook_VC"):
+        m.set_quantizer(MultiScaleQuantizer(var_args("tiny", vocab_size=32)))
+    with pytest.raises(ValueError, match="scales"):
+        m.set_quantizer(MultiScaleQuantizer(var_args("tiny", patch_nums=(1, 3), phi_index=(0, 1))))
+
+
+def test_dd2_runs_on_a_var_teacher_with_per_scale_causality(tiny_var):
+    """The DD2 contract on the VAR family: the AR-diffusion model on a VAR backbone is a one-step generator whose
+    scale k depends on the noise of scales <= k only (the backbone reads the noise shifted by one SCALE), and the
+    CSD generator turn reaches only the generator, with teacher probabilities from the linear CFG ramp."""
+    from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
+    from onestep.dd2.model import ARDiffusion, MLPHead
+
+    m, _ = tiny_var
+    gen = ARDiffusion(copy.deepcopy(m).train(), MLPHead(m.code_dim, m.feature_dim, 32, 2, time_dim=16))
+    for p in gen.head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    eps = torch.randn(2, m.seq_len, m.code_dim, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        x = gen.generate(eps, labels)
+        for k, (a, b) in enumerate(m.ar_steps()):
+            eps2 = eps.clone()
+            eps2[:, b:] += 1.0  # later scales' noise
+            assert torch.equal(gen.generate(eps2, labels)[:, :b], x[:, :b]), k
+            eps3 = eps.clone()
+            eps3[:, a:b] += 1.0  # this scale's noise changes this scale
+            assert not torch.allclose(gen.generate(eps3, labels)[:, a:b], x[:, a:b]), k
+    sampling = SamplingConfig(cfg_scale=2.0, cfg_schedule="linear")
+    dd2 = DD2(gen, copy.deepcopy(gen), m, sampling, CSDConfig(batch_size=2, guidance_steps=1, warmup_steps=0))
+    before = [p.detach().clone() for p in m.parameters()]
+    sched = CSDSchedule(dd2)
+    logs = sched.step(0, lambda: labels, torch.Generator().manual_seed(1))
+    assert not logs["nonfinite"] and logs["score_gap"] >= 0
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # the teacher is frozen
+    assert all(p.grad is None for p in m.parameters())

@@ -248,3 +248,65 @@ def test_dd2_runs_on_a_var_teacher_with_per_scale_causality(tiny_var):
     assert not logs["nonfinite"] and logs["score_gap"] >= 0
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # the teacher is frozen
     assert all(p.grad is None for p in m.parameters())
+
+
+# ---- the multi-scale VQ tokenizer (VQVAE) ---------------------------------------------------------------------
+def test_vqvae_official_layout_matches_fixture():
+    from onestep.tokenizer.msvq import VQVAE, VQVAE_PRESETS
+
+    path = FIXTURES / "var-vqvae-ch160-v4096-z32.json"
+    if not path.exists():
+        pytest.skip(f"fixture {path} not available")
+    ref = json.loads(path.read_text())
+    with torch.device("meta"):
+        m = VQVAE(VQVAE_PRESETS["vae-ch160"])
+    sd = m.state_dict()
+    assert list(sd) == list(ref["state_dict"]), "key order differs from the official state_dict"
+    assert all(list(v.shape) == ref["state_dict"][k]["shape"] for k, v in sd.items())
+    assert sum(p.numel() for p in m.parameters()) == ref["num_params"]
+
+
+def test_vqvae_training_pass_straight_through_and_codebook_state():
+    """The training pass: f_hat is straight-through (the encoder gets the decoder's gradient), the codebook and the
+    phi convs get the |f_hat - sg(f)|^2 gradient; the first training pass initialises the codebook from latents and
+    records hits in ema_vocab_hit_SV (the only state: a second pass or a reload does not re-initialise); the ids of
+    the training pass are those of encode_ids; decode_ids inverts to images of the data's shape."""
+    from onestep.tokenizer.msvq import VQVAE, vqvae_config
+
+    torch.manual_seed(0)
+    m = VQVAE(vqvae_config("var-tiny", restart_below=0.0)).train()
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    before = m.quantize.embedding.weight.detach().clone()
+    rec, ids, losses = m(x, g)
+    assert not torch.equal(before, m.quantize.embedding.weight)  # initialised from the batch's latents
+    assert m.quantize.ema_vocab_hit_SV.sum() == ids.numel()  # the first pass sets the hit counts
+    (torch.nn.functional.mse_loss(rec, x) + losses["vq"]).backward()
+    for mod in (m.encoder.conv_in, m.quant_conv, m.decoder.conv_out, m.quantize.quant_resi.qresi_ls[0]):
+        assert mod.weight.grad is not None and mod.weight.grad.abs().sum() > 0
+    assert m.quantize.embedding.weight.grad.abs().sum() > 0
+    init = m.quantize.embedding.weight.detach().clone()
+    m.eval()
+    assert torch.equal(m.encode_ids(x), ids)
+    m.train()
+    m(x, g)  # a second pass: no re-initialisation
+    assert torch.equal(init, m.quantize.embedding.weight)
+    fresh = VQVAE(vqvae_config("var-tiny", restart_below=0.0))
+    fresh.load_state_dict(m.state_dict())  # the hit EMA travels in the (official) state_dict
+    fresh.train()(x, g)
+    assert torch.equal(init, fresh.quantize.embedding.weight)
+    assert m.eval().decode_ids(ids).shape == x.shape
+
+
+def test_vqvae_restarts_dead_codes_at_residuals():
+    from onestep.tokenizer.msvq import VQVAE, vqvae_config
+
+    torch.manual_seed(0)
+    m = VQVAE(vqvae_config("var-tiny", restart_below=0.5)).train()
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    m(x, g)  # initialisation step: no restarts
+    m.quantize.ema_vocab_hit_SV[:, :5] = 0.0  # five codes unused
+    _, _, losses = m(x, g)
+    assert losses["restarted"] >= 5
+    assert (m.quantize.ema_vocab_hit_SV[:, :5].sum(0) > 0).all()  # restarted codes get a grace EMA

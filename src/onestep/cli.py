@@ -25,6 +25,9 @@ def add_data(p: argparse.ArgumentParser) -> None:
 def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = 2.0) -> None:
     g = p.add_argument_group("teacher sampling rule (also defines p for DD1's map and DD2's teacher score)")
     g.add_argument("--cfg-scale", type=float, default=cfg_scale, help=f"classifier-free guidance (default {cfg_scale}; 1 = off)")
+    g.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant",
+                   help="guidance over AR steps: constant (LlamaGen), or linear from 1 at the first step to the scale "
+                        "at the last (VAR's ramp; VAR's cfg c is --cfg-scale 1+c)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
 
         if os.environ.get("ONESTEP_DEBUG"):
             raise
-        print(f"onestep {args.command}: error: {e}", file=sys.stderr)
+        stage = getattr(args, f"{args.command}_command", None)  # onestep dd1 STAGE / dd2 STAGE
+        print(f"onestep {args.command}{' ' + stage if stage else ''}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)

@@ -58,7 +58,7 @@ def teacher_sampler(teacher, tokenizer, cfg: SamplingConfig, use_cache: bool = T
 
 
 def sampling_config_from_args(args) -> SamplingConfig:
-    return SamplingConfig(cfg_scale=args.cfg_scale, cfg_schedule=getattr(args, "cfg_schedule", "constant"),
+    return SamplingConfig(cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 

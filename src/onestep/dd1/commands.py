@@ -35,17 +35,6 @@ def _sampling(args, fallback=None):
     return SamplingConfig(**{k: v for k, v in vals.items() if v is not None})
 
 
-def _clear_errors(fn):
-    """Bad input (ValueError) ends the command with its message instead of a traceback."""
-    def run(args) -> None:
-        try:
-            fn(args)
-        except ValueError as e:
-            raise SystemExit(f"onestep dd1 {args.dd1_command}: error: {e}") from None
-    return run
-
-
-@_clear_errors
 def cmd_pairs(args) -> None:
     from onestep.dd1.stages import make_pairs
     from onestep.distributed import cleanup, setup
@@ -60,7 +49,6 @@ def cmd_pairs(args) -> None:
     cleanup(info)
 
 
-@_clear_errors
 def cmd_train(args) -> None:
     from onestep.dd1.pairs import MANIFEST, read_manifest
     from onestep.dd1.stages import train_dd1

@@ -201,6 +201,9 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     cfg = cfg or DD1_PRESETS["small"]
     info = info or DistInfo()
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
+    if tconf.get("family", "llamagen") != "llamagen":
+        raise ValueError(f"{teacher_dir} is a {tconf['family']!r} teacher: DD1's generator is implemented for "
+                         "LlamaGen-style teachers only (its pairs, `onestep dd1 pairs`, work for every family)")
     man = check_pairs(pairs_dir, teacher_dir, teacher)
     pair_sampling = SamplingConfig(**man["sampling"])
     if sampling_cfg is not None and sampling_cfg != pair_sampling:

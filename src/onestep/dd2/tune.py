@@ -83,20 +83,25 @@ def build_ardiffusion(teacher, cfg: TuneConfig) -> ARDiffusion:
 
 
 def ardiffusion_config(teacher_cfg: dict, head: MLPHead) -> dict:
-    return {"backbone": teacher_cfg["model"], "head": head.config()}
+    return {"family": teacher_cfg.get("family", "llamagen"), "backbone": teacher_cfg["model"], "head": head.config()}
 
 
 def load_ardiffusion(model_dir: str | Path, device="cpu") -> tuple[ARDiffusion, dict]:
     """(ARDiffusion, config) from a model directory written by stage 1 or 2 (strict load)."""
     from onestep.runs import final_dir, load_teacher, resolve_ref
     from onestep.teacher.llamagen import GPT, ModelArgs
+    from onestep.teacher.var import VAR, VARArgs
 
     d = final_dir(model_dir)
     config = ckpt.read_json(d / "config.json")
     if config.get("kind") not in ("dd2-ardiffusion", "dd2-generator"):
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} model, not a DD2 AR-diffusion model")
     teacher, _, _ = load_teacher(resolve_ref(config["teacher_dir"], d), "cpu", with_tokenizer=True)
-    backbone = GPT(ModelArgs.from_dict(config["model"]["backbone"]), codebook=teacher.codebook().cpu())
+    if config["model"].get("family", "llamagen") == "var":
+        backbone = VAR(VARArgs.from_dict(config["model"]["backbone"]))
+        backbone.copy_quantizer(teacher)
+    else:
+        backbone = GPT(ModelArgs.from_dict(config["model"]["backbone"]), codebook=teacher.codebook().cpu())
     model = ARDiffusion(backbone, MLPHead(**config["model"]["head"]), config["model"].get("generator_t", 1.0))
     ckpt.load_model_weights(d, model)
     return model.to(device).eval(), config
@@ -157,7 +162,8 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
 
     info = info or DistInfo()
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
-    if tconf["model"].get("input_embedding") != "mlp":
+    # a VAR teacher reads code vectors natively (through f_hat): it needs no stage 0
+    if tconf.get("family", "llamagen") != "var" and tconf["model"].get("input_embedding") != "mlp":
         raise ValueError(f"{teacher_dir} is not a continuous-input teacher: run `onestep dd2 adapt` (stage 0) first")
     teacher.requires_grad_(False).eval()
     model = build_ardiffusion(teacher, cfg)

@@ -79,8 +79,17 @@ def cached_tokens(run_dir: Path, tokenizer, dataset, split: str, device="cpu") -
     return ids
 
 
-def build_teacher(preset: str, tokenizer, num_classes: int, class_dropout_prob: float = 0.1, **overrides) -> GPT:
-    """A GPT preset sized to the tokenizer (vocab, grid, code dim) and the data set's classes."""
+def build_teacher(preset: str, tokenizer, num_classes: int, class_dropout_prob: float = 0.1, **overrides):
+    """A teacher preset of the tokenizer's family sized to the tokenizer and the data set's classes: a GPT (vocab, grid,
+    code dim) for a raster VQ tokenizer, a VAR (vocab, code dim, scales, phi convs) for a multi-scale one."""
+    if getattr(tokenizer, "family", "llamagen") == "var":
+        from onestep.teacher.var import VAR, var_args
+
+        c = tokenizer.config
+        args = var_args(preset, vocab_size=c.codebook_size, code_dim=c.code_dim, patch_nums=c.patch_nums,
+                        num_phi=c.num_phi, phi_index=c.phi_index, quant_resi=c.quant_resi, num_classes=num_classes,
+                        class_dropout_prob=class_dropout_prob, **overrides)
+        return VAR(args, quantizer=tokenizer.quantize)
     h, w = tokenizer.grid
     args = model_args(preset, vocab_size=tokenizer.config.codebook_size, code_dim=tokenizer.config.code_dim,
                       grid_h=h, grid_w=w, num_classes=num_classes, class_dropout_prob=class_dropout_prob, **overrides)
@@ -97,7 +106,7 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
     torch.manual_seed(cfg.seed)
     tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, info.device)
     ds = subset(load_dataset(data, "train", root=data_root), cfg.max_train_items)
-    config = {"kind": "teacher", "family": "llamagen", "train": cfg, "tokenizer_dir": ref_to(tokenizer_dir, run_dir),
+    config = {"kind": "teacher", "family": getattr(tokenizer, "family", "llamagen"), "train": cfg, "tokenizer_dir": ref_to(tokenizer_dir, run_dir),
               "data": data, "data_root": data_root}
     model = build_teacher(cfg.preset, tokenizer, len(ds.class_names), cfg.class_dropout_prob).to(info.device)
     config["model"] = model.args.to_dict()

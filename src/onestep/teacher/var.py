@@ -357,6 +357,15 @@ class VAR(ARTeacher):
                 raise ValueError(f"quantiser {name} has shape {tuple(src.shape)}, the teacher expects {tuple(dst.shape)}")
             dst.copy_(src)
 
+    @torch.no_grad()
+    def copy_quantizer(self, other: "VAR") -> None:
+        """The frozen quantiser copy of another VAR of the same shape (DD2's backbones copy the teacher's)."""
+        for name in ("codebook_VC", "phi_w", "phi_b"):
+            src, dst = getattr(other, name), getattr(self, name)
+            if src.shape != dst.shape:
+                raise ValueError(f"{name}: shape {tuple(src.shape)} != expected {tuple(dst.shape)}")
+            dst.copy_(src)
+
     def codebook(self) -> Tensor:
         return self.codebook_VC
 

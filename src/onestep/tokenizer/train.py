@@ -51,6 +51,9 @@ VQ_TRAIN_PRESETS: dict[str, VQTrainConfig] = {
     "tiny": VQTrainConfig(preset="tiny", steps=20, batch_size=16, warmup_steps=2, log_every=5, ckpt_every=10),
     "small": VQTrainConfig(preset="small", steps=2000),
     "default": VQTrainConfig(preset="default", steps=1500),
+    # VAR's multi-scale residual VQ (tokenizer/msvq.py)
+    "var-tiny": VQTrainConfig(preset="var-tiny", steps=20, batch_size=16, warmup_steps=2, log_every=5, ckpt_every=10),
+    "var-small": VQTrainConfig(preset="var-small", steps=2000),
 }
 
 
@@ -78,6 +81,11 @@ def tokenizer_loss(model, images: torch.Tensor, generator: torch.Generator | Non
     if "entropy" in losses:
         logs["entropy"] = losses["entropy"].item()
     return loss, logs
+
+
+def tokenizer_family(model) -> str:
+    """"llamagen" (single-scale raster VQ) or "var" (multi-scale residual VQ)."""
+    return getattr(unwrap(model), "family", "llamagen")
 
 
 def _psnr(mse: float, peak: float) -> float:
@@ -119,8 +127,13 @@ def evaluate_tokenizer(model: VQModel, images_uint8: torch.Tensor, batch_size: i
             "rec_loss": sqf / n_pix, "codebook_usage": used / V, "codes_used": used}
 
 
-def build_tokenizer(preset: str, image_size: int, in_channels: int, **overrides) -> VQModel:
-    """A VQModel from ``VQ_PRESETS[preset]`` sized to the data (image size, channels)."""
+def build_tokenizer(preset: str, image_size: int, in_channels: int, **overrides):
+    """A tokenizer sized to the data (image size, channels): a VQModel from ``VQ_PRESETS[preset]`` (LlamaGen family) or
+    a multi-scale VQVAE from ``VQVAE_PRESETS[preset]`` (VAR family, presets ``var-*``)."""
+    from onestep.tokenizer.msvq import VQVAE, VQVAE_PRESETS, vqvae_config
+
+    if preset in VQVAE_PRESETS:
+        return VQVAE(vqvae_config(preset, image_size=image_size, in_channels=in_channels, **overrides))
     return VQModel(vq_config(preset, image_size=image_size, in_channels=in_channels, **overrides))
 
 
@@ -143,7 +156,7 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
     if H != W:
         raise ValueError(f"tokenizer needs square images, got {H}x{W}")
     model = build_tokenizer(cfg.preset, H, C).to(info.device)
-    config = {"kind": "tokenizer", "train": cfg, "model": model.config.to_dict(), "data": data,
+    config = {"kind": "tokenizer", "family": tokenizer_family(model), "train": cfg, "model": model.config.to_dict(), "data": data,
               "data_root": data_root, "class_names": ds.class_names}
     run_dir = prepare_run_dir(run_dir, config, info)
     opt = make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)

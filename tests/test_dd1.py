@@ -252,6 +252,9 @@ class _OracleGenerator(torch.nn.Module):
         self.teacher, self.cfg, self.ode = teacher, cfg, ode
         self.seq_len, self.code_dim, self.dummy = teacher.seq_len, teacher.code_dim, torch.nn.Parameter(torch.zeros(1))
 
+    def ar_steps(self):
+        return self.teacher.ar_steps()
+
     def forward(self, ids, eps, clean, labels):
         k = int(clean[0].sum())
         assert (clean.sum(1) == k).all() and clean[:, :k].all()

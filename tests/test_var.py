@@ -310,3 +310,114 @@ def test_vqvae_restarts_dead_codes_at_residuals():
     _, _, losses = m(x, g)
     assert losses["restarted"] >= 5
     assert (m.quantize.ema_vocab_hit_SV[:, :5].sum(0) > 0).all()  # restarted codes get a grace EMA
+
+
+# ---- VAR-DD: the DD1 generator of the VAR family -----------------------------------------------------------------
+@pytest.mark.parametrize("preset,fixture", [("VAR-d16", "dd1-var-d16"), ("VAR-d20", "dd1-var-d20"),
+                                            ("VAR-d24", "dd1-var-d24")])
+def test_var_dd_layout_matches_fixture(preset, fixture):
+    from onestep.dd1.var_model import VARDD1Generator
+
+    path = FIXTURES / f"{fixture}.json"
+    if not path.exists():
+        pytest.skip(f"fixture {path} not available")
+    ref = json.loads(path.read_text())
+    with torch.device("meta"):
+        m = VARDD1Generator(VAR_PRESETS[preset], conti_head=True)
+    sd = m.state_dict()
+    assert list(sd) == list(ref["state_dict"]), "key order differs from the released VAR-DD state_dict"
+    assert all(list(v.shape) == ref["state_dict"][k]["shape"] for k, v in sd.items())
+    assert sum(p.numel() for p in m.parameters()) == ref["num_params"]
+
+
+def test_var_dd_sees_strictly_earlier_scales_and_itself(tiny_var):
+    """Output token i (scale k) depends on x_i and on the scales before k only; the clean prefix is read from ids,
+    the rest from eps; the teacher's weights are copied with the extra slot."""
+    from onestep.dd1.model import clean_mask
+    from onestep.dd1.var_model import VARDD1Generator
+
+    teacher, _ = tiny_var
+    m = VARDD1Generator.from_teacher(teacher).eval()
+    assert torch.equal(m.blocks[1].ffn.fc2.weight, teacher.blocks[1].ffn.fc2.weight)
+    assert torch.equal(m.lvl_embed.weight[2:], teacher.lvl_embed.weight[1:])
+    assert torch.equal(m.lvl_embed.weight[1], teacher.lvl_embed.weight[0])
+    assert torch.equal(m.codebook(), teacher.codebook()) and not m.n_d_embed.weight.any()
+    with torch.no_grad():
+        m.n_d_embed.weight.normal_()
+        for lin in m.layerwise_n_d_embed:
+            lin.weight.normal_(std=0.1)
+    n, V = teacher.seq_len, teacher.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids, eps = torch.randint(V, (2, n), generator=g), torch.randn(2, n, teacher.code_dim, generator=g)
+    labels = torch.tensor([1, 2])
+    clean = clean_mask(torch.tensor([1, 1]), n)  # scale 0 clean
+    with torch.no_grad():
+        out = m(ids, eps, clean, labels)
+        ids2, eps2 = ids.clone(), eps.clone()
+        ids2[:, 1:] = (ids2[:, 1:] + 1) % V  # ids at noise positions are ignored
+        eps2[:, 0] += 1.0  # eps at clean positions too
+        torch.testing.assert_close(m(ids2, eps2, clean, labels), out, atol=1e-5, rtol=0)
+        # token 2 sits in scale 1 (positions 1..4): other tokens of scale 1 and later scales do not reach it
+        eps3 = eps.clone()
+        eps3[:, [1, 3, 4, 6, 10]] += 1.0
+        torch.testing.assert_close(m(ids, eps3, clean, labels)[:, 2], out[:, 2], atol=1e-5, rtol=0)
+        eps4 = eps.clone()
+        eps4[:, 2] += 1.0  # its own noise does
+        assert not torch.allclose(m(ids, eps4, clean, labels)[:, 2], out[:, 2])
+        # a token of scale 2 sees every token of scale 1
+        eps5 = eps.clone()
+        eps5[:, 3] += 1.0
+        assert not torch.allclose(m(ids, eps5, clean, labels)[:, 7], out[:, 7])
+
+
+def test_var_dd_trains_on_the_var_flow_map_and_samples_at_scale_boundaries(tiny_var, tmp_path):
+    """DD1 on a VAR teacher: the pairs come from the teacher's per-scale flow map, trajectory points and the
+    2-step split fall on scale boundaries, and a few steps of training lower the loss."""
+    import numpy as np
+
+    from onestep.dd1 import pairs, sampling
+    from onestep.dd1.flow_map import ODEConfig
+    from onestep.dd1.train import TrajectoryConfig, TrajectorySampler, fit
+    from onestep.dd1.var_model import VARDD1Generator
+
+    teacher, _ = tiny_var
+    cfg = SamplingConfig(cfg_scale=1.5, cfg_schedule="linear")
+    pairs.generate_pairs(teacher, 128, tmp_path / "p", shard_size=128, seed=0, sampling_cfg=cfg,
+                         ode=ODEConfig(n_steps=16), progress=False, eps_dtype="float32")
+    data = pairs.load_pairs(tmp_path / "p")
+    model = VARDD1Generator.from_teacher(teacher)
+    counts = TrajectorySampler(TrajectoryConfig(p_all_noise=0.0), teacher.seq_len, model.ar_steps())(
+        500, torch.Generator().manual_seed(0))
+    assert set(counts.tolist()) == {1, 5}  # the starts of scales 1 and 2
+    hist = fit(model, data, steps=40, batch_size=32, lr=2e-3, seed=0, ar_steps=model.ar_steps())
+    assert np.mean([h["loss"] for h in hist[-5:]]) < 0.8 * np.mean([h["loss"] for h in hist[:5]])
+    s = sampling.default_split(teacher.seq_len, model.ar_steps())
+    assert s == 5  # round(14 * 80 / 256) = 4 -> the nearest scale boundary
+    eps, labels = data["eps"][:4], data["labels"][:4]
+    one, two = sampling.one_step(model, eps, labels), sampling.two_step(model, eps, labels)
+    assert torch.equal(two[:, :s], one[:, :s])
+
+
+def test_var_dd_mask_and_flag_embeddings_follow_the_released_rule(tiny_var):
+    """attn_bias_for_masking is 0 exactly where level(query) > level(key) or query = key (slot 0 = the class, level
+    0; token i of scale k at slot 1 + i, level k + 1); layerwise_n_d_embed[0] is added right before block 0 (a bias
+    there equals the same shift of every slot's position embedding)."""
+    from onestep.dd1.model import clean_mask
+    from onestep.dd1.var_model import VARDD1Generator
+
+    teacher, _ = tiny_var
+    m = VARDD1Generator.from_teacher(teacher).eval()
+    lvl = [0] + [k + 1 for k, (a, b) in enumerate(teacher.ar_steps()) for _ in range(a, b)]
+    L1 = len(lvl)
+    want = torch.tensor([[0.0 if (lvl[q] > lvl[k] or q == k) else -float("inf") for k in range(L1)] for q in range(L1)])
+    assert torch.equal(m.attn_bias_for_masking[0, 0], want)
+    assert m.lvl_1L[0].tolist() == lvl
+    g = torch.Generator().manual_seed(1)
+    ids, eps = torch.randint(m.vocab_size, (2, m.seq_len), generator=g), torch.randn(2, m.seq_len, m.code_dim, generator=g)
+    clean, labels = clean_mask(torch.tensor([5, 1]), m.seq_len), torch.tensor([0, 3])
+    b = torch.randn(m.args.embed_dim, generator=g)
+    shifted = VARDD1Generator.from_teacher(teacher).eval()
+    with torch.no_grad():
+        m.layerwise_n_d_embed[0].bias.copy_(b)
+        shifted.pos_1LC.add_(b)
+        torch.testing.assert_close(m(ids, eps, clean, labels), shifted(ids, eps, clean, labels), atol=1e-5, rtol=1e-5)

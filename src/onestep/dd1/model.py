@@ -117,6 +117,10 @@ class DD1Generator(nn.Module):
     def codebook(self) -> Tensor:
         return self.codebook_VC
 
+    def ar_steps(self) -> list[tuple[int, int]]:
+        """One token per AR step (the teacher's raster order)."""
+        return [(i, i + 1) for i in range(self.seq_len)]
+
     # ---- forward --------------------------------------------------------------------------------
     def embed(self, ids: Tensor, eps: Tensor, clean: Tensor) -> Tensor:
         """(B, n) ids, (B, n, C) noise, (B, n) bool clean mask -> (B, n, dim) input embeddings (no flags)."""

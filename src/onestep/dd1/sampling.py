@@ -37,9 +37,12 @@ __all__ = ["default_split", "dd_step", "one_step", "two_step", "multi_step", "te
            "draw_noise", "dd1_sampler", "teacher_window", "build_sampler", "dd1_samplers"]
 
 
-def default_split(n: int) -> int:
-    """s = round(n * 80 / 256): the number of 1-step tokens 2-step sampling keeps (LlamaGen: 80)."""
-    return int(round(n * 80 / 256))
+def default_split(n: int, ar_steps: Sequence[tuple[int, int]] | None = None) -> int:
+    """s = round(n * 80 / 256): the number of 1-step tokens 2-step sampling keeps (LlamaGen: 80); with multi-token
+    AR steps (VAR's scales) the step boundary nearest to it (a trajectory point keeps whole steps)."""
+    s = int(round(n * 80 / 256))
+    bounds = [a for a, _ in (ar_steps or [])[1:]]
+    return min(bounds, key=lambda a: (abs(a - s), a)) if bounds else s
 
 
 def draw_noise(model, B: int, generator: torch.Generator | None = None, device=None) -> Tensor:
@@ -77,7 +80,7 @@ def multi_step(model, eps: Tensor, labels: Tensor, keep: Sequence[int]) -> Tenso
 
 
 def two_step(model, eps: Tensor, labels: Tensor, s: int | None = None) -> Tensor:
-    return multi_step(model, eps, labels, [default_split(eps.shape[1]) if s is None else s])
+    return multi_step(model, eps, labels, [default_split(eps.shape[1], model.ar_steps()) if s is None else s])
 
 
 def sample_window(teacher: ARTeacher, ids: Tensor, labels: Tensor, cfg: SamplingConfig, start: int, end: int,
@@ -144,7 +147,7 @@ def dd1_sampler(model, tokenizer, mode: str = "1step", s: int | None = None, tea
         params = num_params(model, teacher)
     else:
         steps, params = (1 if mode == "1step" else 2), num_params(model)
-    info = {"mode": mode, "s": s if s is not None else default_split(model.seq_len), "window": window,
+    info = {"mode": mode, "s": s if s is not None else default_split(model.seq_len, model.ar_steps()), "window": window,
             "teacher_mode": teacher_mode, "num_classes": model.num_classes}
     if cfg is not None:
         info["sampling"] = cfg.to_dict()
@@ -169,7 +172,7 @@ def teacher_window(teacher: ARTeacher, total_steps: int) -> tuple[int, int]:
     if not 1 <= w <= K - 2:
         raise ValueError(f"teacher-involved DD1 sampling takes 3..{K} steps (1 DD step + teacher window + 1 DD step), "
                          f"got {total_steps}")
-    s = default_split(teacher.seq_len)
+    s = default_split(teacher.seq_len, steps)
     ks = max([k for k, (a, _) in enumerate(steps) if a <= s] or [1])  # the AR step starting at or before s
     ka = max(1, min(ks, K - 1 - w))
     kb = ka + w

@@ -173,7 +173,7 @@ def _val_accuracy(model, val: dict, device, batch: int = 128) -> dict:
         one.append(one_step(model, e, lab).cpu())
         two.append(two_step(model, e, lab).cpu())
     one, two, ids = torch.cat(one), torch.cat(two), val["ids"]
-    s = default_split(ids.shape[1])
+    s = default_split(ids.shape[1], model.ar_steps())
     return {"val_acc_1step": (one == ids).float().mean().item(), "val_acc_2step": (two == ids).float().mean().item(),
             "val_acc_1step_first_s": (one[:, :s] == ids[:, :s]).float().mean().item(),
             "val_seq_exact_1step": (one == ids).all(1).float().mean().item(), "n_val": len(ids)}
@@ -194,6 +194,7 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     from onestep.dd1.model import DD1Generator
     from onestep.dd1.pairs import MANIFEST, load_pairs
     from onestep.dd1.train import TrajectorySampler, dd1_loss
+    from onestep.dd1.var_model import VARDD1Generator
     from onestep.runs import load_teacher, ref_to
     from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
                                  set_lr, warmup_cosine)
@@ -201,9 +202,6 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     cfg = cfg or DD1_PRESETS["small"]
     info = info or DistInfo()
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
-    if tconf.get("family", "llamagen") != "llamagen":
-        raise ValueError(f"{teacher_dir} is a {tconf['family']!r} teacher: DD1's generator is implemented for "
-                         "LlamaGen-style teachers only (its pairs, `onestep dd1 pairs`, work for every family)")
     man = check_pairs(pairs_dir, teacher_dir, teacher)
     pair_sampling = SamplingConfig(**man["sampling"])
     if sampling_cfg is not None and sampling_cfg != pair_sampling:
@@ -217,7 +215,10 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     train = {k: v[: N - cfg.n_val] for k, v in data.items()}
     val = {k: v[N - cfg.n_val:] for k, v in data.items()}
 
-    model = DD1Generator.from_teacher(teacher, input_mode=cfg.input_mode)
+    if tconf.get("family", "llamagen") == "var":  # VAR-DD: the input is word_embed of vectors (no input_mode)
+        model = VARDD1Generator.from_teacher(teacher)
+    else:
+        model = DD1Generator.from_teacher(teacher, input_mode=cfg.input_mode)
     del teacher
     config = {"kind": "dd1", "method": "DD1 (method.md section 2)", "train": cfg,
               "teacher_dir": ref_to(teacher_dir, run_dir), "pairs_dir": ref_to(pairs_dir, run_dir),
@@ -232,7 +233,7 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),
                      {"model": model}, {"model": opt}, {"model": config}, info, desc="dd1 train", extra_state=extra)
     sched = BatchSchedule(len(train["ids"]), cfg.batch_size, cfg.seed, info)
-    traj = TrajectorySampler(cfg.trajectory(), model.seq_len)
+    traj = TrajectorySampler(cfg.trajectory(), model.seq_len, model.ar_steps())
 
     def step_fn(step: int) -> dict:
         t0, c0 = time.time(), time.process_time()
@@ -275,6 +276,7 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
 def load_dd1(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(DD1Generator in eval mode, config, teacher, tokenizer) from a DD1 training run."""
     from onestep.dd1.model import DD1Generator
+    from onestep.dd1.var_model import VARDD1Generator
     from onestep.runs import final_dir, load_teacher, resolve_ref
 
     d = final_dir(run_dir)
@@ -282,6 +284,7 @@ def load_dd1(run_dir: str | Path, device: str | torch.device = "cpu"):
     if config.get("kind") != "dd1":
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a DD1 run (kind 'dd1')")
     teacher, _, tokenizer = load_teacher(resolve_ref(config["teacher_dir"], d), device)
-    model = DD1Generator.from_config(config["model"], teacher.codebook().detach().cpu())
+    cls = VARDD1Generator if config["model"].get("family") == "var" else DD1Generator
+    model = cls.from_config(config["model"], teacher.codebook().detach().cpu())
     ckpt.load_model_weights(d, model)
     return model.to(device).eval(), config, teacher, tokenizer

@@ -209,7 +209,7 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
 
 
 @needs_data
-def test_var_family_through_the_cli(tmp_path):
+def test_var_family_through_the_cli(tmp_path, capsys):
     """The VAR family end to end on the tiny presets: multi-scale tokenizer -> next-scale teacher (sampled with VAR's
     linear CFG ramp) -> DD2 stage 1 (no stage 0: the teacher reads code vectors) -> CSD -> 1-, 2-step and continuous
     sampling; DD1 (VAR-DD) pairs, training and 1-, 2-step and teacher-involved sampling."""
@@ -223,6 +223,10 @@ def test_var_family_through_the_cli(tmp_path):
           "--cfg-scale", "2.5", "--cfg-schedule", "linear"])
     with np.load(tmp_path / "s" / "teacher.npz") as f:
         assert f["tokens"].shape == (4, 59) and f["images"].shape == (4, 1, 28, 28)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # no stage 0 for VAR
+        main(["dd2", "adapt", "--preset", "tiny", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(tmp_path / "a")])
+    assert "needs no stage 0" in capsys.readouterr().err
     main(["dd2", "tune", "--preset", "tiny", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(tmp_path / "tune"),
           "--cfg-schedule", "linear"])
     main(["dd2", "train", "--preset", "tiny", "--tune", str(tmp_path / "tune"), "--run-dir", str(tmp_path / "dd2")])

@@ -421,3 +421,46 @@ def test_var_dd_mask_and_flag_embeddings_follow_the_released_rule(tiny_var):
         m.layerwise_n_d_embed[0].bias.copy_(b)
         shifted.pos_1LC.add_(b)
         torch.testing.assert_close(m(ids, eps, clean, labels), shifted(ids, eps, clean, labels), atol=1e-5, rtol=1e-5)
+
+
+# ---- importing published VAR weights ------------------------------------------------------------------------------
+def test_import_var_writes_runs_that_reproduce_the_models_and_refuses_other_shapes(tmp_path, capsys):
+    """Bare state_dicts as published (.pth) -> tokenizer and teacher runs; the loaded teacher gives the original's
+    logits and the tokenizer its ids; a VQVAE file with another scale count of ema_vocab_hit_SV loads (VAR's own
+    tolerance); a VAR file of another shape fails, listing the keys."""
+    from onestep.cli import main
+    from onestep.runs import load_teacher, load_tokenizer
+    from onestep.tokenizer.msvq import VQVAE, vqvae_config
+
+    torch.manual_seed(0)
+    vae = VQVAE(vqvae_config("var-tiny"))
+    for p in vae.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    a = vae.config
+    teacher = VAR(var_args("tiny", vocab_size=a.codebook_size, code_dim=a.code_dim, patch_nums=a.patch_nums,
+                           phi_index=a.phi_index), vae.quantize)
+    for p in teacher.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    vae_sd = {**vae.state_dict(), "quantize.ema_vocab_hit_SV": torch.ones(7, a.codebook_size)}
+    torch.save(vae_sd, tmp_path / "vae.pth")
+    torch.save(teacher.state_dict(), tmp_path / "var.pth")
+    main(["import-var", "--var", str(tmp_path / "var.pth"), "--vae", str(tmp_path / "vae.pth"), "--out",
+          str(tmp_path / "imp"), "--var-preset", "tiny", "--vae-preset", "var-tiny"])
+    loaded, tconf, tok = load_teacher(tmp_path / "imp" / "teacher")
+    assert tconf["family"] == "var" and tconf["imported_from"]["var"].endswith("var.pth")
+    ids = torch.randint(a.codebook_size, (2, teacher.seq_len), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, labels), teacher.eval()(ids, labels), atol=0, rtol=0)
+        x = torch.rand(2, 1, 28, 28) * 2 - 1
+        assert torch.equal(load_tokenizer(tmp_path / "imp" / "tokenizer")[0].encode_ids(x), vae.eval().encode_ids(x))
+    main(["sample", "--run", str(tmp_path / "imp" / "teacher"), "-n", "2", "--out", str(tmp_path / "s"),
+          "--cfg-schedule", "linear"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a depth-2 file read as depth 3
+        main(["import-var", "--var", str(tmp_path / "var.pth"), "--vae", str(tmp_path / "vae.pth"), "--out",
+              str(tmp_path / "bad"), "--var-preset", "small", "--vae-preset", "var-tiny"])
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and "missing keys" in err and "blocks.5.attn" in err  # depth 6 vs 2
+    assert "shape mismatches" in err and "word_embed.weight: checkpoint [32, 4] vs model [192, 4]" in err
+    assert not (tmp_path / "bad" / "teacher").exists()

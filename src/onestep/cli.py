@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_sample)
 
-    for mod in ("onestep.eval.commands", "onestep.dd1.commands", "onestep.dd2.commands", "onestep.pipeline"):
+    for mod in ("onestep.eval.commands", "onestep.dd1.commands", "onestep.dd2.commands", "onestep.pipeline",
+                "onestep.importers"):
         __import__(mod, fromlist=["register"]).register(sub)
     return parser
 

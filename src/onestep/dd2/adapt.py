@@ -83,6 +83,9 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
 
     info = info or DistInfo()
     teacher, tconf, tokenizer = load_teacher(teacher_dir, info.device)
+    if tconf.get("family", "llamagen") != "llamagen":
+        raise ValueError(f"{teacher_dir} is a {tconf['family']!r} teacher: it reads code vectors natively and needs no "
+                         "stage 0; run `onestep dd2 tune --teacher` on it directly")
     config = {"kind": "teacher", "family": "llamagen", "stage": "dd2-adapt", "adapt": cfg,
               "teacher_dir": ref_to(teacher_dir, run_dir), "data": tconf["data"], "data_root": tconf.get("data_root")}
     t_start = time.time()

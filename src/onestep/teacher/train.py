@@ -106,7 +106,8 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
     torch.manual_seed(cfg.seed)
     tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, info.device)
     ds = subset(load_dataset(data, "train", root=data_root), cfg.max_train_items)
-    config = {"kind": "teacher", "family": getattr(tokenizer, "family", "llamagen"), "train": cfg, "tokenizer_dir": ref_to(tokenizer_dir, run_dir),
+    config = {"kind": "teacher", "family": getattr(tokenizer, "family", "llamagen"), "train": cfg,
+              "tokenizer_dir": ref_to(tokenizer_dir, run_dir),
               "data": data, "data_root": data_root}
     model = build_teacher(cfg.preset, tokenizer, len(ds.class_names), cfg.class_dropout_prob).to(info.device)
     config["model"] = model.args.to_dict()

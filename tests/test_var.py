@@ -464,3 +464,36 @@ def test_import_var_writes_runs_that_reproduce_the_models_and_refuses_other_shap
     assert "does not fit the model" in err and "missing keys" in err and "blocks.5.attn" in err  # depth 6 vs 2
     assert "shape mismatches" in err and "word_embed.weight: checkpoint [32, 4] vs model [192, 4]" in err
     assert not (tmp_path / "bad" / "teacher").exists()
+
+
+# ---- the shared machinery on multi-token AR steps, exactly: a grouped tabular teacher ------------------------------
+def test_grouped_tabular_teacher_sampling_and_the_dd1_map_are_exact():
+    """A tabular teacher with VAR-style AR steps (position 0, then positions 1 and 2 together, conditionally
+    independent given position 0): its exact joint is the product of the tables; KV-cache sampling equals
+    full teacher forcing; the empirical joints of 20k ancestral samples and of 20k DD1 flow-map outputs (each AR
+    step's positions mapped jointly from their own noise) match the exact joint."""
+    from onestep.dd1.flow_map import map_noise_to_tokens
+    from onestep.teacher.tabular import TabularTeacher, empirical_joint, total_variation
+
+    T = TabularTeacher(4, 3, 2, seed=3, step_sizes=(1, 2))
+    assert T.ar_steps() == [(0, 1), (1, 3)]
+    seqs, joint = T.all_sequences(), T.exact_joint().double()
+    t0, t1, t2 = (T._table(i).exp().double() for i in range(3))
+    assert t1.shape == t2.shape == (4, 4)  # positions 1 and 2 are conditioned on position 0 only
+    by_hand = t0[0, seqs[:, 0]] * t1[seqs[:, 0], seqs[:, 1]] * t2[seqs[:, 0], seqs[:, 2]]
+    torch.testing.assert_close(joint, by_hand)
+    assert abs(joint.sum().item() - 1) < 1e-6  # float32 tables
+    labels = torch.zeros(20000, dtype=torch.long)
+    cfg = SamplingConfig()
+    a = sample_tokens(T, labels[:64], cfg, torch.Generator().manual_seed(0), use_cache=True)
+    b = sample_tokens(T, labels[:64], cfg, torch.Generator().manual_seed(0), use_cache=False)
+    assert torch.equal(a, b)
+    ids = sample_tokens(T, labels, cfg, torch.Generator().manual_seed(1))
+    assert total_variation(empirical_joint(T.flat_index(ids), len(joint)), joint) < 0.03  # noise ~0.01
+    eps = torch.randn(20000, 3, 2, generator=torch.Generator().manual_seed(2))
+    mapped = map_noise_to_tokens(T, eps, labels, cfg)
+    assert total_variation(empirical_joint(T.flat_index(mapped), len(joint)), joint) < 0.03
+    # the map of position 2 reads position 0 only, not position 1 of its own step
+    eps2 = eps[:500].clone()
+    eps2[:, 1] += 2.0
+    assert torch.equal(map_noise_to_tokens(T, eps2, labels[:500], cfg)[:, 2], mapped[:500, 2])

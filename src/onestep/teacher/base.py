@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from onestep import rng
+
 
 class ARTeacher(nn.Module):
     """Abstract AR teacher. Subclasses set ``seq_len, vocab_size, code_dim, num_classes, feature_dim``."""
@@ -75,6 +77,16 @@ class ARTeacher(nn.Module):
         steps = self.ar_steps()
         for k in range(start, end):
             self.step(cache, None if k == 0 else x[:, steps[k - 1][0]:steps[k - 1][1]], labels, k)
+
+    # ---- training ----------------------------------------------------------------------------
+    def drop_labels(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Classifier-free-guidance label dropout (to the null class ``num_classes``): only in training mode, with
+        probability ``args.class_dropout_prob`` (0 for a teacher without ``args``); never in an eval-mode forward."""
+        p = getattr(getattr(self, "args", None), "class_dropout_prob", 0.0)
+        if not self.training or p <= 0:
+            return labels
+        drop = rng.rand(labels.shape, generator, labels.device) < p
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     # ---- helpers -----------------------------------------------------------------------------
     def ids_to_codes(self, ids: Tensor) -> Tensor:

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onestep import rng
 from onestep.teacher.base import ARTeacher
 
 
@@ -250,13 +249,6 @@ class GPT(ARTeacher):
         if codebook.shape != self.codebook_VC.shape:
             raise ValueError(f"codebook shape {tuple(codebook.shape)} != expected {tuple(self.codebook_VC.shape)}")
         self.codebook_VC.copy_(codebook)
-
-    def drop_labels(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Classifier-free-guidance label dropout: only in training mode, with ``class_dropout_prob``."""
-        if not self.training or self.args.class_dropout_prob <= 0:
-            return labels
-        drop = rng.rand(labels.shape, generator, labels.device) < self.args.class_dropout_prob
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def embed_tokens(self, x: Tensor) -> Tensor:
         """Token ids (B, S) or code vectors (B, S, C) -> (B, S, dim)."""

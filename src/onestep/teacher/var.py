@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onestep import rng
 from onestep.teacher.base import ARTeacher, nearest_code
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -371,13 +370,6 @@ class VAR(ARTeacher):
 
     def ar_steps(self) -> list[tuple[int, int]]:
         return self.args.ar_steps()
-
-    def drop_labels(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """CFG label dropout: only in training mode, with ``class_dropout_prob``."""
-        if not self.training or self.args.class_dropout_prob <= 0:
-            return labels
-        drop = rng.rand(labels.shape, generator, labels.device) < self.args.class_dropout_prob
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def _codes(self, x: Tensor) -> Tensor:
         return self.ids_to_codes(x) if x.dtype == torch.long else x.to(self.word_embed.weight.dtype)

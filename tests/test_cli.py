@@ -94,11 +94,8 @@ def test_dd2_adapt_smoke(tiny_runs):
 
 
 @needs_data
-def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
-    """onestep eval on a .npz of images (tiny classifier cache), then onestep report."""
-    import torch
-
-    from onestep.data import load_dataset
+def _tiny_classifier(monkeypatch, tmp_path):
+    """Evaluation against a 2-step feature classifier cached under tmp_path (seconds instead of minutes)."""
     from onestep.eval import classifier
 
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
@@ -106,6 +103,13 @@ def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
     monkeypatch.setattr(classifier, "classifier_dir", lambda data, shape: tmp_path / "cache" / "clf")
     monkeypatch.setattr(classifier, "train_classifier",
                         lambda *a, **k: real(*a, **{**k, "max_steps": 2, "progress": False}))
+
+
+def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
+    """onestep eval on a .npz of images (tiny classifier cache), then onestep report."""
+    from onestep.data import load_dataset
+
+    _tiny_classifier(monkeypatch, tmp_path)
     test = load_dataset("fashion-mnist", "test")
     np.savez(tmp_path / "gen.npz", images=test.images[:64].numpy(), labels=test.labels[:64].numpy())
     out = tmp_path / "run" / "metrics.json"
@@ -209,7 +213,7 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
 
 
 @needs_data
-def test_var_family_through_the_cli(tmp_path, capsys):
+def test_var_family_through_the_cli(tmp_path, capsys, monkeypatch):
     """The VAR family end to end on the tiny presets: multi-scale tokenizer -> next-scale teacher (sampled with VAR's
     linear CFG ramp) -> DD2 stage 1 (no stage 0: the teacher reads code vectors) -> CSD -> 1-, 2-step and continuous
     sampling; DD1 (VAR-DD) pairs, training and 1-, 2-step and teacher-involved sampling."""
@@ -237,6 +241,11 @@ def test_var_family_through_the_cli(tmp_path, capsys):
         name = f"dd2-{steps}step" + ("-continuous" if extra else "")
         with np.load(out / f"{name}.npz") as f:
             assert f["images"].shape == (3, 1, 28, 28)
+    _tiny_classifier(monkeypatch, tmp_path)  # onestep eval takes the same sampler flags as onestep sample
+    main(["eval", "--run", str(tmp_path / "dd2"), "--method", "dd2", "--steps", "2", "-n", "16", "--n-inception", "0",
+          "--n-ref-classifier", "200", "--out", str(tmp_path / "ev.json")])
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["method"] == "dd2-2step" and ev["steps"] == 2 and ev["fid_classifier"] > 0
     main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "pairs"),
           "-n", "48"])
     main(["dd1", "train", "--preset", "tiny", "--teacher", str(tmp_path / "teacher"), "--pairs", str(tmp_path / "pairs"),

@@ -22,6 +22,18 @@ def add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="override the data location (required for --data folder)")
 
 
+def add_method(p: argparse.ArgumentParser) -> None:
+    """Which sampler a run directory gives (``onestep sample`` and ``onestep eval``)."""
+    p.add_argument("--method", default="teacher", choices=["teacher", "teacher-nocache", "dd1", "dd2"],
+                   help="teacher (KV cache), teacher-nocache, dd1 or dd2 (default: teacher)")
+    p.add_argument("--steps", type=int, default=1,
+                   help="dd1 / dd2: number of sampling steps (dd2: 1 step + the teacher re-samples the last k-1 AR "
+                        "steps, paper Alg. 4; dd1: 1 = one step, 2 = two-step, K >= 3 = teacher-involved with K "
+                        "sequential calls)")
+    p.add_argument("--continuous", action="store_true",
+                   help="dd2: decode the generator's continuous vectors instead of quantising to the nearest code")
+
+
 def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = 2.0) -> None:
     g = p.add_argument_group("teacher sampling rule (also defines p for DD1's map and DD2's teacher score)")
     g.add_argument("--cfg-scale", type=float, default=cfg_scale, help=f"classifier-free guidance (default {cfg_scale}; 1 = off)")
@@ -136,15 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images: PNG grid + tokens (.npz)",
                        description="Sample with the teacher; writes METHOD.png (grid) and METHOD.npz (tokens, labels, images).")
-    p.add_argument("--method", default="teacher", choices=["teacher", "teacher-nocache", "dd1", "dd2"],
-                   help="teacher (KV cache), teacher-nocache, dd1 or dd2 (default: teacher)")
     p.add_argument("--run", required=True, help="run directory: a teacher run, or a DD1 / DD2 training run")
-    p.add_argument("--steps", type=int, default=1,
-                   help="dd1 / dd2: number of sampling steps (dd2: 1 step + the teacher re-samples the last k-1 AR "
-                        "steps, paper Alg. 4; dd1: 1 = one step, 2 = two-step, K >= 3 = teacher-involved with K "
-                        "sequential calls)")
-    p.add_argument("--continuous", action="store_true",
-                   help="dd2: decode the generator's continuous vectors instead of quantising to the nearest code")
+    add_method(p)
     p.add_argument("-n", "--n", type=int, default=100, help="number of samples")
     p.add_argument("--labels", default=None, help="comma-separated class labels (default: balanced over classes)")
     p.add_argument("--batch-size", type=int, default=100)

@@ -71,7 +71,7 @@ def cmd_report(args) -> None:
 
 
 def register(sub) -> None:
-    from onestep.cli import add_common, add_data, add_sampling
+    from onestep.cli import add_common, add_data, add_method, add_sampling
 
     p = sub.add_parser("eval", help="FID (classifier and Inception features), IS, precision/recall, class accuracy",
                        description="Evaluate generated images (an .npz with uint8 'images' (N,C,H,W) and optional "
@@ -80,7 +80,7 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="an .npz or a folder of PNGs")
     src.add_argument("--run", help="a run directory to sample from (see --method)")
-    p.add_argument("--method", default="teacher", help="with --run: teacher, teacher-nocache, dd1 or dd2 (one step; see onestep sample)")
+    add_method(p)
     p.add_argument("-n", "--n", type=int, default=10000, help="number of samples")
     p.add_argument("--n-inception", type=int, default=2000, help="samples for the Inception FID (0 = skip)")
     p.add_argument("--n-ref-inception", type=int, default=5000, help="train images for the Inception reference")

@@ -1,0 +1,104 @@
+"""The VAR family on Fashion-MNIST: a multi-scale tokenizer and a next-scale teacher trained from scratch, then DD1
+(VAR-DD) and DD2 distilled from it, evaluated on the same labels and seed, and timed side by side.
+
+    OMP_NUM_THREADS=1 python benchmarks/var_family.py --root runs/var
+
+Every stage is the CLI command shown in the output (resumable: a finished stage is reused, so re-running only
+evaluates). Writes benchmarks/results/var-family.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import provenance, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str]) -> None:
+    print("+ onestep " + " ".join(cmd), flush=True)
+    subprocess.run([sys.executable, "-m", "onestep", *cmd], check=True, cwd=ROOT)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/var")
+    p.add_argument("-n", type=int, default=2000, help="samples per evaluation (classifier FID)")
+    p.add_argument("--teacher-steps", type=int, default=2000)
+    p.add_argument("--pairs", type=int, default=12000)
+    p.add_argument("--cfg-scale", default="2")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/var-family"))
+    a = p.parse_args(argv)
+    r = Path(a.root)
+    s = ["--cfg-scale", a.cfg_scale, "--cfg-schedule", "linear"]
+    stages = [
+        ["train-tokenizer", "--preset", "var-small", "--run-dir", f"{r}/tok"],
+        ["train-teacher", "--preset", "small", "--tokenizer", f"{r}/tok", "--run-dir", f"{r}/teacher", "--steps",
+         str(a.teacher_steps)],
+        ["dd1", "pairs", "--teacher", f"{r}/teacher", "--out", f"{r}/pairs", "-n", str(a.pairs), *s],
+        ["dd1", "train", "--teacher", f"{r}/teacher", "--pairs", f"{r}/pairs", "--run-dir", f"{r}/dd1"],
+        ["dd2", "tune", "--teacher", f"{r}/teacher", "--run-dir", f"{r}/dd2-tune", *s],
+        ["dd2", "train", "--tune", f"{r}/dd2-tune", "--run-dir", f"{r}/dd2"],
+    ]
+    for cmd in stages:
+        run(cmd)
+    rows = []
+    for name, method, run_dir, extra in (("teacher", "teacher", "teacher", []), ("dd1-1step", "dd1", "dd1", []),
+                                         ("dd1-2step", "dd1", "dd1", ["--steps", "2"]),
+                                         ("dd2-1step", "dd2", "dd2", []), ("dd2-2step", "dd2", "dd2", ["--steps", "2"])):
+        out = r / f"eval-{name}.json"
+        run(["eval", "--run", f"{r}/{run_dir}", "--method", method, "-n", str(a.n), "--n-inception", "0",
+             "--out", str(out), *s, *extra])
+        m = json.loads(out.read_text())
+        rows.append({"method": name, "steps": m["steps"], "params": m["params"], "fid_classifier": m["fid_classifier"],
+                     "inception_score": m.get("inception_score"), "precision": m.get("precision"),
+                     "recall": m.get("recall"), "class_accuracy": m.get("class_accuracy")})
+    # speed side by side in this process (1 and 64 samples per call)
+    from onestep.eval.speed import measure
+    from onestep.samplers import build_sampler, class_labels
+
+    args = argparse.Namespace(cfg_scale=float(a.cfg_scale), cfg_schedule="linear", temperature=1.0, top_k=0,
+                              top_p=1.0, steps=1, continuous=False)
+    samplers = {"teacher": build_sampler("teacher", f"{r}/teacher", "cpu", args),
+                "dd1-1step": build_sampler("dd1", f"{r}/dd1", "cpu", args),
+                "dd2-1step": build_sampler("dd2", f"{r}/dd2", "cpu", args)}
+    labels = class_labels(64, 10)
+
+    def fn(smp):
+        return lambda b: smp.images(labels[:b], torch.Generator().manual_seed(0))
+
+    speed = measure({k: fn(v) for k, v in samplers.items()}, (1, 64), warmup=1, repeats=5, reference="teacher")
+    by = {row["method"]: row for row in speed["rows"]}
+    for row in rows:
+        sp = by.get(row["method"])
+        if sp:
+            row.update(latency_b1_s=sp["latency_b1_s"], speedup_b1=sp["speedup_b1"], speedup_b64=sp["speedup_b64"])
+    teacher_fid = rows[0]["fid_classifier"]
+    gaps = {row["method"]: row["fid_classifier"] - teacher_fid for row in rows[1:]}
+    walls = {}
+    for key, path, field in (("tokenizer", "tok/final/config.json", "wall_time_s"),
+                             ("teacher", "teacher/final/config.json", "wall_time_s"),
+                             ("dd1_pairs_and_train", "dd1/metrics.json", "total_wall_time_s"),
+                             ("dd2_tune", "dd2-tune/final/config.json", None), ("dd2_train", "dd2/metrics.json", "wall_time_s")):
+        f = r / path
+        if f.exists():
+            d = json.loads(f.read_text())
+            walls[key] = d.get(field) if field else d.get("metrics", {}).get("wall_time_s")
+    tok_eval = json.loads((r / "tok/final/config.json").read_text()).get("eval")
+    result = {**provenance(), "stages": [" ".join(["onestep", *c]) for c in stages], "tokenizer_eval": tok_eval,
+              "table": rows, "fid_gap_to_teacher": gaps, "wall_time_s": walls, "speed_protocol": {
+                  k: v for k, v in speed.items() if k != "rows"}, "threads": torch.get_num_threads()}
+    write_results(a.out, result, "The VAR family on Fashion-MNIST (classifier FID on %d samples)" % a.n)
+    print(json.dumps(rows, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

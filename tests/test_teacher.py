@@ -14,21 +14,31 @@ if not FIXTURES.exists():  # CI: shared/ sits beside the clone
     FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoints"
 
 
-@pytest.mark.parametrize("preset,fixture", [("GPT-B", "llamagen-gpt-b-256"), ("GPT-L", "llamagen-gpt-l-256"),
-                                            ("GPT-XL", "llamagen-gpt-xl-256"), ("GPT-XXL", "llamagen-gpt-xxl-256")])
-def test_official_layout_matches_fixture(preset, fixture):
+def assert_official_layout(build, fixture: str, prefix: str = "") -> tuple:
+    """Build a module on the meta device and check its state_dict against a published layout fixture: the same
+    keys in the same order, shapes and dtypes (``prefix``: only the fixture's keys under it, prefix removed); and,
+    for a whole model, the parameter count. Returns (module, fixture dict)."""
     path = FIXTURES / f"{fixture}.json"
     if not path.exists():
         pytest.skip(f"fixture {path} not available")
     ref = json.loads(path.read_text())
     with torch.device("meta"):
-        m = GPT(GPT_PRESETS[preset])
+        m = build()
     sd = m.state_dict()
-    assert list(sd) == list(ref["state_dict"]), "key order differs from the official state_dict"
+    want = {k[len(prefix):]: v for k, v in ref["state_dict"].items() if k.startswith(prefix)}
+    assert list(sd) == list(want), "key order differs from the official state_dict"
     for k, v in sd.items():
-        assert list(v.shape) == ref["state_dict"][k]["shape"], k
-        assert str(v.dtype).replace("torch.", "") == ref["state_dict"][k]["dtype"], k
-    assert sum(p.numel() for p in m.parameters()) == ref["num_params"]
+        assert list(v.shape) == want[k]["shape"], k
+        assert str(v.dtype).replace("torch.", "") == want[k]["dtype"], k
+    if not prefix:
+        assert sum(p.numel() for p in m.parameters()) == ref["num_params"]
+    return m, ref
+
+
+@pytest.mark.parametrize("preset,fixture", [("GPT-B", "llamagen-gpt-b-256"), ("GPT-L", "llamagen-gpt-l-256"),
+                                            ("GPT-XL", "llamagen-gpt-xl-256"), ("GPT-XXL", "llamagen-gpt-xxl-256")])
+def test_official_layout_matches_fixture(preset, fixture):
+    m, ref = assert_official_layout(lambda: GPT(GPT_PRESETS[preset]), fixture)
     assert m.args.ffn_hidden == ref["config"]["ffn_hidden"]
 
 

@@ -1,7 +1,6 @@
 """VAR-style next-scale teacher: official layout, multi-scale quantiser, block causality, KV cache, and the
 teacher contract DD2 relies on (continuous prefixes, per-scale generator causality, CSD on a VAR teacher)."""
 import copy
-import json
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
 from onestep.teacher.var import (OFFICIAL_PHI_INDEX, VAR, VAR_PRESETS, MultiScaleQuantizer, multiscale_inputs,
                                  phi_index_for, var_args)
-from test_teacher import FIXTURES
+from test_teacher import assert_official_layout
 
 
 @pytest.fixture
@@ -30,30 +29,14 @@ def tiny_var():
 @pytest.mark.parametrize("preset,fixture", [("VAR-d16", "var-d16"), ("VAR-d20", "var-d20"), ("VAR-d24", "var-d24"),
                                             ("VAR-d30", "var-d30")])
 def test_official_layout_matches_fixture(preset, fixture):
-    path = FIXTURES / f"{fixture}.json"
-    if not path.exists():
-        pytest.skip(f"fixture {path} not available")
-    ref = json.loads(path.read_text())
-    with torch.device("meta"):
-        m = VAR(VAR_PRESETS[preset])
+    m, ref = assert_official_layout(lambda: VAR(VAR_PRESETS[preset]), fixture)
     sd = m.state_dict()
-    assert list(sd) == list(ref["state_dict"]), "key order differs from the official state_dict"
-    for k, v in sd.items():
-        assert list(v.shape) == ref["state_dict"][k]["shape"], k
-        assert str(v.dtype).replace("torch.", "") == ref["state_dict"][k]["dtype"], k
-    assert sum(p.numel() for p in m.parameters()) == ref["num_params"]
     assert sorted(ref["persistent_buffers_in_state_dict"]) == sorted(k for k, _ in m.named_buffers() if k in sd)
 
 
 def test_quantizer_layout_matches_the_official_vqvae_quantize_keys():
-    path = FIXTURES / "var-vqvae-ch160-v4096-z32.json"
-    if not path.exists():
-        pytest.skip(f"fixture {path} not available")
-    ref = json.loads(path.read_text())
-    expected = {k[len("quantize."):]: v for k, v in ref["state_dict"].items() if k.startswith("quantize.")}
-    sd = MultiScaleQuantizer(VAR_PRESETS["VAR-d16"]).state_dict()
-    assert list(sd) == list(expected)
-    assert all(list(v.shape) == expected[k]["shape"] for k, v in sd.items())
+    _, ref = assert_official_layout(lambda: MultiScaleQuantizer(VAR_PRESETS["VAR-d16"]), "var-vqvae-ch160-v4096-z32",
+                                    prefix="quantize.")
     assert list(OFFICIAL_PHI_INDEX) == ref["config"]["phi_index_per_scale"]
 
 
@@ -254,16 +237,7 @@ def test_dd2_runs_on_a_var_teacher_with_per_scale_causality(tiny_var):
 def test_vqvae_official_layout_matches_fixture():
     from onestep.tokenizer.msvq import VQVAE, VQVAE_PRESETS
 
-    path = FIXTURES / "var-vqvae-ch160-v4096-z32.json"
-    if not path.exists():
-        pytest.skip(f"fixture {path} not available")
-    ref = json.loads(path.read_text())
-    with torch.device("meta"):
-        m = VQVAE(VQVAE_PRESETS["vae-ch160"])
-    sd = m.state_dict()
-    assert list(sd) == list(ref["state_dict"]), "key order differs from the official state_dict"
-    assert all(list(v.shape) == ref["state_dict"][k]["shape"] for k, v in sd.items())
-    assert sum(p.numel() for p in m.parameters()) == ref["num_params"]
+    assert_official_layout(lambda: VQVAE(VQVAE_PRESETS["vae-ch160"]), "var-vqvae-ch160-v4096-z32")
 
 
 def test_vqvae_training_pass_straight_through_and_codebook_state():
@@ -318,16 +292,7 @@ def test_vqvae_restarts_dead_codes_at_residuals():
 def test_var_dd_layout_matches_fixture(preset, fixture):
     from onestep.dd1.var_model import VARDD1Generator
 
-    path = FIXTURES / f"{fixture}.json"
-    if not path.exists():
-        pytest.skip(f"fixture {path} not available")
-    ref = json.loads(path.read_text())
-    with torch.device("meta"):
-        m = VARDD1Generator(VAR_PRESETS[preset], conti_head=True)
-    sd = m.state_dict()
-    assert list(sd) == list(ref["state_dict"]), "key order differs from the released VAR-DD state_dict"
-    assert all(list(v.shape) == ref["state_dict"][k]["shape"] for k, v in sd.items())
-    assert sum(p.numel() for p in m.parameters()) == ref["num_params"]
+    assert_official_layout(lambda: VARDD1Generator(VAR_PRESETS[preset], conti_head=True), fixture)
 
 
 def test_var_dd_sees_strictly_earlier_scales_and_itself(tiny_var):

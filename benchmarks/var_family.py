@@ -33,6 +33,8 @@ def main(argv=None) -> dict:
     p.add_argument("-n", type=int, default=2000, help="samples per evaluation (classifier FID)")
     p.add_argument("--teacher-steps", type=int, default=2000)
     p.add_argument("--pairs", type=int, default=12000)
+    p.add_argument("--dd1-steps", type=int, default=600, help="DD1 training steps (the small preset's batch)")
+    p.add_argument("--dd2-steps", type=int, default=120, help="CSD generator steps (the small preset otherwise)")
     p.add_argument("--cfg-scale", default="2")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/var-family"))
     a = p.parse_args(argv)
@@ -43,9 +45,10 @@ def main(argv=None) -> dict:
         ["train-teacher", "--preset", "small", "--tokenizer", f"{r}/tok", "--run-dir", f"{r}/teacher", "--steps",
          str(a.teacher_steps)],
         ["dd1", "pairs", "--teacher", f"{r}/teacher", "--out", f"{r}/pairs", "-n", str(a.pairs), *s],
-        ["dd1", "train", "--teacher", f"{r}/teacher", "--pairs", f"{r}/pairs", "--run-dir", f"{r}/dd1"],
+        ["dd1", "train", "--teacher", f"{r}/teacher", "--pairs", f"{r}/pairs", "--run-dir", f"{r}/dd1", "--steps",
+         str(a.dd1_steps)],
         ["dd2", "tune", "--teacher", f"{r}/teacher", "--run-dir", f"{r}/dd2-tune", *s],
-        ["dd2", "train", "--tune", f"{r}/dd2-tune", "--run-dir", f"{r}/dd2"],
+        ["dd2", "train", "--tune", f"{r}/dd2-tune", "--run-dir", f"{r}/dd2", "--steps", str(a.dd2_steps)],
     ]
     for cmd in stages:
         run(cmd)

@@ -462,3 +462,23 @@ def test_grouped_tabular_teacher_sampling_and_the_dd1_map_are_exact():
     eps2 = eps[:500].clone()
     eps2[:, 1] += 2.0
     assert torch.equal(map_noise_to_tokens(T, eps2, labels[:500], cfg)[:, 2], mapped[:500, 2])
+
+
+def test_vqvae_ddp_ranks_keep_one_codebook(tmp_path):
+    """Under DDP (2 gloo processes, different data and random picks per rank) the codebook initialisation, the hit
+    statistics and the dead-code restarts are global: the ranks end with identical weights and buffers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_trainer import ENV, _free_port
+
+    script = Path(__file__).parent / "scripts" / "train_vqvae_ddp.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(script), str(tmp_path)]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    assert a["restarted"] > 0  # the restart path ran
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k

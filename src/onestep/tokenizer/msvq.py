@@ -24,13 +24,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onestep.teacher.base import nearest_code
 from onestep.teacher.var import (OFFICIAL_PATCH_NUMS, OFFICIAL_PHI_INDEX, MultiScaleQuantizer, VARArgs, _downsample,
                                  _to_grid, _upsample)
-from onestep.tokenizer.vq import Downsample, ResnetBlock, Upsample, _norm
+from onestep.tokenizer.vq import Downsample, ResnetBlock, Upsample, _dist_world, _norm
+
+
+def _broadcast(t: Tensor) -> None:
+    if _dist_world() > 1:
+        dist.broadcast(t, src=0)
 
 
 @dataclass
@@ -240,6 +246,7 @@ class VQVAE(nn.Module):
             z = f.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim)
             pick = torch.randint(len(z), (cfg.codebook_size,), generator=generator).to(z.device)
             q.embedding.weight.data.copy_(z[pick] + 1e-3 * torch.randn(z[pick].shape, generator=generator).to(z))
+            _broadcast(q.embedding.weight.data)  # under DDP every rank takes rank 0's codebook
         f_sg = f.detach()
         rest, f_hat, ids, residuals = f_sg.clone(), torch.zeros_like(f), [], []
         loss = f.new_zeros(())
@@ -266,9 +273,11 @@ class VQVAE(nn.Module):
         (their EMA is reset to the mean, so a restarted code has time to be used)."""
         cfg, ema = self.config, self.quantize.ema_vocab_hit_SV
         first = not bool(ema.sum() > 0)
-        for k, (a, b) in enumerate(self.quantize.args.ar_steps()):
-            hits = torch.bincount(ids[:, a:b].reshape(-1), minlength=cfg.codebook_size).to(ema)
-            ema[k] = hits if first else 0.99 * ema[k] + 0.01 * hits
+        hits = torch.stack([torch.bincount(ids[:, a:b].reshape(-1), minlength=cfg.codebook_size)
+                            for a, b in self.quantize.args.ar_steps()]).to(ema)
+        if _dist_world() > 1:  # the hits of the global batch: every rank keeps the same statistics and restarts
+            dist.all_reduce(hits)
+        ema.copy_(hits if first else 0.99 * ema + 0.01 * hits)
         if cfg.restart_below <= 0 or first:
             return 0
         total = ema.sum(0)
@@ -276,6 +285,7 @@ class VQVAE(nn.Module):
         if len(dead):
             pick = torch.randint(len(residuals), (len(dead),), generator=generator).to(residuals.device)
             self.quantize.embedding.weight.data[dead] = residuals[pick].to(self.quantize.embedding.weight)
+            _broadcast(self.quantize.embedding.weight.data)
             ema[:, dead] = ema.mean(1, keepdim=True)
         return len(dead)
 

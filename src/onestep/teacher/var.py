@@ -172,20 +172,30 @@ class MultiScaleQuantizer(nn.Module):
         conv = self.quant_resi.qresi_ls[self.args.phi_index[k]]
         return phi_apply(h_BCHW, conv.weight, conv.bias, self.args.quant_resi)
 
-    @torch.no_grad()
-    def quantize(self, f_BCHW: Tensor) -> tuple[Tensor, Tensor]:
-        """Multi-scale residual quantisation of a latent f (B, C, H, W), H = W = the last patch size:
-        at each scale the residual is area-downsampled, quantised, upsampled, passed through phi, added to f_hat
-        and subtracted from the residual. Returns token ids (B, L) (scales concatenated) and f_hat."""
+    def residual_quantize(self, f_BCHW: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Multi-scale residual quantisation of a latent f (B, C, H, W), H = W = the last patch size: at each scale
+        the residual is area-downsampled, quantised, upsampled, passed through phi, added to f_hat and subtracted from
+        the residual. Returns token ids (B, L) (scales concatenated), f_hat after each scale (differentiable in the
+        codebook and the phi convs; the residual itself is detached) and the residual vectors that were quantised
+        (N, C)."""
         a = self.args
-        rest, f_hat, ids = f_BCHW.float().clone(), torch.zeros_like(f_BCHW, dtype=torch.float32), []
+        rest = f_BCHW.detach().float().clone()
+        f_hat, f_hats, ids, residuals = torch.zeros_like(rest), [], [], []
         for k, pn in enumerate(a.patch_nums):
             z = _downsample(rest, pn)                                   # (B, pn*pn, C)
             idx = nearest_code(z, self.embedding.weight)
-            h = self.phi(k, _upsample(_to_grid(self.embedding.weight[idx], pn), a.latent_size))
-            f_hat, rest = f_hat + h, rest - h
+            h = self.phi(k, _upsample(_to_grid(self.embedding(idx), pn), a.latent_size))
+            f_hat, rest = f_hat + h, rest - h.detach()
+            f_hats.append(f_hat)
             ids.append(idx)
-        return torch.cat(ids, 1), f_hat
+            residuals.append(z.reshape(-1, a.code_dim))
+        return torch.cat(ids, 1), f_hats, torch.cat(residuals)
+
+    @torch.no_grad()
+    def quantize(self, f_BCHW: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids (B, L) and f_hat of a latent (:meth:`residual_quantize` without gradients)."""
+        ids, f_hats, _ = self.residual_quantize(f_BCHW)
+        return ids, f_hats[-1]
 
     def f_hat(self, codes_BLC: Tensor) -> Tensor:
         """f_hat of a whole token sequence given as code vectors (B, L, C)."""

@@ -28,9 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onestep.teacher.base import nearest_code
-from onestep.teacher.var import (OFFICIAL_PATCH_NUMS, OFFICIAL_PHI_INDEX, MultiScaleQuantizer, VARArgs, _downsample,
-                                 _to_grid, _upsample)
+from onestep.teacher.var import OFFICIAL_PATCH_NUMS, OFFICIAL_PHI_INDEX, MultiScaleQuantizer, VARArgs
 from onestep.tokenizer.vq import Downsample, ResnetBlock, Upsample, _dist_world, _norm
 
 
@@ -241,29 +239,18 @@ class VQVAE(nn.Module):
     # ---- quantisation with the straight-through estimator ----
     def _quantize(self, f: Tensor, generator: torch.Generator | None, update: bool):
         cfg, q = self.config, self.quantize
-        size = cfg.patch_nums[-1]
         if update and not bool(q.ema_vocab_hit_SV.sum() > 0):  # first training step: codes from the batch's latents
             z = f.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim)
             pick = torch.randint(len(z), (cfg.codebook_size,), generator=generator).to(z.device)
             q.embedding.weight.data.copy_(z[pick] + 1e-3 * torch.randn(z[pick].shape, generator=generator).to(z))
             _broadcast(q.embedding.weight.data)  # under DDP every rank takes rank 0's codebook
         f_sg = f.detach()
-        rest, f_hat, ids, residuals = f_sg.clone(), torch.zeros_like(f), [], []
-        loss = f.new_zeros(())
-        for k, pn in enumerate(cfg.patch_nums):
-            z = _downsample(rest, pn)
-            idx = nearest_code(z, q.embedding.weight)
-            h = q.phi(k, _upsample(_to_grid(q.embedding(idx), pn), size))
-            f_hat = f_hat + h
-            rest = rest - h.detach()
-            loss = loss + cfg.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_sg)
-            ids.append(idx)
-            residuals.append(z.reshape(-1, cfg.code_dim))
-        ids = torch.cat(ids, 1)
+        ids, f_hats, residuals = q.residual_quantize(f)
+        loss = sum(cfg.beta * F.mse_loss(fh.detach(), f) + F.mse_loss(fh, f_sg) for fh in f_hats)
         restarted = 0
         if update:
-            restarted = self._restart_dead(ids, torch.cat(residuals), generator)
-        return f_hat.detach() - f_sg + f, ids, {"vq": loss / len(cfg.patch_nums), "commit": f.new_zeros(()),
+            restarted = self._restart_dead(ids, residuals, generator)
+        return f_hats[-1].detach() - f_sg + f, ids, {"vq": loss / len(cfg.patch_nums), "commit": f.new_zeros(()),
                                                  "restarted": torch.tensor(float(restarted))}
 
     @torch.no_grad()

@@ -58,9 +58,13 @@ def test_sample_writes_grid_and_tokens(tiny_runs, capsys):
 
 @needs_data
 def test_rerun_finished_training_resumes_without_work(tiny_runs, capsys):
+    final = tiny_runs / "teacher" / "final" / "config.json"
+    wall = json.loads(final.read_text())["wall_time_s"]
+    assert wall > 0
     main(["train-teacher", "--preset", "tiny", "--tokenizer", str(tiny_runs / "tok"), "--steps", "2",
           "--run-dir", str(tiny_runs / "teacher"), "--seed", "1"])
     assert "resumed from" in capsys.readouterr().out
+    assert json.loads(final.read_text())["wall_time_s"] == wall  # the re-run trained nothing and keeps the run's time
 
 
 def test_missing_data_gives_clear_error(tmp_path, capsys):

@@ -10,7 +10,9 @@ that does one optimisation step. What the loop does:
 - checkpoints every ``ckpt_every`` steps and at the end (rank 0 only, atomic, see checkpoint.py);
 - resume from the latest checkpoint: weights, optimizers, step, RNG states;
 - a tqdm progress bar with ETA and ``log.jsonl`` (rank 0 only);
-- a NaN/inf guard: a step whose logs report ``nonfinite`` is counted, and too many in a row stop the run.
+- a NaN/inf guard: a step whose logs report ``nonfinite`` is counted, and too many in a row stop the run;
+- ``wall_s``: the training wall time summed over every session of the run (a resumed or re-run finished run keeps
+  it), logged as ``time_s``.
 """
 from __future__ import annotations
 
@@ -167,6 +169,7 @@ class TrainLoop:
         self.extra_state = extra_state if extra_state is not None else {}
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.info.rank)
         self.step = 0
+        self.wall_s = 0.0  # training wall time over every session of the run (saved in checkpoints)
         self.nonfinite_total = 0
         self._nonfinite_run = 0
 
@@ -174,7 +177,7 @@ class TrainLoop:
     def _state(self) -> dict:
         return {"step": self.step, "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "rng": ckpt.rng_state(), "generator": self.generator.get_state(),
-                "nonfinite_total": self.nonfinite_total, "extra": self.extra_state}
+                "nonfinite_total": self.nonfinite_total, "wall_s": self.wall_s, "extra": self.extra_state}
 
     def save(self) -> None:
         if self.info.is_main:
@@ -192,6 +195,7 @@ class TrainLoop:
         ckpt.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
         self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        self.wall_s = state.get("wall_s", 0.0)
         self.extra_state.update(state.get("extra", {}))
         if self.info.is_main:
             print(f"[{self.desc}] resumed from {latest} at step {self.step}", flush=True)
@@ -208,9 +212,10 @@ class TrainLoop:
         logs: dict = {}
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, disable=not self.info.is_main,
                    dynamic_ncols=True, mininterval=1.0)
-        t0 = time.time()
+        t0, wall0 = time.time(), self.wall_s
         while self.step < self.cfg.steps:
             logs = step_fn(self.step)
+            self.wall_s = wall0 + time.time() - t0
             if logs.get("nonfinite"):
                 self.nonfinite_total += 1
                 self._nonfinite_run += 1
@@ -222,7 +227,7 @@ class TrainLoop:
             self.step += 1
             bar.update(1)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                rec = {"step": self.step, "time_s": round(time.time() - t0, 3),
+                rec = {"step": self.step, "time_s": round(self.wall_s, 3),
                        **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()}}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)}, refresh=False)
                 self.log(rec)

@@ -65,6 +65,9 @@ def test_rerun_finished_training_resumes_without_work(tiny_runs, capsys):
           "--run-dir", str(tiny_runs / "teacher"), "--seed", "1"])
     assert "resumed from" in capsys.readouterr().out
     assert json.loads(final.read_text())["wall_time_s"] == wall  # the re-run trained nothing and keeps the run's time
+    main(["train-tokenizer", "--preset", "tiny", "--steps", "2", "--run-dir", str(tiny_runs / "tok"), "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "already finished" in out and "test PSNR" not in out  # no second evaluation of the test split
 
 
 def test_missing_data_gives_clear_error(tmp_path, capsys):

@@ -170,6 +170,7 @@ class TrainLoop:
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.info.rank)
         self.step = 0
         self.wall_s = 0.0  # training wall time over every session of the run (saved in checkpoints)
+        self.steps_run = 0  # steps trained by this session (0: a finished run re-run)
         self.nonfinite_total = 0
         self._nonfinite_run = 0
 
@@ -225,6 +226,7 @@ class TrainLoop:
             else:
                 self._nonfinite_run = 0
             self.step += 1
+            self.steps_run += 1
             bar.update(1)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 rec = {"step": self.step, "time_s": round(self.wall_s, 3),

@@ -175,7 +175,9 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
 
     loop.run(step_fn)
     final = Path(run_dir) / "final"
-    if info.is_main:
+    if info.is_main and loop.steps_run == 0 and (final / "model.safetensors").exists():
+        print(f"[tokenizer] {final} is already finished", flush=True)  # nothing trained: keep it and its evaluation
+    elif info.is_main:
         config["wall_time_s"] = round(loop.wall_s, 2)  # all sessions; a re-run finished run keeps it
         config["eval"] = evaluate_tokenizer(model, load_dataset(data, "test", root=data_root).images, cfg.eval_batch_size)
         print(f"[tokenizer] test PSNR {config['eval']['psnr_db']:.2f} dB, codebook usage "

@@ -71,7 +71,7 @@ def test_scale_inputs_are_area_downsampled_f_hat_by_hand(tiny_var):
     m, q = tiny_var
     a = m.args
     x = torch.randn(2, a.seq_len, a.code_dim, generator=torch.Generator().manual_seed(5))
-    inputs, _ = multiscale_inputs(x, a, m.codebook(), m.phi_w, m.phi_b)
+    inputs, _ = multiscale_inputs(x, a, m.phi_w, m.phi_b)
     x0 = x[:, :1].transpose(1, 2).reshape(2, -1, 1, 1)
     x1 = x[:, 1:5].transpose(1, 2).reshape(2, -1, 2, 2)
     up0 = F.interpolate(x0, size=(3, 3), mode="bicubic")

@@ -49,8 +49,6 @@ class ContiHead(nn.Module):
 class VARDD1Generator(nn.Module):
     """Trajectory point (ids, eps, clean mask, labels) -> logits (B, L, V) of the map's final tokens."""
 
-    family = "var"
-
     def __init__(self, args: VARArgs, conti_head: bool = False):
         super().__init__()
         self.args, self.conti_head = args, conti_head

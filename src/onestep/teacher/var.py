@@ -29,7 +29,7 @@ cfg_schedule="linear")``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -199,14 +199,14 @@ class MultiScaleQuantizer(nn.Module):
 
     def f_hat(self, codes_BLC: Tensor) -> Tensor:
         """f_hat of a whole token sequence given as code vectors (B, L, C)."""
-        return multiscale_inputs(codes_BLC, self.args, self.embedding.weight, *_phi_params(self))[1]
+        return multiscale_inputs(codes_BLC, self.args, *_phi_params(self))[1]
 
 
 def _phi_params(q: MultiScaleQuantizer) -> tuple[Tensor, Tensor]:
     return (torch.stack([c.weight for c in q.quant_resi.qresi_ls]), torch.stack([c.bias for c in q.quant_resi.qresi_ls]))
 
 
-def multiscale_inputs(codes_BLC: Tensor, args: VARArgs, codebook: Tensor, phi_w: Tensor, phi_b: Tensor,
+def multiscale_inputs(codes_BLC: Tensor, args: VARArgs, phi_w: Tensor, phi_b: Tensor,
                       upto: int | None = None) -> tuple[Tensor, Tensor]:
     """Teacher-forcing inputs of scales 1..K-1 from the code vectors of scales 0..K-2 (B, L, C): for scale k,
     f_hat_k = sum_{j<k} phi_j(upsample(x_j)), area-downsampled to pn_k. Returns (B, L - pn_0^2, C) and the
@@ -303,7 +303,6 @@ class VARCache:
     v: list
     f_hat: Tensor
     pos: int = 0
-    cond: Tensor | None = field(default=None, repr=False)
 
 
 class VAR(ARTeacher):
@@ -388,7 +387,7 @@ class VAR(ARTeacher):
     def features(self, x: Tensor, labels: Tensor) -> Tensor:
         """(B, L, C) hidden states after ``head_nm``: the rows of scale k see the label and x at scales < k."""
         cond = self.class_emb(labels)
-        inputs, _ = multiscale_inputs(self._codes(x), self.args, self.codebook_VC, self.phi_w, self.phi_b,
+        inputs, _ = multiscale_inputs(self._codes(x), self.args, self.phi_w, self.phi_b,
                                       upto=len(self.args.patch_nums) - 1)
         first = self.args.patch_nums[0] ** 2
         h = torch.cat([cond[:, None].expand(-1, first, -1) + self.pos_start, self.word_embed(inputs)], 1)

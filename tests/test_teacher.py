@@ -201,3 +201,42 @@ def test_default_prefill_steps_through_a_kept_prefix():
         b = sample_tokens(T, labels, SamplingConfig(), torch.Generator().manual_seed(0), use_cache=False, prefix=prefix,
                           start_step=start)
         assert torch.equal(a, b) and torch.equal(a[:, :start], prefix[:, :start])
+
+
+def test_import_llamagen_writes_runs_that_reproduce_the_models_and_refuses_other_shapes(tmp_path, capsys):
+    """Files as LlamaGen publishes them (weights under 'model'; the GPT maybe with a stray freqs_cis) -> tokenizer
+    and teacher runs: the loaded teacher gives the original's logits on the tokenizer's normalised codebook, the
+    tokenizer its ids; a GPT file of another shape fails, listing the keys, and writes no teacher run."""
+    from onestep.cli import main
+    from onestep.runs import load_teacher, load_tokenizer
+    from onestep.tokenizer.vq import VQModel, vq_config
+
+    torch.manual_seed(0)
+    vq = VQModel(vq_config("vq-16-tiny"))
+    for p in vq.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    gpt = GPT(model_args("tiny", vocab_size=vq.vocab_size, code_dim=vq.code_dim), codebook=vq.codebook_vectors())
+    for p in gpt.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    torch.save({"model": vq.state_dict(), "epoch": 3}, tmp_path / "vq.pt")
+    torch.save({"model": {**gpt.state_dict(), "freqs_cis": torch.zeros(17, 4, 2)}}, tmp_path / "gpt.pt")
+    main(["import-llamagen", "--gpt", str(tmp_path / "gpt.pt"), "--vq", str(tmp_path / "vq.pt"), "--out",
+          str(tmp_path / "imp"), "--gpt-preset", "tiny", "--vq-preset", "vq-16-tiny", "--image-size", "16"])
+    loaded, tconf, tok = load_teacher(tmp_path / "imp" / "teacher")
+    assert tconf["family"] == "llamagen" and tconf["imported_from"]["gpt"].endswith("gpt.pt")
+    torch.testing.assert_close(loaded.codebook(), torch.nn.functional.normalize(vq.quantize.embedding.weight, dim=-1))
+    ids = torch.randint(vq.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, labels), gpt.eval()(ids, labels), atol=0, rtol=0)
+        x = torch.rand(2, 3, 16, 16) * 2 - 1
+        assert torch.equal(load_tokenizer(tmp_path / "imp" / "tokenizer")[0].encode_ids(x), vq.eval().encode_ids(x))
+    main(["sample", "--run", str(tmp_path / "imp" / "teacher"), "-n", "2", "--out", str(tmp_path / "s")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a 2-layer file read as the 6-layer "small" preset
+        main(["import-llamagen", "--gpt", str(tmp_path / "gpt.pt"), "--vq", str(tmp_path / "vq.pt"), "--out",
+              str(tmp_path / "bad"), "--gpt-preset", "small", "--vq-preset", "vq-16-tiny", "--image-size", "16"])
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and "missing keys" in err and "layers.5.attention" in err
+    assert "shape mismatches" in err and "tok_embeddings.weight" in err
+    assert not (tmp_path / "bad" / "teacher").exists()

@@ -1,4 +1,10 @@
-"""Import published VAR weights as onestep run directories (``onestep import-var``).
+"""Import published LlamaGen and VAR weights as onestep run directories (``onestep import-llamagen``,
+``onestep import-var``).
+
+``c2i_{B,L,XL,XXL}_{256,384}.pt`` (the GPT's state_dict, under ``'model'``, or bare for the FSDP-consolidated XXL)
+and ``vq_ds16_c2i.pt`` (the VQ-16 tokenizer's, under ``'model'``) become run directories the same way (family
+"llamagen"). Upstream's GPT loaders are not strict and its sampler mentions a stray ``freqs_cis`` entry: that one
+key (the rotary table, a derived attribute that is not saved) is dropped if present; everything else is strict.
 
 ``var_dNN.pth`` (a bare VAR state_dict) and ``vae_ch160v4096z32.pth`` (a bare VQVAE state_dict) become
 
@@ -21,9 +27,11 @@ import torch
 from onestep import checkpoint as ckpt
 
 
-def read_state_dict(path: str | Path, nested: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, nested: tuple[str, ...] = (), wrapper: str | None = None
+                    ) -> dict[str, torch.Tensor]:
     """A state_dict from a ``.pth`` / ``.pt`` / ``.safetensors`` file (tensors only, no code is unpickled),
-    optionally under the keys ``nested`` (e.g. ``("trainer", "ema_parameters")``)."""
+    optionally under the keys ``nested`` (e.g. ``("trainer", "ema_parameters")``), or under ``wrapper`` when the
+    file's top level has that key (LlamaGen's ``'model'``; a bare state_dict is read as it is)."""
     path = Path(path)
     if not path.exists():
         raise ckpt.CheckpointError(f"{path} does not exist")
@@ -34,6 +42,8 @@ def read_state_dict(path: str | Path, nested: tuple[str, ...] = ()) -> dict[str,
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ckpt.CheckpointError(f"cannot read {path} as a weights-only torch file: {e}") from None
+    if wrapper is not None and isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+        sd = sd[wrapper]
     for k in nested:
         if not isinstance(sd, dict) or k not in sd:
             raise ckpt.CheckpointError(f"{path}: no key {k!r} on the path {'/'.join(nested)}")
@@ -94,6 +104,63 @@ def import_var(var_path: str | Path, vae_path: str | Path, out: str | Path, var_
     return tok_dir, teacher_dir
 
 
+def llamagen_preset(sd: dict[str, torch.Tensor]) -> str:
+    """The GPT preset of a LlamaGen c2i state_dict, from its width and depth."""
+    from onestep.teacher.llamagen import GPT_PRESETS
+
+    if "tok_embeddings.weight" not in sd:
+        raise ckpt.CheckpointError("not a LlamaGen GPT state_dict: no tok_embeddings.weight")
+    dim = sd["tok_embeddings.weight"].shape[1]
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))), default=-1)
+    for name in ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL"):
+        if (GPT_PRESETS[name].dim, GPT_PRESETS[name].n_layer) == (dim, depth):
+            return name
+    raise ckpt.CheckpointError(f"no official GPT preset has dim {dim} and {depth} layers; pass --gpt-preset")
+
+
+def import_llamagen(gpt_path: str | Path, vq_path: str | Path, out: str | Path, gpt_preset: str | None = None,
+                    image_size: int = 256, vq_preset: str = "vq-16", num_classes: int | None = None
+                    ) -> tuple[Path, Path]:
+    """Write the tokenizer and teacher run directories of published LlamaGen weights; returns their ``final/`` dirs.
+
+    ``image_size`` (256 or 384 for the published models) sets the token grid, image_size / 16 per side: the
+    GPT's weights do not depend on it (its 2-D rotary table is derived). ``gpt_preset`` defaults to the official
+    size whose width and depth the file has; ``num_classes`` to the class table's rows minus the null row."""
+    from onestep.runs import ref_to
+    from onestep.teacher.llamagen import GPT, model_args
+    from onestep.tokenizer.vq import VQModel, vq_config
+
+    out = Path(out)
+    vq = VQModel(vq_config(vq_preset, image_size=image_size))
+    ckpt.load_state_dict_strict(vq, read_state_dict(vq_path, wrapper="model"), source=str(vq_path))
+    gpt_sd = read_state_dict(gpt_path, wrapper="model")
+    gpt_sd = {k: v for k, v in gpt_sd.items() if k != "freqs_cis"}  # upstream's derived rotary table, if saved
+    preset = gpt_preset or llamagen_preset(gpt_sd)
+    h, w = vq.grid
+    classes = num_classes if num_classes is not None else (
+        gpt_sd["cls_embedding.embedding_table.weight"].shape[0] - 1 if "cls_embedding.embedding_table.weight" in gpt_sd
+        else None)
+    overrides = {} if classes is None else {"num_classes": classes}
+    args = model_args(preset, vocab_size=vq.vocab_size, code_dim=vq.code_dim, grid_h=h, grid_w=w, **overrides)
+    teacher = GPT(args, codebook=vq.codebook_vectors().detach())
+    ckpt.load_state_dict_strict(teacher, gpt_sd, source=str(gpt_path))
+    tok_dir, teacher_dir = out / "tokenizer" / "final", out / "teacher" / "final"
+    source = {"gpt": str(gpt_path), "vq": str(vq_path)}
+    ckpt.save_model(tok_dir, vq, {"kind": "tokenizer", "family": "llamagen", "model": vq.config.to_dict(),
+                                  "data": None, "imported_from": source, "preset": vq_preset})
+    ckpt.save_model(teacher_dir, teacher, {"kind": "teacher", "family": "llamagen", "model": args.to_dict(),
+                                           "tokenizer_dir": ref_to(tok_dir.parent, teacher_dir.parent), "data": None,
+                                           "imported_from": source, "preset": preset})
+    return tok_dir, teacher_dir
+
+
+def cmd_import_llamagen(args) -> None:
+    tok, teacher = import_llamagen(args.gpt, args.vq, args.out, args.gpt_preset, args.image_size, args.vq_preset,
+                                   args.num_classes)
+    print(f"tokenizer: {tok}\nteacher: {teacher}\n(e.g. onestep sample --run {teacher.parent} --cfg-scale 2.0 "
+          f"--top-k 0)")
+
+
 def cmd_import_var(args) -> None:
     tok, teacher = import_var(args.var, args.vae, args.out, args.var_preset, args.vae_preset, args.num_classes)
     print(f"tokenizer: {tok}\nteacher: {teacher}\n(e.g. onestep sample --run {teacher.parent} --cfg-schedule linear "
@@ -101,6 +168,20 @@ def cmd_import_var(args) -> None:
 
 
 def register(sub) -> None:
+    p = sub.add_parser("import-llamagen", help="import published LlamaGen GPT + VQ-16 weights as tokenizer and "
+                                               "teacher runs",
+                       description="Convert c2i_*.pt and vq_ds16_c2i.pt (on disk; weights under 'model' or bare) into "
+                                   "onestep run directories OUT/tokenizer and OUT/teacher. Strict: a file of another "
+                                   "shape fails with every mismatched key listed (a stray 'freqs_cis' is dropped).")
+    p.add_argument("--gpt", required=True, help="LlamaGen c2i GPT weights (.pt, .pth or .safetensors)")
+    p.add_argument("--vq", required=True, help="LlamaGen VQ-16 tokenizer weights")
+    p.add_argument("--out", required=True, help="output directory (gets tokenizer/ and teacher/)")
+    p.add_argument("--image-size", type=int, default=256,
+                   help="256 (16x16 tokens) or 384 (24x24, the XL/XXL files); default 256")
+    p.add_argument("--gpt-preset", default=None, help="GPT preset (default: the official size of the file)")
+    p.add_argument("--vq-preset", default="vq-16", help="tokenizer preset (default: vq-16, the published one)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the class table's rows - 1")
+    p.set_defaults(func=cmd_import_llamagen)
     p = sub.add_parser("import-var", help="import published VAR + VQVAE weights as tokenizer and teacher runs",
                        description="Convert var_dNN.pth and vae_ch160v4096z32.pth (bare state_dicts, on disk) into "
                                    "onestep run directories OUT/tokenizer and OUT/teacher. Strict: a file of another "

@@ -1,9 +1,12 @@
-"""VQ tokenizer: a small VQGAN-style conv autoencoder with LlamaGen's l2-normalised, low-dim codebook.
+"""VQ tokenizer: LlamaGen's VQGAN-style conv autoencoder with an l2-normalised, low-dim codebook.
 
-Layout (names follow LlamaGen's ``VQModel``)::
+The module tree and state_dict are LlamaGen's ``VQModel``: the ``vq-16`` preset holds exactly the keys, shapes
+and order of the published ``vq_ds16_c2i.pt`` (``onestep import-llamagen`` loads it strictly); the small presets
+are the same architecture, narrower, without attention, and with this module's codebook-maintenance buffers::
 
     image (B, in_ch, H, W) in [-1, 1]
-      -> encoder (conv_in, GroupNorm+SiLU residual blocks, stride-2 downsampling, mid block, conv_out)
+      -> encoder (conv_in, ``conv_blocks.i``: GroupNorm+SiLU residual blocks [+ attention at the lowest
+         resolution], stride-2 downsampling; ``mid``: res [, attn, res]; norm, SiLU, conv_out)
       -> quant_conv (1x1, z_channels -> code_dim)
       -> quantize: l2-normalise latents and codebook rows, nearest code (max cosine), straight-through
       -> post_quant_conv (1x1, code_dim -> z_channels)
@@ -25,6 +28,7 @@ saved with the weights and a resumed run continues identically. All randomness c
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -49,9 +53,19 @@ class VQConfig:
     entropy_temperature: float = 0.01
     kmeans_iters: int = 10  # spherical k-means iterations for the first-batch codebook init (0 = random latents)
     restart_after: int = 50  # training steps a code may go unused before it is restarted (0 = never)
+    decoder_res_blocks: int | None = None  # residual blocks per decoder level (None: num_res_blocks; LlamaGen: +1)
+    attn: bool = False  # self-attention at the lowest resolution (encoder and decoder) and in the mid blocks
+    training_state: bool = True  # keep the codebook-init / dead-code state in buffers (initialized, unused_steps,
+                                 # restarts); False gives LlamaGen's exact state_dict and no data init or restarts
+    usage_window: int = 0  # LlamaGen's ``codebook_used`` buffer: the ids of the last N training tokens (0 = none)
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        if self.decoder_res_blocks is None:
+            self.decoder_res_blocks = self.num_res_blocks
+        if not self.training_state and (self.restart_after > 0 or self.kmeans_iters > 0):
+            raise ValueError("training_state=False keeps no codebook-init or restart state: set kmeans_iters=0 and "
+                             "restart_after=0")
         f = 2 ** (len(self.channel_mult) - 1)
         if self.image_size % f:
             raise ValueError(f"image_size {self.image_size} is not divisible by the downsampling factor {f}")
@@ -74,6 +88,16 @@ VQ_PRESETS: dict[str, VQConfig] = {
     "small": VQConfig(base_channels=16, channel_mult=(1, 2, 2), norm_groups=4, z_channels=32, codebook_size=256),
     # 28x28 -> 7x7 tokens (downsample 4), 512 codes of dim 8; sized for a 2-core CPU
     "default": VQConfig(),
+    # LlamaGen's published VQ-16 (vq_ds16_c2i.pt): 256x256 RGB -> 16x16 tokens, 16384 codes of dim 8, 71.9M
+    # parameters; its state_dict is the published one key for key (tests/test_tokenizer.py)
+    "vq-16": VQConfig(image_size=256, in_channels=3, base_channels=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                      decoder_res_blocks=3, attn=True, norm_groups=32, z_channels=256, codebook_size=16384, code_dim=8,
+                      kmeans_iters=0, restart_after=0, training_state=False, usage_window=65536),
+    # the vq-16 architecture (attention, decoder_res_blocks = num_res_blocks + 1, LlamaGen's buffers only) at the
+    # size of the unit tests: 16x16 RGB -> 4x4 tokens
+    "vq-16-tiny": VQConfig(image_size=16, in_channels=3, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1,
+                           decoder_res_blocks=2, attn=True, norm_groups=4, z_channels=16, codebook_size=32, code_dim=4,
+                           kmeans_iters=0, restart_after=0, training_state=False, usage_window=256),
 }
 
 
@@ -93,7 +117,7 @@ def _norm(ch: int, groups: int) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1 if needed) skip."""
+    """GroupNorm -> SiLU -> conv3x3, twice, plus a 1x1 ``nin_shortcut`` where the channels change."""
 
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
@@ -105,6 +129,23 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with separate 1x1 ``q``, ``k``, ``v`` convs, scale C^-1/2, residual."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = _norm(ch, groups)
+        self.q, self.k, self.v = (nn.Conv2d(ch, ch, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x_BCHW: Tensor) -> Tensor:
+        B, C, H, W = x_BCHW.shape
+        h = self.norm(x_BCHW)
+        q, k, v = (m(h).reshape(B, C, H * W).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, HW, C)
+        a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=C ** -0.5)[:, 0]
+        return x_BCHW + self.proj_out(a.transpose(1, 2).reshape(B, C, H, W))
 
 
 class Downsample(nn.Module):
@@ -129,55 +170,86 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _level(cin: int, c: int, n_res: int, attn: bool, groups: int, resample: nn.Module | None, name: str) -> nn.Module:
+    """One resolution level: ``res.j`` (each followed by ``attn.j`` when ``attn``), then ``downsample``/``upsample``."""
+    level = nn.Module()
+    level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, groups) for j in range(n_res))
+    level.attn = nn.ModuleList(AttnBlock(c, groups) for _ in range(n_res if attn else 0))
+    if resample is not None:
+        setattr(level, name, resample)
+    return level
+
+
+def _run_level(level: nn.Module, h: Tensor) -> Tensor:
+    for j, res in enumerate(level.res):
+        h = res(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return h
+
+
+def _mid(ch: int, attn: bool, groups: int) -> nn.ModuleList:
+    """``mid``: [res] or, with attention, [res, attn, res] (LlamaGen's keys mid.0 / mid.1 / mid.2)."""
+    return nn.ModuleList([ResnetBlock(ch, ch, groups)] + ([AttnBlock(ch, groups), ResnetBlock(ch, ch, groups)]
+                                                          if attn else []))
+
+
 class Encoder(nn.Module):
+    """conv_in -> ``conv_blocks.i`` (highest resolution first; attention at the lowest) -> mid -> norm, SiLU, conv_out."""
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
         chs = [cfg.base_channels * m for m in cfg.channel_mult]
-        g = cfg.norm_groups
+        g, last = cfg.norm_groups, len(chs) - 1
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
-        self.down = nn.ModuleList()
+        self.conv_blocks = nn.ModuleList()
         cin = chs[0]
         for i, c in enumerate(chs):
-            level = nn.Module()
-            level.res = nn.Sequential(*[ResnetBlock(cin if j == 0 else c, c, g) for j in range(cfg.num_res_blocks)])
-            level.downsample = Downsample(c) if i < len(chs) - 1 else nn.Identity()
-            self.down.append(level)
+            self.conv_blocks.append(_level(cin, c, cfg.num_res_blocks, cfg.attn and i == last, g,
+                                           Downsample(c) if i < last else None, "downsample"))
             cin = c
-        self.mid = ResnetBlock(cin, cin, g)
+        self.mid = _mid(cin, cfg.attn, g)
         self.norm_out = _norm(cin, g)
         self.conv_out = nn.Conv2d(cin, cfg.z_channels, 3, padding=1)
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
         h = self.conv_in(x_BCHW)
-        for level in self.down:
-            h = level.downsample(level.res(h))
-        h = self.mid(h)
+        for level in self.conv_blocks:
+            h = _run_level(level, h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        for m in self.mid:
+            h = m(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
+    """conv_in -> mid -> ``conv_blocks.i`` in processing order (lowest resolution first, with attention) -> conv_out."""
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
         chs = [cfg.base_channels * m for m in cfg.channel_mult]
         g = cfg.norm_groups
         cin = chs[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
-        self.mid = ResnetBlock(cin, cin, g)
-        self.up = nn.ModuleList()
-        for i in reversed(range(len(chs))):
+        self.mid = _mid(cin, cfg.attn, g)
+        self.conv_blocks = nn.ModuleList()
+        for k, i in enumerate(reversed(range(len(chs)))):
             c = chs[i]
-            level = nn.Module()
-            level.res = nn.Sequential(*[ResnetBlock(cin if j == 0 else c, c, g) for j in range(cfg.num_res_blocks)])
-            level.upsample = Upsample(c) if i > 0 else nn.Identity()
-            self.up.append(level)
+            self.conv_blocks.append(_level(cin, c, cfg.decoder_res_blocks, cfg.attn and k == 0, g,
+                                           Upsample(c) if i > 0 else None, "upsample"))
             cin = c
         self.norm_out = _norm(cin, g)
         self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
 
     def forward(self, z_BCHW: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z_BCHW))
-        for level in self.up:
-            h = level.upsample(level.res(h))
+        h = self.conv_in(z_BCHW)
+        for m in self.mid:
+            h = m(h)
+        for level in self.conv_blocks:
+            h = _run_level(level, h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -194,9 +266,12 @@ class VectorQuantizer(nn.Module):
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.codebook_size, cfg.code_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.long))
-        self.register_buffer("unused_steps", torch.zeros(cfg.codebook_size, dtype=torch.long))
-        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # total codes restarted
+        if cfg.usage_window > 0:  # LlamaGen's name and dtype (it sits in the published file)
+            self.register_buffer("codebook_used", torch.zeros(cfg.usage_window))
+        if cfg.training_state:
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.long))
+            self.register_buffer("unused_steps", torch.zeros(cfg.codebook_size, dtype=torch.long))
+            self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # total codes restarted
 
     def codebook(self) -> Tensor:
         return F.normalize(self.embedding.weight, dim=-1)
@@ -242,6 +317,11 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def update_usage(self, ids: Tensor) -> None:
+        if self.cfg.usage_window > 0:  # a sliding window of the latest ids (this rank's)
+            new = ids.reshape(-1)[-self.cfg.usage_window:].to(self.codebook_used.dtype)
+            self.codebook_used.copy_(torch.cat([self.codebook_used[len(new):], new]))
+        if not self.cfg.training_state:
+            return
         used = torch.bincount(ids.reshape(-1), minlength=self.cfg.codebook_size) > 0
         if _dist_world() > 1:
             used = used.long()
@@ -259,7 +339,7 @@ class VectorQuantizer(nn.Module):
         z = F.normalize(z_BCHW.permute(0, 2, 3, 1).reshape(B, h * w, C), dim=-1)  # (B, n, C)
         z_flat = z.reshape(-1, C)
         restarted = 0
-        if update:
+        if update and self.cfg.training_state:
             if not bool(self.initialized):
                 self.kmeans_init(z_flat.detach().float(), generator)
             restarted = self.restart_dead(z_flat.detach(), generator)
@@ -287,6 +367,25 @@ def _entropy_loss(affinity: Tensor, temperature: float) -> Tensor:
 
 
 # ---- the model -------------------------------------------------------------------------------------
+_LEGACY_KEYS = [(re.compile(r"^encoder\.down\.(\d+)\."), r"encoder.conv_blocks.\1."),
+                (re.compile(r"^decoder\.up\.(\d+)\."), r"decoder.conv_blocks.\1."),
+                (re.compile(r"^(encoder|decoder)\.mid\.(?!\d)"), r"\1.mid.0.")]
+
+
+def upgrade_legacy_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the keys of a tokenizer saved before the layout took LlamaGen's names (``encoder.down.i`` ->
+    ``encoder.conv_blocks.i``, ``decoder.up.i`` -> ``decoder.conv_blocks.i``, ``mid.`` -> ``mid.0.``); the weights
+    and their order of use are unchanged. Other state_dicts are returned as they are."""
+    if not any(k.startswith(("encoder.down.", "decoder.up.")) for k in state_dict):
+        return state_dict
+    out = {}
+    for k, v in state_dict.items():
+        for pattern, repl in _LEGACY_KEYS:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    return out
+
+
 class VQModel(nn.Module):
     """Encoder + l2-normalised VQ + decoder. Images are float (B, C, H, W) in [-1, 1]."""
 
@@ -294,10 +393,10 @@ class VQModel(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quant_conv = nn.Conv2d(config.z_channels, config.code_dim, 1)
-        self.quantize = VectorQuantizer(config)
-        self.post_quant_conv = nn.Conv2d(config.code_dim, config.z_channels, 1)
         self.decoder = Decoder(config)
+        self.quantize = VectorQuantizer(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.code_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.code_dim, config.z_channels, 1)
 
     # ---- geometry ----
     @property

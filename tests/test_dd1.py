@@ -514,3 +514,114 @@ def _load_teacher(d):
 
 def _sampling():
     return SamplingConfig(cfg_scale=2.0)
+
+
+# ---- the released LlamaGen-DD layout ------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset,fixture", [("GPT-B", "dd1-llamagen-b"), ("GPT-L", "dd1-llamagen-l")])
+def test_linear_input_with_conti_head_is_the_released_llamagen_dd_layout(preset, fixture):
+    """input_mode "linear" + conti_head: the keys (in order), shapes, dtypes and parameter count of LlamaGen-DD."""
+    from test_teacher import assert_official_layout
+
+    from onestep.teacher.llamagen import GPT_PRESETS
+
+    assert_official_layout(lambda: DD1Generator(GPT_PRESETS[preset], input_mode="linear", conti_head=True), fixture)
+
+
+def test_conti_head_reads_the_last_block_before_the_final_norm(tiny_gpt):
+    """final_layer_conti by hand: LN(h) (1 + scale) + shift -> Linear, with (shift, scale) = table rows + the class
+    embedding and h the last block's output (not RMS-normed); the logits are unchanged by the extra head."""
+    torch.manual_seed(0)
+    m = DD1Generator.from_teacher(tiny_gpt, input_mode="linear", conti_head=True).eval()
+    plain = DD1Generator.from_teacher(tiny_gpt, input_mode="linear").eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("final_layer_conti.")})
+    n = m.seq_len
+    ids = torch.randint(m.vocab_size, (2, n))
+    eps = torch.randn(2, n, m.code_dim)
+    clean = clean_mask(torch.tensor([0, 5]), n)
+    labels = torch.tensor([1, 3])
+    with torch.no_grad():
+        x = torch.where(clean[..., None], m.codebook()[ids], eps)
+        cond = m.cls_embedding(labels)
+        h = torch.cat([cond[:, None], m.tok_embeddings(x)], 1)
+        h = h + m.n_d_embed(torch.cat([torch.ones(2, 1, dtype=torch.long), clean.long()], 1))
+        for layer in m.layers:
+            h = layer(h, m.rope[: n + 1])
+        head = m.final_layer_conti
+        shift, scale = head.scale_shift_table[0] + cond, head.scale_shift_table[1] + cond
+        ln = torch.nn.functional.layer_norm(h, (h.shape[-1],), eps=1e-6)
+        want = head.linear(ln * (1 + scale[:, None]) + shift[:, None])[:, 1:]
+        torch.testing.assert_close(m.continuous(ids, eps, clean, labels), want)
+        torch.testing.assert_close(m(ids, eps, clean, labels), plain(ids, eps, clean, labels))
+    with pytest.raises(ValueError, match="continuous head"):
+        plain.continuous(ids, eps, clean, labels)
+
+
+def test_import_dd1_of_released_llamagen_dd_and_var_dd_files(tmp_path, capsys):
+    """Released DD1 files (LlamaGen-DD under 'ema'; VAR-DD under ['trainer']['ema_parameters'] without its buffers)
+    -> DD1 runs whose generators give the original's logits and sample through the CLI; a file of another shape
+    fails, listing the keys."""
+    from onestep import checkpoint as ckpt
+    from onestep.cli import main
+    from onestep.dd1.stages import load_dd1
+    from onestep.dd1.var_model import VARDD1Generator
+    from onestep.teacher.llamagen import GPT, model_args
+    from onestep.teacher.var import VAR, var_args
+    from onestep.tokenizer.msvq import VQVAE, vqvae_config
+    from onestep.tokenizer.vq import VQModel, vq_config
+
+    torch.manual_seed(0)
+    vq = VQModel(vq_config("vq-16-tiny"))
+    gpt = GPT(model_args("tiny", vocab_size=vq.vocab_size, code_dim=vq.code_dim), codebook=vq.codebook_vectors())
+    torch.save({"model": vq.state_dict()}, tmp_path / "vq.pt")
+    torch.save({"model": gpt.state_dict()}, tmp_path / "gpt.pt")
+    main(["import-llamagen", "--gpt", str(tmp_path / "gpt.pt"), "--vq", str(tmp_path / "vq.pt"), "--out",
+          str(tmp_path / "lg"), "--gpt-preset", "tiny", "--vq-preset", "vq-16-tiny", "--image-size", "16"])
+    dd = DD1Generator(gpt.args, gpt.codebook(), input_mode="linear", conti_head=True)
+    for p in dd.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    torch.save({"ema": dd.state_dict(), "model": {}, "steps": 7}, tmp_path / "llamagen-dd.pt")
+    main(["import-dd1", "--dd1", str(tmp_path / "llamagen-dd.pt"), "--teacher", str(tmp_path / "lg" / "teacher"),
+          "--out", str(tmp_path / "lg" / "dd1")])
+    loaded, conf, _, _ = load_dd1(tmp_path / "lg" / "dd1")
+    assert conf["imported_from"]["dd1"].endswith("llamagen-dd.pt") and conf["model"]["conti_head"]
+    n = dd.seq_len
+    ids, eps = torch.randint(dd.vocab_size, (2, n)), torch.randn(2, n, dd.code_dim)
+    clean, labels = clean_mask(torch.tensor([0, 3]), n), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, eps, clean, labels), dd.eval()(ids, eps, clean, labels), atol=0, rtol=0)
+    main(["sample", "--run", str(tmp_path / "lg" / "dd1"), "--method", "dd1", "-n", "2", "--out", str(tmp_path / "s")])
+    capsys.readouterr()
+    torch.save({"ema": {"head.weight": torch.zeros(3, 3)}}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit):  # a VAR-DD-like file for a LlamaGen teacher
+        main(["import-dd1", "--dd1", str(tmp_path / "bad.pt"), "--teacher", str(tmp_path / "lg" / "teacher"),
+              "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert "missing keys" in err and "final_layer_conti.linear.weight" in err and "head.weight" in err
+    assert not (tmp_path / "bad" / "final").exists()
+
+    vae = VQVAE(vqvae_config("var-tiny"))
+    a = vae.config
+    var = VAR(var_args("tiny", vocab_size=a.codebook_size, code_dim=a.code_dim, patch_nums=a.patch_nums,
+                       phi_index=a.phi_index), vae.quantize)
+    ckpt.save_model(tmp_path / "v" / "tokenizer" / "final", vae, {"kind": "tokenizer", "family": "var",
+                                                                  "model": a.to_dict()})
+    ckpt.save_model(tmp_path / "v" / "teacher" / "final", var, {"kind": "teacher", "family": "var",
+                                                                "model": var.args.to_dict(),
+                                                                "tokenizer_dir": "../tokenizer"})
+    vdd = VARDD1Generator(var.args, conti_head=True)
+    for p in vdd.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    sd = {k: v for k, v in vdd.state_dict().items() if k not in ("lvl_1L", "attn_bias_for_masking")}
+    torch.save({"trainer": {"ema_parameters": sd}}, tmp_path / "var-dd.pth")
+    main(["import-dd1", "--dd1", str(tmp_path / "var-dd.pth"), "--teacher", str(tmp_path / "v" / "teacher"),
+          "--out", str(tmp_path / "v" / "dd1")])
+    vloaded = load_dd1(tmp_path / "v" / "dd1")[0]
+    L = vdd.seq_len
+    ids, eps = torch.randint(vdd.vocab_size, (2, L)), torch.randn(2, L, vdd.code_dim)
+    clean = clean_mask(torch.tensor([0, 5]), L)
+    vdd.codebook_VC.copy_(var.codebook())
+    with torch.no_grad():
+        torch.testing.assert_close(vloaded(ids, eps, clean, labels), vdd.eval()(ids, eps, clean, labels),
+                                   atol=0, rtol=0)

@@ -27,11 +27,11 @@ import torch
 from onestep import checkpoint as ckpt
 
 
-def read_state_dict(path: str | Path, nested: tuple[str, ...] = (), wrapper: str | None = None
+def read_state_dict(path: str | Path, nested: tuple[str, ...] = (), wrapper: str | tuple[str, ...] | None = None
                     ) -> dict[str, torch.Tensor]:
     """A state_dict from a ``.pth`` / ``.pt`` / ``.safetensors`` file (tensors only, no code is unpickled),
-    optionally under the keys ``nested`` (e.g. ``("trainer", "ema_parameters")``), or under ``wrapper`` when the
-    file's top level has that key (LlamaGen's ``'model'``; a bare state_dict is read as it is)."""
+    optionally under the keys ``nested`` (e.g. ``("trainer", "ema_parameters")``), or under the first key of
+    ``wrapper`` that the file's top level has (LlamaGen's ``'model'``; a bare state_dict is read as it is)."""
     path = Path(path)
     if not path.exists():
         raise ckpt.CheckpointError(f"{path} does not exist")
@@ -42,8 +42,10 @@ def read_state_dict(path: str | Path, nested: tuple[str, ...] = (), wrapper: str
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ckpt.CheckpointError(f"cannot read {path} as a weights-only torch file: {e}") from None
-    if wrapper is not None and isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-        sd = sd[wrapper]
+    for w in ((wrapper,) if isinstance(wrapper, str) else wrapper or ()):  # the first wrapper key present
+        if isinstance(sd, dict) and isinstance(sd.get(w), dict):
+            sd = sd[w]
+            break
     for k in nested:
         if not isinstance(sd, dict) or k not in sd:
             raise ckpt.CheckpointError(f"{path}: no key {k!r} on the path {'/'.join(nested)}")
@@ -154,6 +156,54 @@ def import_llamagen(gpt_path: str | Path, vq_path: str | Path, out: str | Path, 
     return tok_dir, teacher_dir
 
 
+def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, sampling=None) -> Path:
+    """Write a DD1 run directory (``OUT/final``, kind "dd1") of a released DD1 generator for an imported (or trained)
+    teacher run; returns ``OUT/final``.
+
+    LlamaGen-DD (``llamagen-{B,L}.pt``): the weights under ``'ema'`` (what the release's README samples with), else
+    ``'model'`` / ``'module'`` / ``'state_dict'`` or bare; the generator is ``DD1Generator(input_mode="linear",
+    conti_head=True)``. VAR-DD (``VAR-DD/var-dNN.pth``): under ``['trainer']['ema_parameters']``; the
+    generator is ``VARDD1Generator(conti_head=True)``. The release's loaders are not strict and its EMA dicts may lack
+    the buffers: VAR-DD's structural buffers ``lvl_1L`` / ``attn_bias_for_masking`` are taken from the model when
+    absent (they are fixed by the scales); every other key must be there with its shape. ``sampling`` (a
+    SamplingConfig; default none) is the teacher rule recorded for teacher-involved sampling, which the release does
+    not record."""
+    from onestep.dd1.flow_map import ODEConfig
+    from onestep.dd1.model import DD1Generator
+    from onestep.dd1.var_model import VARDD1Generator
+    from onestep.runs import final_dir, load_teacher, ref_to
+    from onestep.teacher.sampling import SamplingConfig
+
+    teacher, tconf, _ = load_teacher(teacher_run, with_tokenizer=False)
+    if tconf.get("family", "llamagen") == "var":
+        model = VARDD1Generator.from_config({"args": teacher.args.to_dict(), "conti_head": True},
+                                            teacher.codebook().detach())
+        sd = read_state_dict(dd1_path, nested=("trainer", "ema_parameters"))
+        own = model.state_dict()
+        sd = {**{k: own[k] for k in ("lvl_1L", "attn_bias_for_masking") if k not in sd}, **sd}
+    else:
+        model = DD1Generator(teacher.args, teacher.codebook().detach(), input_mode="linear", conti_head=True)
+        sd = read_state_dict(dd1_path, wrapper=("ema", "model", "module", "state_dict"))
+        sd = {k: v for k, v in sd.items() if k != "freqs_cis"}
+    ckpt.load_state_dict_strict(model, sd, source=str(dd1_path))
+    out = Path(out)
+    final = out / "final"
+    teacher_dir = final_dir(teacher_run).parent
+    config = {"kind": "dd1", "method": "DD1 (method.md section 2), released weights", "train": None,
+              "teacher_dir": ref_to(teacher_dir, out), "imported_from": {"dd1": str(dd1_path)},
+              "sampling": (sampling or SamplingConfig()).to_dict(), "ode": ODEConfig().to_dict(),
+              "model": model.config(), "data": tconf.get("data")}
+    ckpt.save_model(final, model, config)
+    return final
+
+
+def cmd_import_dd1(args) -> None:
+    from onestep.samplers import sampling_config_from_args
+
+    final = import_dd1(args.dd1, args.teacher, args.out, sampling_config_from_args(args))
+    print(f"DD1 generator: {final}\n(e.g. onestep sample --run {final.parent} --method dd1 --steps 1)")
+
+
 def cmd_import_llamagen(args) -> None:
     tok, teacher = import_llamagen(args.gpt, args.vq, args.out, args.gpt_preset, args.image_size, args.vq_preset,
                                    args.num_classes)
@@ -182,6 +232,17 @@ def register(sub) -> None:
     p.add_argument("--vq-preset", default="vq-16", help="tokenizer preset (default: vq-16, the published one)")
     p.add_argument("--num-classes", type=int, default=None, help="default: the class table's rows - 1")
     p.set_defaults(func=cmd_import_llamagen)
+    p = sub.add_parser("import-dd1", help="import a released DD1 generator (LlamaGen-DD or VAR-DD) for a teacher run",
+                       description="Convert a released DD1 file (LlamaGen-DD llamagen-B/L.pt, VAR-DD var-dNN.pth) into "
+                                   "a DD1 run directory OUT for the teacher run it distils (e.g. one written by "
+                                   "import-llamagen / import-var). Strict but for the buffers the release may omit.")
+    p.add_argument("--dd1", required=True, help="the released DD1 generator file")
+    p.add_argument("--teacher", required=True, help="the teacher run it distils")
+    p.add_argument("--out", required=True, help="output DD1 run directory")
+    from onestep.cli import add_sampling
+
+    add_sampling(p, cfg_scale=1.0)
+    p.set_defaults(func=cmd_import_dd1)
     p = sub.add_parser("import-var", help="import published VAR + VQVAE weights as tokenizer and teacher runs",
                        description="Convert var_dNN.pth and vae_ch160v4096z32.pth (bare state_dicts, on disk) into "
                                    "onestep run directories OUT/tokenizer and OUT/teacher. Strict: a file of another "

@@ -29,8 +29,11 @@ teacher's pretrained causal attention pattern the initialisation relies on. Caus
 therefore sufficient and consistent (it is also the released LlamaGen-DD architecture); VAR-DD's
 "strictly earlier levels plus itself" mask is the same rule for multi-token AR steps.
 
-Training target: cross-entropy of the logits against the map's tokens (``onestep.dd1.train``); the
-released generators' optional continuous head (``final_layer_conti``) is not implemented.
+Training target: cross-entropy of the logits against the map's tokens (``onestep.dd1.train``). The released
+generators' continuous head ``final_layer_conti`` (:class:`ContiHead`, reading the last block's output before the
+final RMSNorm) is built with ``conti_head=True``, for layout parity with the released files (``input_mode="linear",
+conti_head=True`` is the LlamaGen-DD state_dict key for key, tests/test_dd1.py) and for :meth:`continuous`;
+training uses the logits.
 """
 from __future__ import annotations
 
@@ -40,7 +43,22 @@ from torch import Tensor, nn
 
 from onestep.teacher.llamagen import GPT, ModelArgs, rotary_table_2d
 
-__all__ = ["DD1Generator", "clean_mask"]
+__all__ = ["DD1Generator", "ContiHead", "clean_mask"]
+
+
+class ContiHead(nn.Module):
+    """``final_layer_conti`` of the released DD1 generators: (shift, scale) = scale_shift_table rows + the class
+    embedding; Linear(LN(h) (1 + scale) + shift) -> continuous tokens (code_dim). LN has no affine, eps 1e-6."""
+
+    def __init__(self, dim: int, code_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
+        self.linear = nn.Linear(dim, code_dim)
+
+    def forward(self, h: Tensor, cond_BD: Tensor) -> Tensor:
+        shift, scale = (self.scale_shift_table[None] + cond_BD[:, None]).unbind(1)
+        return self.linear(self.norm_final(h) * (1 + scale[:, None]) + shift[:, None])
 
 
 def clean_mask(n_clean: Tensor, n: int) -> Tensor:
@@ -51,13 +69,14 @@ def clean_mask(n_clean: Tensor, n: int) -> Tensor:
 class DD1Generator(nn.Module):
     """Trajectory point (ids, eps, clean mask, labels) -> logits (B, n, V) of the map's final tokens."""
 
-    def __init__(self, args: ModelArgs, codebook: Tensor | None = None, input_mode: str = "table"):
+    def __init__(self, args: ModelArgs, codebook: Tensor | None = None, input_mode: str = "table",
+                 conti_head: bool = False):
         super().__init__()
         if input_mode not in ("table", "linear"):
             raise ValueError(f"input_mode must be 'table' or 'linear', got {input_mode!r}")
-        # a GPT of the same shape provides the modules (names follow the teacher / published layout)
+        # a GPT of the same shape provides the modules (names and order follow the teacher / released layout)
         g = GPT(args, codebook)
-        self.args, self.input_mode = args, input_mode
+        self.args, self.input_mode, self.conti_head = args, input_mode, conti_head
         self.seq_len, self.vocab_size, self.code_dim, self.num_classes = args.seq_len, args.vocab_size, args.code_dim, args.num_classes
         self.cls_embedding = g.cls_embedding
         if input_mode == "table":
@@ -68,8 +87,10 @@ class DD1Generator(nn.Module):
             self.noise_proj = nn.Linear(args.code_dim, args.dim)
         else:
             self.tok_embeddings = nn.Linear(args.code_dim, args.dim)
-        self.n_d_embed = nn.Embedding(2, args.dim)
         self.layers, self.norm, self.output = g.layers, g.norm, g.output
+        if conti_head:
+            self.final_layer_conti = ContiHead(args.dim, args.code_dim)
+        self.n_d_embed = nn.Embedding(2, args.dim)
         self.register_buffer("rope", rotary_table_2d(args.grid_h, args.grid_w, args.head_dim, args.rope_base),
                              persistent=False)
         self.register_buffer("codebook_VC", g.codebook_VC.clone(), persistent=False)
@@ -77,10 +98,11 @@ class DD1Generator(nn.Module):
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_teacher(cls, teacher: GPT, input_mode: str = "table", noise_scale: float | None = None) -> "DD1Generator":
+    def from_teacher(cls, teacher: GPT, input_mode: str = "table", noise_scale: float | None = None,
+                     conti_head: bool = False) -> "DD1Generator":
         """Copy the teacher's weights; the noise projection is drawn so that its outputs have the RMS of
         the teacher's token embeddings (``noise_scale`` overrides that target RMS)."""
-        m = cls(teacher.args, teacher.codebook(), input_mode)
+        m = cls(teacher.args, teacher.codebook(), input_mode, conti_head)
         m.to(next(teacher.parameters()).device)
         own = m.state_dict()
         src = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
@@ -88,7 +110,8 @@ class DD1Generator(nn.Module):
             src.pop("tok_embeddings.weight", None)
         # Only the DD1-specific modules may stay at their fresh initialisation: anything else is a bug.
         fresh = {k for k in own if k not in src}
-        allowed = ("n_d_embed.", "noise_proj.", "tok_embeddings." if input_mode == "linear" else "n_d_embed.")
+        allowed = ("n_d_embed.", "noise_proj.", "final_layer_conti.",
+                   "tok_embeddings." if input_mode == "linear" else "n_d_embed.")
         unexpected = sorted(k for k in fresh if not k.startswith(allowed))
         if unexpected:
             raise ValueError(f"teacher weights do not cover DD1 generator keys: {unexpected}")
@@ -108,11 +131,11 @@ class DD1Generator(nn.Module):
         return m
 
     def config(self) -> dict:
-        return {"args": self.args.to_dict(), "input_mode": self.input_mode}
+        return {"args": self.args.to_dict(), "input_mode": self.input_mode, "conti_head": self.conti_head}
 
     @classmethod
     def from_config(cls, cfg: dict, codebook: Tensor | None = None) -> "DD1Generator":
-        return cls(ModelArgs.from_dict(cfg["args"]), codebook, cfg["input_mode"])
+        return cls(ModelArgs.from_dict(cfg["args"]), codebook, cfg["input_mode"], cfg.get("conti_head", False))
 
     def codebook(self) -> Tensor:
         return self.codebook_VC
@@ -131,17 +154,31 @@ class DD1Generator(nn.Module):
         data = self.tok_embeddings(ids) if hasattr(self, "tok_embeddings") else self.tok_mlp(self.codebook_VC[ids].to(dt))
         return torch.where(clean[..., None], data, self.noise_proj(eps.to(dt)))
 
-    def forward(self, ids: Tensor, eps: Tensor, clean: Tensor, labels: Tensor) -> Tensor:
-        """Logits (B, n, V) of the final token of every position for the trajectory point (ids where
-        ``clean``, eps elsewhere). ``ids`` at noise positions are ignored (any valid id)."""
+    def hidden(self, ids: Tensor, eps: Tensor, clean: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(the last block's output over the n + 1 slots (B, n + 1, dim), before the final norm; the class
+        embedding (B, dim))."""
         B, n = ids.shape
-        h = torch.cat([self.cls_embedding(labels)[:, None], self.embed(ids, eps, clean)], dim=1)
+        cond = self.cls_embedding(labels)
+        h = torch.cat([cond[:, None], self.embed(ids, eps, clean)], dim=1)
         flags = torch.cat([torch.ones(B, 1, dtype=torch.long, device=ids.device), clean.long()], dim=1)
         h = h + self.n_d_embed(flags)
         rope = self.rope[: n + 1]
         for layer in self.layers:
             h = layer(h, rope)
+        return h, cond
+
+    def forward(self, ids: Tensor, eps: Tensor, clean: Tensor, labels: Tensor) -> Tensor:
+        """Logits (B, n, V) of the final token of every position for the trajectory point (ids where
+        ``clean``, eps elsewhere). ``ids`` at noise positions are ignored (any valid id)."""
+        h, _ = self.hidden(ids, eps, clean, labels)
         return self.output(self.norm(h[:, 1:]))
+
+    def continuous(self, ids: Tensor, eps: Tensor, clean: Tensor, labels: Tensor) -> Tensor:
+        """The released continuous head's tokens (B, n, code_dim) (needs ``conti_head=True``)."""
+        if not self.conti_head:
+            raise ValueError("this DD1 generator was built without the continuous head (conti_head=False)")
+        h, cond = self.hidden(ids, eps, clean, labels)
+        return self.final_layer_conti(h, cond)[:, 1:]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

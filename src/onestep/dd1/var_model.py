@@ -25,25 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from onestep.dd1.model import ContiHead
 from onestep.teacher.var import AdaLNBeforeHead, AdaLNSelfAttn, VAR, VARArgs
 
-__all__ = ["VARDD1Generator", "ContiHead"]
-
-
-class ContiHead(nn.Module):
-    """``final_layer_conti``: (shift, scale) = scale_shift_table rows + the class embedding; Linear(LN(h) (1 + scale)
-    + shift) -> continuous tokens (C_vae)."""
-
-    def __init__(self, args: VARArgs):
-        super().__init__()
-        C = args.embed_dim
-        self.norm_final = nn.LayerNorm(C, eps=args.norm_eps, elementwise_affine=False)
-        self.scale_shift_table = nn.Parameter(torch.zeros(2, C))
-        self.linear = nn.Linear(C, args.code_dim)
-
-    def forward(self, h: Tensor, cond_BD: Tensor) -> Tensor:
-        shift, scale = (self.scale_shift_table[None] + cond_BD[:, None]).unbind(1)
-        return self.linear(self.norm_final(h) * (1 + scale[:, None]) + shift[:, None])
+__all__ = ["VARDD1Generator"]
 
 
 class VARDD1Generator(nn.Module):
@@ -71,7 +56,7 @@ class VARDD1Generator(nn.Module):
         self.n_d_embed = nn.Embedding(2, C)
         self.layerwise_n_d_embed = nn.ModuleList(nn.Linear(C, C) for _ in range(args.depth + 1))
         if conti_head:
-            self.final_layer_conti = ContiHead(args)
+            self.final_layer_conti = ContiHead(args.embed_dim, args.code_dim, args.norm_eps)
         self.register_buffer("codebook_VC", torch.zeros(args.vocab_size, args.code_dim), persistent=False)
         nn.init.zeros_(self.n_d_embed.weight)
         for lin in self.layerwise_n_d_embed:

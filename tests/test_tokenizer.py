@@ -239,6 +239,31 @@ def test_llamagen_encoder_and_attention_by_hand():
         torch.testing.assert_close(m.decode_ids(ids), m.decode(cb[ids].reshape(2, 4, 4, 4).permute(0, 3, 1, 2)))
 
 
+def test_llamagen_decoder_by_hand():
+    """The decoder in LlamaGen's order: conv_in, mid (res, attn, res), then conv_blocks.0 (lowest resolution: res.j
+    each followed by attn.j, then upsample) ... conv_blocks.last (no attention, no upsample), norm, SiLU, conv_out."""
+    torch.manual_seed(1)
+    m = VQModel(vq_config("vq-16-tiny")).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    d = m.decoder
+    z = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        h = d.mid[2](d.mid[1](d.mid[0](d.conv_in(z))))
+        for k, level in enumerate(d.conv_blocks):
+            assert len(level.res) == 2 and len(level.attn) == (2 if k == 0 else 0)
+            for j in range(2):
+                h = level.res[j](h)
+                if k == 0:
+                    h = level.attn[j](h)
+            if k < len(d.conv_blocks) - 1:
+                h = level.upsample.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            else:
+                assert not hasattr(level, "upsample")
+        torch.testing.assert_close(d(z), d.conv_out(F.silu(d.norm_out(h))))
+    assert vq_config("vq-16").decoder_blocks == 3 and vq_config("default", num_res_blocks=2).decoder_blocks == 2
+
+
 def test_llamagen_usage_window_and_no_training_state():
     m = VQModel(vq_config("vq-16-tiny")).train()
     assert set(k for k in m.state_dict() if k.startswith("quantize.")) == {"quantize.codebook_used",
@@ -265,6 +290,16 @@ def test_tokenizer_saved_with_the_old_key_names_still_loads(tmp_path):
         k = re.sub(r"^decoder\.conv_blocks\.", "decoder.up.", k)
         old[re.sub(r"^(encoder|decoder)\.mid\.0\.", r"\1.mid.", k)] = v
     assert "encoder.mid.conv1.weight" in old and "decoder.up.0.res.0.conv1.weight" in old
+    # names of the shipped tokenizer before the rename, and what they became
+    from onestep.tokenizer.vq import upgrade_legacy_keys
+
+    pairs = {"encoder.down.0.res.0.conv1.weight": "encoder.conv_blocks.0.res.0.conv1.weight",
+             "encoder.down.1.downsample.conv.bias": "encoder.conv_blocks.1.downsample.conv.bias",
+             "encoder.mid.norm1.weight": "encoder.mid.0.norm1.weight", "decoder.mid.conv2.bias": "decoder.mid.0.conv2.bias",
+             "decoder.up.1.upsample.conv.weight": "decoder.conv_blocks.1.upsample.conv.weight",
+             "decoder.up.2.res.0.nin_shortcut.weight": "decoder.conv_blocks.2.res.0.nin_shortcut.weight",
+             "encoder.conv_in.weight": "encoder.conv_in.weight", "quantize.unused_steps": "quantize.unused_steps"}
+    assert list(upgrade_legacy_keys(dict.fromkeys(pairs, torch.zeros(1)))) == list(pairs.values())
     ckpt.save_tensors(tmp_path / "tok" / "final" / "model.safetensors", old)
     ckpt.write_json(tmp_path / "tok" / "final" / "config.json", {"kind": "tokenizer", "model": m.config.to_dict()})
     loaded, _ = load_tokenizer(tmp_path / "tok")

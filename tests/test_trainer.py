@@ -171,3 +171,44 @@ def test_no_source_draws_with_a_generator_onto_a_given_device():
                 if {"generator", "device"} <= kw:
                     bad.append(f"{path.relative_to(src)}:{node.lineno}")
     assert not bad, bad
+
+
+def test_resume_refuses_optimizer_state_saved_for_another_parameter_order(tmp_path):
+    """PyTorch matches optimizer state to parameters by position: a checkpoint written before a module registered its
+    parameters in another order must fail with a clear error, not load moments onto the wrong parameters."""
+    import pytest
+
+    from onestep import checkpoint as ckpt
+    from onestep.trainer import LoopConfig, TrainLoop
+
+    class Net(torch.nn.Module):
+        def __init__(self, swapped: bool = False):
+            super().__init__()
+            if swapped:
+                self.b = torch.nn.Linear(3, 2)
+            self.a = torch.nn.Linear(2, 3)
+            if not swapped:
+                self.b = torch.nn.Linear(3, 2)
+
+    def loop(net):
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        return TrainLoop(tmp_path / "run", LoopConfig(steps=2, batch_size=1, seed=0, log_every=1, ckpt_every=1),
+                         {"net": net}, {"net": opt}, {"net": {}}, desc="t"), opt
+
+    def step(net, opt):
+        def fn(i):
+            opt.zero_grad()
+            net.b(net.a(torch.randn(4, 2))).pow(2).mean().backward()
+            opt.step()
+            return {}
+        return fn
+
+    (tmp_path / "run").mkdir()
+    net = Net()
+    lp, opt = loop(net)
+    lp.run(step(net, opt))
+    lp2, opt2 = loop(Net())
+    assert lp2.resume() and lp2.step == 2  # the same order resumes
+    lp3, _ = loop(Net(swapped=True))
+    with pytest.raises(ckpt.CheckpointError, match="optimizer state does not fit"):
+        lp3.resume()

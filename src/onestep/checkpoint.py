@@ -130,10 +130,13 @@ def save_model(directory: str | os.PathLike, module: nn.Module, config: dict) ->
 
 
 def load_model_weights(directory: str | os.PathLike, module: nn.Module) -> dict:
-    """Strictly load ``directory/model.safetensors`` into ``module``; returns the config dict."""
+    """Strictly load ``directory/model.safetensors`` into ``module``; returns the config dict. A module class that
+    renamed its keys provides ``upgrade_state_dict(sd) -> sd``, an explicit rename of the old names (then strict)."""
     directory = Path(directory)
     config = read_json(directory / "config.json")
-    load_state_dict_strict(module, load_tensors(directory / "model.safetensors"), source=str(directory))
+    sd = load_tensors(directory / "model.safetensors")
+    upgrade = getattr(module, "upgrade_state_dict", None)
+    load_state_dict_strict(module, upgrade(sd) if upgrade is not None else sd, source=str(directory))
     return config
 
 

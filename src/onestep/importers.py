@@ -171,7 +171,7 @@ def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, s
     from onestep.dd1.flow_map import ODEConfig
     from onestep.dd1.model import DD1Generator
     from onestep.dd1.var_model import VARDD1Generator
-    from onestep.runs import final_dir, load_teacher, ref_to
+    from onestep.runs import load_teacher, ref_to
     from onestep.teacher.sampling import SamplingConfig
 
     teacher, tconf, _ = load_teacher(teacher_run, with_tokenizer=False)
@@ -188,9 +188,8 @@ def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, s
     ckpt.load_state_dict_strict(model, sd, source=str(dd1_path))
     out = Path(out)
     final = out / "final"
-    teacher_dir = final_dir(teacher_run).parent
     config = {"kind": "dd1", "method": "DD1 (method.md section 2), released weights", "train": None,
-              "teacher_dir": ref_to(teacher_dir, out), "imported_from": {"dd1": str(dd1_path)},
+              "teacher_dir": ref_to(teacher_run, out), "imported_from": {"dd1": str(dd1_path)},
               "sampling": (sampling or SamplingConfig()).to_dict(), "ode": ODEConfig().to_dict(),
               "model": model.config(), "data": tconf.get("data")}
     ckpt.save_model(final, model, config)

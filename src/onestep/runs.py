@@ -32,7 +32,7 @@ def load_tokenizer(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(tokenizer, config) from a tokenizer run (or model) directory, in eval mode: a VQModel (LlamaGen family) or a
     multi-scale VQVAE (VAR family), as ``config["family"]`` says."""
     from onestep.tokenizer.msvq import VQVAE, VQVAEConfig
-    from onestep.tokenizer.vq import VQConfig, VQModel, upgrade_legacy_keys
+    from onestep.tokenizer.vq import VQConfig, VQModel
 
     d = final_dir(run_dir)
     config = ckpt.read_json(d / "config.json")
@@ -41,13 +41,8 @@ def load_tokenizer(run_dir: str | Path, device: str | torch.device = "cpu"):
     family = config.get("family", "llamagen")
     if family not in ("llamagen", "var"):
         raise ckpt.CheckpointError(f"{d}: unknown tokenizer family {family!r}")
-    if family == "var":
-        model = VQVAE(VQVAEConfig(**config["model"]))
-        ckpt.load_model_weights(d, model)
-    else:  # a tokenizer saved before the LlamaGen key names loads through an explicit rename
-        model = VQModel(VQConfig(**config["model"]))
-        sd = upgrade_legacy_keys(ckpt.load_tensors(d / "model.safetensors"))
-        ckpt.load_state_dict_strict(model, sd, source=str(d))
+    model = VQVAE(VQVAEConfig(**config["model"])) if family == "var" else VQModel(VQConfig(**config["model"]))
+    ckpt.load_model_weights(d, model)  # (VQModel.upgrade_state_dict renames keys saved before LlamaGen's names)
     return model.to(device).eval(), config
 
 

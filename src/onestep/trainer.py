@@ -192,6 +192,7 @@ class TrainLoop:
             return False
         state = ckpt.load_training_checkpoint(latest, {k: unwrap(m) for k, m in self.modules.items()})
         for k, o in self.optimizers.items():
+            check_optimizer_state(o, state["optimizers"][k], f"{latest} ({k})")
             o.load_state_dict(state["optimizers"][k])
         ckpt.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
@@ -239,6 +240,26 @@ class TrainLoop:
                     on_checkpoint(self.step)
         bar.close()
         return logs
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, source: str) -> None:
+    """Refuse a saved optimizer state whose per-parameter tensors do not fit the parameters in order (PyTorch matches
+    them by position): e.g. a checkpoint written before a module's parameters were registered in another order."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_ids = [i for g in saved.get("param_groups", []) for i in g["params"]]
+    bad = []
+    if len(saved_ids) != len(params):
+        bad.append(f"{len(saved_ids)} saved parameters vs {len(params)} now")
+    for n, (i, p) in enumerate(zip(saved_ids, params)):
+        for name, t in saved.get("state", {}).get(i, {}).items():
+            if torch.is_tensor(t) and t.dim() > 0 and tuple(t.shape) != tuple(p.shape):
+                bad.append(f"parameter {n}: saved {name} {tuple(t.shape)} vs parameter {tuple(p.shape)}")
+                break
+    if bad:
+        raise ckpt.CheckpointError(f"{source}: the optimizer state does not fit the model's parameters ("
+                                   + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") + "): it was saved for "
+                                   "another parameter order or shape (e.g. by an older version); its weights still "
+                                   "load, but resume it with the version that wrote it or start a new --run-dir")
 
 
 def guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, grad_clip: float = 0.0) -> bool:

@@ -131,7 +131,8 @@ class DD1Generator(nn.Module):
         return m
 
     def config(self) -> dict:
-        return {"args": self.args.to_dict(), "input_mode": self.input_mode, "conti_head": self.conti_head}
+        out = {"args": self.args.to_dict(), "input_mode": self.input_mode}
+        return {**out, "conti_head": True} if self.conti_head else out  # (runs made before the option: no key)
 
     @classmethod
     def from_config(cls, cfg: dict, codebook: Tensor | None = None) -> "DD1Generator":

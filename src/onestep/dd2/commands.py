@@ -21,7 +21,7 @@ def cmd_adapt(args) -> None:
 
     cfg = _override(ADAPT_PRESETS[args.preset], args, ("steps", "fit_steps", "batch_size", "lr", "seed"))
     info = setup(args.device)
-    final = adapt_teacher(args.run_dir, args.teacher, cfg, info)
+    final = adapt_teacher(args.run_dir, args.teacher, cfg, info, args.data, args.data_root)
     if info.is_main:
         print(f"continuous-input teacher written to {final}")
     cleanup(info)
@@ -74,6 +74,9 @@ def register(sub) -> None:
     a.add_argument("--fit-steps", type=int, default=None, help="MLP regression steps")
     a.add_argument("--batch-size", type=int, default=None)
     a.add_argument("--lr", type=float, default=None)
+    a.add_argument("--data", default=None, help="fine-tuning data (default: the teacher run's; needed for an imported "
+                                                "teacher): fashion-mnist, mnist or folder")
+    a.add_argument("--data-root", default=None, help="data directory (folder: one sub-folder per class)")
     a.add_argument("--device", default="cpu")
     a.add_argument("--seed", type=int, default=None)
     a.set_defaults(func=cmd_adapt)

@@ -155,7 +155,7 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
     if H != W:
         raise ValueError(f"tokenizer needs square images, got {H}x{W}")
     model = build_tokenizer(cfg.preset, H, C).to(info.device)
-    config = {"kind": "tokenizer", "family": tokenizer_family(model), "train": cfg, "model": model.config.to_dict(), "data": data,
+    config = {"kind": "tokenizer", "family": tokenizer_family(model), "train": cfg, "model": model.config, "data": data,
               "data_root": data_root, "class_names": ds.class_names}
     run_dir = prepare_run_dir(run_dir, config, info)
     opt = make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)

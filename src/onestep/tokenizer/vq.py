@@ -61,14 +61,17 @@ class VQConfig:
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
-        if self.decoder_res_blocks is None:
-            self.decoder_res_blocks = self.num_res_blocks
         if not self.training_state and (self.restart_after > 0 or self.kmeans_iters > 0):
             raise ValueError("training_state=False keeps no codebook-init or restart state: set kmeans_iters=0 and "
                              "restart_after=0")
         f = 2 ** (len(self.channel_mult) - 1)
         if self.image_size % f:
             raise ValueError(f"image_size {self.image_size} is not divisible by the downsampling factor {f}")
+
+    @property
+    def decoder_blocks(self) -> int:
+        """Residual blocks per decoder level: ``decoder_res_blocks``, or ``num_res_blocks`` when that is None."""
+        return self.num_res_blocks if self.decoder_res_blocks is None else self.decoder_res_blocks
 
     @property
     def downsample(self) -> int:
@@ -236,7 +239,7 @@ class Decoder(nn.Module):
         self.conv_blocks = nn.ModuleList()
         for k, i in enumerate(reversed(range(len(chs)))):
             c = chs[i]
-            self.conv_blocks.append(_level(cin, c, cfg.decoder_res_blocks, cfg.attn and k == 0, g,
+            self.conv_blocks.append(_level(cin, c, cfg.decoder_blocks, cfg.attn and k == 0, g,
                                            Upsample(c) if i > 0 else None, "upsample"))
             cin = c
         self.norm_out = _norm(cin, g)
@@ -388,6 +391,8 @@ def upgrade_legacy_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 class VQModel(nn.Module):
     """Encoder + l2-normalised VQ + decoder. Images are float (B, C, H, W) in [-1, 1]."""
+
+    upgrade_state_dict = staticmethod(upgrade_legacy_keys)  # old key names, applied by checkpoint.load_model_weights
 
     def __init__(self, config: VQConfig):
         super().__init__()

@@ -266,35 +266,44 @@ def test_var_family_through_the_cli(tmp_path, capsys, monkeypatch):
 
 
 @needs_data
-def test_dd2_train_under_torchrun_keeps_ranks_in_lock_step(tiny_runs, tmp_path):
-    """CSD with DDP (2 gloo processes, each its own labels and noise): generator, guidance network and EMA are
-    identical on both ranks after generator steps, guidance steps and an alignment phase."""
+def test_distillation_stages_under_torchrun_keep_ranks_in_lock_step(tiny_runs, tmp_path):
+    """DD2 stage 1 (GTS), stage 2 (CSD: generator and guidance turns, then a performance-alignment phase) and DD1
+    training with DDP (2 gloo processes, each its own batch, labels and noise): every module the loop trains (and
+    CSD's EMA) is identical on both ranks at the end, and it moved away from its start."""
     import os
     import socket
     import subprocess
     import sys
 
+    from onestep.checkpoint import load_tensors
+
+    script = Path(__file__).parent / "scripts" / "ddp_stage.py"
+
+    def torchrun(stage, run, *inputs):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            f"--master_port={port}", str(script), stage, str(run), *map(str, inputs)],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        a, b = (torch.load(run / f"rank{k}.pt") for k in (0, 1))
+        assert a["world_size"] == 2 and a["step"] == b["step"] > 0
+        for name, sd in a["modules"].items():
+            for k, v in sd.items():
+                assert torch.equal(v, b["modules"][name][k]), f"{stage}: {name}.{k} differs between the ranks"
+        return a["modules"]
+
     adapt, tune = tmp_path / "adapt", tmp_path / "tune"
     main(["dd2", "adapt", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--run-dir", str(adapt),
           "--steps", "2", "--fit-steps", "5"])
-    main(["dd2", "tune", "--preset", "tiny", "--teacher", str(adapt), "--run-dir", str(tune)])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = Path(__file__).parent / "scripts" / "dd2_train_ddp.py"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        str(script), str(tune), str(tmp_path / "dd2")],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = (torch.load(tmp_path / "dd2" / f"rank{k}.pt") for k in (0, 1))
-    assert a["world_size"] == 2
-    init = json.loads((tmp_path / "dd2" / "final" / "config.json").read_text())
-    assert init["csd"]["align_at"] == 2
-    for part in ("generator", "guidance", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs between the ranks"
-    from onestep.dd2.tune import load_ardiffusion  # the generator moved away from the stage-1 model: CSD trained
-
-    model, _ = load_ardiffusion(tune)
-    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, a["generator"][k])]
-    assert moved, "the generator did not train"
+    start = load_tensors(adapt / "final" / "model.safetensors")
+    tuned = torchrun("dd2-tune", tune, adapt)["model"]
+    assert any(not torch.equal(start[k], tuned[f"backbone.{k}"]) for k in start), "stage 1 did not train"
+    csd = torchrun("dd2-train", tmp_path / "dd2", tune)
+    assert set(csd) == {"generator", "guidance", "ema"}
+    assert any(not torch.equal(tuned[k], csd["generator"][k]) for k in tuned), "CSD did not train"
+    assert json.loads((tmp_path / "dd2" / "final" / "config.json").read_text())["csd"]["align_at"] == 2
+    main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--out", str(tmp_path / "pairs")])
+    dd1 = torchrun("dd1-train", tmp_path / "dd1", tmp_path / "pairs", tiny_runs / "teacher")
+    assert set(dd1) == {"model"}

@@ -212,3 +212,14 @@ def test_resume_refuses_optimizer_state_saved_for_another_parameter_order(tmp_pa
     lp3, _ = loop(Net(swapped=True))
     with pytest.raises(ckpt.CheckpointError, match="optimizer state does not fit"):
         lp3.resume()
+
+
+def test_amp_on_the_cpu_warns_that_it_is_ignored(tmp_path):
+    import pytest
+
+    from onestep.trainer import LoopConfig, TrainLoop
+
+    net = torch.nn.Linear(2, 2)
+    with pytest.warns(UserWarning, match="CUDA-only"):
+        TrainLoop(tmp_path, LoopConfig(steps=1, batch_size=1, amp=True), {"net": net},
+                  {"net": torch.optim.SGD(net.parameters(), lr=0.1)}, {"net": {}})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 import dataclasses
 from dataclasses import asdict, dataclass
@@ -165,6 +166,8 @@ class TrainLoop:
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.modules, self.optimizers, self.configs = modules, optimizers, configs
         self.info = info or DistInfo()
+        if cfg.amp and torch.device(self.info.device).type != "cuda" and self.info.is_main:
+            warnings.warn(f"[{desc}] bf16 autocast (--amp) is CUDA-only: ignored on {self.info.device}", stacklevel=2)
         self.desc = desc
         self.extra_state = extra_state if extra_state is not None else {}
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.info.rank)

@@ -218,8 +218,13 @@ def test_import_llamagen_writes_runs_that_reproduce_the_models_and_refuses_other
     gpt = GPT(model_args("tiny", vocab_size=vq.vocab_size, code_dim=vq.code_dim), codebook=vq.codebook_vectors())
     for p in gpt.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    torch.save({"model": vq.state_dict(), "epoch": 3}, tmp_path / "vq.pt")
-    torch.save({"model": {**gpt.state_dict(), "freqs_cis": torch.zeros(17, 4, 2)}}, tmp_path / "gpt.pt")
+    import argparse
+
+    # as LlamaGen's training scripts save them: weights under 'model', plus steps, optimizer state and the arguments
+    opt = torch.optim.AdamW(gpt.parameters()).state_dict()
+    torch.save({"model": vq.state_dict(), "steps": 3, "args": argparse.Namespace(codebook_size=32)}, tmp_path / "vq.pt")
+    torch.save({"model": {**gpt.state_dict(), "freqs_cis": torch.zeros(17, 4, 2)}, "optimizer": opt, "steps": 3,
+                "args": argparse.Namespace(gpt_model="GPT-B", cls_token_num=1)}, tmp_path / "gpt.pt")
     main(["import-llamagen", "--gpt", str(tmp_path / "gpt.pt"), "--vq", str(tmp_path / "vq.pt"), "--out",
           str(tmp_path / "imp"), "--gpt-preset", "tiny", "--vq-preset", "vq-16-tiny", "--image-size", "16"])
     loaded, tconf, tok = load_teacher(tmp_path / "imp" / "teacher")

@@ -19,6 +19,7 @@ replaces it the same way). Nothing is downloaded: the files must be on disk.
 """
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -38,8 +39,9 @@ def read_state_dict(path: str | Path, nested: tuple[str, ...] = (), wrapper: str
     if path.suffix == ".safetensors":
         sd = ckpt.load_tensors(path)
     else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # LlamaGen's training checkpoints also pickle their argparse.Namespace of arguments under 'args'
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ckpt.CheckpointError(f"cannot read {path} as a weights-only torch file: {e}") from None
     for w in ((wrapper,) if isinstance(wrapper, str) else wrapper or ()):  # the first wrapper key present

@@ -137,7 +137,7 @@ def import_llamagen(gpt_path: str | Path, vq_path: str | Path, out: str | Path, 
     out = Path(out)
     vq = VQModel(vq_config(vq_preset, image_size=image_size))
     ckpt.load_state_dict_strict(vq, read_state_dict(vq_path, wrapper="model"), source=str(vq_path))
-    gpt_sd = read_state_dict(gpt_path, wrapper="model")
+    gpt_sd = read_state_dict(gpt_path, wrapper=("model", "module", "state_dict"))  # upstream's order (DDP, DeepSpeed)
     gpt_sd = {k: v for k, v in gpt_sd.items() if k != "freqs_cis"}  # upstream's derived rotary table, if saved
     preset = gpt_preset or llamagen_preset(gpt_sd)
     h, w = vq.grid

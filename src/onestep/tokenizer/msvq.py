@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onestep.teacher.var import OFFICIAL_PATCH_NUMS, OFFICIAL_PHI_INDEX, MultiScaleQuantizer, VARArgs
-from onestep.tokenizer.vq import Downsample, ResnetBlock, Upsample, _dist_world, _norm
+from onestep.tokenizer.vq import Downsample, ResnetBlock, Upsample, _dist_world, _norm, make_level, run_level
 
 
 def _broadcast(t: Tensor) -> None:
@@ -130,23 +130,6 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(h)))
 
 
-def _level(blocks: list[nn.Module], attn: list[nn.Module], resample: nn.Module | None, name: str) -> nn.Module:
-    level = nn.Module()
-    level.block = nn.ModuleList(blocks)
-    level.attn = nn.ModuleList(attn)
-    if resample is not None:
-        setattr(level, name, resample)
-    return level
-
-
-def _run_level(level: nn.Module, h: Tensor) -> Tensor:
-    for j, blk in enumerate(level.block):
-        h = blk(h)
-        if len(level.attn):
-            h = level.attn[j](h)
-    return h
-
-
 class Encoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
@@ -158,7 +141,7 @@ class Encoder(nn.Module):
             cin, cout = cfg.ch * ins[i], cfg.ch * cfg.ch_mult[i]
             blocks = [ResnetBlock(cin if j == 0 else cout, cout, g) for j in range(cfg.num_res_blocks)]
             attn = [AttnBlock(cout, g) for _ in range(cfg.num_res_blocks)] if cfg.level_attn and i == n - 1 else []
-            self.down.append(_level(blocks, attn, Downsample(cout) if i < n - 1 else None, "downsample"))
+            self.down.append(make_level(blocks, attn, Downsample(cout) if i < n - 1 else None, "downsample", "block"))
         top = cfg.ch * cfg.ch_mult[-1]
         self.mid = _Mid(top, g, cfg.mid_attn)
         self.norm_out = _norm(top, g)
@@ -167,7 +150,7 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            h = _run_level(level, h)
+            h = run_level(level, h, "block")
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
@@ -185,7 +168,7 @@ class Decoder(nn.Module):
             cout = cfg.ch * cfg.ch_mult[i]
             blocks = [ResnetBlock(cin if j == 0 else cout, cout, g) for j in range(cfg.num_res_blocks + 1)]
             attn = [AttnBlock(cout, g) for _ in range(cfg.num_res_blocks + 1)] if cfg.level_attn and i == n - 1 else []
-            levels.insert(0, _level(blocks, attn, Upsample(cout) if i > 0 else None, "upsample"))
+            levels.insert(0, make_level(blocks, attn, Upsample(cout) if i > 0 else None, "upsample", "block"))
             cin = cout
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(cin, g)
@@ -194,7 +177,7 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            h = _run_level(level, h)
+            h = run_level(level, h, "block")
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -173,22 +173,31 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(cin: int, c: int, n_res: int, attn: bool, groups: int, resample: nn.Module | None, name: str) -> nn.Module:
-    """One resolution level: ``res.j`` (each followed by ``attn.j`` when ``attn``), then ``downsample``/``upsample``."""
+def make_level(blocks: list[nn.Module], attn: list[nn.Module], resample: nn.Module | None, resample_name: str,
+               blocks_name: str = "res") -> nn.Module:
+    """One resolution level of an encoder / decoder: ``<blocks_name>.j`` (each followed by ``attn.j`` when the level
+    has attention), then the resampling module as ``resample_name`` (none at the last level). LlamaGen names the
+    residual blocks ``res``, VAR (tokenizer/msvq.py) ``block``."""
     level = nn.Module()
-    level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, groups) for j in range(n_res))
-    level.attn = nn.ModuleList(AttnBlock(c, groups) for _ in range(n_res if attn else 0))
+    setattr(level, blocks_name, nn.ModuleList(blocks))
+    level.attn = nn.ModuleList(attn)
     if resample is not None:
-        setattr(level, name, resample)
+        setattr(level, resample_name, resample)
     return level
 
 
-def _run_level(level: nn.Module, h: Tensor) -> Tensor:
-    for j, res in enumerate(level.res):
-        h = res(h)
+def run_level(level: nn.Module, h: Tensor, blocks_name: str = "res") -> Tensor:
+    """The blocks of a :func:`make_level` level in order (block j, then attention j), without the resampling."""
+    for j, blk in enumerate(getattr(level, blocks_name)):
+        h = blk(h)
         if len(level.attn):
             h = level.attn[j](h)
     return h
+
+
+def _level(cin: int, c: int, n_res: int, attn: bool, groups: int, resample: nn.Module | None, name: str) -> nn.Module:
+    return make_level([ResnetBlock(cin if j == 0 else c, c, groups) for j in range(n_res)],
+                      [AttnBlock(c, groups) for _ in range(n_res if attn else 0)], resample, name)
 
 
 def _mid(ch: int, attn: bool, groups: int) -> nn.ModuleList:
@@ -218,7 +227,7 @@ class Encoder(nn.Module):
     def forward(self, x_BCHW: Tensor) -> Tensor:
         h = self.conv_in(x_BCHW)
         for level in self.conv_blocks:
-            h = _run_level(level, h)
+            h = run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         for m in self.mid:
@@ -250,7 +259,7 @@ class Decoder(nn.Module):
         for m in self.mid:
             h = m(h)
         for level in self.conv_blocks:
-            h = _run_level(level, h)
+            h = run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))

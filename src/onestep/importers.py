@@ -1,5 +1,5 @@
-"""Import published LlamaGen and VAR weights as onestep run directories (``onestep import-llamagen``,
-``onestep import-var``).
+"""Import published LlamaGen and VAR weights, and the released DD1 generators, as onestep run directories
+(``onestep import-llamagen``, ``onestep import-var``, ``onestep import-dd1``).
 
 ``c2i_{B,L,XL,XXL}_{256,384}.pt`` (the GPT's state_dict, under ``'model'``, or bare for the FSDP-consolidated XXL)
 and ``vq_ds16_c2i.pt`` (the VQ-16 tokenizer's, under ``'model'``) become run directories the same way (family

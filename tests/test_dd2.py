@@ -295,7 +295,7 @@ def test_dd2_tabular_csd_does_the_work_and_beats_onestep_star(tabular_run):
                    "0.085-0.10 after the 1200 CSD steps it affords (3 seeds); the TV keeps falling with more steps "
                    "(0.049-0.062 after 6000, 0.055 after 12000 for seed 1), and at 1200 steps no knob tried (gains, "
                    "generator_t, t range, noise draws, width, oracle score, condition_on_codes, gradient clipping, "
-                   "guidance LR) beats the seed spread. "
+                   "guidance LR, ReLU, performance alignment) beats the seed spread. "
                    "See benchmarks/results/dd2-tabular.notes.md")
 def test_dd2_tabular_exactness_tv(tabular_run):
     assert tabular_run["tv_dd2_ema"] <= EXACTNESS_TV, tabular_run

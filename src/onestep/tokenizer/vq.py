@@ -2,7 +2,8 @@
 
 The module tree and state_dict are LlamaGen's ``VQModel``: the ``vq-16`` preset holds exactly the keys, shapes
 and order of the published ``vq_ds16_c2i.pt`` (``onestep import-llamagen`` loads it strictly); the small presets
-are the same architecture, narrower, without attention, and with this module's codebook-maintenance buffers::
+use the same module tree, narrower, without attention, with as many decoder as encoder blocks per level (LlamaGen:
+one more), and with this module's codebook-maintenance buffers::
 
     image (B, in_ch, H, W) in [-1, 1]
       -> encoder (conv_in, ``conv_blocks.i``: GroupNorm+SiLU residual blocks [+ attention at the lowest
@@ -23,7 +24,8 @@ Codebook usage is kept high by (i) the low-dim l2-normalised lookup, (ii) k-mean
 codebook from the first training batch's latents, and (iii) dead-code restart: a code unused for
 ``restart_after`` consecutive training steps is reset to a random latent of the current batch. The
 restart state (``unused_steps``, ``initialized``, ``restarts``) lives in registered buffers, so it is
-saved with the weights and a resumed run continues identically. All randomness comes from the
+saved with the weights and a resumed run continues identically (``training_state=False``, the ``vq-16`` preset:
+none of these, only LlamaGen's ``codebook_used`` window of recent ids). All randomness comes from the
 ``torch.Generator`` passed to ``forward``; under DDP the decisions are all-reduced / broadcast from rank 0.
 """
 from __future__ import annotations

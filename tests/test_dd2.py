@@ -293,7 +293,7 @@ def test_dd2_tabular_csd_does_the_work_and_beats_onestep_star(tabular_run):
 
 @pytest.mark.xfail(reason="DD2 does not reach TV <= 0.05 within the 2-minute CPU budget of the test suite: "
                    "0.085-0.10 after the 1200 CSD steps it affords (3 seeds); the TV keeps falling with more steps "
-                   "(0.049-0.062 after 6000; for seed 1 0.055 after 12000 and 0.0385 after 24000, ~20x the budget), and at 1200 steps no knob tried (gains, "
+                   "(0.049-0.062 after 6000; 0.055 after 12000 for seed 1; 0.0385 / 0.0307 after 24000 for seeds 1 / 2, ~20x the budget), and at 1200 steps no knob tried (gains, "
                    "generator_t, t range, noise draws, width, oracle score, condition_on_codes, gradient clipping, "
                    "guidance LR, ReLU, performance alignment) beats the seed spread. "
                    "See benchmarks/results/dd2-tabular.notes.md")

@@ -65,17 +65,29 @@ def var_depth(sd: dict[str, torch.Tensor]) -> int:
     return max(idx) + 1
 
 
+def write_runs(out: str | Path, family: str, source: dict, tokenizer: tuple, teacher: tuple) -> tuple[Path, Path]:
+    """OUT/tokenizer/final and OUT/teacher/final of imported weights (``tokenizer`` / ``teacher``: (module, model
+    config dict, preset name)); the teacher refers to the tokenizer by a relative path. Returns the two final dirs."""
+    from onestep.runs import ref_to
+
+    out = Path(out)
+    tok_dir, teacher_dir = out / "tokenizer" / "final", out / "teacher" / "final"
+    common = {"family": family, "data": None, "imported_from": source}
+    ckpt.save_model(tok_dir, tokenizer[0], {"kind": "tokenizer", "model": tokenizer[1], "preset": tokenizer[2], **common})
+    ckpt.save_model(teacher_dir, teacher[0], {"kind": "teacher", "model": teacher[1], "preset": teacher[2],
+                                              "tokenizer_dir": ref_to(tok_dir.parent, teacher_dir.parent), **common})
+    return tok_dir, teacher_dir
+
+
 def import_var(var_path: str | Path, vae_path: str | Path, out: str | Path, var_preset: str | None = None,
                vae_preset: str = "vae-ch160", num_classes: int | None = None) -> tuple[Path, Path]:
     """Write the tokenizer and teacher run directories of published VAR weights; returns their ``final/`` dirs.
 
     ``var_preset`` defaults to ``VAR-d{depth}`` with the depth read from the file; ``num_classes`` defaults to the
     class embedding's rows minus the null row."""
-    from onestep.runs import ref_to
     from onestep.teacher.var import VAR, VAR_PRESETS, var_args
     from onestep.tokenizer.msvq import VQVAE, vqvae_config
 
-    out = Path(out)
     vae_sd = read_state_dict(vae_path)
     vae = VQVAE(vqvae_config(vae_preset))
     key = "quantize.ema_vocab_hit_SV"
@@ -98,14 +110,8 @@ def import_var(var_path: str | Path, vae_path: str | Path, out: str | Path, var_
                     phi_index=c.phi_index, quant_resi=c.quant_resi, num_classes=classes)
     teacher = VAR(args, quantizer=vae.quantize)
     ckpt.load_state_dict_strict(teacher, var_sd, source=str(var_path))
-    tok_dir, teacher_dir = out / "tokenizer" / "final", out / "teacher" / "final"
-    source = {"var": str(var_path), "vae": str(vae_path)}
-    ckpt.save_model(tok_dir, vae, {"kind": "tokenizer", "family": "var", "model": c.to_dict(), "data": None,
-                                   "imported_from": source, "preset": vae_preset})
-    ckpt.save_model(teacher_dir, teacher, {"kind": "teacher", "family": "var", "model": args.to_dict(),
-                                           "tokenizer_dir": ref_to(tok_dir.parent, teacher_dir.parent), "data": None,
-                                           "imported_from": source, "preset": preset})
-    return tok_dir, teacher_dir
+    return write_runs(out, "var", {"var": str(var_path), "vae": str(vae_path)}, (vae, c.to_dict(), vae_preset),
+                      (teacher, args.to_dict(), preset))
 
 
 def llamagen_preset(sd: dict[str, torch.Tensor]) -> str:
@@ -130,11 +136,9 @@ def import_llamagen(gpt_path: str | Path, vq_path: str | Path, out: str | Path, 
     ``image_size`` (256 or 384 for the published models) sets the token grid, image_size / 16 per side: the
     GPT's weights do not depend on it (its 2-D rotary table is derived). ``gpt_preset`` defaults to the official
     size whose width and depth the file has; ``num_classes`` to the class table's rows minus the null row."""
-    from onestep.runs import ref_to
     from onestep.teacher.llamagen import GPT, model_args
     from onestep.tokenizer.vq import VQModel, vq_config
 
-    out = Path(out)
     vq = VQModel(vq_config(vq_preset, image_size=image_size))
     ckpt.load_state_dict_strict(vq, read_state_dict(vq_path, wrapper="model"), source=str(vq_path))
     gpt_sd = read_state_dict(gpt_path, wrapper=("model", "module", "state_dict"))  # upstream's order (DDP, DeepSpeed)
@@ -148,14 +152,8 @@ def import_llamagen(gpt_path: str | Path, vq_path: str | Path, out: str | Path, 
     args = model_args(preset, vocab_size=vq.vocab_size, code_dim=vq.code_dim, grid_h=h, grid_w=w, **overrides)
     teacher = GPT(args, codebook=vq.codebook_vectors().detach())
     ckpt.load_state_dict_strict(teacher, gpt_sd, source=str(gpt_path))
-    tok_dir, teacher_dir = out / "tokenizer" / "final", out / "teacher" / "final"
-    source = {"gpt": str(gpt_path), "vq": str(vq_path)}
-    ckpt.save_model(tok_dir, vq, {"kind": "tokenizer", "family": "llamagen", "model": vq.config.to_dict(),
-                                  "data": None, "imported_from": source, "preset": vq_preset})
-    ckpt.save_model(teacher_dir, teacher, {"kind": "teacher", "family": "llamagen", "model": args.to_dict(),
-                                           "tokenizer_dir": ref_to(tok_dir.parent, teacher_dir.parent), "data": None,
-                                           "imported_from": source, "preset": preset})
-    return tok_dir, teacher_dir
+    return write_runs(out, "llamagen", {"gpt": str(gpt_path), "vq": str(vq_path)},
+                      (vq, vq.config.to_dict(), vq_preset), (teacher, args.to_dict(), preset))
 
 
 def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, sampling=None) -> Path:

@@ -4,6 +4,7 @@ Statistical tests use fixed seeds and a chi-square p-value threshold of 1e-3 (a 
 uniform p-value, so a fresh seed would fail with probability 1e-3 per test); bins with zero teacher
 probability must get exactly zero count.
 """
+import argparse
 import json
 
 import numpy as np
@@ -558,6 +559,59 @@ def test_conti_head_reads_the_last_block_before_the_final_norm(tiny_gpt):
         plain.continuous(ids, eps, clean, labels)
 
 
+def _tiny_var_dd():
+    from onestep.dd1.var_model import VARDD1Generator
+    from onestep.teacher.var import VAR, var_args
+    from onestep.tokenizer.msvq import VQVAE, vqvae_config
+
+    a = VQVAE(vqvae_config("var-tiny")).config
+    var = VAR(var_args("tiny", vocab_size=a.codebook_size, code_dim=a.code_dim, patch_nums=a.patch_nums,
+                       phi_index=a.phi_index))
+    return VARDD1Generator(var.args, conti_head=True)
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_released_output_rule_is_argmax_codes_then_the_continuous_head(family, tiny_gpt):
+    """conti_from S (LlamaGen-DD get_final_x_BLC / VAR-DD get_final_sequence): codebook[argmax logits] before S,
+    the continuous head's tokens from S on, the kept prefix as given; ``predict`` is forward + continuous in one
+    pass; multi-step keeps the nearest codes of the first call's vectors."""
+    torch.manual_seed(0)
+    m = (DD1Generator.from_teacher(tiny_gpt, input_mode="linear", conti_head=True) if family == "llamagen"
+         else _tiny_var_dd()).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    n, S = m.seq_len, m.seq_len // 2
+    eps, labels = torch.randn(3, n, m.code_dim), torch.tensor([0, 1, 2])
+    zeros = torch.zeros(3, n, dtype=torch.long)
+    no_clean = clean_mask(torch.zeros(3, dtype=torch.long), n)
+    with torch.no_grad():
+        logits, conti = m.predict(zeros, eps, no_clean, labels)
+        torch.testing.assert_close(logits, m(zeros, eps, no_clean, labels), atol=0, rtol=0)
+        torch.testing.assert_close(conti, m.continuous(zeros, eps, no_clean, labels), atol=0, rtol=0)
+        want = torch.cat([m.codebook()[logits.argmax(-1)][:, :S], conti[:, S:]], 1)
+        x = sampling.one_step(m, eps, labels, conti_from=S)
+        torch.testing.assert_close(x, want, atol=0, rtol=0)
+        torch.testing.assert_close(sampling.one_step(m, eps, labels, conti_from=n),
+                                   m.codebook()[sampling.one_step(m, eps, labels)], atol=0, rtol=0)
+        torch.testing.assert_close(sampling.one_step(m, eps, labels, conti_from=0), conti, atol=0, rtol=0)
+        # two steps: keep k positions = the nearest codes of the first call's vectors, then the rule from k on
+        k = m.ar_steps()[len(m.ar_steps()) // 2][0]
+        kept = torch.cdist(x.flatten(0, 1), m.codebook()).argmin(-1).view(3, n)
+        clean = clean_mask(torch.full((3,), k), n)
+        lg2, c2 = m.predict(kept, eps, clean, labels)
+        second = torch.where(clean, kept, lg2.argmax(-1))
+        want2 = torch.where((torch.arange(n) >= S)[None, :, None] & ~clean[..., None], c2, m.codebook()[second])
+        torch.testing.assert_close(sampling.two_step(m, eps, labels, k, conti_from=S), want2, atol=0, rtol=0)
+    plain = (DD1Generator.from_teacher(tiny_gpt, input_mode="linear") if family == "llamagen"
+             else type(m)(m.args)).eval()
+    with pytest.raises(ValueError, match="continuous head"):
+        sampling.one_step(plain, eps, labels, conti_from=S)
+    with pytest.raises(ValueError, match="continuous head"):
+        sampling.dd1_sampler(plain, None, "1step", conti_from=S)
+    with pytest.raises(ValueError, match="conti_from must lie"):
+        sampling.one_step(m, eps, labels, conti_from=n + 1)
+
+
 def test_import_dd1_of_released_llamagen_dd_and_var_dd_files(tmp_path, capsys):
     """Released DD1 files (LlamaGen-DD under 'ema'; VAR-DD under ['trainer']['ema_parameters'] without its buffers)
     -> DD1 runs whose generators give the original's logits and sample through the CLI; a file of another shape
@@ -592,6 +646,27 @@ def test_import_dd1_of_released_llamagen_dd_and_var_dd_files(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, eps, clean, labels), dd.eval()(ids, eps, clean, labels), atol=0, rtol=0)
     main(["sample", "--run", str(tmp_path / "lg" / "dd1"), "--method", "dd1", "-n", "2", "--out", str(tmp_path / "s")])
+    assert conf["conti_from"] is None  # n <= 80: the release's split lies past the sequence, argmax codes everywhere
+    # the release's output rule, recorded by --conti-from (LlamaGen-DD's default 80 needs n > 80), used by sampling
+    main(["import-dd1", "--dd1", str(tmp_path / "llamagen-dd.pt"), "--teacher", str(tmp_path / "lg" / "teacher"),
+          "--out", str(tmp_path / "lg" / "dd1-conti"), "--conti-from", "0"])
+    from onestep.samplers import build_sampler
+
+    smp = build_sampler("dd1", str(tmp_path / "lg" / "dd1-conti"))
+    out = smp.sample(torch.tensor([1, 2]), torch.Generator().manual_seed(0))
+    assert out.is_floating_point() and smp.info["conti_from"] == 0
+    eps0 = sampling.draw_noise(loaded, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(out, dd.continuous(torch.zeros(2, n, dtype=torch.long), eps0,
+                                                      clean_mask(torch.zeros(2, dtype=torch.long), n),
+                                                      torch.tensor([1, 2])), atol=0, rtol=0)
+    assert smp.images(torch.tensor([1, 2]), torch.Generator().manual_seed(0)).dtype == torch.uint8
+    off = build_sampler("dd1", str(tmp_path / "lg" / "dd1-conti"), args=argparse.Namespace(steps=1, conti_from=-1))
+    assert not off.sample(torch.tensor([1, 2]), torch.Generator().manual_seed(0)).is_floating_point()
+    with pytest.raises(ValueError, match="does not apply"):
+        build_sampler("teacher", str(tmp_path / "lg" / "teacher"), args=argparse.Namespace(conti_from=3))
+    main(["sample", "--run", str(tmp_path / "lg" / "dd1-conti"), "--method", "dd1", "-n", "2", "--out",
+          str(tmp_path / "s2")])
     capsys.readouterr()
     torch.save({"ema": {"head.weight": torch.zeros(3, 3)}}, tmp_path / "bad.pt")
     with pytest.raises(SystemExit):  # a VAR-DD-like file for a LlamaGen teacher

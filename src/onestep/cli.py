@@ -32,6 +32,11 @@ def add_method(p: argparse.ArgumentParser) -> None:
                         "sequential calls)")
     p.add_argument("--continuous", action="store_true",
                    help="dd2: decode the generator's continuous vectors instead of quantising to the nearest code")
+    p.add_argument("--conti-from", type=int, default=None, metavar="S",
+                   help="dd1, released generators (onestep import-dd1): their output rule, the argmax codes before "
+                        "position S and the continuous head's tokens from S on, decoded as vectors (default: the "
+                        "run's recorded rule, 80 for an imported LlamaGen-DD; trained runs: argmax codes everywhere; "
+                        "-1 = argmax codes everywhere)")
 
 
 def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = 2.0) -> None:

@@ -156,7 +156,11 @@ def import_llamagen(gpt_path: str | Path, vq_path: str | Path, out: str | Path, 
                       (vq, vq.config.to_dict(), vq_preset), (teacher, args.to_dict(), preset))
 
 
-def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, sampling=None) -> Path:
+LLAMAGEN_DD_CONTI_FROM = 80  # the release's sampling default (--split_t 80): argmax codes before, continuous head after
+
+
+def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, sampling=None,
+               conti_from: int | None = None) -> Path:
     """Write a DD1 run directory (``OUT/final``, kind "dd1") of a released DD1 generator for an imported (or trained)
     teacher run; returns ``OUT/final``.
 
@@ -167,7 +171,12 @@ def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, s
     the buffers: VAR-DD's structural buffers ``lvl_1L`` / ``attn_bias_for_masking`` are taken from the model when
     absent (they are fixed by the scales); every other key must be there with its shape. ``sampling`` (a
     SamplingConfig; default none) is the teacher rule recorded for teacher-involved sampling, which the release does
-    not record."""
+    not record.
+
+    ``conti_from`` (recorded in the run; see :func:`onestep.dd1.sampling.dd_step_vectors`): the released output rule,
+    argmax codes before that position and the continuous head's tokens from it on. Default for LlamaGen-DD: 80, the
+    release's sampler default (kept only when the teacher has more positions); VAR-DD: none (its split is a
+    sampling argument of the release; pass the position of a scale boundary). Negative: argmax codes everywhere."""
     from onestep.dd1.flow_map import ODEConfig
     from onestep.dd1.model import DD1Generator
     from onestep.dd1.var_model import VARDD1Generator
@@ -175,7 +184,14 @@ def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, s
     from onestep.teacher.sampling import SamplingConfig
 
     teacher, tconf, _ = load_teacher(teacher_run, with_tokenizer=False)
-    if tconf.get("family", "llamagen") == "var":
+    var = tconf.get("family", "llamagen") == "var"
+    if conti_from is None and not var and teacher.seq_len > LLAMAGEN_DD_CONTI_FROM:
+        conti_from = LLAMAGEN_DD_CONTI_FROM
+    if conti_from is not None and conti_from < 0:
+        conti_from = None
+    if conti_from is not None and conti_from > teacher.seq_len:
+        raise ValueError(f"conti_from {conti_from} lies past the teacher's {teacher.seq_len} positions")
+    if var:
         model = VARDD1Generator.from_config({"args": teacher.args.to_dict(), "conti_head": True},
                                             teacher.codebook().detach())
         sd = read_state_dict(dd1_path, nested=("trainer", "ema_parameters"))
@@ -191,7 +207,7 @@ def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, s
     config = {"kind": "dd1", "method": "DD1 (method.md section 2), released weights", "train": None,
               "teacher_dir": ref_to(teacher_run, out), "imported_from": {"dd1": str(dd1_path)},
               "sampling": (sampling or SamplingConfig()).to_dict(), "ode": ODEConfig().to_dict(),
-              "model": model.config(), "data": tconf.get("data")}
+              "model": model.config(), "data": tconf.get("data"), "conti_from": conti_from}
     ckpt.save_model(final, model, config)
     return final
 
@@ -199,7 +215,7 @@ def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, s
 def cmd_import_dd1(args) -> None:
     from onestep.samplers import sampling_config_from_args
 
-    final = import_dd1(args.dd1, args.teacher, args.out, sampling_config_from_args(args))
+    final = import_dd1(args.dd1, args.teacher, args.out, sampling_config_from_args(args), args.conti_from)
     print(f"DD1 generator: {final}\n(e.g. onestep sample --run {final.parent} --method dd1 --steps 1)")
 
 
@@ -238,6 +254,10 @@ def register(sub) -> None:
     p.add_argument("--dd1", required=True, help="the released DD1 generator file")
     p.add_argument("--teacher", required=True, help="the teacher run it distils")
     p.add_argument("--out", required=True, help="output DD1 run directory")
+    p.add_argument("--conti-from", type=int, default=None, metavar="S",
+                   help="the release's output rule recorded in the run: argmax codes before position S, the continuous "
+                        "head's tokens from S on (default: 80 for LlamaGen-DD, the release's --split_t; none for "
+                        "VAR-DD; -1 = argmax codes everywhere)")
     from onestep.cli import add_sampling
 
     add_sampling(p, cfg_scale=1.0)

@@ -86,7 +86,8 @@ def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256,
 
 
 # method name -> "module:function"; each builder is ``fn(run_dir, device, args) -> Sampler``. ``args`` is the
-# parsed command line of ``onestep sample`` (sampling rule, ``steps``, ``continuous``) or None for defaults.
+# parsed command line of ``onestep sample`` (sampling rule, ``steps``, ``continuous``, ``conti_from``) or None for
+# defaults.
 SAMPLER_BUILDERS = {
     "teacher": "onestep.samplers:_build_teacher",
     "teacher-nocache": "onestep.samplers:_build_teacher",
@@ -115,5 +116,10 @@ def build_sampler(method: str, run_dir: str, device="cpu", args=None) -> Sampler
 
     if method not in SAMPLER_BUILDERS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(SAMPLER_BUILDERS)}")
+    if getattr(args, "conti_from", None) is not None and method != "dd1":
+        raise ValueError(f"--conti-from selects DD1's released output rule; it does not apply to --method {method}")
+    if getattr(args, "continuous", False) and method != "dd2":
+        raise ValueError(f"--continuous decodes DD2's continuous vectors; it does not apply to --method {method} "
+                         "(for a released DD1 generator's continuous head see --conti-from)")
     mod, fn = SAMPLER_BUILDERS[method].split(":")
     return getattr(importlib.import_module(mod), fn)(method, run_dir, device, args)

@@ -174,6 +174,12 @@ class DD1Generator(nn.Module):
         h, _ = self.hidden(ids, eps, clean, labels)
         return self.output(self.norm(h[:, 1:]))
 
+    def predict(self, ids: Tensor, eps: Tensor, clean: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(logits (B, n, V), the continuous head's tokens (B, n, code_dim) or None without the head), one pass."""
+        h, cond = self.hidden(ids, eps, clean, labels)
+        conti = self.final_layer_conti(h, cond)[:, 1:] if self.conti_head else None
+        return self.output(self.norm(h[:, 1:])), conti
+
     def continuous(self, ids: Tensor, eps: Tensor, clean: Tensor, labels: Tensor) -> Tensor:
         """The released continuous head's tokens (B, n, code_dim) (needs ``conti_head=True``)."""
         if not self.conti_head:

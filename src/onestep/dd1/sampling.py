@@ -15,6 +15,11 @@ input), never to fresh noise.
   With a = 0 the first DD step is skipped (the teacher starts from scratch). Model calls: 2 (1 if a = 0);
   teacher AR steps: those of the window.
 
+Released generators (``onestep import-dd1``) carry a continuous head; their own samplers take the argmax code of
+the logits before a split position and the continuous head's token from it on (LlamaGen-DD: position 80, the
+release's ``--split_t``), then decode the vectors. ``conti_from`` selects that rule (:func:`dd_step_vectors`); an
+imported LlamaGen-DD run records it, and ``--conti-from`` overrides it.
+
 ``onestep sample --method dd1 --steps K`` (:func:`build_sampler`): K = 1 one step, K = 2 two steps, K >= 3
 teacher-involved with K sequential network calls in total (1 DD call + K - 2 teacher AR steps starting
 right after the 2-step split + 1 DD call; :func:`teacher_window`). :func:`dd1_samplers` gives the
@@ -33,7 +38,7 @@ from onestep.dd1.model import clean_mask
 from onestep.teacher.base import ARTeacher
 from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
-__all__ = ["default_split", "dd_step", "one_step", "two_step", "multi_step", "teacher_involved", "sample_window",
+__all__ = ["default_split", "dd_step", "dd_step_vectors", "one_step", "two_step", "multi_step", "teacher_involved", "sample_window",
            "draw_noise", "dd1_sampler", "teacher_window", "build_sampler", "dd1_samplers"]
 
 
@@ -65,22 +70,60 @@ def dd_step(model, ids: Tensor | None, eps: Tensor, labels: Tensor, n_clean: int
     return torch.where(clean, ids, pred)
 
 
-def one_step(model, eps: Tensor, labels: Tensor) -> Tensor:
-    return dd_step(model, None, eps, labels, 0)
+@torch.no_grad()
+def dd_step_vectors(model, ids: Tensor | None, eps: Tensor, labels: Tensor, n_clean: int, conti_from: int) -> Tensor:
+    """One generator call with the released generators' output rule (LlamaGen-DD ``get_final_x_BLC``, VAR-DD
+    ``get_final_sequence``): code vectors (B, n, C), the argmax code of the logits before position ``conti_from``
+    and the continuous head's token from it on; the first n_clean positions are kept as given (their codes)."""
+    B, n = eps.shape[:2]
+    if not getattr(model, "conti_head", False):
+        raise ValueError("conti_from needs a generator with the released continuous head (conti_head=True, e.g. "
+                         "one written by `onestep import-dd1`)")
+    if not 0 <= conti_from <= n:
+        raise ValueError(f"conti_from must lie in [0, {n}], got {conti_from}")
+    if ids is None:
+        ids = torch.zeros(B, n, dtype=torch.long, device=eps.device)
+    clean = clean_mask(torch.full((B,), n_clean, device=eps.device), n)
+    logits, conti = model.predict(ids, eps, clean, labels)
+    codes = model.codebook()[torch.where(clean, ids, logits.argmax(-1))].to(conti.dtype)
+    use_conti = (torch.arange(n, device=eps.device) >= conti_from)[None, :, None] & ~clean[..., None]
+    return torch.where(use_conti, conti, codes)
 
 
-def multi_step(model, eps: Tensor, labels: Tensor, keep: Sequence[int]) -> Tensor:
-    """1 + len(keep) generator calls; after call j the first keep[j] tokens are frozen (increasing)."""
+def _nearest_ids(model, x: Tensor) -> Tensor:
+    """(B, n, C) vectors -> (B, n) ids of the nearest codes."""
+    cb = model.codebook().to(x.dtype)
+    return torch.cdist(x.flatten(0, 1), cb).argmin(-1).view(x.shape[:2])
+
+
+def _step(model, ids, eps, labels, n_clean: int, conti_from: int | None, final: bool):
+    """A DD step: ids, or (final step with ``conti_from``) the released rule's code vectors. A non-final step's
+    continuous tokens are snapped to their nearest codes, which is what the next step keeps."""
+    if conti_from is None:
+        return dd_step(model, ids, eps, labels, n_clean)
+    x = dd_step_vectors(model, ids, eps, labels, n_clean, conti_from)
+    return x if final else _nearest_ids(model, x)
+
+
+def one_step(model, eps: Tensor, labels: Tensor, conti_from: int | None = None) -> Tensor:
+    """ids (B, n); with ``conti_from``: code vectors (B, n, C) by the released rule (:func:`dd_step_vectors`)."""
+    return _step(model, None, eps, labels, 0, conti_from, True)
+
+
+def multi_step(model, eps: Tensor, labels: Tensor, keep: Sequence[int], conti_from: int | None = None) -> Tensor:
+    """1 + len(keep) generator calls; after call j the first keep[j] tokens are frozen (increasing). With
+    ``conti_from`` the last call returns code vectors by the released rule; kept tokens are always codes."""
     if list(keep) != sorted(keep):
         raise ValueError(f"keep counts must increase: {keep}")
-    ids = one_step(model, eps, labels)
-    for s in keep:
-        ids = dd_step(model, ids, eps, labels, s)
-    return ids
+    out = _step(model, None, eps, labels, 0, conti_from, not keep)
+    for j, s in enumerate(keep):
+        out = _step(model, out, eps, labels, s, conti_from, j == len(keep) - 1)
+    return out
 
 
-def two_step(model, eps: Tensor, labels: Tensor, s: int | None = None) -> Tensor:
-    return multi_step(model, eps, labels, [default_split(eps.shape[1], model.ar_steps()) if s is None else s])
+def two_step(model, eps: Tensor, labels: Tensor, s: int | None = None, conti_from: int | None = None) -> Tensor:
+    return multi_step(model, eps, labels, [default_split(eps.shape[1], model.ar_steps()) if s is None else s],
+                      conti_from)
 
 
 def sample_window(teacher: ARTeacher, ids: Tensor, labels: Tensor, cfg: SamplingConfig, start: int, end: int,
@@ -102,29 +145,32 @@ def _step_of_position(teacher: ARTeacher, pos: int) -> int:
 @torch.no_grad()
 def teacher_involved(model, teacher: ARTeacher, eps: Tensor, labels: Tensor, cfg: SamplingConfig,
                      window: tuple[int, int], teacher_mode: str = "sample", generator: torch.Generator | None = None,
-                     ode: ODEConfig | None = None) -> Tensor:
+                     ode: ODEConfig | None = None, conti_from: int | None = None) -> Tensor:
     """DD step -> teacher regenerates positions [a, b) -> DD step (module docstring). a, b: positions on
-    AR-step boundaries."""
+    AR-step boundaries. With ``conti_from`` the generator's steps follow the released rule (kept tokens: the
+    nearest codes; the last DD step returns code vectors)."""
     a, b = window
     if not 0 <= a <= b <= eps.shape[1]:
         raise ValueError(f"bad window {window}")
     ka, kb = _step_of_position(teacher, a), _step_of_position(teacher, b)
-    ids = one_step(model, eps, labels) if a > 0 else torch.zeros(eps.shape[:2], dtype=torch.long, device=eps.device)
+    ids = (_step(model, None, eps, labels, 0, conti_from, False) if a > 0
+           else torch.zeros(eps.shape[:2], dtype=torch.long, device=eps.device))
     if teacher_mode == "sample":
         ids = sample_window(teacher, ids, labels, cfg, ka, kb, generator)
     elif teacher_mode == "map":
         ids = map_noise_to_tokens(teacher, eps, labels, cfg, ode, prefix=ids, start_step=ka, end_step=kb)
     else:
         raise ValueError(f"teacher_mode must be 'sample' or 'map', got {teacher_mode!r}")
-    return dd_step(model, ids, eps, labels, b) if b < eps.shape[1] else ids
+    return _step(model, ids, eps, labels, b, conti_from, True) if b < eps.shape[1] else ids
 
 
 def dd1_sampler(model, tokenizer, mode: str = "1step", s: int | None = None, teacher: ARTeacher | None = None,
                 cfg: SamplingConfig | None = None, window: tuple[int, int] | None = None, teacher_mode: str = "sample",
-                ode: ODEConfig | None = None):
+                ode: ODEConfig | None = None, conti_from: int | None = None):
     """A :class:`onestep.samplers.Sampler` for evaluation: mode "1step", "2step" or "teacher" (teacher-involved,
     named "dd1-teacher-involved"). ``steps`` counts sequential network calls: generator calls plus the
-    teacher's AR steps. ``params`` counts the networks used (generator, plus the teacher when involved)."""
+    teacher's AR steps. ``params`` counts the networks used (generator, plus the teacher when involved).
+    ``conti_from``: the released generators' output rule (:func:`dd_step_vectors`; None: argmax ids everywhere)."""
     from onestep.samplers import Sampler, num_params
 
     if mode not in ("1step", "2step", "teacher"):
@@ -135,10 +181,14 @@ def dd1_sampler(model, tokenizer, mode: str = "1step", s: int | None = None, tea
     def sample(labels: Tensor, g: torch.Generator) -> Tensor:
         eps = draw_noise(model, labels.shape[0], g, labels.device)
         if mode == "1step":
-            return one_step(model, eps, labels)
+            return one_step(model, eps, labels, conti_from)
         if mode == "2step":
-            return two_step(model, eps, labels, s)
-        return teacher_involved(model, teacher, eps, labels, cfg, window, teacher_mode, g, ode)
+            return two_step(model, eps, labels, s, conti_from)
+        return teacher_involved(model, teacher, eps, labels, cfg, window, teacher_mode, g, ode, conti_from)
+
+    if conti_from is not None and not getattr(model, "conti_head", False):
+        raise ValueError("conti_from needs a generator with the released continuous head (conti_head=True, e.g. one "
+                         "written by `onestep import-dd1`)")
 
     if mode == "teacher":
         a, b = window
@@ -148,7 +198,7 @@ def dd1_sampler(model, tokenizer, mode: str = "1step", s: int | None = None, tea
     else:
         steps, params = (1 if mode == "1step" else 2), num_params(model)
     info = {"mode": mode, "s": s if s is not None else default_split(model.seq_len, model.ar_steps()), "window": window,
-            "teacher_mode": teacher_mode, "num_classes": model.num_classes}
+            "teacher_mode": teacher_mode, "num_classes": model.num_classes, "conti_from": conti_from}
     if cfg is not None:
         info["sampling"] = cfg.to_dict()
     name = "dd1-teacher-involved" if mode == "teacher" else f"dd1-{mode}"
@@ -187,6 +237,14 @@ def _sampling_of_run(config: dict, sampling_cfg: SamplingConfig | None, what: st
     return run_cfg
 
 
+def conti_from_of(config: dict, override: int | None = None) -> int | None:
+    """The output rule of a DD1 run: ``override`` (``--conti-from``; negative = argmax ids everywhere), else the
+    run's recorded ``conti_from`` (written by ``onestep import-dd1``), else None (argmax ids: trained runs)."""
+    if override is not None:
+        return None if override < 0 else int(override)
+    return config.get("conti_from")
+
+
 def build_sampler(method: str, run_dir, device="cpu", args=None):
     """``onestep sample --method dd1 --run RUN --steps K`` (the ``SAMPLER_BUILDERS`` entry).
 
@@ -204,14 +262,15 @@ def build_sampler(method: str, run_dir, device="cpu", args=None):
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     model, config, teacher, tokenizer = load_dd1(run_dir, device)
+    conti_from = conti_from_of(config, getattr(args, "conti_from", None))
     if steps <= 2:
-        smp = dd1_sampler(model, tokenizer, "1step" if steps == 1 else "2step")
+        smp = dd1_sampler(model, tokenizer, "1step" if steps == 1 else "2step", conti_from=conti_from)
     else:
         from onestep.samplers import sampling_config_from_args
 
         cfg = _sampling_of_run(config, sampling_config_from_args(args) if args is not None else None, "dd1 sampling")
         smp = dd1_sampler(model, tokenizer, "teacher", teacher=teacher, cfg=cfg, window=teacher_window(teacher, steps),
-                          ode=ODEConfig(**config["ode"]))
+                          ode=ODEConfig(**config["ode"]), conti_from=conti_from)
     smp.info["num_classes"] = teacher.num_classes
     smp.info["run"] = str(run_dir)
     return smp
@@ -228,11 +287,12 @@ def dd1_samplers(run_dir, device="cpu", sampling_cfg: SamplingConfig | None = No
 
     model, config, teacher, tokenizer = load_dd1(run_dir, device)
     cfg = _sampling_of_run(config, sampling_cfg, "dd1_samplers")
-    out = {"dd1-1step": dd1_sampler(model, tokenizer, "1step", cfg=cfg),
-           "dd1-2step": dd1_sampler(model, tokenizer, "2step", cfg=cfg),
+    cf = conti_from_of(config)
+    out = {"dd1-1step": dd1_sampler(model, tokenizer, "1step", cfg=cfg, conti_from=cf),
+           "dd1-2step": dd1_sampler(model, tokenizer, "2step", cfg=cfg, conti_from=cf),
            "dd1-teacher-involved": dd1_sampler(model, tokenizer, "teacher", teacher=teacher, cfg=cfg,
                                                window=teacher_window(teacher, teacher_steps),
-                                               ode=ODEConfig(**config["ode"]))}
+                                               ode=ODEConfig(**config["ode"]), conti_from=cf)}
     for smp in out.values():
         smp.info["num_classes"] = teacher.num_classes
     return out

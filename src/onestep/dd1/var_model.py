@@ -123,6 +123,12 @@ class VARDD1Generator(nn.Module):
         h, cond = self.hidden(ids, eps, clean, labels)
         return self.head(self.head_nm(h, cond))[:, 1:]
 
+    def predict(self, ids: Tensor, eps: Tensor, clean: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(logits (B, L, V), the continuous head's tokens (B, L, C_vae) or None without the head), one pass."""
+        h, cond = self.hidden(ids, eps, clean, labels)
+        conti = self.final_layer_conti(h, cond)[:, 1:] if self.conti_head else None
+        return self.head(self.head_nm(h, cond))[:, 1:], conti
+
     def continuous(self, ids: Tensor, eps: Tensor, clean: Tensor, labels: Tensor) -> Tensor:
         """The released continuous head's tokens (B, L, C_vae) (needs ``conti_head=True``)."""
         if not self.conti_head:

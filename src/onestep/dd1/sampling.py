@@ -35,7 +35,7 @@ from torch import Tensor
 from onestep import rng
 from onestep.dd1.flow_map import ODEConfig, map_noise_to_tokens
 from onestep.dd1.model import clean_mask
-from onestep.teacher.base import ARTeacher
+from onestep.teacher.base import ARTeacher, nearest_code
 from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
 __all__ = ["default_split", "dd_step", "dd_step_vectors", "one_step", "two_step", "multi_step", "teacher_involved", "sample_window",
@@ -90,19 +90,13 @@ def dd_step_vectors(model, ids: Tensor | None, eps: Tensor, labels: Tensor, n_cl
     return torch.where(use_conti, conti, codes)
 
 
-def _nearest_ids(model, x: Tensor) -> Tensor:
-    """(B, n, C) vectors -> (B, n) ids of the nearest codes."""
-    cb = model.codebook().to(x.dtype)
-    return torch.cdist(x.flatten(0, 1), cb).argmin(-1).view(x.shape[:2])
-
-
 def _step(model, ids, eps, labels, n_clean: int, conti_from: int | None, final: bool):
     """A DD step: ids, or (final step with ``conti_from``) the released rule's code vectors. A non-final step's
     continuous tokens are snapped to their nearest codes, which is what the next step keeps."""
     if conti_from is None:
         return dd_step(model, ids, eps, labels, n_clean)
     x = dd_step_vectors(model, ids, eps, labels, n_clean, conti_from)
-    return x if final else _nearest_ids(model, x)
+    return x if final else nearest_code(x, model.codebook())
 
 
 def one_step(model, eps: Tensor, labels: Tensor, conti_from: int | None = None) -> Tensor:

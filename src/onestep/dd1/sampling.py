@@ -38,8 +38,8 @@ from onestep.dd1.model import clean_mask
 from onestep.teacher.base import ARTeacher, nearest_code
 from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
-__all__ = ["default_split", "dd_step", "dd_step_vectors", "one_step", "two_step", "multi_step", "teacher_involved", "sample_window",
-           "draw_noise", "dd1_sampler", "teacher_window", "build_sampler", "dd1_samplers"]
+__all__ = ["default_split", "dd_step", "dd_step_vectors", "one_step", "two_step", "multi_step", "teacher_involved",
+           "sample_window", "draw_noise", "dd1_sampler", "teacher_window", "build_sampler", "dd1_samplers"]
 
 
 def default_split(n: int, ar_steps: Sequence[tuple[int, int]] | None = None) -> int:
@@ -56,16 +56,21 @@ def draw_noise(model, B: int, generator: torch.Generator | None = None, device=N
     return rng.randn((B, model.seq_len, model.code_dim), generator, device)
 
 
-@torch.no_grad()
-def dd_step(model, ids: Tensor | None, eps: Tensor, labels: Tensor, n_clean: int) -> Tensor:
-    """One generator call from X_{n_clean+1} = (ids[:, :n_clean], eps[:, n_clean:]); the first n_clean
-    tokens are kept as given, the rest are the argmax predictions."""
+def _trajectory_point(ids: Tensor | None, eps: Tensor, n_clean: int) -> tuple[Tensor, Tensor]:
+    """(ids, clean mask) of X_{n_clean+1}: the first n_clean positions clean (ids may be None only when n_clean = 0)."""
     B, n = eps.shape[:2]
     if ids is None:
         if n_clean:
             raise ValueError("n_clean > 0 needs ids")
         ids = torch.zeros(B, n, dtype=torch.long, device=eps.device)
-    clean = clean_mask(torch.full((B,), n_clean, device=eps.device), n)
+    return ids, clean_mask(torch.full((B,), n_clean, device=eps.device), n)
+
+
+@torch.no_grad()
+def dd_step(model, ids: Tensor | None, eps: Tensor, labels: Tensor, n_clean: int) -> Tensor:
+    """One generator call from X_{n_clean+1} = (ids[:, :n_clean], eps[:, n_clean:]); the first n_clean
+    tokens are kept as given, the rest are the argmax predictions."""
+    ids, clean = _trajectory_point(ids, eps, n_clean)
     pred = model(ids, eps, clean, labels).argmax(-1)
     return torch.where(clean, ids, pred)
 
@@ -75,15 +80,13 @@ def dd_step_vectors(model, ids: Tensor | None, eps: Tensor, labels: Tensor, n_cl
     """One generator call with the released generators' output rule (LlamaGen-DD ``get_final_x_BLC``, VAR-DD
     ``get_final_sequence``): code vectors (B, n, C), the argmax code of the logits before position ``conti_from``
     and the continuous head's token from it on; the first n_clean positions are kept as given (their codes)."""
-    B, n = eps.shape[:2]
+    n = eps.shape[1]
     if not getattr(model, "conti_head", False):
         raise ValueError("conti_from needs a generator with the released continuous head (conti_head=True, e.g. "
                          "one written by `onestep import-dd1`)")
     if not 0 <= conti_from <= n:
         raise ValueError(f"conti_from must lie in [0, {n}], got {conti_from}")
-    if ids is None:
-        ids = torch.zeros(B, n, dtype=torch.long, device=eps.device)
-    clean = clean_mask(torch.full((B,), n_clean, device=eps.device), n)
+    ids, clean = _trajectory_point(ids, eps, n_clean)
     logits, conti = model.predict(ids, eps, clean, labels)
     codes = model.codebook()[torch.where(clean, ids, logits.argmax(-1))].to(conti.dtype)
     use_conti = (torch.arange(n, device=eps.device) >= conti_from)[None, :, None] & ~clean[..., None]

@@ -93,7 +93,7 @@ def run(tune_dir: str, overrides: dict, steps: int, batch: int, n_eval: int, see
     dd2 = DD2(generator, guidance, teacher, sampling, cfg)
     sched = CSDSchedule(dd2)
     g = torch.Generator().manual_seed(seed)
-    labels = lambda: torch.randint(teacher.num_classes, (batch,), generator=g)  # noqa: E731
+    labels = lambda n: torch.randint(teacher.num_classes, (n,), generator=g)  # noqa: E731
     tv0, floor, _ = position0_tv(generator, teacher, sampling, n_eval, seed)
     curve, t0 = [{"step": 0, "tv_ema": round(tv0, 4)}], time.time()
     for step in range(steps):

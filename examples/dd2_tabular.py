@@ -37,6 +37,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tune-loss", choices=["gts", "dsm", "none"], default=base.tune_loss,
                    help="stage-1 initialisation (the Table 4 ablation: dsm = ordinary diffusion loss, none = no stage 1)")
     p.add_argument("--guidance-steps", type=int, default=base.csd.guidance_steps, help="K")
+    p.add_argument("--guidance-batch-size", type=int, default=base.csd.guidance_batch_size,
+                   help="generated sequences per guidance update (default: the batch size)")
     p.add_argument("--m-noise", type=int, default=base.csd.m_noise, help="noise draws per sequence, guidance turn")
     p.add_argument("--m-noise-gen", type=int, default=base.csd.m_noise_gen,
                    help="(t, eps) draws per sequence, generator turn")
@@ -60,6 +62,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     csd = dataclasses.replace(base.csd, steps=a.steps, guidance_steps=a.guidance_steps, batch_size=a.batch_size,
+                              guidance_batch_size=a.guidance_batch_size,
                               lr=a.lr, guidance_lr=a.guidance_lr, generator_t=a.generator_t, t_min=a.t_min,
                               t_max=a.t_max, condition_on_codes=a.condition_on_codes,
                               m_noise=a.m_noise, m_noise_gen=a.m_noise_gen)

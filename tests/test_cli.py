@@ -206,12 +206,14 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
         a, b = (load_tensors(tiny_runs / r / w / "model.safetensors") for r in ("branched", "scratch"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), w
     # --generator-t reaches the generator, its saved config and the loaded sampler; --condition-on-codes runs CSD
-    # on the LlamaGen-style teacher with snapped prefix conditions and is recorded
+    # on the LlamaGen-style teacher with snapped prefix conditions and is recorded, as is --guidance-batch-size
     from onestep.dd2.sampling import load_dd2
 
     main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2-gt"),
-          "--generator-t", "0.5", "--condition-on-codes", "--lr-schedule", "cosine", "--final-lr-ratio", "0.1"])
+          "--generator-t", "0.5", "--condition-on-codes", "--lr-schedule", "cosine", "--final-lr-ratio", "0.1",
+          "--guidance-batch-size", "2"])
     cfg = json.loads((tiny_runs / "dd2-gt" / "final" / "config.json").read_text())
+    assert cfg["csd"]["guidance_batch_size"] == 2 and cfg["csd"]["batch_size"] == 4
     assert cfg["model"]["generator_t"] == 0.5 and cfg["csd"]["generator_t"] == 0.5
     assert cfg["csd"]["condition_on_codes"] is True
     assert cfg["csd"]["lr_schedule"] == "cosine" and cfg["csd"]["final_lr_ratio"] == 0.1

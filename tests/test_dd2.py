@@ -242,8 +242,26 @@ def test_csd_learning_rates_come_from_the_config_after_a_resume():
     s.opt_gen.load_state_dict(old.opt_gen.state_dict())
     s.opt_guid.load_state_dict(old.opt_guid.state_dict())
     assert s.opt_guid.param_groups[0]["lr"] == 1e-3  # what the checkpoint brought back
-    s.step(0, lambda: torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(0))
+    s.step(0, lambda n: torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(0))
     assert s.opt_gen.param_groups[0]["lr"] == 5e-5 and s.opt_guid.param_groups[0]["lr"] == 3e-3
+
+
+def test_guidance_turns_take_their_own_batch_size():
+    """CSDConfig.guidance_batch_size: each of the K guidance turns asks for that many sequences' labels (DD2.forward
+    generates one sequence per label), the generator turn for batch_size; None means batch_size for both."""
+    T = TabularTeacher(4, 2, 2, seed=0)
+    m = _model(n=2)
+    for guidance_batch, want in ((3, 3), (None, 5)):
+        cfg = CSDConfig(batch_size=5, guidance_batch_size=guidance_batch, guidance_steps=2, m_noise=1, warmup_steps=0)
+        dd2 = DD2(copy.deepcopy(m), copy.deepcopy(m), T, SamplingConfig(), cfg)
+        seen = []
+        CSDSchedule(dd2).step(0, lambda n: seen.append(n) or torch.zeros(n, dtype=torch.long),
+                              torch.Generator().manual_seed(0))
+        assert seen == [want, want, 5], seen
+    import pytest
+
+    with pytest.raises(ValueError, match="guidance_batch_size"):
+        CSDConfig(guidance_batch_size=0)
 
 
 def test_ema_rate_and_alignment_schedule():
@@ -258,7 +276,7 @@ def test_ema_rate_and_alignment_schedule():
     lab = torch.zeros(4, dtype=torch.long)
     g = torch.Generator().manual_seed(0)
     for i in range(3):
-        s.step(i, lambda: lab, g)
+        s.step(i, lambda n: lab, g)
     for pe, p in zip(s.ema.parameters(), dd2.generator.parameters()):  # generator := EMA at alignment start
         assert torch.equal(pe, p)
     assert s.generator_lr(0) == 1e-6 and s.generator_lr(5) == cfg.lr
@@ -295,7 +313,7 @@ def test_dd2_tabular_csd_does_the_work_and_beats_onestep_star(tabular_run):
                    "0.085-0.10 after the 1200 CSD steps it affords (3 seeds); the TV keeps falling with more steps "
                    "(0.049-0.062 after 6000; 0.055 after 12000 for seed 1; 0.0385 / 0.0307 after 24000 for seeds 1 / 2, ~20x the budget), and at 1200 steps no knob tried (gains, "
                    "generator_t, t range, noise draws, width, oracle score, condition_on_codes, gradient clipping, "
-                   "guidance LR, ReLU, performance alignment) beats the seed spread. "
+                   "guidance LR, ReLU, performance alignment, a quarter-size guidance batch) beats the seed spread. "
                    "See benchmarks/results/dd2-tabular.notes.md")
 def test_dd2_tabular_exactness_tv(tabular_run):
     assert tabular_run["tv_dd2_ema"] <= EXACTNESS_TV, tabular_run

@@ -227,7 +227,7 @@ def test_dd2_runs_on_a_var_teacher_with_per_scale_causality(tiny_var):
     dd2 = DD2(gen, copy.deepcopy(gen), m, sampling, CSDConfig(batch_size=2, guidance_steps=1, warmup_steps=0))
     before = [p.detach().clone() for p in m.parameters()]
     sched = CSDSchedule(dd2)
-    logs = sched.step(0, lambda: labels, torch.Generator().manual_seed(1))
+    logs = sched.step(0, lambda n: labels, torch.Generator().manual_seed(1))
     assert not logs["nonfinite"] and logs["score_gap"] >= 0
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # the teacher is frozen
     assert all(p.grad is None for p in m.parameters())

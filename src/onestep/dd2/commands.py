@@ -45,7 +45,7 @@ def cmd_train(args) -> None:
     from onestep.dd2.train import TRAIN_PRESETS, train
     from onestep.distributed import cleanup, setup
 
-    cfg = _override(TRAIN_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "guidance_lr", "guidance_steps",
+    cfg = _override(TRAIN_PRESETS[args.preset], args, ("steps", "batch_size", "guidance_batch_size", "lr", "guidance_lr", "guidance_steps",
                                                         "m_noise", "align_at", "align_steps", "seed", "generator_head_gain",
                                                         "generator_t", "condition_on_codes", "lr_schedule",
                                                         "final_lr_ratio"))
@@ -116,6 +116,8 @@ def register(sub) -> None:
                         "last step (default: the preset's, constant)")
     r.add_argument("--final-lr-ratio", type=float, default=None, help="the cosine's end, as a fraction of the LR")
     r.add_argument("--guidance-steps", type=int, default=None, help="K guidance updates per generator update")
+    r.add_argument("--guidance-batch-size", type=int, default=None,
+                   help="generated sequences per guidance update (default: the preset's, i.e. --batch-size)")
     r.add_argument("--m-noise", type=int, default=None, help="noise draws per sequence in the guidance loss")
     r.add_argument("--generator-head-gain", type=float, default=None,
                    help="re-parameterise the generator's head to this input gain at the start (function-preserving; "

@@ -28,6 +28,10 @@ class CSDConfig:
     lr: float = 2e-5             # generator learning rate (after warm-up)
     guidance_lr: float = 1e-4
     guidance_steps: int = 5      # K guidance updates per generator update (paper: 5)
+    guidance_batch_size: int | None = None  # generated sequences per guidance update (None = batch_size; the paper
+                                            # is silent). The K guidance turns are most of an outer step's cost; on
+                                            # the tabular teacher, turns of a quarter of the batch keep psi up at
+                                            # ~40% of a turn's cost (benchmarks/results/dd2-tabular.notes.md, session 12)
     m_noise: int = 4             # noise draws per generated sequence for the guidance DSM loss
     m_noise_gen: int = 1         # (t, eps) draws per generated sequence in the generator's CSD loss (1 = paper)
     alpha: float = 1.0           # SiD alpha (paper: 1.0; 1.2 diverged in the prototype)
@@ -62,9 +66,16 @@ class CSDConfig:
             raise ValueError(f"generator_t must lie in (0, 1], got {self.generator_t}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.guidance_batch_size is not None and self.guidance_batch_size < 1:
+            raise ValueError(f"guidance_batch_size must be positive or None, got {self.guidance_batch_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def guidance_batch(self) -> int:
+        """Generated sequences per guidance update."""
+        return self.batch_size if self.guidance_batch_size is None else self.guidance_batch_size
 
     @property
     def total_steps(self) -> int:
@@ -176,7 +187,11 @@ class CSDSchedule:
         return "csd", step
 
     def step(self, step: int, sample_labels, generator: torch.Generator) -> dict:
-        """One outer step: K guidance updates, then one generator update (none during alignment)."""
+        """One outer step: K guidance updates, then one generator update (none during alignment).
+
+        ``sample_labels(n)`` returns the labels of one turn's batch of ``n`` sequences (the global batch: a DDP
+        caller returns its rank's share): ``cfg.guidance_batch`` for a guidance turn, ``cfg.batch_size`` for the
+        generator turn."""
         cfg, dd2 = self.dd2.cfg, self.dd2
         phase, gen_step = self.phase(step)
         if phase == "align" and step == cfg.align_at:  # swap in the EMA generator, frozen during alignment
@@ -187,13 +202,13 @@ class CSDSchedule:
         # set every step, also at a constant LR: a resumed optimiser's state_dict brings back the LR it was saved with
         set_lr(self.opt_guid, self.guidance_lr(gen_step))
         for _ in range(cfg.guidance_steps):
-            loss, lg = self.wrapped(sample_labels(), "guidance", generator)
+            loss, lg = self.wrapped(sample_labels(cfg.guidance_batch), "guidance", generator)
             bad |= not guarded_step(loss, self.opt_guid, dd2.guidance.parameters(), cfg.grad_clip)
         logs.update(lg)
         if phase == "csd":
             set_lr(self.opt_gen, self.generator_lr(gen_step))
             dd2.generator.train()
-            loss, lg = self.wrapped(sample_labels(), "generator", generator)
+            loss, lg = self.wrapped(sample_labels(cfg.batch_size), "generator", generator)
             bad |= not guarded_step(loss, self.opt_gen, dd2.generator.parameters(), cfg.grad_clip)
             self.opt_guid.zero_grad(set_to_none=True)  # the generator turn's input-gradients through psi's head
             ema_update(self.ema, dd2.generator, ema_rate(gen_step, cfg.ema_max))

@@ -161,10 +161,9 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
     out = {"tv_gts_init": generator_tv(model, teacher, cfg.n_eval, cfg.seed + 1), "gts_final_loss": loss.item()}
     dd2 = DD2(copy.deepcopy(model), copy.deepcopy(model), teacher, sampling, cfg.csd)
     sched = CSDSchedule(dd2)
-    csd_labels = torch.zeros(cfg.csd.batch_size, dtype=torch.long)
     t1 = time.time()
     for step in range(cfg.csd.total_steps):
-        logs = sched.step(step, lambda: csd_labels, g)
+        logs = sched.step(step, lambda n: torch.zeros(n, dtype=torch.long), g)
         if log is not None and (step + 1) % log_every == 0:
             log(step + 1, logs, generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1),
                 generator_tv(sched.ema, teacher, cfg.n_eval, cfg.seed + 1))

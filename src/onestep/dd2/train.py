@@ -67,10 +67,12 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
                      {"generator": generator, "guidance": guidance, "ema": sched.ema},
                      {"generator": sched.opt_gen, "guidance": sched.opt_guid},
                      {"generator": config, "guidance": config, "ema": config}, info, desc="dd2 train")
-    per_rank = cfg.batch_size // info.world_size
+    for name, n in (("batch size", cfg.batch_size), ("guidance batch size", cfg.guidance_batch)):
+        if n % info.world_size:
+            raise ValueError(f"{name} {n} is not divisible by world size {info.world_size}")
 
-    def sample_labels():
-        return torch.randint(teacher.num_classes, (per_rank,), generator=loop.generator).to(info.device)
+    def sample_labels(n: int):  # this rank's share of a turn's global batch of n sequences
+        return torch.randint(teacher.num_classes, (n // info.world_size,), generator=loop.generator).to(info.device)
 
     def step_fn(step: int) -> dict:
         logs = sched.step(step, sample_labels, loop.generator)

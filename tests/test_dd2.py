@@ -359,3 +359,15 @@ def test_conditional_errors_locates_a_wrong_conditional():
     x = T.codebook()[ids]
     x[:100, 0] = T.codebook()[:2].mean(0)
     assert abs(conditional_errors(T, x, 2, min_margin=0.1)["kept"] - (1 - 100 / len(x))) < 1e-6
+
+
+def test_csd_batches_must_split_over_the_ranks(tmp_path):
+    """dd2 train refuses, before it writes anything, a batch or guidance batch that the ranks cannot share."""
+    from onestep.dd2.train import train
+    from onestep.distributed import DistInfo
+
+    for cfg, name in ((CSDConfig(batch_size=5), "batch size 5"), (CSDConfig(batch_size=4, guidance_batch_size=3),
+                                                                  "guidance batch size 3")):
+        with pytest.raises(ValueError, match=name):
+            train(tmp_path / "run", tmp_path / "tune", cfg, DistInfo(world_size=2))
+    assert not (tmp_path / "run").exists()

@@ -45,8 +45,9 @@ def cmd_train(args) -> None:
     from onestep.dd2.train import TRAIN_PRESETS, train
     from onestep.distributed import cleanup, setup
 
-    cfg = _override(TRAIN_PRESETS[args.preset], args, ("steps", "batch_size", "guidance_batch_size", "lr", "guidance_lr", "guidance_steps",
-                                                        "m_noise", "align_at", "align_steps", "seed", "generator_head_gain",
+    cfg = _override(TRAIN_PRESETS[args.preset], args, ("steps", "batch_size", "guidance_batch_size", "lr", "guidance_lr",
+                                                        "guidance_steps", "m_noise", "align_at", "align_steps", "seed",
+                                                        "generator_head_gain",
                                                         "generator_t", "condition_on_codes", "lr_schedule",
                                                         "final_lr_ratio"))
     info = setup(args.device)

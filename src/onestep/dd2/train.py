@@ -47,6 +47,9 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     from onestep.teacher.sampling import SamplingConfig
 
     info = info or DistInfo()
+    for name, n in (("batch size", cfg.batch_size), ("guidance batch size", cfg.guidance_batch)):
+        if n % info.world_size:
+            raise ValueError(f"{name} {n} is not divisible by world size {info.world_size}")
     init, tune_cfg = load_ardiffusion(tune_dir, info.device)
     teacher_dir = resolve_ref(tune_cfg["teacher_dir"], final_dir(tune_dir))
     teacher, _, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
@@ -67,9 +70,6 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
                      {"generator": generator, "guidance": guidance, "ema": sched.ema},
                      {"generator": sched.opt_gen, "guidance": sched.opt_guid},
                      {"generator": config, "guidance": config, "ema": config}, info, desc="dd2 train")
-    for name, n in (("batch size", cfg.batch_size), ("guidance batch size", cfg.guidance_batch)):
-        if n % info.world_size:
-            raise ValueError(f"{name} {n} is not divisible by world size {info.world_size}")
 
     def sample_labels(n: int):  # this rank's share of a turn's global batch of n sequences
         return torch.randint(teacher.num_classes, (n // info.world_size,), generator=loop.generator).to(info.device)

@@ -211,8 +211,15 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
 
     main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2-gt"),
           "--generator-t", "0.5", "--condition-on-codes", "--lr-schedule", "cosine", "--final-lr-ratio", "0.1",
-          "--guidance-batch-size", "2"])
+          "--guidance-batch-size", "2", "--generator-head-gain", "3"])
     cfg = json.loads((tiny_runs / "dd2-gt" / "final" / "config.json").read_text())
+    # psi's checkpoint records psi's own head (stage 1's gain), and loads as the network it holds
+    from onestep.dd2.tune import load_ardiffusion
+
+    step_dir = sorted((tiny_runs / "dd2-gt" / "checkpoints").glob("step_*"))[-1]
+    psi, psi_cfg = load_ardiffusion(step_dir / "guidance")
+    assert cfg["model"]["head"]["input_gain"] == 3.0 and psi_cfg["model"]["head"]["input_gain"] == 1.0
+    assert psi.head.input_gain == 1.0 and psi_cfg["weights"] == "guidance network"
     assert cfg["csd"]["guidance_batch_size"] == 2 and cfg["csd"]["batch_size"] == 4
     assert cfg["model"]["generator_t"] == 0.5 and cfg["csd"]["generator_t"] == 0.5
     assert cfg["csd"]["condition_on_codes"] is True

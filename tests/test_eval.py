@@ -117,3 +117,19 @@ def test_classifier_training_step_and_features():
                                     progress=False, max_steps=3)
     f, logits = model.embed(imgs[:5])
     assert f.shape == (5, 128) and logits.shape == (5, 10) and 0 <= stats["test_accuracy"] <= 1
+
+
+def test_two_evaluation_seeds_share_no_batch_of_noise():
+    """generate() draws batch b from rng.stream_seed(seed, b): seed 1's batches are none of seed 0's (with seed + b,
+    seed 1's batch b was seed 0's batch b + 1), and seed 0's batch b is still drawn from seed b."""
+    from types import SimpleNamespace
+
+    from onestep import rng
+    from onestep.samplers import generate
+
+    s = SimpleNamespace(name="noise", sample=lambda lab, g: torch.randn(len(lab), 3, generator=g), decode=lambda x: x)
+    labels = torch.zeros(12, dtype=torch.long)
+    b0, b1 = (generate(s, labels, seed, batch_size=4, progress=False)["images"].split(4) for seed in (0, 1))
+    assert torch.equal(b0[2], torch.randn(4, 3, generator=torch.Generator().manual_seed(2)))
+    assert not any(torch.equal(a, b) for a in b0 for b in b1)
+    assert len({rng.stream_seed(seed, i) for seed in range(3) for i in range(1000)}) == 3000

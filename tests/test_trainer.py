@@ -58,15 +58,45 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_gloo_keep_weights_identical(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(SCRIPT), str(tmp_path / "ddp"), "6", "3"]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    r = _torchrun(tmp_path / "ddp", 6, 3)
     assert r.returncode == 0, r.stderr[-3000:]
     w0, w1 = _weights(tmp_path / "ddp" / "final_rank0.pt"), _weights(tmp_path / "ddp" / "final_rank1.pt")
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
     logs = (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
     assert len(logs) == 6  # rank 0 only logs
+
+
+def _torchrun(run_dir, steps, every, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(SCRIPT), str(run_dir), str(steps), str(every), *map(str, extra)]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _draws(run_dir, rank):
+    """step -> this rank's (loop generator, global torch RNG) draws. A step trained again after a resume (it ran after
+    the last checkpoint) must draw what it drew the first time."""
+    out = {}
+    for step, *draws in (line.split() for line in (run_dir / f"draws_rank{rank}.txt").read_text().splitlines()):
+        assert out.setdefault(int(step), tuple(draws)) == tuple(draws), (rank, step)
+    return out
+
+
+def test_ddp_resume_restores_every_ranks_random_streams(tmp_path):
+    """An interrupted 2-rank run resumes with each rank's own RNG streams: every rank draws, step for step, what it
+    drew in an uninterrupted run (the ranks draw different numbers), and the final weights are identical."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _torchrun(ref, 6, 3).returncode == 0
+    assert _torchrun(run, 6, 3, 0.0, 4).returncode != 0  # stopped when step 4 began; the checkpoint is at step 3
+    assert sorted(_draws(run, 0)) == list(range(4))
+    r = _torchrun(run, 6, 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        got, want = _draws(run, rank), _draws(ref, rank)
+        assert sorted(got) == list(range(6)) and got == want, rank
+    assert all(_draws(ref, 0)[s] != _draws(ref, 1)[s] for s in range(6))
+    w, w_ref = _weights(run / "final_rank1.pt"), _weights(ref / "final_rank1.pt")
+    assert all(torch.equal(w[k], w_ref[k]) for k in w)
 
 
 def test_batch_schedule_shards_ranks_disjointly():
@@ -223,3 +253,20 @@ def test_amp_on_the_cpu_warns_that_it_is_ignored(tmp_path):
     with pytest.warns(UserWarning, match="CUDA-only"):
         TrainLoop(tmp_path, LoopConfig(steps=1, batch_size=1, amp=True), {"net": net},
                   {"net": torch.optim.SGD(net.parameters(), lr=0.1)}, {"net": {}})
+
+
+def test_checkpoint_without_per_rank_streams_reseeds_the_other_ranks(tmp_path, capsys):
+    """A checkpoint written before every rank's RNG state was saved (only rank 0's) must not give rank 1 rank 0's
+    streams: rank 0 gets the saved ones, rank 1 a reseed from (seed, rank, step), with a message."""
+    from onestep.trainer import LoopConfig, TrainLoop
+
+    saved = TrainLoop(tmp_path, LoopConfig(4, 2), {}, {}, {}, DistInfo(rank=0, world_size=2))
+    old_state = {"step": 3, **saved._rank_rng()}
+    want = torch.rand(4, generator=torch.Generator().set_state(old_state["generator"]))
+    draws = []
+    for rank in (0, 1):
+        loop = TrainLoop(tmp_path, LoopConfig(4, 2), {}, {}, {}, DistInfo(rank=rank, world_size=2))
+        loop._restore_rng(old_state, "old checkpoint")
+        draws.append(torch.rand(4, generator=loop.generator))
+    assert torch.equal(draws[0], want) and not torch.equal(draws[1], want)
+    assert "holds no RNG state for this rank" in capsys.readouterr().out

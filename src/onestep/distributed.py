@@ -77,6 +77,15 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     return (t / info.world_size).item()
 
 
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` when not distributed."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -27,3 +27,14 @@ def rand(shape, generator: torch.Generator | None = None, device=None) -> Tensor
     """U[0, 1) of ``shape`` on ``device`` (default: the generator's), drawn on the generator's device."""
     src, dst = _devices(generator, device)
     return torch.rand(shape, generator=generator, device=src).to(dst)
+
+
+STREAM_STRIDE = 1_000_003  # a prime above any number of batches an evaluation draws
+
+
+def stream_seed(seed: int, index: int) -> int:
+    """The seed of draw stream ``index`` (an evaluation batch) of a run seeded ``seed``: ``seed * STREAM_STRIDE +
+    index``. Two seeds' streams never coincide (``seed + index`` made seed 1's stream i seed 0's stream i + 1), and
+    seed 0's streams are ``index`` as before. (DD1 pair shards keep ``seed + i``: it is recorded in every pair set's
+    manifest, which a resume must match.)"""
+    return seed * STREAM_STRIDE + index

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from onestep import rng
 from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
 
@@ -70,13 +71,14 @@ def class_labels(n: int, num_classes: int, device="cpu") -> Tensor:
 @torch.no_grad()
 def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256, progress: bool = True,
              keep_tokens: bool = True) -> dict:
-    """Images (uint8) and tokens for ``labels`` in batches; batch b uses generator seed ``seed + b``."""
+    """Images (uint8) and tokens for ``labels`` in batches; batch b draws from ``rng.stream_seed(seed, b)`` (two
+    evaluation seeds share no batch of noise)."""
     from tqdm.auto import tqdm
 
     imgs, toks = [], []
     nb = (len(labels) + batch_size - 1) // batch_size
     for b in tqdm(range(nb), desc=f"sample {sampler.name}", disable=not progress, dynamic_ncols=True):
-        g = torch.Generator(device=labels.device).manual_seed(seed + b)
+        g = torch.Generator(device=labels.device).manual_seed(rng.stream_seed(seed, b))
         lab = labels[b * batch_size:(b + 1) * batch_size]
         out = sampler.sample(lab, g)
         imgs.append(sampler.decode(out))

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from onestep import checkpoint as ckpt
-from onestep.distributed import DistInfo, unwrap
+from onestep.distributed import DistInfo, all_gather_object, unwrap
 
 
 @dataclass
@@ -178,15 +178,37 @@ class TrainLoop:
         self._nonfinite_run = 0
 
     # ---- persistence -------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        return {"step": self.step, "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "rng": ckpt.rng_state(), "generator": self.generator.get_state(),
-                "nonfinite_total": self.nonfinite_total, "wall_s": self.wall_s, "extra": self.extra_state}
+    def _rank_rng(self) -> dict:
+        return {"rng": ckpt.rng_state(), "generator": self.generator.get_state()}
 
     def save(self) -> None:
+        """Rank 0 writes the checkpoint; every rank's RNG streams go into it (a collective: all ranks call it)."""
+        rank_rng = all_gather_object(self._rank_rng(), self.info)
         if self.info.is_main:
             mods = {k: unwrap(m) for k, m in self.modules.items()}
-            ckpt.save_training_checkpoint(self.run_dir, self.step, mods, self.configs, self._state())
+            state = {"step": self.step, "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                     **rank_rng[0], "rank_rng": rank_rng, "nonfinite_total": self.nonfinite_total,
+                     "wall_s": self.wall_s, "extra": self.extra_state}
+            ckpt.save_training_checkpoint(self.run_dir, self.step, mods, self.configs, state)
+
+    def _restore_rng(self, state: dict, source) -> None:
+        """This rank's RNG streams from the checkpoint. A checkpoint without them for this world size (written
+        before they were saved, or by another number of ranks) gives rank 0 the saved streams and reseeds the others
+        from (seed, rank, step), so that no two ranks draw the same numbers; that resume is not exact."""
+        per_rank = state.get("rank_rng")
+        if per_rank is not None and len(per_rank) == self.info.world_size:
+            mine = per_rank[self.info.rank]
+        elif self.info.rank == 0:
+            mine = {"rng": state["rng"], "generator": state["generator"]}
+        else:
+            seed = (self.cfg.seed * 1000 + self.info.rank) * 1_000_003 + state["step"]
+            self.generator.manual_seed(seed)
+            torch.manual_seed(seed)
+            print(f"[{self.desc}] rank {self.info.rank}: {source} holds no RNG state for this rank; reseeded "
+                  f"(the resumed run is not bit-identical to an uninterrupted one)", flush=True)
+            return
+        ckpt.set_rng_state(mine["rng"])
+        self.generator.set_state(mine["generator"])
 
     def resume(self) -> bool:
         """Load the latest checkpoint if there is one. Returns True when it resumed."""
@@ -197,8 +219,7 @@ class TrainLoop:
         for k, o in self.optimizers.items():
             check_optimizer_state(o, state["optimizers"][k], f"{latest} ({k})")
             o.load_state_dict(state["optimizers"][k])
-        ckpt.set_rng_state(state["rng"])
-        self.generator.set_state(state["generator"])
+        self._restore_rng(state, latest)
         self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         self.wall_s = state.get("wall_s", 0.0)
         self.extra_state.update(state.get("extra", {}))
@@ -269,7 +290,8 @@ def guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, g
     """Backward + optimizer step, skipped when the loss or the gradient norm is non-finite.
 
     Backward always runs, so DDP ranks stay in lock-step: a NaN on one rank reaches every rank through
-    the gradient all-reduce, and all ranks skip together. Returns True when it stepped.
+    the gradient all-reduce, and under a process group the ranks also agree on the verdict (an all-reduce of the
+    finite flag), so all ranks skip together. Returns True when it stepped.
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -278,7 +300,13 @@ def guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, g
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params)) if params else torch.tensor(0.0)
-    if not (torch.isfinite(loss) and torch.isfinite(norm)):
+    finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # one rank's non-finite loss with finite all-reduced gradients must not let the others step alone
+        flag = finite.float().reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag[0] > 0
+    if not bool(finite):
         optimizer.zero_grad(set_to_none=True)
         return False
     optimizer.step()

@@ -1,6 +1,9 @@
 """Tiny teacher training on synthetic tokens through the shared TrainLoop (used by test_trainer.py).
 
-Usage: python train_tiny.py RUN_DIR STEPS CKPT_EVERY [SLEEP_S]   (also under torchrun for the DDP test)
+Usage: python train_tiny.py RUN_DIR STEPS CKPT_EVERY [SLEEP_S [STOP_AT]]   (also under torchrun for the DDP tests)
+
+STOP_AT > 0: exit (code 3) when step STOP_AT begins, after the checkpoint of the step before it: an interruption.
+Each rank appends one draw of the loop's generator per step to RUN_DIR/draws_rank{R}.txt (its RNG stream).
 """
 import sys
 import time
@@ -14,6 +17,7 @@ from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, guarded_step, 
 
 run_dir, steps, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sleep = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+stop_at = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 torch.set_num_threads(1)
 info = setup("cpu")
 torch.manual_seed(0)
@@ -31,6 +35,10 @@ sched = BatchSchedule(len(ids), 16, 0, info)
 
 
 def step_fn(step):
+    if stop_at and step == stop_at:
+        sys.exit(3)
+    with open(f"{run_dir}/draws_rank{info.rank}.txt", "a") as f:
+        f.write(f"{step} {torch.rand((), generator=loop.generator).item():.9f} {torch.rand(()).item():.9f}\n")
     model.train()
     idx = sched.indices(step)
     x, y = ids[idx], model.drop_labels(labels[idx], loop.generator)

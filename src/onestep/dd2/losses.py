@@ -69,7 +69,9 @@ def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codeboo
 
         loss_i = (x0_T - x0_psi) . ((x0_T - x_i) - alpha (x0_T - x0_psi)) / mean_i |x_i - x0_T|
 
-    the normaliser (per sample and noise draw, detached) as in SiD. As in SiD, x0_T and x0_psi are
+    the normaliser (per sample and noise draw, detached) as in SiD. The loss is the MEAN over draws, samples and
+    positions (SiD sums over dimensions): the gradient's direction is SiD's, its scale 1/n of it, which Adam
+    undoes except through its eps and the gradient clip. As in SiD, x0_T and x0_psi are
     differentiable functions of q_t (the teacher's closed form and the guidance head, whose parameters
     receive no update here); the prefix conditions (log p, f) are constants. So theta's gradient arrives
     only via x_i at its own position: through q_t and through the explicit x_i term. ``m`` (t, eps) draws

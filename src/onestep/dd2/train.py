@@ -60,6 +60,10 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg, "sampling": tune_cfg["sampling"],
               "teacher_dir": ref_to(teacher_dir, run_dir), "tune_dir": ref_to(tune_dir, run_dir),
               "model": model_cfg}
+    # psi keeps stage 1's parameterisation (the head gain and generator_t are the generator's): its checkpoint
+    # directories record its own head, so that they load as what they hold
+    guidance_config = {**config, "model": {**tune_cfg["model"], "head": guidance.head.config()},
+                       "weights": "guidance network"}
     run_dir = prepare_run_dir(run_dir, config, info)
     generator.requires_grad_(True)
     guidance.requires_grad_(True)
@@ -69,7 +73,7 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
                                           save_at=tuple(save_at)),
                      {"generator": generator, "guidance": guidance, "ema": sched.ema},
                      {"generator": sched.opt_gen, "guidance": sched.opt_guid},
-                     {"generator": config, "guidance": config, "ema": config}, info, desc="dd2 train")
+                     {"generator": config, "guidance": guidance_config, "ema": config}, info, desc="dd2 train")
 
     def sample_labels(n: int):  # this rank's share of a turn's global batch of n sequences
         return torch.randint(teacher.num_classes, (n // info.world_size,), generator=loop.generator).to(info.device)

@@ -124,6 +124,7 @@ def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
           "--out", str(out)])
     res = json.loads(out.read_text())
     assert {"fid_classifier", "inception_score", "precision", "recall", "class_accuracy", "data_floor"} <= set(res)
+    assert res["data_floor"]["n"] == 64  # the floor on as many test images as were scored
     out.write_text(json.dumps({"rows": [{"method": "real", "steps": 0, "fid_classifier": res["fid_classifier"]}]}))
     main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")])
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "report.html").exists()
@@ -149,6 +150,7 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
             assert {"latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64"} <= set(rows[name]), name
     assert rows["teacher"]["speedup_b1"] == 1.0 and rows["dd2-1step"]["steps"] == 1
     assert {"data_floor_fid", "command", "commit", "machine", "cost", "ppl", "goals"} <= set(m)
+    assert m["data_floor_fid"]["n"] == rows["teacher"]["n"]  # the floor on the rows' sample size
     assert m["cost"]["dd2_total_s"] > 0 and m["cost"]["dd1_total_s"] > 0
     # the alignment run was branched off the plain run's checkpoint at align_at (2 tiny steps: align_at = 1), and its
     # cost includes that shared prefix

@@ -303,6 +303,21 @@ def test_skip_n_first_skipped_step_is_exact_on_tabular():
     assert total_variation(emp01, exact01) < 0.03
 
 
+def test_skip_n_conditions_later_steps_on_filler_at_every_unsampled_position():
+    """The parallel pass's inputs at ALL unsampled positions are filler, the first skipped step's included: with
+    n_skip = 1 on 3 positions, q_2 is drawn from p(q_2 | q_0, f) with f ~ the position-1 marginal, not with code 0."""
+    teacher = TabularTeacher(vocab_size=4, seq_len=3, code_dim=2, seed=3)
+    N = N_DRAWS
+    marg = teacher.marginals().double()
+    out = baselines.skip_n(teacher, torch.zeros(N, dtype=torch.long), SamplingConfig(), 1,
+                           torch.Generator().manual_seed(0), "marginal", marg)
+    p0 = marg[0]
+    table2 = teacher._table(2).exp().double().reshape(4, 4, 4)  # [q_0, q_1, q_2]
+    exact02 = (p0[:, None] * (marg[1][None, :, None] * table2).sum(1)).flatten()
+    emp02 = torch.bincount(out[:, 0] * 4 + out[:, 2], minlength=16).double() / N
+    assert total_variation(emp02, exact02) < 0.03
+
+
 def test_onestep_star_marginals():
     teacher = TabularTeacher(vocab_size=4, seq_len=3, code_dim=2, seed=3)
     ids = torch.tensor([[0, 1, 2], [0, 3, 2], [1, 1, 2], [0, 1, 3]])
@@ -700,3 +715,17 @@ def test_import_dd1_of_released_llamagen_dd_and_var_dd_files(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(vloaded(ids, eps, clean, labels), vdd.eval()(ids, eps, clean, labels),
                                    atol=0, rtol=0)
+
+
+def test_dd1_commands_read_the_cfg_schedule():
+    """`dd1 pairs --cfg-schedule linear` makes pairs with VAR's ramp, and `dd1 train` without the flag takes the pairs'
+    schedule (the rule must match the manifest's)."""
+    from onestep.cli import build_parser
+    from onestep.dd1.commands import _sampling
+
+    p = build_parser()
+    pairs = p.parse_args(["dd1", "pairs", "--teacher", "T", "--out", "P", "--cfg-schedule", "linear"])
+    assert _sampling(pairs).cfg_schedule == "linear"
+    train = p.parse_args(["dd1", "train", "--pairs", "P", "--teacher", "T", "--run-dir", "R"])
+    manifest_rule = SamplingConfig(cfg_scale=3.0, cfg_schedule="linear").to_dict()
+    assert _sampling(train, manifest_rule) == SamplingConfig(cfg_scale=3.0, cfg_schedule="linear")

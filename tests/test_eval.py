@@ -119,17 +119,24 @@ def test_classifier_training_step_and_features():
     assert f.shape == (5, 128) and logits.shape == (5, 10) and 0 <= stats["test_accuracy"] <= 1
 
 
-def test_two_evaluation_seeds_share_no_batch_of_noise():
-    """generate() draws batch b from rng.stream_seed(seed, b): seed 1's batches are none of seed 0's (with seed + b,
-    seed 1's batch b was seed 0's batch b + 1), and seed 0's batch b is still drawn from seed b."""
+def test_evaluation_noise_is_no_training_noise():
+    """generate() draws batch b from rng.stream_seed(seed, b): not DD1's pair shard b (seeded seed + b, which the old
+    rule seed + b reproduced exactly for seed 0), and two seeds share no batch (with seed + b, seed 1's batch b was
+    seed 0's batch b + 1)."""
     from types import SimpleNamespace
 
     from onestep import rng
+    from onestep.dd1.pairs import _shard_noise
     from onestep.samplers import generate
+    from onestep.teacher.tabular import TabularTeacher
 
-    s = SimpleNamespace(name="noise", sample=lambda lab, g: torch.randn(len(lab), 3, generator=g), decode=lambda x: x)
+    T = TabularTeacher(4, 3, 2, seed=0)
+    s = SimpleNamespace(name="noise", decode=lambda x: x,
+                        sample=lambda lab, g: torch.randn(len(lab), T.seq_len, T.code_dim, generator=g))
     labels = torch.zeros(12, dtype=torch.long)
     b0, b1 = (generate(s, labels, seed, batch_size=4, progress=False)["images"].split(4) for seed in (0, 1))
-    assert torch.equal(b0[2], torch.randn(4, 3, generator=torch.Generator().manual_seed(2)))
+    shards = [_shard_noise(i, 4, 0, T)[0] for i in range(4)]
+    assert not any(torch.equal(a, b) for a in (*b0, *b1) for b in shards)
     assert not any(torch.equal(a, b) for a in b0 for b in b1)
     assert len({rng.stream_seed(seed, i) for seed in range(3) for i in range(1000)}) == 3000
+    assert rng.stream_seed(0, 0) != rng.stream_seed(0, 0, "ppl") and rng.stream_seed(0, 0) >= 2 ** 20

@@ -448,6 +448,16 @@ class Pipeline:
                      "DD2 total = stages 0 + 1 + 2 (without alignment)")
         return c
 
+    def data_floor(self, ev) -> dict:
+        """The data floor on as many test images as the rows have samples: ``fid_classifier`` on ``n_eval``, and
+        ``fid_classifier_<n>`` on the headline column's n (FID's bias depends on the sample size)."""
+        f = ev.data_floor(n_inception=self.cfg.n_inception_floor, n_test=self.cfg.n_eval)
+        floor = {"n": f["n"], **{k: f[k] for k in ("fid_classifier", "fid_inception", "n_inception") if k in f}}
+        if self.cfg.n_eval_headline > self.cfg.n_eval:
+            h = ev.data_floor(n_inception=0, n_test=self.cfg.n_eval_headline)
+            floor[f"fid_classifier_{h['n']}"] = h["fid_classifier"]
+        return floor
+
     def tables(self, rows: list[dict], speed: dict, ppl: dict | None, cost: dict, floor: dict) -> dict:
         from onestep.eval.speed import git_commit, machine_info
 
@@ -497,8 +507,7 @@ class Pipeline:
         samplers = self.samplers(teacher, runs)
         rows = self.evaluate(samplers)
         ev = self.evaluator()
-        floor = ev.data_floor(n_inception=self.cfg.n_inception_floor, n_test=self.cfg.n_ref_classifier)
-        floor = {k: floor[k] for k in ("fid_classifier", "fid_inception") if k in floor}
+        floor = self.data_floor(ev)
         speed = self.speed(samplers)
         ppl = self.ppl(runs) if "dd2" in runs else None
         table = self.tables(rows, speed, ppl, self.cost(runs), floor)

@@ -29,12 +29,16 @@ def rand(shape, generator: torch.Generator | None = None, device=None) -> Tensor
     return torch.rand(shape, generator=generator, device=src).to(dst)
 
 
-STREAM_STRIDE = 1_000_003  # a prime above any number of batches an evaluation draws
 
+def stream_seed(seed: int, index: int, namespace: str = "eval") -> int:
+    """The seed of draw stream ``index`` (e.g. an evaluation batch) of a run seeded ``seed``: 63 bits of
+    sha256("onestep/<namespace>/<seed>/<index>").
 
-def stream_seed(seed: int, index: int) -> int:
-    """The seed of draw stream ``index`` (an evaluation batch) of a run seeded ``seed``: ``seed * STREAM_STRIDE +
-    index``. Two seeds' streams never coincide (``seed + index`` made seed 1's stream i seed 0's stream i + 1), and
-    seed 0's streams are ``index`` as before. (DD1 pair shards keep ``seed + i``: it is recorded in every pair set's
-    manifest, which a resume must match.)"""
-    return seed * STREAM_STRIDE + index
+    Evaluation must not draw the noise a model was trained on. The training streams use small integer seeds (DD1's
+    pair shard i draws from ``seed + i``, the training loops from ``seed * 1000 + rank``), and with ``seed + b`` the
+    evaluation batch b of seed 0 drew exactly the noise of DD1's training shard b; two evaluation seeds also shared
+    all but one batch. A hashed seed coincides with neither."""
+    import hashlib
+
+    digest = hashlib.sha256(f"onestep/{namespace}/{seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

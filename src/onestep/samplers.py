@@ -71,8 +71,8 @@ def class_labels(n: int, num_classes: int, device="cpu") -> Tensor:
 @torch.no_grad()
 def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256, progress: bool = True,
              keep_tokens: bool = True) -> dict:
-    """Images (uint8) and tokens for ``labels`` in batches; batch b draws from ``rng.stream_seed(seed, b)`` (two
-    evaluation seeds share no batch of noise)."""
+    """Images (uint8) and tokens for ``labels`` in batches; batch b draws from ``rng.stream_seed(seed, b)``: noise
+    that no training stream drew (DD1's pairs included), and that two evaluation seeds do not share."""
     from tqdm.auto import tqdm
 
     imgs, toks = [], []

@@ -88,18 +88,18 @@ def skip_n(teacher: ARTeacher, labels: Tensor, cfg: SamplingConfig, n_skip: int,
         return sample_window(teacher, ids, labels, cfg, 0, K, generator)
     P = K - n_skip - 1  # AR steps sampled ancestrally
     ids = sample_window(teacher, ids, labels, cfg, 0, P, generator)
-    first, fill_from = steps[P][0], steps[P + 1][0]
+    first = steps[P][0]  # every position from here on is filled, then re-drawn in one parallel pass
     if fill == "marginal":
         if marginals is None:
             raise ValueError("fill='marginal' needs marginals (estimate_marginals of teacher samples)")
-        filler = sample_marginals(marginals[fill_from:], B, generator, device)
+        filler = sample_marginals(marginals[first:], B, generator, device)
     elif fill == "last":
         if first == 0:
             raise ValueError("fill='last' needs a non-empty prefix")
-        filler = ids[:, first - 1:first].expand(B, teacher.seq_len - fill_from)
+        filler = ids[:, first - 1:first].expand(B, teacher.seq_len - first)
     else:
         raise ValueError(f"fill must be 'marginal' or 'last', got {fill!r}")
-    ids[:, fill_from:] = filler
+    ids[:, first:] = filler
     logp = teacher_log_probs(teacher, ids, labels, cfg)[:, first:]
     ids[:, first:] = torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=generator).reshape(B, -1)
     return ids

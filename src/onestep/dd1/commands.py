@@ -14,7 +14,7 @@ from pathlib import Path
 
 __all__ = ["register"]
 
-_SAMPLING_KEYS = ("cfg_scale", "temperature", "top_k", "top_p")
+_SAMPLING_KEYS = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
 
 
 def _preset(args):

@@ -24,6 +24,9 @@ def load_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise ValueError(f"no images in {path}")
+    # a fixed shuffle: names like <label>_<i>.png sort into class groups, and -n, the Inception subset and the
+    # precision/recall subset take the first images
+    files = [files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()]
     arrs = [np.asarray(Image.open(p)) for p in files]
     x = torch.from_numpy(np.stack(arrs))
     x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
@@ -52,8 +55,8 @@ def cmd_eval(args) -> None:
         source = {"run": str(args.run), "method": sampler.name, "steps": sampler.steps, "params": sampler.params}
     res = ev.evaluate(images, labels, n_inception=args.n_inception)
     res.update(source)
-    res["data_floor"] = ev.data_floor(n_inception=min(args.n_inception, 2000) if args.n_inception else 0,
-                                      n_test=args.n_ref_classifier)
+    # the floor on as many test images as were scored (FID's bias depends on the sample size)
+    res["data_floor"] = ev.data_floor(n_inception=res.get("n_inception", 0), n_test=len(images))
     res["classifier_test_accuracy"] = ev.classifier_meta.get("test_accuracy")
     print(json.dumps(res, indent=2))
     if args.out:
@@ -85,7 +88,7 @@ def register(sub) -> None:
     p.add_argument("--n-inception", type=int, default=2000, help="samples for the Inception FID (0 = skip)")
     p.add_argument("--n-ref-inception", type=int, default=5000, help="train images for the Inception reference")
     p.add_argument("--n-ref-classifier", type=int, default=None,
-                   help="train images in the classifier reference (default: all; the data floor then uses as many test images)")
+                   help="train images in the classifier reference (default: all)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", default=None, help="write the metrics as JSON")
     add_data(p)

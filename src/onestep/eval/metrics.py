@@ -11,6 +11,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from onestep import rng
+
 
 # ---- Fréchet distance -----------------------------------------------------------------------------------
 def feature_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +128,7 @@ def perceptual_path_length(generate: Callable[[torch.Tensor, torch.Tensor], torc
     here, so this is a feature-space PPL, comparable between methods but not with published values).
     As in StyleGAN, the 1% lowest and highest values are discarded before averaging.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(rng.stream_seed(seed, 0, "ppl"))  # no training stream's noise
     vals = []
     for i in range(0, len(labels), batch_size):
         lab = labels[i:i + batch_size]

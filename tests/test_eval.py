@@ -140,3 +140,17 @@ def test_evaluation_noise_is_no_training_noise():
     assert not any(torch.equal(a, b) for a in b0 for b in b1)
     assert len({rng.stream_seed(seed, i) for seed in range(3) for i in range(1000)}) == 3000
     assert rng.stream_seed(0, 0) != rng.stream_seed(0, 0, "ppl") and rng.stream_seed(0, 0) >= 2 ** 20
+
+
+def test_cached_rows_are_reused_only_under_the_same_protocol():
+    """A pipeline re-uses a cached evaluation row only with the same sample counts, seed and noise rule (a row of
+    2000 samples beside rows of 1000, another seed's row, or one scored with the old noise rule is re-evaluated)."""
+    from onestep.pipeline import EVAL_NOISE, PIPELINE_PRESETS, Pipeline
+
+    p = Pipeline.__new__(Pipeline)
+    p.cfg, p.seed = PIPELINE_PRESETS["full"], 0
+    row = {"n": 2000, "seed": 0, "noise": EVAL_NOISE, "fid_classifier_10000": 1.0, "n_inception": 2000}
+    assert p.meets_protocol(row, headline=True) and p.meets_protocol(row, headline=False)
+    for change in ({"n": 4000}, {"seed": 1}, {"noise": None}, {"n_inception": 5000}):
+        assert not p.meets_protocol({**row, **change}, headline=True), change
+    assert not p.meets_protocol({k: v for k, v in row.items() if k != "fid_classifier_10000"}, headline=True)

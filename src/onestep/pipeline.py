@@ -83,6 +83,10 @@ class PipelineConfig:
         return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
+# the evaluation noise rule of samplers.generate; rows cached under another rule are re-evaluated (before it, batch b
+# drew from seed b, DD1's training noise for seed 0)
+EVAL_NOISE = "stream_seed/1"
+
 PIPELINE_PRESETS = {
     # the README's main command: every stage at a small budget (<= 20 min on 2 cores); CSD with K = 5 guidance
     # updates per generator step (the small preset): 40 + 12 steps cost what 60 + 20 did at K = 3
@@ -340,21 +344,22 @@ class Pipeline:
             if len(out["images"]) > k:  # the headline rows also get the classifier FID on all their samples
                 res[f"fid_classifier_{len(out['images'])}"] = ev.evaluate(out["images"], None, n_inception=0)["fid_classifier"]
             row = {"method": name, "steps": s.steps, "params": s.params, **res, "sampling_wall_time_s": round(gen_time, 2),
-                   "grid": str(grid.relative_to(self.root))}
+                   "grid": str(grid.relative_to(self.root)), "seed": self.seed, "noise": EVAL_NOISE}
             ckpt.write_json(path, row)
             print(f"[{self.cfg.name}] eval {name}: classifier FID {res['fid_classifier']:.3f}", flush=True)
             rows.append(row)
         return rows
 
     def meets_protocol(self, row: dict, headline: bool) -> bool:
-        """A cached row is re-used only if it has at least the sample counts this config asks for."""
-        if row.get("n", 0) < self.cfg.n_eval:
+        """A cached row is re-used only if it was scored as this config asks: the same sample counts (FID's bias
+        depends on them, so every row must have the same), seed and evaluation noise rule."""
+        if row.get("n") != self.cfg.n_eval or row.get("seed") != self.seed or row.get("noise") != EVAL_NOISE:
             return False
         if not headline:
             return True
         if self.cfg.n_eval_headline > self.cfg.n_eval and f"fid_classifier_{self.cfg.n_eval_headline}" not in row:
             return False
-        return row.get("n_inception", 0) >= self.cfg.n_inception
+        return row.get("n_inception", 0) == min(self.cfg.n_inception, self.cfg.n_eval)
 
     def speed(self, samplers: dict) -> dict:
         """Latency at batch 1 and throughput at batch 64 of every method, side by side in this process."""

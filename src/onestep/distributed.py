@@ -87,5 +87,9 @@ def all_gather_object(obj, info: DistInfo) -> list:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave together, then tear the process group down: a rank that destroys its group while another is still
+    writing its last checkpoint can abort gloo's connection threads ("terminate called without an active
+    exception")."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ Each rank appends one draw of the loop's generator per step to RUN_DIR/draws_ran
 """
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ sched = BatchSchedule(len(ids), 16, 0, info)
 def step_fn(step):
     if stop_at and step == stop_at:
         sys.exit(3)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)  # rank 1 may get here before rank 0 has made the run dir
     with open(f"{run_dir}/draws_rank{info.rank}.txt", "a") as f:
         f.write(f"{step} {torch.rand((), generator=loop.generator).item():.9f} {torch.rand(()).item():.9f}\n")
     model.train()

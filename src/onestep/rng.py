@@ -7,6 +7,8 @@ the generator's own device and move the result to ``device``, so both kinds work
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
 
@@ -29,7 +31,6 @@ def rand(shape, generator: torch.Generator | None = None, device=None) -> Tensor
     return torch.rand(shape, generator=generator, device=src).to(dst)
 
 
-
 def stream_seed(seed: int, index: int, namespace: str = "eval") -> int:
     """The seed of draw stream ``index`` (e.g. an evaluation batch) of a run seeded ``seed``: 63 bits of
     sha256("onestep/<namespace>/<seed>/<index>").
@@ -38,7 +39,5 @@ def stream_seed(seed: int, index: int, namespace: str = "eval") -> int:
     pair shard i draws from ``seed + i``, the training loops from ``seed * 1000 + rank``), and with ``seed + b`` the
     evaluation batch b of seed 0 drew exactly the noise of DD1's training shard b; two evaluation seeds also shared
     all but one batch. A hashed seed coincides with neither."""
-    import hashlib
-
     digest = hashlib.sha256(f"onestep/{namespace}/{seed}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1

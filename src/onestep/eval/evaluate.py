@@ -113,8 +113,9 @@ class Evaluator:
         """The same metrics for real TEST images against the TRAIN reference: the best a generator can get.
 
         FID's bias grows as the sample shrinks (real test images score 5.25 / 2.22 / 0.44 classifier FID at 1000 /
-        2000 / 10000 images here, benchmarks/results/eval-protocol.md), so a floor is comparable only with rows scored on as many samples: pass the rows'
-        ``n_test`` (and ``n_inception``). Cached under everything the figure depends on."""
+        2000 / 10000 images here, benchmarks/results/eval-protocol.md), so a floor is comparable only with rows
+        scored on as many samples: pass the rows' ``n_test`` (and ``n_inception``). Cached under everything the
+        figure depends on."""
         from onestep.data import load_dataset
 
         test = load_dataset(self.data, "test", root=self.data_root)

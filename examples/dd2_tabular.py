@@ -32,22 +32,28 @@ def main(argv=None) -> dict:
     p.add_argument("--teacher-seed", type=int, default=6)
     p.add_argument("--vocab", type=int, default=4)
     p.add_argument("--positions", type=int, default=3)
-    p.add_argument("--steps", type=int, default=base.csd.steps, help="CSD generator steps")
+    p.add_argument("--code-dim", type=int, default=2, help="dimension of the codes (unit vectors)")
+    p.add_argument("--min-temp", type=float, default=0.3,
+                   help="per-row table temperatures lie in [min-temp, max-temp]: low = near-deterministic rows")
+    p.add_argument("--max-temp", type=float, default=3.0)
+    p.add_argument("--recipe", choices=["gts", "map"], default=base.recipe,
+                   help="gts: the paper's (stage 1, then CSD); map: regress onto DD1's pairs, then CSD (low LR)")
+    p.add_argument("--steps", type=int, default=None, help="CSD generator steps (default: the recipe's)")
     p.add_argument("--tune-steps", type=int, default=base.tune_steps)
     p.add_argument("--tune-loss", choices=["gts", "dsm", "none"], default=base.tune_loss,
                    help="stage-1 initialisation (the Table 4 ablation: dsm = ordinary diffusion loss, none = no stage 1)")
-    p.add_argument("--guidance-steps", type=int, default=base.csd.guidance_steps, help="K")
-    p.add_argument("--guidance-batch-size", type=int, default=base.csd.guidance_batch_size,
+    p.add_argument("--guidance-steps", type=int, default=None, help="K")
+    p.add_argument("--guidance-batch-size", type=int, default=None,
                    help="generated sequences per guidance update (default: the batch size)")
-    p.add_argument("--m-noise", type=int, default=base.csd.m_noise, help="noise draws per sequence, guidance turn")
-    p.add_argument("--m-noise-gen", type=int, default=base.csd.m_noise_gen,
+    p.add_argument("--m-noise", type=int, default=None, help="noise draws per sequence, guidance turn")
+    p.add_argument("--m-noise-gen", type=int, default=None_gen,
                    help="(t, eps) draws per sequence, generator turn")
-    p.add_argument("--batch-size", type=int, default=base.csd.batch_size)
-    p.add_argument("--lr", type=float, default=base.csd.lr)
-    p.add_argument("--guidance-lr", type=float, default=base.csd.guidance_lr)
-    p.add_argument("--generator-t", type=float, default=base.csd.generator_t, help="time at which the head reads the noise")
-    p.add_argument("--t-min", type=float, default=base.csd.t_min, help="generator loss: t ~ U[t_min, t_max]")
-    p.add_argument("--t-max", type=float, default=base.csd.t_max)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--guidance-lr", type=float, default=None)
+    p.add_argument("--generator-t", type=float, default=None, help="time at which the head reads the noise")
+    p.add_argument("--t-min", type=float, default=None, help="generator loss: t ~ U[t_min, t_max]")
+    p.add_argument("--t-max", type=float, default=None)
     p.add_argument("--condition-on-codes", action="store_true",
                    help="psi's and the teacher's prefix conditions read the generator's prefix snapped to the codes")
     p.add_argument("--width", type=int, default=base.width, help="backbone feature width")
@@ -61,12 +67,15 @@ def main(argv=None) -> dict:
     p.add_argument("--log-every", type=int, default=100)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    csd = dataclasses.replace(base.csd, steps=a.steps, guidance_steps=a.guidance_steps, batch_size=a.batch_size,
-                              guidance_batch_size=a.guidance_batch_size,
-                              lr=a.lr, guidance_lr=a.guidance_lr, generator_t=a.generator_t, t_min=a.t_min,
-                              t_max=a.t_max, condition_on_codes=a.condition_on_codes,
-                              m_noise=a.m_noise, m_noise_gen=a.m_noise_gen)
-    teacher = TabularTeacher(a.vocab, a.positions, 2, seed=a.teacher_seed)
+    # the CSD flags change the stage-2 config of the chosen recipe (csd for gts, map_csd for map); unset = its value
+    fields = ("steps", "guidance_steps", "batch_size", "guidance_batch_size", "lr", "guidance_lr", "generator_t", "t_min",
+              "t_max", "m_noise", "m_noise_gen")
+    stage2 = dataclasses.replace(base, recipe=a.recipe).stage2
+    changes = {f: getattr(a, f) for f in fields if getattr(a, f) is not None}
+    csd = dataclasses.replace(stage2, condition_on_codes=a.condition_on_codes or stage2.condition_on_codes, **changes)
+    stage2_field = "csd" if a.recipe == "gts" else "map_csd"
+    teacher = TabularTeacher(a.vocab, a.positions, a.code_dim, seed=a.teacher_seed, min_temp=a.min_temp,
+                             max_temp=a.max_temp)
 
     def log(step, logs, tv, tv_ema):
         print(f"csd step {step}: TV raw {tv:.4f}  EMA {tv_ema:.4f}  dsm {logs['dsm']:.3f}  "
@@ -74,9 +83,9 @@ def main(argv=None) -> dict:
 
     runs = []
     for seed in a.seed:
-        cfg = dataclasses.replace(base, seed=seed, tune_steps=a.tune_steps, tune_loss=a.tune_loss, n_eval=a.n_eval, csd=csd,
+        cfg = dataclasses.replace(base, seed=seed, recipe=a.recipe, tune_steps=a.tune_steps, tune_loss=a.tune_loss, n_eval=a.n_eval,
                                   width=a.width, head_width=a.head_width, backbone_gain=a.backbone_gain,
-                                  head_gain=a.head_gain)
+                                  head_gain=a.head_gain, **{stage2_field: csd})
         t0 = time.time()
         out = fit_tabular(teacher, cfg, log=log, log_every=a.log_every)
         models = out.pop("models")
@@ -95,11 +104,12 @@ def main(argv=None) -> dict:
         commit = "unknown"
     result = {"command": " ".join(["python", "examples/dd2_tabular.py", *(argv if argv is not None else sys.argv[1:])]),
               "commit": commit, "threads": a.threads,
-              "teacher": {"vocab_size": a.vocab, "positions": a.positions, "code_dim": 2, "seed": a.teacher_seed,
+              "teacher": {"vocab_size": a.vocab, "positions": a.positions, "code_dim": a.code_dim, "seed": a.teacher_seed,
+                          "min_temp": a.min_temp, "max_temp": a.max_temp,
                           "joint_size": a.vocab ** a.positions, "conditional_entropy_nats": conditional_entropies(teacher)},
               "config": cfg.to_dict(), "runs": runs}
     names = [("DD2 generator (raw)", "tv_dd2"), ("DD2 generator (EMA)", "tv_dd2_ema"),
-             ("GTS-init generator (CSD's start)", "tv_gts_init"), ("onestep* (sampled)", "tv_onestep_star"),
+             ("GTS-init generator", "tv_gts_init"), ("CSD's start", "tv_csd_start"), ("onestep* (sampled)", "tv_onestep_star"),
              ("onestep* (exact product of marginals)", "tv_onestep_star_exact"),
              ("teacher's own samples (noise floor)", "tv_teacher_samples")]
     path = Path(a.out)
@@ -109,12 +119,13 @@ def main(argv=None) -> dict:
                     result["teacher"]["conditional_entropy_nats"])
     md = ["# DD2 tabular exactness check (Proposition 1)", "",
           f"Command: `OMP_NUM_THREADS={a.threads} {result['command']}`, commit `{commit}`.", "",
-          f"Teacher: TabularTeacher V={a.vocab} codes in 2-D (unit norm), n={a.positions} positions, seed "
+          f"Teacher: TabularTeacher V={a.vocab} codes in {a.code_dim}-D (unit norm), n={a.positions} positions, "
+          f"row temperatures {a.min_temp}-{a.max_temp}, seed "
           f"{a.teacher_seed} (joint over {a.vocab ** a.positions} sequences). Conditional entropies (min-max over "
           f"rows): {ent} (uniform = {torch.log(torch.tensor(float(a.vocab))).item():.2f}).", "",
           f"Codes: {[[round(v, 3) for v in c] for c in teacher.codebook().tolist()]}; pairwise distances: "
           f"{[[round(v, 2) for v in r] for r in torch.cdist(teacher.codebook(), teacher.codebook()).tolist()]}.", "",
-          f"TV against the exact joint, {cfg.n_eval} samples each (acceptance: DD2 <= 0.05):", "",
+          f"Recipe: `{a.recipe}`. TV against the exact joint, {cfg.n_eval} samples each:", "",
           "| sampler | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |",
           "|---|" + "---|" * len(runs)]
     md += [f"| {name} | " + " | ".join(f"{r[key]:.4f}" for r in runs) + " |" for name, key in names]

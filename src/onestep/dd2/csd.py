@@ -46,6 +46,8 @@ class CSDConfig:
     ema_max: float = 0.9999
     align_at: int = 0            # performance alignment: at this generator step (0 = off) ...
     align_steps: int = 0         # ... run this many guidance-only outer steps on the frozen EMA generator
+    guidance_warmup: int = 0     # guidance-only outer steps before the first generator step (psi catches up with a
+                                 # generator that did not come from stage 1, e.g. the map-start recipe's)
     grad_clip: float = 1.0
     generator_head_gain: float | None = None  # the generator's head re-parameterised to this input gain at the start
                                               # of CSD (function-preserving, see MLPHead.set_input_gain; None = keep
@@ -79,7 +81,7 @@ class CSDConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.steps + (self.align_steps if self.align_at > 0 else 0)
+        return self.guidance_warmup + self.steps + (self.align_steps if self.align_at > 0 else 0)
 
 
 class DD2(nn.Module):
@@ -178,8 +180,11 @@ class CSDSchedule:
         return self.dd2.cfg.guidance_lr * self.decay(gen_step)
 
     def phase(self, step: int) -> tuple[str, int]:
-        """('align' | 'csd', generator steps done before this outer step)."""
+        """('warmup' | 'align' | 'csd', generator steps done before this outer step)."""
         cfg = self.dd2.cfg
+        if step < cfg.guidance_warmup:
+            return "warmup", 0
+        step -= cfg.guidance_warmup
         if cfg.align_at > 0 and step >= cfg.align_at:
             if step < cfg.align_at + cfg.align_steps:
                 return "align", cfg.align_at
@@ -194,7 +199,7 @@ class CSDSchedule:
         generator turn."""
         cfg, dd2 = self.dd2.cfg, self.dd2
         phase, gen_step = self.phase(step)
-        if phase == "align" and step == cfg.align_at:  # swap in the EMA generator, frozen during alignment
+        if phase == "align" and step == cfg.guidance_warmup + cfg.align_at:  # swap in the EMA generator, frozen during alignment
             dd2.generator.load_state_dict(self.ema.state_dict())
         logs: dict = {"phase": phase}
         bad = False

@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from onestep.dd1.flow_map import map_noise_to_tokens
 from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
 from onestep.dd2.losses import dsm_loss, gts_loss
+from onestep.dd2.mapstart import fit_to_map
 from onestep.dd2.model import ARDiffusion, MLPHead
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
 from onestep.teacher.tabular import TabularTeacher, empirical_joint, total_variation
@@ -89,6 +91,26 @@ class TabularRunConfig:
     csd: CSDConfig = CSDConfig(steps=1200, batch_size=128, lr=2e-3, guidance_lr=2e-3, guidance_steps=5, m_noise=1,
                                m_noise_gen=4, warmup_steps=20, lr_schedule="cosine", final_lr_ratio=0.05,
                                log_every=10 ** 9, ckpt_every=10 ** 9)
+    # the recipe: "gts" (the paper's: generator and psi from stage 1, then CSD with ``csd``) or "map" (the generator
+    # is regressed onto ``map_pairs`` DD1 noise-to-token pairs for ``map_steps`` steps, psi comes from stage 1,
+    # then CSD with ``map_csd``: guidance-only warm-up, low decaying generator LR; onestep.dd2.mapstart)
+    recipe: str = "gts"
+    map_pairs: int = 20000
+    map_steps: int = 1500
+    map_lr: float = 5e-3
+    map_batch: int = 128
+    map_csd: CSDConfig = CSDConfig(steps=400, batch_size=128, lr=2e-4, guidance_lr=2e-3, guidance_steps=5, m_noise=1,
+                                   m_noise_gen=4, warmup_steps=20, lr_schedule="cosine", final_lr_ratio=0.05,
+                                   guidance_warmup=100, log_every=10 ** 9, ckpt_every=10 ** 9)
+
+    def __post_init__(self):
+        if self.recipe not in ("gts", "map"):
+            raise ValueError(f"recipe must be 'gts' or 'map', got {self.recipe!r}")
+
+    @property
+    def stage2(self) -> CSDConfig:
+        """The CSD config the recipe runs."""
+        return self.csd if self.recipe == "gts" else self.map_csd
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,15 +150,24 @@ def build_model(teacher: TabularTeacher, cfg: TabularRunConfig) -> ARDiffusion:
                                input_gain=cfg.head_gain))
 
 
+def map_pairs(teacher: TabularTeacher, n: int, seed: int, sampling: SamplingConfig = SamplingConfig()):
+    """n DD1 pairs: noise (n, seq_len, C) and the ids (n, seq_len) the exact flow map sends it to."""
+    eps = torch.randn(n, teacher.seq_len, teacher.code_dim, generator=torch.Generator().manual_seed(seed))
+    return eps, map_noise_to_tokens(teacher, eps, torch.zeros(n, dtype=torch.long), sampling)
+
+
 def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfig(),
                 sampling: SamplingConfig = SamplingConfig(), log=None, log_every: int = 100) -> dict:
-    """Stage 1 (GTS) then stage 2 (CSD) on a tabular teacher; returns TV figures and timings.
+    """Stage 1 (GTS), the map fit of the "map" recipe, then stage 2 (CSD) on a tabular teacher; TV figures, timings.
 
     TVs (``n_eval`` samples each, the same evaluation noise for every generator): ``tv_dd2`` (raw
-    generator), ``tv_dd2_ema`` (its EMA), ``tv_gts_init`` (the GTS-tuned model used as a one-step generator,
-    i.e. CSD's starting point), ``tv_onestep_star`` (independent per-position sampling from the exact
-    marginals), ``tv_teacher_samples`` (the teacher's own samples: the finite-sample noise floor), and
+    generator), ``tv_dd2_ema`` (its EMA), ``tv_gts_init`` (the GTS-tuned model used as a one-step generator),
+    ``tv_map_fit`` ("map" recipe: the generator after the regression onto DD1's pairs, before CSD),
+    ``tv_csd_start`` (CSD's starting point), ``tv_onestep_star`` (independent per-position sampling from the
+    exact marginals), ``tv_teacher_samples`` (the teacher's own samples: the finite-sample noise floor), and
     ``tv_onestep_star_exact`` (the product of the exact marginals against the joint, no sampling noise).
+    Times: ``tune_time_s`` (stage 1), ``pairs_time_s`` and ``map_time_s`` (the map recipe's pairs and fit),
+    ``csd_time_s``.
     """
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -160,13 +191,29 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    tune_time = time.time() - t0
-    dd2 = DD2(copy.deepcopy(model), copy.deepcopy(model), teacher, sampling, cfg.csd)  # sets csd.generator_t
-    # CSD's starting point: the stage-1 model as a one-step generator, with the parameterisation CSD trains
-    out = {"tv_gts_init": generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1), "gts_final_loss": loss.item()}
+    out = {"recipe": cfg.recipe, "tune_time_s": round(time.time() - t0, 2), "gts_final_loss": loss.item()}
+    csd = cfg.stage2
+    dd2 = DD2(copy.deepcopy(model), copy.deepcopy(model), teacher, sampling, csd)  # sets csd.generator_t
+    out["tv_gts_init"] = generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1)
+    if cfg.recipe == "map":
+        t0 = time.time()
+        eps, ids = map_pairs(teacher, cfg.map_pairs, cfg.seed + 11, sampling)
+        target = cb[ids]
+        out["pairs_time_s"] = round(time.time() - t0, 2)
+        t0 = time.time()
+        lab = torch.zeros(cfg.map_batch, dtype=torch.long)
+
+        def batches(step):
+            idx = torch.randint(cfg.map_pairs, (cfg.map_batch,), generator=g)
+            return eps[idx], lab, target[idx]
+
+        out["map_final_loss"] = fit_to_map(dd2.generator, batches, cfg.map_steps, cfg.map_lr)
+        out["map_time_s"] = round(time.time() - t0, 2)
+        out["tv_map_fit"] = generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1)
+    out["tv_csd_start"] = generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1)
     sched = CSDSchedule(dd2)
     t1 = time.time()
-    for step in range(cfg.csd.total_steps):
+    for step in range(csd.total_steps):
         logs = sched.step(step, lambda n: torch.zeros(n, dtype=torch.long), g)
         if log is not None and (step + 1) % log_every == 0:
             log(step + 1, logs, generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1),
@@ -177,8 +224,7 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
     out.update(tv_dd2=generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1),
                tv_dd2_ema=generator_tv(sched.ema, teacher, cfg.n_eval, cfg.seed + 1),
                tv_onestep_star=onestep_star_tv(teacher, cfg.n_eval, cfg.seed + 1),
-               tv_onestep_star_exact=total_variation(product, joint),
-               tune_time_s=round(tune_time, 2), csd_time_s=round(csd_time, 2))
+               tv_onestep_star_exact=total_variation(product, joint), csd_time_s=round(csd_time, 2))
     # sampling noise floor: TV of the teacher's own samples of the same size
     ids = sample_tokens(teacher, torch.zeros(cfg.n_eval, dtype=torch.long), sampling,
                         torch.Generator().manual_seed(cfg.seed + 7))

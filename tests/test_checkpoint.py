@@ -71,3 +71,86 @@ def test_run_references_resolve_from_final_raw_and_checkpoint_dirs(tmp_path):
         assert resolve_ref(ref, model_dir).resolve() == teacher.resolve()
     with pytest.raises(ckpt.CheckpointError, match="not found"):
         resolve_ref("../nowhere", run / "final")
+
+
+# ---- resumable training state: read without running code -------------------------------------------------------
+def _tiny_loop(run, steps=2, every=1):
+    from onestep.trainer import LoopConfig, TrainLoop
+
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    loop = TrainLoop(run, LoopConfig(steps=steps, batch_size=1, log_every=1, ckpt_every=every), {"net": net},
+                     {"net": opt}, {"net": {}}, desc="t")
+
+    def step_fn(step):
+        opt.zero_grad()
+        net(torch.randn(4, 3, generator=loop.generator)).pow(2).mean().backward()
+        opt.step()
+        return {}
+    return loop, step_fn
+
+
+class _Payload:
+    """Pickles as a call to open(marker, "w"): unpickling it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_trainer_state_is_refused_unread(tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "payload-ran"
+    loop, step_fn = _tiny_loop(run)
+    loop.run(step_fn)
+    planted = ckpt.latest_checkpoint(run) / "trainer_state.pt"
+    torch.save({"step": 2, "optimizers": {}, "payload": _Payload(marker)}, planted)
+    resumed, _ = _tiny_loop(run)
+    with pytest.raises(Exception) as e:
+        resumed.resume()
+    assert not marker.exists(), "unpickling the planted file ran its code"
+    assert isinstance(e.value, ckpt.CheckpointError)  # the CLI prints it as one line
+    msg = str(e.value)
+    assert str(planted) in msg and "refusing to load" in msg and "\n" not in msg
+
+
+def test_a_trainer_state_with_numpy_rng_arrays_still_resumes(tmp_path):
+    """Checkpoints written before the RNG states became tensors hold numpy's key array; they still load (weights only)
+    and restore numpy's stream."""
+    import numpy as np
+
+    run = tmp_path / "run"
+    loop, step_fn = _tiny_loop(run)
+    loop.run(step_fn)
+    path = ckpt.latest_checkpoint(run) / "trainer_state.pt"
+    state = ckpt.load_trainer_state(path)
+    np.random.seed(7)
+    state["rng"]["numpy"] = np.random.get_state()  # the older layout: (name, uint32 array, pos, has_gauss, gauss)
+    want = np.random.rand(3)
+    torch.save(state, path)
+    resumed, _ = _tiny_loop(run)
+    assert resumed.resume() and resumed.step == 2
+    assert np.array_equal(np.random.rand(3), want)
+
+
+def test_every_torch_load_is_weights_only():
+    """torch.load with weights_only=False unpickles arbitrary code: every call in the project passes
+    weights_only=True."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bad, seen = [], 0
+    for top in ("src", "tests", "scripts", "benchmarks", "examples"):
+        for path in (root / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                    seen += 1
+                    kw = {k.arg: k.value for k in node.keywords}
+                    if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                        bad.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert seen and not bad, bad

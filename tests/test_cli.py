@@ -298,7 +298,7 @@ def test_distillation_stages_under_torchrun_keep_ranks_in_lock_step(tiny_runs, t
                             f"--master_port={port}", str(script), stage, str(run), *map(str, inputs)],
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        a, b = (torch.load(run / f"rank{k}.pt") for k in (0, 1))
+        a, b = (torch.load(run / f"rank{k}.pt", weights_only=True) for k in (0, 1))
         assert a["world_size"] == 2 and a["step"] == b["step"] > 0
         for name, sd in a["modules"].items():
             for k, v in sd.items():

@@ -21,7 +21,7 @@ def _run(run_dir, steps, every, sleep=0.0):
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):

@@ -478,7 +478,7 @@ def test_vqvae_ddp_ranks_keep_one_codebook(tmp_path):
            str(script), str(tmp_path)]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     assert a["restarted"] > 0  # the restart path ran
     for k in a["state"]:
         assert torch.equal(a["state"][k], b["state"][k]), k

@@ -8,11 +8,14 @@ Layout of a model directory::
 A training run keeps its resumable checkpoints under ``RUN/checkpoints/step_XXXXXXXX/`` (one model
 directory per module plus ``trainer_state.pt`` with optimizers, step and RNG states) and a ``latest``
 pointer file, written last, so a run killed at any moment resumes from the last complete checkpoint.
+``trainer_state.pt`` holds only tensors and plain Python values and is read with ``weights_only=True``: a planted
+file that pickles code is refused unread.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +28,14 @@ from torch import nn
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is truncated or unreadable (an earlier checkpoint of the run may still be good)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickled file holds objects other than tensors and plain values; it is refused without being unpickled."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -105,7 +116,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+        raise CorruptCheckpointError(f"cannot read {path}: {e}") from None
 
 
 def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "") -> None:
@@ -142,26 +153,79 @@ def load_model_weights(directory: str | os.PathLike, module: nn.Module) -> dict:
 
 # ---- resumable training state ----------------------------------------------------------------------
 def rng_state() -> dict:
+    """The global torch / python / numpy (/ CUDA) RNG states as tensors and plain values (a ``weights_only`` load
+    reads them back): numpy's MT19937 key array is stored as an int64 tensor."""
     import random
 
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s states (numpy's keys as a tensor, or as the array that older checkpoints hold)."""
     import random
 
     import numpy as np
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array takes: older checkpoints hold numpy's RNG keys as an array. An array holds data
+    only; its elements of any other type are unpickled under the same allow-list."""
+    import numpy as np
+
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's array rebuilder, wherever this version keeps it
+    dtypes = {type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)}
+    return [reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def load_trainer_state(path: str | os.PathLike) -> dict:
+    """``trainer_state.pt`` read with ``weights_only=True`` (tensors, plain values and numpy arrays; nothing that runs
+    code). A file that pickles anything else raises :class:`UnsafeCheckpointError`, a truncated or corrupt one
+    :class:`CorruptCheckpointError`; both messages are one line naming the file."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it pickles {', '.join(unsafe[:5])} (not tensors or plain values: unpickling "
+                f"could run code); delete the file if this program did not write it") from None
+        raise CorruptCheckpointError(f"cannot read {path}: {_first_line(e)}") from None
+    except PermissionError:
+        raise
+    except Exception as e:  # a truncated zip: RuntimeError from PytorchStreamReader; EOFError; ...
+        raise CorruptCheckpointError(f"cannot read {path} (truncated or corrupt): {_first_line(e)}") from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a torch file pickles beyond the weights-only allow-list, read without unpickling (``[]`` when the
+    file cannot be read that far)."""
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        return []
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def save_training_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, nn.Module],
@@ -220,4 +284,4 @@ def branch_run(parent_run: str | os.PathLike, step: int, child_run: str | os.Pat
 def load_training_checkpoint(ckpt: Path, modules: dict[str, nn.Module]) -> dict:
     for name, m in modules.items():
         load_model_weights(ckpt / name, m)
-    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return load_trainer_state(ckpt / "trainer_state.pt")

@@ -154,3 +154,24 @@ def test_every_torch_load_is_weights_only():
                     if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
                         bad.append(f"{path.relative_to(root)}:{node.lineno}")
     assert seen and not bad, bad
+
+
+def test_nonfinite_weights_are_never_written_but_a_mask_buffer_may_hold_minus_inf(tmp_path):
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("mask", torch.tensor([0.0, float("-inf")]))  # e.g. an attention bias
+
+    m = Masked()
+    ckpt.save_model(tmp_path / "ok", m, {})  # an infinite buffer entry is a value, not a divergence
+    with torch.no_grad():
+        m.lin.bias[1] = float("inf")
+    with pytest.raises(ckpt.NonFiniteError, match=r"lin.bias \(parameter, 1 inf of 2 values\)"):
+        ckpt.save_model(tmp_path / "bad", m, {})
+    with torch.no_grad():
+        m.lin.bias[1] = 0.0
+        m.mask[0] = float("nan")
+    with pytest.raises(ckpt.NonFiniteError, match=r"mask \(buffer, 1 NaN of 2 values\)"):
+        ckpt.save_training_checkpoint(tmp_path / "run", 1, {"m": m}, {}, {"step": 1})
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "run" / "checkpoints").exists()

@@ -270,3 +270,57 @@ def test_checkpoint_without_per_rank_streams_reseeds_the_other_ranks(tmp_path, c
         draws.append(torch.rand(4, generator=loop.generator))
     assert torch.equal(draws[0], want) and not torch.equal(draws[1], want)
     assert "holds no RNG state for this rank" in capsys.readouterr().out
+
+
+def _sgd_loop(run, steps, ckpt_every, max_nonfinite=20, poison_at=None, report_nonfinite=False):
+    """A Linear trained by SGD through TrainLoop; the update of step ``poison_at`` writes a NaN into its weight."""
+    from onestep.trainer import LoopConfig, TrainLoop
+
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loop = TrainLoop(run, LoopConfig(steps=steps, batch_size=1, log_every=1, ckpt_every=ckpt_every,
+                                     max_nonfinite=max_nonfinite), {"net": net}, {"net": opt}, {"net": {}}, desc="t")
+
+    def step_fn(step):
+        opt.zero_grad()
+        loss = net(torch.randn(4, 3, generator=loop.generator)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        if step == poison_at:
+            with torch.no_grad():
+                net.weight[0, 1] = float("nan")
+        return {"loss": loss.item(), "nonfinite": report_nonfinite and not torch.isfinite(loss).item()}
+    return loop, step_fn
+
+
+def test_a_nonfinite_weight_is_never_checkpointed_and_latest_keeps_the_last_finite_one(tmp_path):
+    import pytest
+
+    from onestep import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    loop, step_fn = _sgd_loop(run, steps=10, ckpt_every=2, poison_at=4)  # steps 0-3 are clean: checkpoints 2 and 4
+    with pytest.raises(ckpt.CheckpointError) as e:
+        loop.run(step_fn)
+    msg = str(e.value)
+    assert "net: weight (parameter, " in msg and "NaN" in msg and "step_00000004" in msg and "\n" not in msg
+    assert ckpt.latest_checkpoint(run).name == "step_00000004"
+    kept = sorted(d.name for d in (run / "checkpoints").iterdir() if d.is_dir())
+    assert kept == ["step_00000002", "step_00000004"]  # nothing poisoned written, nothing clean rotated away
+    assert all(torch.isfinite(t).all() for t in ckpt.load_tensors(run / "checkpoints/step_00000004/net/model.safetensors").values())
+
+
+def test_nonfinite_steps_from_nonfinite_weights_stop_at_once_naming_the_tensor(tmp_path):
+    """A step skipped for a non-finite loss cannot repair NaN weights: the run stops at the first such step and names
+    the tensor, instead of advising a lower learning rate after max_nonfinite skipped steps."""
+    import pytest
+
+    from onestep import checkpoint as ckpt
+
+    loop, step_fn = _sgd_loop(tmp_path / "run", steps=20, ckpt_every=100, max_nonfinite=3, poison_at=1,
+                              report_nonfinite=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"after step 3: net: weight \(parameter, \d+ NaN"):
+        loop.run(step_fn)  # step 1 poisons the weight; step 2's loss is NaN
+    assert loop.nonfinite_total == 0 and ckpt.latest_checkpoint(tmp_path / "run") is None

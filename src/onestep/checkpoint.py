@@ -38,6 +38,10 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickled file holds objects other than tensors and plain values; it is refused without being unpickled."""
 
 
+class NonFiniteError(CheckpointError):
+    """A module to be saved holds NaN (or, in a parameter, an infinity): nothing of it is written."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """Raised by :func:`load_state_dict_strict`; the message lists every mismatched key with shapes."""
 
@@ -131,10 +135,42 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
     module.load_state_dict(state_dict, strict=True)
 
 
+def nonfinite_tensors(modules: dict[str, nn.Module]) -> list[str]:
+    """Every saved tensor of ``modules`` that is not finite, as "MODULE: NAME (parameter, 3 NaN of 64 values)": a NaN
+    anywhere, or an infinity in a parameter (a buffer may hold infinities on purpose, e.g. an attention mask's
+    -inf). Empty when every tensor is finite."""
+    out = []
+    for mod_name, module in modules.items():
+        params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+        for name, t in module.state_dict().items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                continue
+            is_param = name in params
+            if bool((~torch.isfinite(t) if is_param else torch.isnan(t)).any()):
+                counts = [f"{n} {what}" for n, what in ((int(torch.isnan(t).sum()), "NaN"),
+                                                        (int(torch.isinf(t).sum()) if is_param else 0, "inf")) if n]
+                out.append(f"{mod_name}: {name} ({'parameter' if is_param else 'buffer'}, "
+                           f"{' and '.join(counts)} of {t.numel()} values)")
+    return out
+
+
+def describe_nonfinite(bad: list[str]) -> str:
+    """The first entry of :func:`nonfinite_tensors`, and how many more there are."""
+    return bad[0] + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+
+
 # ---- model directories --------------------------------------------------------------------------------
 def save_model(directory: str | os.PathLike, module: nn.Module, config: dict) -> Path:
-    """Write ``model.safetensors`` then ``config.json`` into ``directory``."""
+    """Write ``model.safetensors`` then ``config.json`` into ``directory``; a module holding non-finite values
+    (:func:`nonfinite_tensors`) raises :class:`NonFiniteError` and nothing is written."""
     directory = Path(directory)
+    bad = nonfinite_tensors({directory.name: module})
+    if bad:
+        raise NonFiniteError(f"not writing {directory}: non-finite values in {describe_nonfinite(bad)}")
+    return _write_model(directory, module, config)
+
+
+def _write_model(directory: Path, module: nn.Module, config: dict) -> Path:
     save_tensors(directory / "model.safetensors", module.state_dict())
     write_json(directory / "config.json", config)
     return directory
@@ -230,14 +266,19 @@ def _first_line(e: BaseException) -> str:
 
 def save_training_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, nn.Module],
                              configs: dict[str, dict], state: dict, keep: int = 2) -> Path:
-    """Write ``checkpoints/step_N/`` (one model dir per module + trainer_state.pt), then the ``latest`` pointer."""
+    """Write ``checkpoints/step_N/`` (one model dir per module + trainer_state.pt), then the ``latest`` pointer, then
+    delete all but the newest ``keep`` checkpoints up to step N. Every module is checked first: a non-finite
+    tensor raises :class:`NonFiniteError` and nothing is written (``latest`` and the kept checkpoints stay)."""
+    bad = nonfinite_tensors(modules)
+    if bad:
+        raise NonFiniteError(f"no checkpoint written at step {step}: non-finite values in {describe_nonfinite(bad)}")
     ckdir = Path(run_dir) / "checkpoints"
     final = ckdir / f"step_{step:08d}"
     tmp = ckdir / f".tmp_step_{step:08d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     for name, m in modules.items():
-        save_model(tmp / name, m, configs.get(name, {}))
+        _write_model(tmp / name, m, configs.get(name, {}))
     atomic_write(tmp / "trainer_state.pt", lambda p: torch.save(state, p))
     if final.exists():
         shutil.rmtree(final)

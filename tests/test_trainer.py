@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from onestep.trainer import BatchSchedule, guarded_step
@@ -324,3 +325,72 @@ def test_nonfinite_steps_from_nonfinite_weights_stop_at_once_naming_the_tensor(t
     with pytest.raises(ckpt.CheckpointError, match=r"after step 3: net: weight \(parameter, \d+ NaN"):
         loop.run(step_fn)  # step 1 poisons the weight; step 2's loss is NaN
     assert loop.nonfinite_total == 0 and ckpt.latest_checkpoint(tmp_path / "run") is None
+
+
+# ---- environment faults while writing a checkpoint ---------------------------------------------------------------
+def _fault(kind, run, monkeypatch):
+    """Make every later write of a checkpoint under ``run`` fail the way ``kind`` says."""
+    import errno
+
+    import safetensors
+
+    from onestep import checkpoint as ckpt
+
+    def raising(exc, real=None):
+        def fake(*a, **k):
+            if real is not None and not str(k.get("dir", a[0] if a else "")).startswith(str(run)):
+                return real(*a, **k)
+            raise exc
+        return fake
+
+    if kind == "full device":
+        monkeypatch.setattr(torch, "save", raising(OSError(errno.ENOSPC, "No space left on device")))
+    elif kind == "full device, torch's zip writer":
+        monkeypatch.setattr(torch, "save", raising(RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                                                "unexpected pos 576 vs 534")))
+    elif kind == "full device, safetensors":
+        monkeypatch.setattr(ckpt, "save_file", raising(safetensors.SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)")))
+    elif kind == "read-only file system":
+        monkeypatch.setattr(ckpt.tempfile, "mkstemp", raising(OSError(errno.EROFS, "Read-only file system"),
+                                                               ckpt.tempfile.mkstemp))
+    elif kind == "read-only directory":
+        (run / "checkpoints").chmod(0o555)
+        if os.access(run / "checkpoints", os.W_OK):  # root writes into a 0o555 directory: refuse as the OS would
+            monkeypatch.setattr(ckpt.tempfile, "mkstemp", raising(PermissionError(errno.EACCES, "Permission denied"),
+                                                                   ckpt.tempfile.mkstemp))
+
+
+_FAULTS = {"full device": "no space left on device while writing",
+           "full device, torch's zip writer": "no space left on device while writing",
+           "full device, safetensors": "no space left on device while writing",
+           "read-only file system": "cannot write",
+           "read-only directory": "permission denied"}
+
+
+@pytest.mark.parametrize("kind", list(_FAULTS))
+def test_a_failed_checkpoint_write_says_why_and_keeps_the_last_complete_checkpoint(tmp_path, monkeypatch, kind):
+    """A full device, a read-only file system or a forbidden directory while a checkpoint is written: one line naming
+    the file, no partial checkpoint left, ``latest`` still at the previous complete checkpoint, and the run resumes
+    from it, once the fault is gone, to exactly the weights of an uninterrupted run."""
+    from onestep import checkpoint as ckpt
+
+    ref, ref_step = _sgd_loop(tmp_path / "ref", steps=6, ckpt_every=2)
+    ref.run(ref_step)
+    run = tmp_path / "run"
+    loop, step_fn = _sgd_loop(run, steps=6, ckpt_every=2)
+    with pytest.raises(OSError) as e:
+        loop.run(step_fn, on_checkpoint=lambda step: _fault(kind, run, monkeypatch) if step == 2 else None)
+    (run / "checkpoints").chmod(0o755)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+    assert sorted(p.name for p in (run / "checkpoints" / "step_00000002").rglob("*")) == \
+        ["config.json", "model.safetensors", "net", "trainer_state.pt"]
+    assert "step_00000004" in e.value.filename
+    msg = ckpt.describe_os_error(e.value)  # what the CLI prints
+    assert msg.startswith(_FAULTS[kind]) and str(run / "checkpoints" / "step_00000004") in msg and "\n" not in msg
+    resumed, step_fn = _sgd_loop(run, steps=6, ckpt_every=2)
+    resumed.run(step_fn)
+    assert resumed.steps_run == 4  # from step 2
+    a, b = ref.modules["net"].state_dict(), resumed.modules["net"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -13,9 +13,11 @@ file that pickles code is refused unread.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,20 +65,61 @@ class CheckpointMismatchError(CheckpointError):
 
 # ---- atomic file writing ----------------------------------------------------------------------------
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory, so atomic)."""
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory, so atomic). A failed write
+    leaves ``path`` as it was and no temporary file; an I/O failure (a full device, a read-only or forbidden
+    directory) is raised as an ``OSError`` with its errno and ``path`` as the file name (:func:`write_error`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        err = write_error(e, path)
+        if err is None:
+            raise
+        raise err from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # how safetensors' I/O errors end: "... (os error 28)"
+
+
+def write_error(e: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The ``OSError(errno, strerror, path)`` behind a failed write of ``path``: from an OSError, from a safetensors
+    I/O error ("... (os error 28)"), or from torch.save's short write ("unexpected pos" / "file write failed": its zip
+    writer drops the errno, and a short write to a regular file means a full device). None for any other error."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and (m := _OS_ERROR_CODE.search(str(e))):
+        code = int(m.group(1))
+    if code is None and isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e)):
+        code = errno.ENOSPC
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), str(path))
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line saying what went wrong with which file: "no space left on device while writing RUN/...",
+    "cannot write RUN/...: read-only file system", "permission denied: RUN/..."."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        return f"{what} while writing{where}; free some space and re-run the same command (a training run resumes " \
+               f"from its last complete checkpoint)"
+    if e.errno == errno.EROFS:
+        return f"cannot write{where}: read-only file system"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied:{where} (check the owner and permissions of the directory)"
+    text = (e.strerror or str(e)).rstrip(".")
+    return f"{text[:1].lower()}{text[1:]}{':' + where if where else ''}"
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -275,15 +318,22 @@ def save_training_checkpoint(run_dir: str | os.PathLike, step: int, modules: dic
     ckdir = Path(run_dir) / "checkpoints"
     final = ckdir / f"step_{step:08d}"
     tmp = ckdir / f".tmp_step_{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    for name, m in modules.items():
-        _write_model(tmp / name, m, configs.get(name, {}))
-    atomic_write(tmp / "trainer_state.pt", lambda p: torch.save(state, p))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write(ckdir / "latest", lambda p: Path(p).write_text(final.name + "\n"))
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        for name, m in modules.items():
+            _write_model(tmp / name, m, configs.get(name, {}))
+        atomic_write(tmp / "trainer_state.pt", lambda p: torch.save(state, p))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write(ckdir / "latest", lambda p: Path(p).write_text(final.name + "\n"))
+    except OSError as e:  # e.g. a full device: the partial checkpoint goes, latest and the kept checkpoints stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno is None:
+            raise
+        name = str(e.filename or ckdir).replace(str(tmp), str(final))
+        raise OSError(e.errno, e.strerror, name) from e
     old = sorted(d for d in ckdir.glob("step_*") if d.is_dir() and d != final)
     for d in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(d, ignore_errors=True)

@@ -248,8 +248,15 @@ class TrainLoop:
 
     def log(self, record: dict) -> None:
         if self.info.is_main:
-            with open(self.run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.run_dir / "log.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full device or a read-only run directory: say which file
+                err = ckpt.write_error(e, path)
+                if err is None:
+                    raise
+                raise err from e
 
     # ---- main loop -------------------------------------------------------------------------------
     def run(self, step_fn: Callable[[int], dict], on_checkpoint: Callable[[int], None] | None = None) -> dict:

@@ -175,3 +175,40 @@ def test_nonfinite_weights_are_never_written_but_a_mask_buffer_may_hold_minus_in
     with pytest.raises(ckpt.NonFiniteError, match=r"mask \(buffer, 1 NaN of 2 values\)"):
         ckpt.save_training_checkpoint(tmp_path / "run", 1, {"m": m}, {}, {"step": 1})
     assert not (tmp_path / "bad").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---- finished model directories: weights and config both there ------------------------------------------------------
+def test_a_model_dir_is_finished_only_with_its_weights_and_its_config(tmp_path, tiny_gpt, monkeypatch):
+    from onestep.runs import final_dir
+
+    run = tmp_path / "teacher"
+    final = run / "final"
+    ckpt.save_model(final, tiny_gpt, {"kind": "teacher", "model": tiny_gpt.args.to_dict()})
+    assert ckpt.is_model_dir(final) and final_dir(run) == final
+    (final / "config.json").unlink()  # the weights were written, the config never was
+    assert not ckpt.is_model_dir(final)
+    with pytest.raises(ckpt.CheckpointError, match="half-written .* re-run the command that trained it"):
+        final_dir(run)
+
+    ckpt.save_model(final, tiny_gpt, {"kind": "teacher", "model": tiny_gpt.args.to_dict()})
+
+    def full_device(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full_device)  # a rewrite cut short: never new weights beside an old config
+    with pytest.raises(OSError):
+        ckpt.save_model(final, tiny_gpt, {"kind": "teacher", "model": tiny_gpt.args.to_dict(), "rewritten": True})
+    assert not ckpt.is_model_dir(final)
+
+
+def test_the_pipeline_runs_a_stage_again_when_its_model_dir_is_half_written(tmp_path, tiny_gpt):
+    from onestep.pipeline import Pipeline, PipelineConfig
+
+    p = Pipeline(tmp_path / "root", PipelineConfig("t"))
+    final = tmp_path / "stage" / "final"
+    ckpt.save_model(final, tiny_gpt, {})
+    (final / "config.json").unlink()
+    ran = []
+    assert p._stage("stage", final, lambda: ran.append(1) or final) == final and ran == [1]
+    ckpt.write_json(final / "config.json", {})
+    assert p._stage("stage", final, lambda: ran.append(2) or final) == final and ran == [1]  # finished: reused

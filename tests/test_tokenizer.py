@@ -347,3 +347,28 @@ def test_dead_code_restart_never_picks_a_nonfinite_latent():
     x_bad[::2] = float("nan")  # half the images corrupt
     _, _, losses = m(x_bad, generator=g)
     assert float(losses["restarted"]) >= 15 and torch.isfinite(m.quantize.embedding.weight).all()
+
+
+def test_a_tokenizer_run_whose_final_lacks_its_config_is_not_finished(tmp_path, capsys):
+    """final/model.safetensors without final/config.json (a run stopped between the two writes): the re-run writes
+    final/ again, with its evaluation, instead of calling it finished."""
+    import numpy as np
+    from PIL import Image
+
+    from onestep.runs import load_tokenizer
+    from onestep.tokenizer.train import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "data" / "a" / f"{i}.png")
+    cfg = replace(VQ_TRAIN_PRESETS["tiny"], steps=2, batch_size=4, log_every=1, ckpt_every=2)
+    final = train_tokenizer(tmp_path / "run", cfg, data="folder", data_root=str(tmp_path / "data"))
+    (final / "config.json").unlink()
+    capsys.readouterr()
+    train_tokenizer(tmp_path / "run", cfg, data="folder", data_root=str(tmp_path / "data"))
+    assert "already finished" not in capsys.readouterr().out
+    _, config = load_tokenizer(tmp_path / "run")
+    assert config["kind"] == "tokenizer" and "psnr_db" in config["eval"]
+    train_tokenizer(tmp_path / "run", cfg, data="folder", data_root=str(tmp_path / "data"))
+    assert "already finished" in capsys.readouterr().out  # now it is

@@ -394,3 +394,43 @@ def test_a_failed_checkpoint_write_says_why_and_keeps_the_last_complete_checkpoi
     assert resumed.steps_run == 4  # from step 2
     a, b = ref.modules["net"].state_dict(), resumed.modules["net"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- half-written states ---------------------------------------------------------------------------------------------
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_trainer_state_gives_way_to_the_previous_checkpoint(tmp_path, capsys):
+    """latest's trainer_state.pt cut short (e.g. a partial copy of the run): the run warns, names the file, resumes
+    from the previous kept checkpoint and ends with exactly the weights of an uninterrupted run."""
+    ref, ref_step = _sgd_loop(tmp_path / "ref", steps=6, ckpt_every=2)
+    ref.run(ref_step)
+    run = tmp_path / "run"
+    loop, step_fn = _sgd_loop(run, steps=6, ckpt_every=2)
+    loop.run(step_fn)
+    broken = run / "checkpoints" / "step_00000006" / "trainer_state.pt"
+    _truncate(broken)
+    capsys.readouterr()
+    resumed, step_fn = _sgd_loop(run, steps=6, ckpt_every=2)
+    resumed.run(step_fn)
+    err = capsys.readouterr().err
+    assert f"cannot read {broken}" in err and "resuming from the previous checkpoint" in err and "step_00000004" in err
+    assert resumed.steps_run == 2  # steps 4 and 5 again
+    a, b = ref.modules["net"].state_dict(), resumed.modules["net"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_truncated_trainer_state_without_an_earlier_checkpoint_is_a_one_line_error(tmp_path):
+    from onestep import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    loop, step_fn = _sgd_loop(run, steps=2, ckpt_every=2)
+    loop.run(step_fn)
+    broken = run / "checkpoints" / "step_00000002" / "trainer_state.pt"
+    _truncate(broken)
+    resumed, _ = _sgd_loop(run, steps=4, ckpt_every=2)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        resumed.resume()
+    assert f"cannot read {broken}" in str(e.value) and "\n" not in str(e.value)

@@ -203,9 +203,20 @@ def describe_nonfinite(bad: list[str]) -> str:
 
 
 # ---- model directories --------------------------------------------------------------------------------
+def is_model_dir(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is a finished model directory: ``model.safetensors`` and ``config.json`` both there.
+    :func:`save_model` writes the config last, so a write cut short leaves a directory that is not one; every
+    "is this stage finished / is this model there" check goes through here, and a stage whose ``final/`` is not a
+    model directory writes it again."""
+    directory = Path(directory)
+    return (directory / "model.safetensors").is_file() and (directory / "config.json").is_file()
+
+
 def save_model(directory: str | os.PathLike, module: nn.Module, config: dict) -> Path:
-    """Write ``model.safetensors`` then ``config.json`` into ``directory``; a module holding non-finite values
-    (:func:`nonfinite_tensors`) raises :class:`NonFiniteError` and nothing is written."""
+    """Write ``model.safetensors`` then ``config.json`` into ``directory`` (an old ``config.json`` goes first, so that
+    until the new one is written the directory is not a finished model directory, see :func:`is_model_dir`); a
+    module holding non-finite values (:func:`nonfinite_tensors`) raises :class:`NonFiniteError` and nothing is
+    written."""
     directory = Path(directory)
     bad = nonfinite_tensors({directory.name: module})
     if bad:
@@ -214,6 +225,7 @@ def save_model(directory: str | os.PathLike, module: nn.Module, config: dict) ->
 
 
 def _write_model(directory: Path, module: nn.Module, config: dict) -> Path:
+    (directory / "config.json").unlink(missing_ok=True)
     save_tensors(directory / "model.safetensors", module.state_dict())
     write_json(directory / "config.json", config)
     return directory
@@ -338,6 +350,13 @@ def save_training_checkpoint(run_dir: str | os.PathLike, step: int, modules: dic
     for d in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(d, ignore_errors=True)
     return final
+
+
+def previous_checkpoint(ckpt: Path) -> Path | None:
+    """The newest complete checkpoint of the run older than ``ckpt`` (the one the keep-2 rotation keeps), or None."""
+    older = [d for d in ckpt.parent.glob("step_*") if d.is_dir() and d.name < ckpt.name
+             and (d / "trainer_state.pt").exists()]
+    return max(older, key=lambda d: d.name) if older else None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

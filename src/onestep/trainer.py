@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -230,11 +231,25 @@ class TrainLoop:
         self.generator.set_state(mine["generator"])
 
     def resume(self) -> bool:
-        """Load the latest checkpoint if there is one. Returns True when it resumed."""
+        """Load the latest checkpoint if there is one. Returns True when it resumed. A latest checkpoint with a
+        truncated or corrupt file gives way, with a warning, to the previous kept one; without one it is an error
+        naming the file."""
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             return False
-        state = ckpt.load_training_checkpoint(latest, {k: unwrap(m) for k, m in self.modules.items()})
+        mods = {k: unwrap(m) for k, m in self.modules.items()}
+        try:
+            state = ckpt.load_training_checkpoint(latest, mods)
+        except ckpt.CorruptCheckpointError as e:
+            previous = ckpt.previous_checkpoint(latest)
+            if previous is None:
+                raise ckpt.CorruptCheckpointError(f"{e}; the run has no earlier checkpoint to resume from (delete "
+                                                  f"{latest.parent} to start it again)") from None
+            if self.info.is_main:
+                print(f"[{self.desc}] warning: {e}; resuming from the previous checkpoint {previous}", file=sys.stderr,
+                      flush=True)
+            latest = previous
+            state = ckpt.load_training_checkpoint(latest, mods)
         for k, o in self.optimizers.items():
             check_optimizer_state(o, state["optimizers"][k], f"{latest} ({k})")
             o.load_state_dict(state["optimizers"][k])

@@ -212,3 +212,15 @@ def test_the_pipeline_runs_a_stage_again_when_its_model_dir_is_half_written(tmp_
     assert p._stage("stage", final, lambda: ran.append(1) or final) == final and ran == [1]
     ckpt.write_json(final / "config.json", {})
     assert p._stage("stage", final, lambda: ran.append(2) or final) == final and ran == [1]  # finished: reused
+
+
+def test_rotation_keeps_the_checkpoint_before_latest(tmp_path):
+    """After a resume from an earlier checkpoint (latest was unreadable), the next checkpoint keeps the one before it
+    (what a later fallback needs) and drops the abandoned later one."""
+    m = torch.nn.Linear(2, 2)
+    for step in (2, 4, 6):
+        ckpt.save_training_checkpoint(tmp_path, step, {"m": m}, {}, {"step": step})
+    ckpt.save_training_checkpoint(tmp_path, 5, {"m": m}, {}, {"step": 5})  # resumed from step 4
+    assert sorted(d.name for d in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000005"]
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest.name == "step_00000005" and ckpt.previous_checkpoint(latest).name == "step_00000004"

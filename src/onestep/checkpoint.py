@@ -322,8 +322,9 @@ def _first_line(e: BaseException) -> str:
 def save_training_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, nn.Module],
                              configs: dict[str, dict], state: dict, keep: int = 2) -> Path:
     """Write ``checkpoints/step_N/`` (one model dir per module + trainer_state.pt), then the ``latest`` pointer, then
-    delete all but the newest ``keep`` checkpoints up to step N. Every module is checked first: a non-finite
-    tensor raises :class:`NonFiniteError` and nothing is written (``latest`` and the kept checkpoints stay)."""
+    delete all but the newest ``keep`` checkpoints up to step N (and any after it). Every module is checked first: a
+    non-finite tensor raises :class:`NonFiniteError` and nothing is written (``latest`` and the kept checkpoints
+    stay)."""
     bad = nonfinite_tensors(modules)
     if bad:
         raise NonFiniteError(f"no checkpoint written at step {step}: non-finite values in {describe_nonfinite(bad)}")
@@ -346,8 +347,10 @@ def save_training_checkpoint(run_dir: str | os.PathLike, step: int, modules: dic
             raise
         name = str(e.filename or ckdir).replace(str(tmp), str(final))
         raise OSError(e.errno, e.strerror, name) from e
-    old = sorted(d for d in ckdir.glob("step_*") if d.is_dir() and d != final)
-    for d in old[: max(0, len(old) - (keep - 1))]:
+    others = sorted(d for d in ckdir.glob("step_*") if d.is_dir() and d != final)
+    older = [d for d in others if d.name < final.name]
+    later = [d for d in others if d.name > final.name]  # left by a run resumed from an earlier checkpoint: never used
+    for d in older[: max(0, len(older) - (keep - 1))] + later:
         shutil.rmtree(d, ignore_errors=True)
     return final
 

@@ -71,3 +71,156 @@ def test_run_references_resolve_from_final_raw_and_checkpoint_dirs(tmp_path):
         assert resolve_ref(ref, model_dir).resolve() == teacher.resolve()
     with pytest.raises(ckpt.CheckpointError, match="not found"):
         resolve_ref("../nowhere", run / "final")
+
+
+# ---- resumable training state: read without running code -------------------------------------------------------
+def _tiny_loop(run, steps=2, every=1):
+    from onestep.trainer import LoopConfig, TrainLoop
+
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    loop = TrainLoop(run, LoopConfig(steps=steps, batch_size=1, log_every=1, ckpt_every=every), {"net": net},
+                     {"net": opt}, {"net": {}}, desc="t")
+
+    def step_fn(step):
+        opt.zero_grad()
+        net(torch.randn(4, 3, generator=loop.generator)).pow(2).mean().backward()
+        opt.step()
+        return {}
+    return loop, step_fn
+
+
+class _Payload:
+    """Pickles as a call to open(marker, "w"): unpickling it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_trainer_state_is_refused_unread(tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "payload-ran"
+    loop, step_fn = _tiny_loop(run)
+    loop.run(step_fn)
+    planted = ckpt.latest_checkpoint(run) / "trainer_state.pt"
+    torch.save({"step": 2, "optimizers": {}, "payload": _Payload(marker)}, planted)
+    resumed, _ = _tiny_loop(run)
+    with pytest.raises(Exception) as e:
+        resumed.resume()
+    assert not marker.exists(), "unpickling the planted file ran its code"
+    assert isinstance(e.value, ckpt.CheckpointError)  # the CLI prints it as one line
+    msg = str(e.value)
+    assert str(planted) in msg and "refusing to load" in msg and "\n" not in msg
+
+
+def test_a_trainer_state_with_numpy_rng_arrays_still_resumes(tmp_path):
+    """Checkpoints written before the RNG states became tensors hold numpy's key array; they still load (weights only)
+    and restore numpy's stream."""
+    import numpy as np
+
+    run = tmp_path / "run"
+    loop, step_fn = _tiny_loop(run)
+    loop.run(step_fn)
+    path = ckpt.latest_checkpoint(run) / "trainer_state.pt"
+    state = ckpt.load_trainer_state(path)
+    np.random.seed(7)
+    state["rng"]["numpy"] = np.random.get_state()  # the older layout: (name, uint32 array, pos, has_gauss, gauss)
+    want = np.random.rand(3)
+    torch.save(state, path)
+    resumed, _ = _tiny_loop(run)
+    assert resumed.resume() and resumed.step == 2
+    assert np.array_equal(np.random.rand(3), want)
+
+
+def test_every_torch_load_is_weights_only():
+    """torch.load with weights_only=False unpickles arbitrary code: every call in the project passes
+    weights_only=True."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bad, seen = [], 0
+    for top in ("src", "tests", "scripts", "benchmarks", "examples"):
+        for path in (root / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                    seen += 1
+                    kw = {k.arg: k.value for k in node.keywords}
+                    if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                        bad.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert seen and not bad, bad
+
+
+def test_nonfinite_weights_are_never_written_but_a_mask_buffer_may_hold_minus_inf(tmp_path):
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("mask", torch.tensor([0.0, float("-inf")]))  # e.g. an attention bias
+
+    m = Masked()
+    ckpt.save_model(tmp_path / "ok", m, {})  # an infinite buffer entry is a value, not a divergence
+    with torch.no_grad():
+        m.lin.bias[1] = float("inf")
+    with pytest.raises(ckpt.NonFiniteError, match=r"lin.bias \(parameter, 1 inf of 2 values\)"):
+        ckpt.save_model(tmp_path / "bad", m, {})
+    with torch.no_grad():
+        m.lin.bias[1] = 0.0
+        m.mask[0] = float("nan")
+    with pytest.raises(ckpt.NonFiniteError, match=r"mask \(buffer, 1 NaN of 2 values\)"):
+        ckpt.save_training_checkpoint(tmp_path / "run", 1, {"m": m}, {}, {"step": 1})
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---- finished model directories: weights and config both there ------------------------------------------------------
+def test_a_model_dir_is_finished_only_with_its_weights_and_its_config(tmp_path, tiny_gpt, monkeypatch):
+    from onestep.runs import final_dir
+
+    run = tmp_path / "teacher"
+    final = run / "final"
+    ckpt.save_model(final, tiny_gpt, {"kind": "teacher", "model": tiny_gpt.args.to_dict()})
+    assert ckpt.is_model_dir(final) and final_dir(run) == final
+    (final / "config.json").unlink()  # the weights were written, the config never was
+    assert not ckpt.is_model_dir(final)
+    with pytest.raises(ckpt.CheckpointError, match="half-written .* re-run the command that trained it"):
+        final_dir(run)
+
+    ckpt.save_model(final, tiny_gpt, {"kind": "teacher", "model": tiny_gpt.args.to_dict()})
+
+    def full_device(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full_device)  # a rewrite cut short: never new weights beside an old config
+    with pytest.raises(OSError):
+        ckpt.save_model(final, tiny_gpt, {"kind": "teacher", "model": tiny_gpt.args.to_dict(), "rewritten": True})
+    assert not ckpt.is_model_dir(final)
+
+
+def test_the_pipeline_runs_a_stage_again_when_its_model_dir_is_half_written(tmp_path, tiny_gpt):
+    from onestep.pipeline import Pipeline, PipelineConfig
+
+    p = Pipeline(tmp_path / "root", PipelineConfig("t"))
+    final = tmp_path / "stage" / "final"
+    ckpt.save_model(final, tiny_gpt, {})
+    (final / "config.json").unlink()
+    ran = []
+    assert p._stage("stage", final, lambda: ran.append(1) or final) == final and ran == [1]
+    ckpt.write_json(final / "config.json", {})
+    assert p._stage("stage", final, lambda: ran.append(2) or final) == final and ran == [1]  # finished: reused
+
+
+def test_rotation_keeps_the_checkpoint_before_latest(tmp_path):
+    """After a resume from an earlier checkpoint (latest was unreadable), the next checkpoint keeps the one before it
+    (what a later fallback needs) and drops the abandoned later one."""
+    m = torch.nn.Linear(2, 2)
+    for step in (2, 4, 6):
+        ckpt.save_training_checkpoint(tmp_path, step, {"m": m}, {}, {"step": step})
+    ckpt.save_training_checkpoint(tmp_path, 5, {"m": m}, {}, {"step": 5})  # resumed from step 4
+    assert sorted(d.name for d in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000005"]
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest.name == "step_00000005" and ckpt.previous_checkpoint(latest).name == "step_00000004"

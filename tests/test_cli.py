@@ -85,6 +85,33 @@ def test_missing_run_gives_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("error,line", [
+    (OSError(28, "No space left on device", "RUN/checkpoints/step_00000004/trainer_state.pt"),
+     "no space left on device while writing RUN/checkpoints/step_00000004/trainer_state.pt; free some space"),
+    (OSError(30, "Read-only file system", "RUN/config.json"), "cannot write RUN/config.json: read-only file system"),
+    (PermissionError(13, "Permission denied", "RUN/log.jsonl"), "permission denied: RUN/log.jsonl"),
+    (FloatingPointError("21 non-finite steps in a row at step 7; lower the learning rate or check the data"),
+     "21 non-finite steps in a row at step 7"),
+], ids=["no space", "read-only", "permission", "diverged"])
+def test_environment_faults_are_one_line_errors(monkeypatch, capsys, error, line):
+    """A full device, a read-only or forbidden run directory, a diverged run: one line saying what happened to which
+    file, exit status 2; ONESTEP_DEBUG=1 shows the traceback instead."""
+    from onestep import cli
+
+    def command(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_sample", command)
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--run", "RUN"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"onestep sample: error: {line}"), err
+    monkeypatch.setenv("ONESTEP_DEBUG", "1")
+    with pytest.raises(type(error)):
+        main(["sample", "--run", "RUN"])
+
+
 @needs_data
 def test_dd2_adapt_smoke(tiny_runs):
     main(["dd2", "adapt", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--run-dir",
@@ -298,7 +325,7 @@ def test_distillation_stages_under_torchrun_keep_ranks_in_lock_step(tiny_runs, t
                             f"--master_port={port}", str(script), stage, str(run), *map(str, inputs)],
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        a, b = (torch.load(run / f"rank{k}.pt") for k in (0, 1))
+        a, b = (torch.load(run / f"rank{k}.pt", weights_only=True) for k in (0, 1))
         assert a["world_size"] == 2 and a["step"] == b["step"] > 0
         for name, sd in a["modules"].items():
             for k, v in sd.items():

@@ -306,3 +306,69 @@ def test_tokenizer_saved_with_the_old_key_names_still_loads(tmp_path):
     x = _images(2)
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode_ids(loaded.encode_ids(x)), m.decode_ids(m.encode_ids(x)))
+
+
+# ---- codebook updates outside the optimizer leave out non-finite latents --------------------------------------------
+def test_kmeans_init_leaves_out_nonfinite_latents():
+    """A NaN image gives NaN latents: the k-means init runs on the other rows exactly as if they were absent, and a
+    batch with no finite row leaves the codebook uninitialised for the next batch."""
+    q = _tiny().quantize
+    z = F.normalize(torch.randn(40, 4, generator=torch.Generator().manual_seed(1)), dim=-1)
+    z_bad = z.clone()
+    z_bad[[3, 17, 18]] = float("nan")
+    z_bad[25, 0] = float("inf")
+    clean = torch.cat([z[:3], z[4:17], z[19:25], z[26:]])
+    q.kmeans_init(z_bad, torch.Generator().manual_seed(0))
+    ref = _tiny().quantize
+    ref.kmeans_init(clean, torch.Generator().manual_seed(0))
+    assert torch.isfinite(q.embedding.weight).all() and int(q.initialized) == 1
+    assert torch.equal(q.embedding.weight, ref.embedding.weight)
+
+    m = _tiny().train()
+    before = m.quantize.embedding.weight.detach().clone()
+    m(torch.full((4, 1, 16, 16), float("nan")), generator=torch.Generator().manual_seed(0))
+    assert int(m.quantize.initialized) == 0 and torch.equal(m.quantize.embedding.weight, before)
+    x = _images(8)
+    x[2] = float("nan")  # one corrupt image in the first batch
+    m(x, generator=torch.Generator().manual_seed(0))
+    assert int(m.quantize.initialized) == 1 and torch.isfinite(m.quantize.embedding.weight).all()
+
+
+def test_dead_code_restart_never_picks_a_nonfinite_latent():
+    m, x, g = _dead_code_setup(restart_after=3)
+    for _ in range(3):
+        m(x, generator=g)
+    dead = m.quantize.unused_steps >= 3
+    assert int(dead.sum()) >= 15
+    _, _, losses = m(torch.full_like(x, float("nan")), generator=g)  # a NaN batch when the codes are due
+    assert float(losses["restarted"]) == 0 and torch.isfinite(m.quantize.embedding.weight).all()
+    assert bool((m.quantize.unused_steps[dead] >= 3).all())  # still dead: restarted by the next usable batch
+    x_bad = x.clone()
+    x_bad[::2] = float("nan")  # half the images corrupt
+    _, _, losses = m(x_bad, generator=g)
+    assert float(losses["restarted"]) >= 15 and torch.isfinite(m.quantize.embedding.weight).all()
+
+
+def test_a_tokenizer_run_whose_final_lacks_its_config_is_not_finished(tmp_path, capsys):
+    """final/model.safetensors without final/config.json (a run stopped between the two writes): the re-run writes
+    final/ again, with its evaluation, instead of calling it finished."""
+    import numpy as np
+    from PIL import Image
+
+    from onestep.runs import load_tokenizer
+    from onestep.tokenizer.train import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "data" / "a" / f"{i}.png")
+    cfg = replace(VQ_TRAIN_PRESETS["tiny"], steps=2, batch_size=4, log_every=1, ckpt_every=2)
+    final = train_tokenizer(tmp_path / "run", cfg, data="folder", data_root=str(tmp_path / "data"))
+    (final / "config.json").unlink()
+    capsys.readouterr()
+    train_tokenizer(tmp_path / "run", cfg, data="folder", data_root=str(tmp_path / "data"))
+    assert "already finished" not in capsys.readouterr().out
+    _, config = load_tokenizer(tmp_path / "run")
+    assert config["kind"] == "tokenizer" and "psnr_db" in config["eval"]
+    train_tokenizer(tmp_path / "run", cfg, data="folder", data_root=str(tmp_path / "data"))
+    assert "already finished" in capsys.readouterr().out  # now it is

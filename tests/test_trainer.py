@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from onestep.trainer import BatchSchedule, guarded_step
@@ -21,7 +22,7 @@ def _run(run_dir, steps, every, sleep=0.0):
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
@@ -270,3 +271,166 @@ def test_checkpoint_without_per_rank_streams_reseeds_the_other_ranks(tmp_path, c
         draws.append(torch.rand(4, generator=loop.generator))
     assert torch.equal(draws[0], want) and not torch.equal(draws[1], want)
     assert "holds no RNG state for this rank" in capsys.readouterr().out
+
+
+def _sgd_loop(run, steps, ckpt_every, max_nonfinite=20, poison_at=None, report_nonfinite=False):
+    """A Linear trained by SGD through TrainLoop; the update of step ``poison_at`` writes a NaN into its weight."""
+    from onestep.trainer import LoopConfig, TrainLoop
+
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loop = TrainLoop(run, LoopConfig(steps=steps, batch_size=1, log_every=1, ckpt_every=ckpt_every,
+                                     max_nonfinite=max_nonfinite), {"net": net}, {"net": opt}, {"net": {}}, desc="t")
+
+    def step_fn(step):
+        opt.zero_grad()
+        loss = net(torch.randn(4, 3, generator=loop.generator)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        if step == poison_at:
+            with torch.no_grad():
+                net.weight[0, 1] = float("nan")
+        return {"loss": loss.item(), "nonfinite": report_nonfinite and not torch.isfinite(loss).item()}
+    return loop, step_fn
+
+
+def test_a_nonfinite_weight_is_never_checkpointed_and_latest_keeps_the_last_finite_one(tmp_path):
+    import pytest
+
+    from onestep import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    loop, step_fn = _sgd_loop(run, steps=10, ckpt_every=2, poison_at=4)  # steps 0-3 are clean: checkpoints 2 and 4
+    with pytest.raises(ckpt.CheckpointError) as e:
+        loop.run(step_fn)
+    msg = str(e.value)
+    assert "net: weight (parameter, " in msg and "NaN" in msg and "step_00000004" in msg and "\n" not in msg
+    assert ckpt.latest_checkpoint(run).name == "step_00000004"
+    kept = sorted(d.name for d in (run / "checkpoints").iterdir() if d.is_dir())
+    assert kept == ["step_00000002", "step_00000004"]  # nothing poisoned written, nothing clean rotated away
+    assert all(torch.isfinite(t).all() for t in ckpt.load_tensors(run / "checkpoints/step_00000004/net/model.safetensors").values())
+
+
+def test_nonfinite_steps_from_nonfinite_weights_stop_at_once_naming_the_tensor(tmp_path):
+    """A step skipped for a non-finite loss cannot repair NaN weights: the run stops at the first such step and names
+    the tensor, instead of advising a lower learning rate after max_nonfinite skipped steps."""
+    import pytest
+
+    from onestep import checkpoint as ckpt
+
+    loop, step_fn = _sgd_loop(tmp_path / "run", steps=20, ckpt_every=100, max_nonfinite=3, poison_at=1,
+                              report_nonfinite=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"after step 3: net: weight \(parameter, \d+ NaN"):
+        loop.run(step_fn)  # step 1 poisons the weight; step 2's loss is NaN
+    assert loop.nonfinite_total == 0 and ckpt.latest_checkpoint(tmp_path / "run") is None
+
+
+# ---- environment faults while writing a checkpoint ---------------------------------------------------------------
+def _fault(kind, run, monkeypatch):
+    """Make every later write of a checkpoint under ``run`` fail the way ``kind`` says."""
+    import errno
+
+    import safetensors
+
+    from onestep import checkpoint as ckpt
+
+    def raising(exc, real=None):
+        def fake(*a, **k):
+            if real is not None and not str(k.get("dir", a[0] if a else "")).startswith(str(run)):
+                return real(*a, **k)
+            raise exc
+        return fake
+
+    if kind == "full device":
+        monkeypatch.setattr(torch, "save", raising(OSError(errno.ENOSPC, "No space left on device")))
+    elif kind == "full device, torch's zip writer":
+        monkeypatch.setattr(torch, "save", raising(RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                                                "unexpected pos 576 vs 534")))
+    elif kind == "full device, safetensors":
+        monkeypatch.setattr(ckpt, "save_file", raising(safetensors.SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)")))
+    elif kind == "read-only file system":
+        monkeypatch.setattr(ckpt.tempfile, "mkstemp", raising(OSError(errno.EROFS, "Read-only file system"),
+                                                               ckpt.tempfile.mkstemp))
+    elif kind == "read-only directory":
+        (run / "checkpoints").chmod(0o555)
+        if os.access(run / "checkpoints", os.W_OK):  # root writes into a 0o555 directory: refuse as the OS would
+            monkeypatch.setattr(ckpt.tempfile, "mkstemp", raising(PermissionError(errno.EACCES, "Permission denied"),
+                                                                   ckpt.tempfile.mkstemp))
+
+
+_FAULTS = {"full device": "no space left on device while writing",
+           "full device, torch's zip writer": "no space left on device while writing",
+           "full device, safetensors": "no space left on device while writing",
+           "read-only file system": "cannot write",
+           "read-only directory": "permission denied"}
+
+
+@pytest.mark.parametrize("kind", list(_FAULTS))
+def test_a_failed_checkpoint_write_says_why_and_keeps_the_last_complete_checkpoint(tmp_path, monkeypatch, kind):
+    """A full device, a read-only file system or a forbidden directory while a checkpoint is written: one line naming
+    the file, no partial checkpoint left, ``latest`` still at the previous complete checkpoint, and the run resumes
+    from it, once the fault is gone, to exactly the weights of an uninterrupted run."""
+    from onestep import checkpoint as ckpt
+
+    ref, ref_step = _sgd_loop(tmp_path / "ref", steps=6, ckpt_every=2)
+    ref.run(ref_step)
+    run = tmp_path / "run"
+    loop, step_fn = _sgd_loop(run, steps=6, ckpt_every=2)
+    with pytest.raises(OSError) as e:
+        loop.run(step_fn, on_checkpoint=lambda step: _fault(kind, run, monkeypatch) if step == 2 else None)
+    (run / "checkpoints").chmod(0o755)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+    assert sorted(p.name for p in (run / "checkpoints" / "step_00000002").rglob("*")) == \
+        ["config.json", "model.safetensors", "net", "trainer_state.pt"]
+    assert "step_00000004" in e.value.filename
+    msg = ckpt.describe_os_error(e.value)  # what the CLI prints
+    assert msg.startswith(_FAULTS[kind]) and str(run / "checkpoints" / "step_00000004") in msg and "\n" not in msg
+    resumed, step_fn = _sgd_loop(run, steps=6, ckpt_every=2)
+    resumed.run(step_fn)
+    assert resumed.steps_run == 4  # from step 2
+    a, b = ref.modules["net"].state_dict(), resumed.modules["net"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- half-written states ---------------------------------------------------------------------------------------------
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_trainer_state_gives_way_to_the_previous_checkpoint(tmp_path, capsys):
+    """latest's trainer_state.pt cut short (e.g. a partial copy of the run): the run warns, names the file, resumes
+    from the previous kept checkpoint and ends with exactly the weights of an uninterrupted run."""
+    ref, ref_step = _sgd_loop(tmp_path / "ref", steps=6, ckpt_every=2)
+    ref.run(ref_step)
+    run = tmp_path / "run"
+    loop, step_fn = _sgd_loop(run, steps=6, ckpt_every=2)
+    loop.run(step_fn)
+    broken = run / "checkpoints" / "step_00000006" / "trainer_state.pt"
+    _truncate(broken)
+    capsys.readouterr()
+    resumed, step_fn = _sgd_loop(run, steps=6, ckpt_every=2)
+    resumed.run(step_fn)
+    err = capsys.readouterr().err
+    assert f"cannot read {broken}" in err and "resuming from the previous checkpoint" in err and "step_00000004" in err
+    assert resumed.steps_run == 2  # steps 4 and 5 again
+    a, b = ref.modules["net"].state_dict(), resumed.modules["net"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_truncated_trainer_state_without_an_earlier_checkpoint_is_a_one_line_error(tmp_path):
+    from onestep import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    loop, step_fn = _sgd_loop(run, steps=2, ckpt_every=2)
+    loop.run(step_fn)
+    broken = run / "checkpoints" / "step_00000002" / "trainer_state.pt"
+    _truncate(broken)
+    resumed, _ = _sgd_loop(run, steps=4, ckpt_every=2)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        resumed.resume()
+    assert f"cannot read {broken}" in str(e.value) and "\n" not in str(e.value)

@@ -286,6 +286,22 @@ def test_vqvae_restarts_dead_codes_at_residuals():
     assert (m.quantize.ema_vocab_hit_SV[:, :5].sum(0) > 0).all()  # restarted codes get a grace EMA
 
 
+def test_vqvae_codebook_updates_leave_out_nonfinite_latents():
+    """A corrupt (NaN) image in the first batch or at a restart: the codebook is written from the finite latents."""
+    from onestep.tokenizer.msvq import VQVAE, vqvae_config
+
+    torch.manual_seed(0)
+    m = VQVAE(vqvae_config("var-tiny", restart_below=0.5)).train()
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    x[1] = float("nan")
+    g = torch.Generator().manual_seed(0)
+    m(x, g)  # initialisation from the batch's latents
+    assert torch.isfinite(m.quantize.embedding.weight).all()
+    m.quantize.ema_vocab_hit_SV[:, :5] = 0.0  # five codes unused
+    _, _, losses = m(x, g)
+    assert losses["restarted"] >= 5 and torch.isfinite(m.quantize.embedding.weight).all()
+
+
 # ---- VAR-DD: the DD1 generator of the VAR family -----------------------------------------------------------------
 @pytest.mark.parametrize("preset,fixture", [("VAR-d16", "dd1-var-d16"), ("VAR-d20", "dd1-var-d20"),
                                             ("VAR-d24", "dd1-var-d24")])
@@ -478,7 +494,7 @@ def test_vqvae_ddp_ranks_keep_one_codebook(tmp_path):
            str(script), str(tmp_path)]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     assert a["restarted"] > 0  # the restart path ran
     for k in a["state"]:
         assert torch.equal(a["state"][k], b["state"][k]), k

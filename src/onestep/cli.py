@@ -176,18 +176,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded next to results
     _torch_threads(args)
-    from onestep.checkpoint import CheckpointError
+    from onestep.checkpoint import CheckpointError, describe_os_error
     from onestep.data import DataError
 
     try:
         args.func(args)
-    except (DataError, CheckpointError, ValueError) as e:  # bad input: one clear line (ONESTEP_DEBUG=1: traceback)
+    # bad input, a diverged run or an environment fault (full disk, read-only directory): one clear line
+    # (ONESTEP_DEBUG=1: the traceback)
+    except (DataError, CheckpointError, ValueError, FloatingPointError, OSError) as e:
         import os
 
         if os.environ.get("ONESTEP_DEBUG"):
             raise
         stage = getattr(args, f"{args.command}_command", None)  # onestep dd1 STAGE / dd2 STAGE
-        print(f"onestep {args.command}{' ' + stage if stage else ''}: error: {e}", file=sys.stderr)
+        msg = describe_os_error(e) if isinstance(e, OSError) else e
+        print(f"onestep {args.command}{' ' + stage if stage else ''}: error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)

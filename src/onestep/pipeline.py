@@ -132,7 +132,7 @@ class Pipeline:
     def _stage(self, name: str, done: Path | None, fn) -> Path:
         """Run ``fn`` unless ``done`` (a model dir or a file) exists (``None``: ``fn`` resumes by itself and is
         always called); its wall time goes to costs.json."""
-        if done is not None and ((done / "model.safetensors").exists() or done.is_file()):
+        if done is not None and (ckpt.is_model_dir(done) or done.is_file()):
             print(f"[{self.cfg.name}] {name}: reusing {done}", flush=True)
             return done
         print(f"[{self.cfg.name}] {name}: running", flush=True)
@@ -149,7 +149,7 @@ class Pipeline:
     # ---- tokenizer and teacher ----------------------------------------------------------------
     def asset(self, kind: str) -> Path | None:
         d = ASSETS / self.cfg.data / kind
-        return d if self.cfg.use_assets and (d / "final" / "model.safetensors").exists() else None
+        return d if self.cfg.use_assets and ckpt.is_model_dir(d / "final") else None
 
     def tokenizer(self) -> Path:
         shipped = self.asset("tokenizer")
@@ -224,7 +224,7 @@ class Pipeline:
         cfg, align_at = self.dd2_train_cfg(align)
         save_at, hook = (), None
         branch = self.root / RUN_DIRS["dd2_align"]
-        if not align and self.cfg.align and not (branch / "final" / "model.safetensors").exists() \
+        if not align and self.cfg.align and not ckpt.is_model_dir(branch / "final") \
                 and ckpt.latest_checkpoint(branch) is None:
             t0, save_at = time.time(), (align_at,)
 
@@ -256,7 +256,7 @@ class Pipeline:
         if self.cfg.dd1_steps:
             preset = replace(preset, steps=self.cfg.dd1_steps, warmup_steps=min(preset.warmup_steps, self.cfg.dd1_steps // 4))
         pairs, run = self.root / "dd1-pairs", self.root / RUN_DIRS["dd1"]
-        if not (run / "final" / "model.safetensors").exists():  # make_pairs resumes / returns at once when complete
+        if not ckpt.is_model_dir(run / "final"):  # make_pairs resumes / returns at once when complete
             self._stage("dd1_pairs", None,
                         lambda: make_pairs(pairs, teacher_dir, None, self.seed, self.cfg.sampling(), cfg=preset,
                                            info=self._info()))
@@ -617,7 +617,7 @@ def _pipeline_task(args: tuple, threads: int, task: str, rows: tuple = ()):
     elif task == "dd1":
         p.dd1(teacher)
     elif task == "eval":
-        runs = {k: p.root / d for k, d in RUN_DIRS.items() if (p.root / d / "final" / "model.safetensors").exists()}
+        runs = {k: p.root / d for k, d in RUN_DIRS.items() if ckpt.is_model_dir(p.root / d / "final")}
         samplers = {k: v for k, v in p.samplers(teacher, runs).items() if k in rows}
         missing = set(rows) - set(samplers)
         if missing:

@@ -16,16 +16,20 @@ from onestep import checkpoint as ckpt
 
 
 def final_dir(run_dir: str | Path) -> Path:
-    """``RUN/final`` (or RUN itself if it is a model directory); a clear error if the run never finished."""
+    """``RUN/final`` (or RUN itself if it is a model directory); a clear error if the run never finished, or if its
+    model directory is half-written (weights without a config: re-running the training command writes it again)."""
     run_dir = Path(run_dir)
-    if (run_dir / "model.safetensors").exists():
-        return run_dir
-    if (run_dir / "final" / "model.safetensors").exists():
-        return run_dir / "final"
+    for d in (run_dir, run_dir / "final"):
+        if ckpt.is_model_dir(d):
+            return d
+    for d in (run_dir, run_dir / "final"):
+        if (d / "model.safetensors").exists():
+            raise ckpt.CheckpointError(f"{d} is half-written (model.safetensors without config.json): re-run the "
+                                       f"command that trained it to write it again")
     if not run_dir.exists():
         raise ckpt.CheckpointError(f"run directory {run_dir} does not exist")
     hint = " (it has checkpoints: re-run the same command to resume it)" if (run_dir / "checkpoints").exists() else ""
-    raise ckpt.CheckpointError(f"{run_dir} holds no finished model (no final/model.safetensors){hint}")
+    raise ckpt.CheckpointError(f"{run_dir} holds no finished model (no final/model.safetensors and config.json){hint}")
 
 
 def load_tokenizer(run_dir: str | Path, device: str | torch.device = "cpu"):

@@ -10,7 +10,9 @@ that does one optimisation step. What the loop does:
 - checkpoints every ``ckpt_every`` steps and at the end (rank 0 only, atomic, see checkpoint.py);
 - resume from the latest checkpoint: weights, optimizers, step, RNG states;
 - a tqdm progress bar with ETA and ``log.jsonl`` (rank 0 only);
-- a NaN/inf guard: a step whose logs report ``nonfinite`` is counted, and too many in a row stop the run;
+- a NaN/inf guard: a step whose logs report ``nonfinite`` is counted, and too many in a row stop the run; a
+  non-finite weight or buffer stops it at once (checked at every such step and before every checkpoint), so no
+  checkpoint is ever written with one and ``latest`` keeps pointing at the last finite checkpoint;
 - ``wall_s``: the training wall time summed over every session of the run (a resumed or re-run finished run keeps
   it), logged as ``time_s``.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -182,14 +185,31 @@ class TrainLoop:
         return {"rng": ckpt.rng_state(), "generator": self.generator.get_state()}
 
     def save(self) -> None:
-        """Rank 0 writes the checkpoint; every rank's RNG streams go into it (a collective: all ranks call it)."""
-        rank_rng = all_gather_object(self._rank_rng(), self.info)
+        """Rank 0 writes the checkpoint; every rank's RNG streams go into it (a collective: all ranks call it). When
+        rank 0's modules hold a non-finite tensor, every rank raises :class:`~onestep.checkpoint.NonFiniteError`
+        and nothing is written."""
+        mods = {k: unwrap(m) for k, m in self.modules.items()}
+        bad = ckpt.nonfinite_tensors(mods) if self.info.is_main else []
+        gathered = all_gather_object({**self._rank_rng(), "nonfinite": bad}, self.info)
+        if gathered[0]["nonfinite"]:
+            raise self._nonfinite_error(gathered[0]["nonfinite"], self.step)
+        rank_rng = [{k: v for k, v in r.items() if k != "nonfinite"} for r in gathered]
         if self.info.is_main:
-            mods = {k: unwrap(m) for k, m in self.modules.items()}
             state = {"step": self.step, "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                      **rank_rng[0], "rank_rng": rank_rng, "nonfinite_total": self.nonfinite_total,
                      "wall_s": self.wall_s, "extra": self.extra_state}
             ckpt.save_training_checkpoint(self.run_dir, self.step, mods, self.configs, state)
+
+    def _nonfinite_error(self, bad: list[str], steps_done: int) -> ckpt.NonFiniteError:
+        try:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+        except ckpt.CheckpointError:
+            latest = None
+        kept = (f"{latest}, the last finite checkpoint, is kept (checkpoints/latest points at it)" if latest is not None
+                else "there is no earlier checkpoint")
+        return ckpt.NonFiniteError(f"[{self.desc}] the weights are non-finite after step {steps_done}: "
+                                   f"{ckpt.describe_nonfinite(bad)}; "
+                                   f"no checkpoint written; {kept}; lower the learning rate or check the data")
 
     def _restore_rng(self, state: dict, source) -> None:
         """This rank's RNG streams from the checkpoint. A checkpoint without them for this world size (written
@@ -211,11 +231,25 @@ class TrainLoop:
         self.generator.set_state(mine["generator"])
 
     def resume(self) -> bool:
-        """Load the latest checkpoint if there is one. Returns True when it resumed."""
+        """Load the latest checkpoint if there is one. Returns True when it resumed. A latest checkpoint with a
+        truncated or corrupt file gives way, with a warning, to the previous kept one; without one it is an error
+        naming the file."""
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             return False
-        state = ckpt.load_training_checkpoint(latest, {k: unwrap(m) for k, m in self.modules.items()})
+        mods = {k: unwrap(m) for k, m in self.modules.items()}
+        try:
+            state = ckpt.load_training_checkpoint(latest, mods)
+        except ckpt.CorruptCheckpointError as e:
+            previous = ckpt.previous_checkpoint(latest)
+            if previous is None:
+                raise ckpt.CorruptCheckpointError(f"{e}; the run has no earlier checkpoint to resume from (delete "
+                                                  f"{latest.parent} to start it again)") from None
+            if self.info.is_main:
+                print(f"[{self.desc}] warning: {e}; resuming from the previous checkpoint {previous}", file=sys.stderr,
+                      flush=True)
+            latest = previous
+            state = ckpt.load_training_checkpoint(latest, mods)
         for k, o in self.optimizers.items():
             check_optimizer_state(o, state["optimizers"][k], f"{latest} ({k})")
             o.load_state_dict(state["optimizers"][k])
@@ -229,8 +263,15 @@ class TrainLoop:
 
     def log(self, record: dict) -> None:
         if self.info.is_main:
-            with open(self.run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.run_dir / "log.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full device or a read-only run directory: say which file
+                err = ckpt.write_error(e, path)
+                if err is None:
+                    raise
+                raise err from e
 
     # ---- main loop -------------------------------------------------------------------------------
     def run(self, step_fn: Callable[[int], dict], on_checkpoint: Callable[[int], None] | None = None) -> dict:
@@ -243,6 +284,9 @@ class TrainLoop:
             logs = step_fn(self.step)
             self.wall_s = wall0 + time.time() - t0
             if logs.get("nonfinite"):
+                bad = ckpt.nonfinite_tensors({k: unwrap(m) for k, m in self.modules.items()})
+                if bad:  # a skipped step cannot repair the weights: stop now, with the tensor named
+                    raise self._nonfinite_error(bad, self.step + 1)
                 self.nonfinite_total += 1
                 self._nonfinite_run += 1
                 if self._nonfinite_run > self.cfg.max_nonfinite:

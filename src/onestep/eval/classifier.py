@@ -134,7 +134,7 @@ def classifier_dir(data: str, image_shape: tuple[int, int, int]) -> Path:
     from onestep.pipeline import ASSETS
 
     shipped = ASSETS / data / "classifier"
-    if (shipped / "model.safetensors").exists():
+    if ckpt.is_model_dir(shipped):
         return shipped
     C, H, W = image_shape
     return cache_dir() / f"classifier-{data}-{C}x{H}x{W}"
@@ -147,7 +147,7 @@ def load_or_train_classifier(data: str = "fashion-mnist", data_root: str | None 
 
     train = load_dataset(data, "train", root=data_root)
     d = Path(directory) if directory else classifier_dir(data, train.image_shape)
-    if (d / "model.safetensors").exists():
+    if ckpt.is_model_dir(d):
         meta = ckpt.read_json(d / "config.json")
         model = Classifier(ClassifierConfig(**meta["config"]))
         ckpt.load_model_weights(d, model)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onestep.teacher.var import OFFICIAL_PATCH_NUMS, OFFICIAL_PHI_INDEX, MultiScaleQuantizer, VARArgs
-from onestep.tokenizer.vq import Downsample, ResnetBlock, Upsample, _dist_world, _norm, make_level, run_level
+from onestep.tokenizer.vq import (Downsample, ResnetBlock, Upsample, _dist_world, _norm, all_ranks_agree, finite_rows,
+                                  make_level, run_level)
 
 
 def _broadcast(t: Tensor) -> None:
@@ -223,10 +224,11 @@ class VQVAE(nn.Module):
     def _quantize(self, f: Tensor, generator: torch.Generator | None, update: bool):
         cfg, q = self.config, self.quantize
         if update and not bool(q.ema_vocab_hit_SV.sum() > 0):  # first training step: codes from the batch's latents
-            z = f.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim)
-            pick = torch.randint(len(z), (cfg.codebook_size,), generator=generator).to(z.device)
-            q.embedding.weight.data.copy_(z[pick] + 1e-3 * torch.randn(z[pick].shape, generator=generator).to(z))
-            _broadcast(q.embedding.weight.data)  # under DDP every rank takes rank 0's codebook
+            z = finite_rows(f.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim))  # none with a NaN / inf
+            if all_ranks_agree(len(z) > 0, z.device):
+                pick = torch.randint(len(z), (cfg.codebook_size,), generator=generator).to(z.device)
+                q.embedding.weight.data.copy_(z[pick] + 1e-3 * torch.randn(z[pick].shape, generator=generator).to(z))
+                _broadcast(q.embedding.weight.data)  # under DDP every rank takes rank 0's codebook
         f_sg = f.detach()
         ids, f_hats, residuals = q.residual_quantize(f)
         loss = sum(cfg.beta * F.mse_loss(fh.detach(), f) + F.mse_loss(fh, f_sg) for fh in f_hats)
@@ -240,7 +242,7 @@ class VQVAE(nn.Module):
     def _restart_dead(self, ids: Tensor, residuals: Tensor, generator: torch.Generator | None) -> int:
         """Update the per-scale EMA of code hits (VAR's ``ema_vocab_hit_SV``, rate 0.99; the first step sets it), then
         restart the codes whose total EMA hits are below ``restart_below`` x the mean at random current residuals
-        (their EMA is reset to the mean, so a restarted code has time to be used)."""
+        without a NaN / inf (their EMA is reset to the mean, so a restarted code has time to be used)."""
         cfg, ema = self.config, self.quantize.ema_vocab_hit_SV
         first = not bool(ema.sum() > 0)
         hits = torch.stack([torch.bincount(ids[:, a:b].reshape(-1), minlength=cfg.codebook_size)
@@ -252,11 +254,13 @@ class VQVAE(nn.Module):
             return 0
         total = ema.sum(0)
         dead = (total < cfg.restart_below * total.mean()).nonzero().squeeze(1)
-        if len(dead):
-            pick = torch.randint(len(residuals), (len(dead),), generator=generator).to(residuals.device)
-            self.quantize.embedding.weight.data[dead] = residuals[pick].to(self.quantize.embedding.weight)
-            _broadcast(self.quantize.embedding.weight.data)
-            ema[:, dead] = ema.mean(1, keepdim=True)
+        residuals = finite_rows(residuals)  # a residual with a NaN / inf is never picked
+        if len(dead) == 0 or not all_ranks_agree(len(residuals) > 0, residuals.device):
+            return 0
+        pick = torch.randint(len(residuals), (len(dead),), generator=generator).to(residuals.device)
+        self.quantize.embedding.weight.data[dead] = residuals[pick].to(self.quantize.embedding.weight)
+        _broadcast(self.quantize.embedding.weight.data)
+        ema[:, dead] = ema.mean(1, keepdim=True)
         return len(dead)
 
     # ---- the tokenizer API ----

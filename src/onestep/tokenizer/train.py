@@ -175,7 +175,7 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
 
     loop.run(step_fn)
     final = Path(run_dir) / "final"
-    if info.is_main and loop.steps_run == 0 and (final / "model.safetensors").exists():
+    if info.is_main and loop.steps_run == 0 and ckpt.is_model_dir(final):
         print(f"[tokenizer] {final} is already finished", flush=True)  # nothing trained: keep it and its evaluation
     elif info.is_main:
         config["wall_time_s"] = round(loop.wall_s, 2)  # all sessions; a re-run finished run keeps it

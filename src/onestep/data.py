@@ -323,6 +323,14 @@ def _load_folder(split: str, root: str | None, image_size: int | None, channels:
     return ImageDataset(x, y, class_names, f"folder:{r.name}")
 
 
+def check_image_shape(ds: ImageDataset, shape: tuple[int, int, int], what: str) -> None:
+    """:class:`DataError` unless the images of ``ds`` are (C, H, W) = ``shape``, the images ``what`` works on."""
+    if tuple(ds.image_shape) != tuple(shape):
+        c, h, w = ds.image_shape
+        raise DataError(f"data set {ds.name} has {c}x{h}x{w} images (CxHxW) but {what} works on "
+                        f"{'x'.join(map(str, shape))}; pass its data set with --data (and --data-root)")
+
+
 # ---- public entry point --------------------------------------------------------------------------
 def load_dataset(name: str = "fashion-mnist", split: str = "train", root: str | None = None,
                  image_size: int | None = None, channels: int | None = None) -> ImageDataset:

@@ -92,6 +92,9 @@ class Evaluator:
     def evaluate(self, images_uint8: torch.Tensor, labels: torch.Tensor | None = None,
                  n_inception: int | None = None) -> dict:
         """Metrics of generated uint8 images. ``n_inception`` = 0 skips the Inception FID."""
+        if tuple(images_uint8.shape[1:]) != tuple(self.train.image_shape):
+            raise ValueError(f"images of shape {tuple(images_uint8.shape[1:])} (CxHxW) cannot be scored against "
+                             f"{self.data}, whose images are {tuple(self.train.image_shape)}")
         out: dict = {"n": len(images_uint8)}
         feats, logits = self.classifier.embed(images_uint8)
         ref = self.reference("classifier")

@@ -108,7 +108,7 @@ def _tiny_classifier(monkeypatch, tmp_path):
 
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
     real = classifier.train_classifier
-    monkeypatch.setattr(classifier, "classifier_dir", lambda data, shape: tmp_path / "cache" / "clf")
+    monkeypatch.setattr(classifier, "classifier_dir", lambda *a, **k: tmp_path / "cache" / "clf")
     monkeypatch.setattr(classifier, "train_classifier",
                         lambda tr_x, tr_y, te_x, te_y, cfg, **k: real(tr_x, tr_y, te_x[:200], te_y[:200], cfg,
                                                                        **{**k, "max_steps": 2, "progress": False}))

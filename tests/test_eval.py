@@ -154,3 +154,34 @@ def test_cached_rows_are_reused_only_under_the_same_protocol():
     for change in ({"n": 4000}, {"seed": 1}, {"noise": None}, {"n_inception": 5000}):
         assert not p.meets_protocol({**row, **change}, headline=True), change
     assert not p.meets_protocol({k: v for k, v in row.items() if k != "fid_classifier_10000"}, headline=True)
+
+
+def test_folder_caches_are_keyed_by_the_folders_files(tmp_path, monkeypatch):
+    """Two image folders of the same name and image shape (6 and 3 classes) get a classifier and reference statistics
+    each; changing a folder's files changes its key."""
+    from PIL import Image
+
+    from onestep.eval.evaluate import Evaluator
+
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    roots = {}
+    for name, classes in (("a", 6), ("b", 3)):
+        root = roots[name] = tmp_path / name / "images"
+        for k in range(classes):
+            (root / f"c{k}").mkdir(parents=True)
+            for i in range(20):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / f"c{k}" / f"{i}.png")
+    ev_a = Evaluator("folder", str(roots["a"]), progress=False, n_ref_pr=50)
+    ev_b = Evaluator("folder", str(roots["b"]), progress=False, n_ref_pr=50)
+    assert ev_a.classifier.cfg.num_classes == 6 and ev_b.classifier.cfg.num_classes == 3
+    assert ev_b.classifier_meta["steps"] > 0  # a folder smaller than one batch of the classifier still trains it
+    assert ev_a.cache != ev_b.cache and ev_a.cache.parent == ev_b.cache.parent
+    from onestep.data import data_fingerprint
+
+    assert {p.name for p in (tmp_path / "cache").glob("classifier-*")} == {
+        f"classifier-folder-1x8x8-{data_fingerprint('folder', str(r))}" for r in roots.values()}
+    assert ev_a.data_floor(n_inception=0)["n"] == 12 and ev_b.data_floor(n_inception=0)["n"] == 6
+    before = data_fingerprint("folder", str(roots["b"]))
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(roots["b"] / "c0" / "extra.png")
+    assert data_fingerprint("folder", str(roots["b"])) != before

@@ -323,6 +323,25 @@ def _load_folder(split: str, root: str | None, image_size: int | None, channels:
     return ImageDataset(x, y, class_names, f"folder:{r.name}")
 
 
+def data_fingerprint(name: str, root: str | None) -> str | None:
+    """A short hash of what an image folder holds (its file list with sizes and modification times), for keying
+    caches of what was computed from it; ``None`` for the fixed data sets (Fashion-MNIST, MNIST)."""
+    if name != "folder":
+        return None
+    if root is None:
+        raise DataError("--data folder needs --data-root ROOT (a folder with one sub-folder of images per class)")
+    listing = _folder_listing(Path(root).resolve())
+    return hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
+
+
+def check_image_shape(ds: ImageDataset, shape: tuple[int, int, int], what: str) -> None:
+    """:class:`DataError` unless the images of ``ds`` are (C, H, W) = ``shape``, the images ``what`` works on."""
+    if tuple(ds.image_shape) != tuple(shape):
+        c, h, w = ds.image_shape
+        raise DataError(f"data set {ds.name} has {c}x{h}x{w} images (CxHxW) but {what} works on "
+                        f"{'x'.join(map(str, shape))}; pass its data set with --data (and --data-root)")
+
+
 # ---- public entry point --------------------------------------------------------------------------
 def load_dataset(name: str = "fashion-mnist", split: str = "train", root: str | None = None,
                  image_size: int | None = None, channels: int | None = None) -> ImageDataset:

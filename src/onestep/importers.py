@@ -233,6 +233,8 @@ def cmd_import_var(args) -> None:
 
 
 def register(sub) -> None:
+    from onestep.argtypes import conti_from, positive_int
+
     p = sub.add_parser("import-llamagen", help="import published LlamaGen GPT + VQ-16 weights as tokenizer and "
                                                "teacher runs",
                        description="Convert c2i_*.pt and vq_ds16_c2i.pt (on disk; weights under 'model' or bare) into "
@@ -241,11 +243,11 @@ def register(sub) -> None:
     p.add_argument("--gpt", required=True, help="LlamaGen c2i GPT weights (.pt, .pth or .safetensors)")
     p.add_argument("--vq", required=True, help="LlamaGen VQ-16 tokenizer weights")
     p.add_argument("--out", required=True, help="output directory (gets tokenizer/ and teacher/)")
-    p.add_argument("--image-size", type=int, default=256,
+    p.add_argument("--image-size", type=positive_int, default=256,
                    help="256 (16x16 tokens) or 384 (24x24, the XL/XXL files); default 256")
     p.add_argument("--gpt-preset", default=None, help="GPT preset (default: the official size of the file)")
     p.add_argument("--vq-preset", default="vq-16", help="tokenizer preset (default: vq-16, the published one)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the class table's rows - 1")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="default: the class table's rows - 1")
     p.set_defaults(func=cmd_import_llamagen)
     p = sub.add_parser("import-dd1", help="import a released DD1 generator (LlamaGen-DD or VAR-DD) for a teacher run",
                        description="Convert a released DD1 file (LlamaGen-DD llamagen-B/L.pt, VAR-DD var-dNN.pth) into "
@@ -254,7 +256,7 @@ def register(sub) -> None:
     p.add_argument("--dd1", required=True, help="the released DD1 generator file")
     p.add_argument("--teacher", required=True, help="the teacher run it distils")
     p.add_argument("--out", required=True, help="output DD1 run directory")
-    p.add_argument("--conti-from", type=int, default=None, metavar="S",
+    p.add_argument("--conti-from", type=conti_from, default=None, metavar="S",
                    help="the release's output rule recorded in the run: argmax codes before position S, the continuous "
                         "head's tokens from S on (default: 80 for LlamaGen-DD, the release's --split_t; none for "
                         "VAR-DD; -1 = argmax codes everywhere)")
@@ -271,5 +273,5 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (gets tokenizer/ and teacher/)")
     p.add_argument("--var-preset", default=None, help="VAR preset (default: VAR-d{depth of the file})")
     p.add_argument("--vae-preset", default="vae-ch160", help="tokenizer preset (default: vae-ch160, the published one)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the class embedding's rows - 1")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="default: the class embedding's rows - 1")
     p.set_defaults(func=cmd_import_var)

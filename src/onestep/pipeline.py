@@ -708,6 +708,8 @@ def cmd_pipeline(args) -> None:
 
 
 def register(sub) -> None:
+    from onestep.argtypes import device, positive_int
+
     for name, help_ in (("demo", "the quick pipeline on the default data (README's main command, <= 20 min)"),
                         ("bench", "the full pipeline: the papers' tables at small scale (<= 90 min)")):
         p = sub.add_parser(name, help=help_, description=__doc__.split("\n\n")[0] + ". " + help_)
@@ -716,9 +718,9 @@ def register(sub) -> None:
         p.add_argument("--data", default=None, choices=["fashion-mnist", "mnist", "folder"])
         p.add_argument("--data-root", default=None)
         p.add_argument("--no-assets", action="store_true", help="train the tokenizer and teacher instead of using shipped ones")
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", type=device, default="cpu")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--workers", type=int, default=None,
+        p.add_argument("--workers", type=positive_int, default=None,
                        help="processes for the DD1 / DD2 branches and the evaluations (default: 2 on a multi-core CPU, "
                             "else 1 = sequential)")
         p.set_defaults(func=cmd_pipeline)

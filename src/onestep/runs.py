@@ -91,3 +91,39 @@ def resolve_ref(path: str, model_dir: Path) -> Path:
         if cand.exists():
             return cand
     raise ckpt.CheckpointError(f"referenced run {path} not found (looked next to {run_dir})")
+
+
+def recorded_data(run_dir: str | Path) -> tuple[str | None, str | None]:
+    """(data set, data root) a run was trained on: recorded in its model's config.json or, when it records none, in
+    the runs it was made from (``teacher_dir``, ``tune_dir``, ``tokenizer_dir``, followed upstream). ``(None, None)``
+    when no run on the way records a data set (imported weights)."""
+    d = final_dir(run_dir)
+    name, seen = None, set()
+    while d.resolve() not in seen:
+        seen.add(d.resolve())
+        config = ckpt.read_json(d / "config.json")
+        if config.get("data") is not None:
+            if "data_root" in config:
+                return config["data"], config["data_root"]
+            name = name or config["data"]  # a run that records the name only: its root is upstream
+        ref = next((config[k] for k in ("teacher_dir", "tune_dir", "tokenizer_dir") if config.get(k)), None)
+        if ref is None:
+            break
+        d = final_dir(resolve_ref(ref, d))
+    return name, None
+
+
+def stage_data(data: str | None, data_root: str | None, recorded: tuple[str | None, str | None],
+               fallback: str | None = "fashion-mnist") -> tuple[str | None, str | None]:
+    """The (data set, data root) a stage uses: the given ones, by default the ``recorded`` upstream ones (see
+    :func:`recorded_data`), else ``fallback``. A recorded root goes with its own data set only."""
+    rec_data, rec_root = recorded
+    name = data or rec_data or fallback
+    root = data_root if data_root is not None else (rec_root if name == rec_data else None)
+    return name, root
+
+
+def tokenizer_image_shape(tokenizer) -> tuple[int, int, int]:
+    """(C, H, W) of the images a tokenizer (VQModel or multi-scale VQVAE) encodes and decodes."""
+    c = tokenizer.config
+    return int(c.in_channels), int(c.image_size), int(c.image_size)

@@ -66,7 +66,9 @@ def cmd_train(args) -> None:
 
 
 def register(sub) -> None:
-    from onestep.cli import add_common, add_sampling
+    from onestep.argtypes import positive_float, positive_int
+    from onestep.cli import add_common, add_preset, add_sampling
+    from onestep.dd1.stages import DD1_PRESETS
 
     p = sub.add_parser("dd1", help="DD1 baseline: flow-map pairs, then the one-step generator",
                        description="Distilled Decoding 1 (the baseline): map noise to tokens with the teacher's "
@@ -81,11 +83,12 @@ def register(sub) -> None:
                                  "extends the set.")
     a.add_argument("--teacher", required=True, help="teacher run directory")
     a.add_argument("--out", required=True, help="output directory of the pairs")
-    a.add_argument("-n", "--n", type=int, default=None, help="number of pairs (default: the preset's)")
-    a.add_argument("--preset", default="small", help="tiny, small (default: small)")
-    a.add_argument("--shard-size", type=int, default=None, help="pairs per shard file (default: the preset's)")
-    a.add_argument("--ode-steps", type=int, default=None, help="AB2 steps of the flow-map ODE (default: the preset's)")
-    a.add_argument("--map-batch", type=int, default=None, help="sequences mapped at once")
+    a.add_argument("-n", "--n", type=positive_int, default=None, help="number of pairs (default: the preset's)")
+    add_preset(a, DD1_PRESETS, "small", "DD1")
+    a.add_argument("--shard-size", type=positive_int, default=None, help="pairs per shard file (default: the preset's)")
+    a.add_argument("--ode-steps", type=positive_int, default=None,
+                   help="AB2 steps of the flow-map ODE (default: the preset's)")
+    a.add_argument("--map-batch", type=positive_int, default=None, help="sequences mapped at once")
     add_sampling(a)
     add_common(a)
     a.set_defaults(func=cmd_pairs)
@@ -98,10 +101,10 @@ def register(sub) -> None:
     t.add_argument("--pairs", required=True, help="pairs directory (onestep dd1 pairs --out)")
     t.add_argument("--teacher", required=True, help="the teacher run the pairs were made with")
     t.add_argument("--run-dir", default="runs/dd1")
-    t.add_argument("--preset", default="small", help="tiny, small (default: small)")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
+    add_preset(t, DD1_PRESETS, "small", "DD1")
+    t.add_argument("--steps", type=positive_int, default=None)
+    t.add_argument("--batch-size", type=positive_int, default=None)
+    t.add_argument("--lr", type=positive_float, default=None)
     add_sampling(t)
     t.set_defaults(**{k: None for k in _SAMPLING_KEYS})  # default: the pairs' rule (must match it)
     for act in t._actions:

@@ -80,9 +80,11 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     """Stage 0 end to end; writes ``final/`` (kind "teacher", input_embedding "mlp") and ``metrics.json``.
 
     The fine-tuning data: ``data`` / ``data_root``, by default the teacher run's own (an imported teacher records
-    none: then they must be given, e.g. ``data="folder"`` with class sub-folders, resized to the tokenizer's size)."""
-    from onestep.data import load_dataset
-    from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
+    none: then they must be given, e.g. ``data="folder"`` with class sub-folders, resized to the tokenizer's size).
+    Images of another channel count or size than the tokenizer's are refused before anything is written."""
+    from onestep.data import check_image_shape, load_dataset
+    from onestep.runs import (final_dir, load_teacher, recorded_data, ref_to, resolve_ref, stage_data,
+                              tokenizer_image_shape)
     from onestep.teacher.train import cached_tokens, heldout_nll, subset
 
     info = info or DistInfo()
@@ -90,12 +92,17 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     if tconf.get("family", "llamagen") != "llamagen":
         raise ValueError(f"{teacher_dir} is a {tconf['family']!r} teacher: it reads code vectors natively and needs no "
                          "stage 0; run `onestep dd2 tune --teacher` on it directly")
-    data = data or tconf.get("data")
-    data_root = data_root if data_root is not None else (tconf.get("data_root") if data == tconf.get("data") else None)
+    data, data_root = stage_data(data, data_root, recorded_data(teacher_dir), fallback=None)
     if data is None:
         raise ValueError(f"{teacher_dir} records no data set (an imported teacher): stage 0 fine-tunes the teacher "
                          "with its AR loss on images, so pass --data (fashion-mnist, mnist, or folder with "
                          "--data-root DIR of class sub-folders)")
+    shape = tokenizer_image_shape(tokenizer)
+    size = shape[1] if data == "folder" else None
+    train = load_dataset(data, "train", root=data_root, image_size=size)
+    check_image_shape(train, shape, f"the teacher {teacher_dir}'s tokenizer")
+    train = subset(train, cfg.max_items)
+    test = subset(load_dataset(data, "test", root=data_root, image_size=size), cfg.max_items)
     config = {"kind": "teacher", "family": "llamagen", "stage": "dd2-adapt", "adapt": cfg,
               "teacher_dir": ref_to(teacher_dir, run_dir), "data": data, "data_root": data_root}
     t_start = time.time()
@@ -104,9 +111,6 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     # the adapted teacher refers to the same tokenizer as the original one
     config["tokenizer_dir"] = ref_to(resolve_ref(tconf["tokenizer_dir"], final_dir(teacher_dir)), run_dir)
     run_dir = prepare_run_dir(run_dir, config, info)
-    size = tokenizer.config.image_size if data == "folder" else None
-    train = subset(load_dataset(data, "train", root=data_root, image_size=size), cfg.max_items)
-    test = subset(load_dataset(data, "test", root=data_root, image_size=size), cfg.max_items)
     ids = cached_tokens(run_dir, tokenizer, train, "train", info.device)
     ids_test = cached_tokens(run_dir, tokenizer, test, "test", info.device)
     metrics_path = Path(run_dir) / "metrics.json"

@@ -58,7 +58,11 @@ def cmd_train(args) -> None:
 
 
 def register(sub) -> None:
-    from onestep.cli import add_sampling
+    from onestep.argtypes import device, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
+    from onestep.cli import add_preset, add_sampling
+    from onestep.dd2.adapt import ADAPT_PRESETS
+    from onestep.dd2.train import TRAIN_PRESETS
+    from onestep.dd2.tune import TUNE_PRESETS
 
     p = sub.add_parser("dd2", help="DD2: adapt (stage 0), tune (stage 1), train (stage 2, CSD)",
                        description="Distilled Decoding 2: conditional score distillation of an AR teacher into a "
@@ -70,15 +74,15 @@ def register(sub) -> None:
                                  "the teacher with its AR loss; reports held-out NLL before and after.")
     a.add_argument("--teacher", required=True, help="teacher run directory")
     a.add_argument("--run-dir", default="runs/dd2-adapt")
-    a.add_argument("--preset", default="small", help="tiny, small")
-    a.add_argument("--steps", type=int, default=None, help="fine-tuning steps")
-    a.add_argument("--fit-steps", type=int, default=None, help="MLP regression steps")
-    a.add_argument("--batch-size", type=int, default=None)
-    a.add_argument("--lr", type=float, default=None)
-    a.add_argument("--data", default=None, help="fine-tuning data (default: the teacher run's; needed for an imported "
-                                                "teacher): fashion-mnist, mnist or folder")
+    add_preset(a, ADAPT_PRESETS, "small", "stage-0")
+    a.add_argument("--steps", type=positive_int, default=None, help="fine-tuning steps")
+    a.add_argument("--fit-steps", type=positive_int, default=None, help="MLP regression steps")
+    a.add_argument("--batch-size", type=positive_int, default=None)
+    a.add_argument("--lr", type=positive_float, default=None)
+    a.add_argument("--data", default=None, choices=["fashion-mnist", "mnist", "folder"],
+                   help="fine-tuning data (default: the teacher run's; needed for an imported teacher)")
     a.add_argument("--data-root", default=None, help="data directory (folder: one sub-folder per class)")
-    a.add_argument("--device", default="cpu")
+    a.add_argument("--device", type=device, default="cpu")
     a.add_argument("--seed", type=int, default=None)
     a.set_defaults(func=cmd_adapt)
 
@@ -88,16 +92,16 @@ def register(sub) -> None:
                                  "ordinary diffusion loss, --loss dsm, the paper's ablation).")
     t.add_argument("--teacher", required=True, help="continuous-input teacher run (onestep dd2 adapt)")
     t.add_argument("--run-dir", default="runs/dd2-tune")
-    t.add_argument("--preset", default="small", help="tiny, small")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--head-only-steps", type=int, default=None, help="first steps train the head only (0 = off)")
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None, help="backbone learning rate")
-    t.add_argument("--head-lr", type=float, default=None)
+    add_preset(t, TUNE_PRESETS, "small", "stage-1")
+    t.add_argument("--steps", type=positive_int, default=None)
+    t.add_argument("--head-only-steps", type=nonneg_int, default=None, help="first steps train the head only (0 = off)")
+    t.add_argument("--batch-size", type=positive_int, default=None)
+    t.add_argument("--lr", type=positive_float, default=None, help="backbone learning rate")
+    t.add_argument("--head-lr", type=positive_float, default=None)
     t.add_argument("--loss", choices=["gts", "dsm"], default=None, help="gts (default) or dsm (ablation)")
-    t.add_argument("--n-pool", type=int, default=None, help="number of teacher-sampled training sequences")
+    t.add_argument("--n-pool", type=positive_int, default=None, help="number of teacher-sampled training sequences")
     add_sampling(t)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", type=device, default="cpu")
     t.add_argument("--seed", type=int, default=None)
     t.set_defaults(func=cmd_tune)
 
@@ -107,23 +111,24 @@ def register(sub) -> None:
                                  "performance alignment (--align-at, --align-steps).")
     r.add_argument("--tune", required=True, help="stage-1 run (onestep dd2 tune)")
     r.add_argument("--run-dir", default="runs/dd2")
-    r.add_argument("--preset", default="small", help="tiny, small")
-    r.add_argument("--steps", type=int, default=None, help="generator updates")
-    r.add_argument("--batch-size", type=int, default=None)
-    r.add_argument("--lr", type=float, default=None, help="generator learning rate (after warm-up)")
-    r.add_argument("--guidance-lr", type=float, default=None)
+    add_preset(r, TRAIN_PRESETS, "small", "stage-2")
+    r.add_argument("--steps", type=positive_int, default=None, help="generator updates")
+    r.add_argument("--batch-size", type=positive_int, default=None)
+    r.add_argument("--lr", type=positive_float, default=None, help="generator learning rate (after warm-up)")
+    r.add_argument("--guidance-lr", type=positive_float, default=None)
     r.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                    help="after the warm-up: constant LRs, or both LRs on a cosine to --final-lr-ratio x their LR at the "
                         "last step (default: the preset's, constant)")
-    r.add_argument("--final-lr-ratio", type=float, default=None, help="the cosine's end, as a fraction of the LR")
-    r.add_argument("--guidance-steps", type=int, default=None, help="K guidance updates per generator update")
-    r.add_argument("--guidance-batch-size", type=int, default=None,
+    r.add_argument("--final-lr-ratio", type=nonneg_float, default=None,
+                   help="the cosine's end, as a fraction of the LR")
+    r.add_argument("--guidance-steps", type=positive_int, default=None, help="K guidance updates per generator update")
+    r.add_argument("--guidance-batch-size", type=positive_int, default=None,
                    help="generated sequences per guidance update (default: the preset's, i.e. --batch-size)")
-    r.add_argument("--m-noise", type=int, default=None, help="noise draws per sequence in the guidance loss")
-    r.add_argument("--generator-head-gain", type=float, default=None,
+    r.add_argument("--m-noise", type=positive_int, default=None, help="noise draws per sequence in the guidance loss")
+    r.add_argument("--generator-head-gain", type=positive_float, default=None,
                    help="re-parameterise the generator's head to this input gain at the start (function-preserving; "
                         "faster learning of sharp noise partitions; default: keep stage 1's gain)")
-    r.add_argument("--generator-t", type=float, default=None,
+    r.add_argument("--generator-t", type=unit_interval, default=None,
                    help="time s in (0, 1] at which the generator's head reads the noise: x = s eps - s v(s eps, s); "
                         "1 = the paper's x = eps - v(eps, 1) (default); s < 1 starts CSD from a noise-dependent "
                         "generator instead of the per-position mean")
@@ -132,8 +137,9 @@ def register(sub) -> None:
                         "codes (psi then learns the generator's conditional given the quantised prefix); default: the "
                         "preset's (on in small, off in tiny); --no-condition-on-codes gives the paper's continuous "
                         "conditions")
-    r.add_argument("--align-at", type=int, default=None, help="performance alignment at this generator step (0 = off)")
-    r.add_argument("--align-steps", type=int, default=None, help="guidance-only steps of the alignment")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--align-at", type=nonneg_int, default=None,
+                   help="performance alignment at this generator step (0 = off)")
+    r.add_argument("--align-steps", type=nonneg_int, default=None, help="guidance-only steps of the alignment")
+    r.add_argument("--device", type=device, default="cpu")
     r.add_argument("--seed", type=int, default=None)
     r.set_defaults(func=cmd_train)

@@ -3,8 +3,8 @@
 Its 128-d penultimate features give a fast FID (``fid_classifier``) and precision/recall, its logits
 give the Inception score (``inception_score``, computed on these logits, since the Inception FID
 network has no classification head) and the class accuracy of conditional samples. It is trained
-once per data set and cached (safetensors + JSON with its test accuracy) in ``$ONESTEP_CACHE`` (default
-``~/.cache/onestep``), or shipped in ``assets/<data>/classifier``.
+once per data set (an image folder: per fingerprint of its files) and cached (safetensors + JSON with its test
+accuracy) in ``$ONESTEP_CACHE`` (default ``~/.cache/onestep``), or shipped in ``assets/<data>/classifier``.
 """
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def train_classifier(train_images, train_labels, test_images, test_labels, cfg: 
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     model = Classifier(cfg)
-    steps_per_epoch = len(train_images) // cfg.batch_size
+    batch = min(cfg.batch_size, len(train_images))  # a data set smaller than a batch trains on all of it per step
+    steps_per_epoch = len(train_images) // batch
     total = cfg.epochs * steps_per_epoch if max_steps is None else max_steps
     opt = make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 2), pct_start=0.15)
@@ -114,7 +115,7 @@ def train_classifier(train_images, train_labels, test_images, test_labels, cfg: 
         for j in range(steps_per_epoch):
             if step >= total:
                 break
-            idx = perm[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+            idx = perm[j * batch:(j + 1) * batch]
             x = _augment(to_float(train_images[idx]), g)
             loss = F.cross_entropy(model(x), train_labels[idx])
             opt.zero_grad(set_to_none=True)
@@ -129,15 +130,25 @@ def train_classifier(train_images, train_labels, test_images, test_labels, cfg: 
     return model.eval(), {"test_accuracy": acc, "train_time_s": round(time.time() - t0, 2), "steps": total}
 
 
-def classifier_dir(data: str, image_shape: tuple[int, int, int]) -> Path:
-    """Where the classifier for a data set lives: a shipped asset if present, else the cache."""
+def data_key(data: str, image_shape: tuple[int, int, int], data_root: str | None = None) -> str:
+    """The cache key of what is computed from a data set: its name and image shape, and for an image folder a
+    fingerprint of its files (:func:`onestep.data.data_fingerprint`), so two folders never share a cache entry."""
+    from onestep.data import data_fingerprint
+
+    C, H, W = image_shape
+    fp = data_fingerprint(data, data_root)
+    return f"{data}-{C}x{H}x{W}" + (f"-{fp}" if fp else "")
+
+
+def classifier_dir(data: str, image_shape: tuple[int, int, int], data_root: str | None = None) -> Path:
+    """Where the classifier for a data set lives: a shipped asset if present (the fixed data sets), else the cache,
+    keyed by :func:`data_key`."""
     from onestep.pipeline import ASSETS
 
     shipped = ASSETS / data / "classifier"
-    if ckpt.is_model_dir(shipped):
+    if data != "folder" and ckpt.is_model_dir(shipped):
         return shipped
-    C, H, W = image_shape
-    return cache_dir() / f"classifier-{data}-{C}x{H}x{W}"
+    return cache_dir() / f"classifier-{data_key(data, image_shape, data_root)}"
 
 
 def load_or_train_classifier(data: str = "fashion-mnist", data_root: str | None = None, device="cpu",
@@ -146,7 +157,7 @@ def load_or_train_classifier(data: str = "fashion-mnist", data_root: str | None 
     from onestep.data import load_dataset
 
     train = load_dataset(data, "train", root=data_root)
-    d = Path(directory) if directory else classifier_dir(data, train.image_shape)
+    d = Path(directory) if directory else classifier_dir(data, train.image_shape, data_root)
     if ckpt.is_model_dir(d):
         meta = ckpt.read_json(d / "config.json")
         model = Classifier(ClassifierConfig(**meta["config"]))
@@ -157,7 +168,7 @@ def load_or_train_classifier(data: str = "fashion-mnist", data_root: str | None 
     cfg = cfg or ClassifierConfig(in_channels=C, image_size=H, num_classes=train.num_classes)
     print(f"training the {data} feature classifier (cached in {d}) ...", flush=True)
     model, stats = train_classifier(train.images, train.labels, test.images, test.labels, cfg)
-    meta = {"kind": "classifier", "config": cfg.to_dict(), "data": data, **stats}
+    meta = {"kind": "classifier", "config": cfg.to_dict(), "data": data, "class_names": train.class_names, **stats}
     ckpt.save_model(d, model, meta)
     print(f"classifier test accuracy {stats['test_accuracy']:.4f} ({stats['train_time_s']} s)", flush=True)
     return model.to(device).eval(), meta

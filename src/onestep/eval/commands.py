@@ -37,23 +37,37 @@ def load_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def cmd_eval(args) -> None:
+    """Score ``--images`` or samples of ``--run``; the reference data set is ``--data`` / ``--data-root``, by default
+    the one the run was trained on (Fashion-MNIST for ``--images``). Images whose shape is not the data set's are
+    refused before the classifier and the reference statistics are made."""
+    from onestep.data import check_image_shape, load_dataset
     from onestep.eval.evaluate import Evaluator
+    from onestep.runs import recorded_data, stage_data, tokenizer_image_shape
 
-    ev = Evaluator(args.data, args.data_root, args.device, n_ref_inception=args.n_ref_inception,
-                   n_ref_classifier=args.n_ref_classifier)
     if args.images:
         images, labels = load_images(args.images)
         images, labels = images[: args.n], (labels[: args.n] if labels is not None else None)
         source = {"images": str(args.images)}
+        data, data_root = stage_data(args.data, args.data_root, (None, None))
+        shape, what = tuple(images.shape[1:]), f"the images of {args.images}"
     else:
-        from onestep.samplers import build_sampler, class_labels, generate
+        from onestep.samplers import build_sampler
 
         sampler = build_sampler(args.method, args.run, device=args.device, args=args)
+        data, data_root = stage_data(args.data, args.data_root, recorded_data(args.run))
+        shape, what = tokenizer_image_shape(sampler.tokenizer), f"the run {args.run}"
+    check_image_shape(load_dataset(data, "train", root=data_root), shape, what)
+    ev = Evaluator(data, data_root, args.device, n_ref_inception=args.n_ref_inception,
+                   n_ref_classifier=args.n_ref_classifier)
+    if not args.images:
+        from onestep.samplers import class_labels, generate
+
         out = generate(sampler, class_labels(args.n, sampler.info["num_classes"], args.device), args.seed,
                        batch_size=args.batch_size, keep_tokens=False)
         images, labels = out["images"], out["labels"]
         source = {"run": str(args.run), "method": sampler.name, "steps": sampler.steps, "params": sampler.params}
     res = ev.evaluate(images, labels, n_inception=args.n_inception)
+    res.update({"data": data, "data_root": data_root})
     res.update(source)
     # the floor on as many test images as were scored (FID's bias depends on the sample size)
     res["data_floor"] = ev.data_floor(n_inception=res.get("n_inception", 0), n_test=len(images))
@@ -74,6 +88,7 @@ def cmd_report(args) -> None:
 
 
 def register(sub) -> None:
+    from onestep.argtypes import nonneg_int, positive_int
     from onestep.cli import add_common, add_data, add_method, add_sampling
 
     p = sub.add_parser("eval", help="FID (classifier and Inception features), IS, precision/recall, class accuracy",
@@ -84,14 +99,15 @@ def register(sub) -> None:
     src.add_argument("--images", help="an .npz or a folder of PNGs")
     src.add_argument("--run", help="a run directory to sample from (see --method)")
     add_method(p)
-    p.add_argument("-n", "--n", type=int, default=10000, help="number of samples")
-    p.add_argument("--n-inception", type=int, default=2000, help="samples for the Inception FID (0 = skip)")
-    p.add_argument("--n-ref-inception", type=int, default=5000, help="train images for the Inception reference")
-    p.add_argument("--n-ref-classifier", type=int, default=None,
+    p.add_argument("-n", "--n", type=positive_int, default=10000, help="number of samples")
+    p.add_argument("--n-inception", type=nonneg_int, default=2000, help="samples for the Inception FID (0 = skip)")
+    p.add_argument("--n-ref-inception", type=positive_int, default=5000,
+                   help="train images for the Inception reference")
+    p.add_argument("--n-ref-classifier", type=positive_int, default=None,
                    help="train images in the classifier reference (default: all)")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--out", default=None, help="write the metrics as JSON")
-    add_data(p)
+    add_data(p, recorded="with --run, the data set and data root the run records; with --images, fashion-mnist")
     add_sampling(p)
     add_common(p)
     p.set_defaults(func=cmd_eval)

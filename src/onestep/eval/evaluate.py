@@ -4,8 +4,8 @@ Protocol (the same for every method in a comparison):
 - reference = the TRAIN split (all of it for the classifier FID unless ``n_ref_classifier`` is set, the
   first ``n_ref_inception`` images in a fixed seeded order for the Inception FID; precision/recall use ``n_ref_pr`` reference images and
   as many generated images, k = 3);
-- reference statistics are cached per data set and feature network as ``.npz`` (``mu``, ``sigma``,
-  plus the precision/recall feature subset) under the cache directory;
+- reference statistics are cached per data set (an image folder: per fingerprint of its files) and feature
+  network as ``.npz`` (``mu``, ``sigma``, plus the precision/recall feature subset) under the cache directory;
 - the data floor is the same metric between the TEST split and the reference, reported beside tables.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from onestep.eval import metrics
-from onestep.eval.classifier import cache_dir, load_or_train_classifier
+from onestep.eval.classifier import cache_dir, data_key, load_or_train_classifier
 
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra) -> Path:
@@ -47,8 +47,7 @@ class Evaluator:
         self.n_ref_inception, self.n_ref_pr, self.seed = n_ref_inception, n_ref_pr, seed
         self.n_ref_classifier = n_ref_classifier or len(self.train)
         self.classifier, self.classifier_meta = load_or_train_classifier(data, data_root, device)
-        C, H, W = self.train.image_shape
-        self.cache = cache_dir() / "refstats" / f"{data}-{C}x{H}x{W}"
+        self.cache = cache_dir() / "refstats" / data_key(data, self.train.image_shape, data_root)
         self._ref: dict[str, dict] = {}
 
     def _ref_order(self) -> torch.Tensor:
@@ -92,6 +91,9 @@ class Evaluator:
     def evaluate(self, images_uint8: torch.Tensor, labels: torch.Tensor | None = None,
                  n_inception: int | None = None) -> dict:
         """Metrics of generated uint8 images. ``n_inception`` = 0 skips the Inception FID."""
+        if tuple(images_uint8.shape[1:]) != tuple(self.train.image_shape):
+            raise ValueError(f"images of shape {tuple(images_uint8.shape[1:])} (CxHxW) cannot be scored against "
+                             f"{self.data}, whose images are {tuple(self.train.image_shape)}")
         out: dict = {"n": len(images_uint8)}
         feats, logits = self.classifier.embed(images_uint8)
         ref = self.reference("classifier")

@@ -95,16 +95,24 @@ def build_teacher(preset: str, tokenizer, num_classes: int, class_dropout_prob: 
     return GPT(args, codebook=tokenizer.codebook_vectors().detach())
 
 
-def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTrainConfig, data: str = "fashion-mnist",
+def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTrainConfig, data: str | None = None,
                   data_root: str | None = None, info: DistInfo | None = None) -> Path:
-    """Train (or resume) a teacher; writes checkpoints and ``final/`` in ``run_dir``. Returns ``final/``."""
-    from onestep.data import load_dataset
-    from onestep.runs import load_tokenizer, ref_to
+    """Train (or resume) a teacher; writes checkpoints and ``final/`` in ``run_dir``. Returns ``final/``.
+
+    The training images: ``data`` / ``data_root``, by default the ones the tokenizer run records (Fashion-MNIST when
+    it records none); folder images are resized to the tokenizer's size. Images of another channel count or size
+    than the tokenizer's are refused (:class:`~onestep.data.DataError`) before anything is written."""
+    from onestep.data import check_image_shape, load_dataset
+    from onestep.runs import load_tokenizer, recorded_data, ref_to, stage_data, tokenizer_image_shape
 
     info = info or DistInfo()
     torch.manual_seed(cfg.seed)
     tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, info.device)
-    ds = subset(load_dataset(data, "train", root=data_root), cfg.max_train_items)
+    data, data_root = stage_data(data, data_root, recorded_data(tokenizer_dir))
+    shape = tokenizer_image_shape(tokenizer)
+    ds = load_dataset(data, "train", root=data_root, image_size=shape[1] if data == "folder" else None)
+    check_image_shape(ds, shape, f"the tokenizer {tokenizer_dir}")
+    ds = subset(ds, cfg.max_train_items)
     config = {"kind": "teacher", "family": getattr(tokenizer, "family", "llamagen"), "train": cfg,
               "tokenizer_dir": ref_to(tokenizer_dir, run_dir),
               "data": data, "data_root": data_root}

@@ -40,6 +40,10 @@ VARIANTS = {
     "map-tmin0.2": {"recipe": "map", "map_csd": {"t_min": 0.2}},
     "map-tmin0.4": {"recipe": "map", "map_csd": {"t_min": 0.4}},
     "map-dmd": {"recipe": "map", "map_csd": {"loss_form": "dmd"}},
+    "res": {"csd": {"guidance_residual": True}},
+    "map-res": {"recipe": "map", "map_csd": {"guidance_residual": True}},
+    "psi": {"csd": {"guidance_lr": 5e-4, "m_noise": 8, "guidance_batch_size": 512}},
+    "map-psi": {"recipe": "map", "map_csd": {"guidance_lr": 5e-4, "m_noise": 8, "guidance_batch_size": 512}},
 }
 
 

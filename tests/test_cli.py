@@ -256,6 +256,34 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     assert cfg["csd"]["condition_on_codes"] is True
     assert cfg["csd"]["lr_schedule"] == "cosine" and cfg["csd"]["final_lr_ratio"] == 0.1
     assert load_dd2(tiny_runs / "dd2-gt")[0].generator_t == 0.5
+    # the map-start recipe: fit-map regresses the stage-1 model onto DD1 pairs made with the same sampling rule, and
+    # dd2 train --generator-init starts CSD from it (psi from stage 1), recording the recipe
+    main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--out", str(tiny_runs / "pairs8"),
+          "--top-k", "8"])
+    main(["dd2", "fit-map", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--pairs", str(tiny_runs / "pairs8"),
+          "--run-dir", str(tiny_runs / "map"), "--steps", "6", "--lr", "3e-3"])
+    fit_logs = [json.loads(x) for x in (tiny_runs / "map" / "log.jsonl").read_text().splitlines()]
+    assert len(fit_logs) == 6 and all(np.isfinite(r["regression"]) for r in fit_logs)
+    mcfg = json.loads((tiny_runs / "map" / "final" / "config.json").read_text())
+    assert mcfg["kind"] == "dd2-generator" and mcfg["stage"] == "dd2-fit-map" and mcfg["weights"] == "map-fit generator"
+    main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--out", str(tiny_runs / "pairs-k0")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # pairs of another sampling rule are refused, before anything is written
+        main(["dd2", "fit-map", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--pairs",
+              str(tiny_runs / "pairs-k0"), "--run-dir", str(tiny_runs / "map-other")])
+    assert "sampling" in capsys.readouterr().err and not (tiny_runs / "map-other").exists()
+    with pytest.raises(SystemExit):
+        main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2-m0"),
+              "--generator-init", str(tiny_runs / "map"), "--generator-t", "0.5"])
+    assert "generator_t" in capsys.readouterr().err
+    main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2-map"),
+          "--generator-init", str(tiny_runs / "map"), "--guidance-warmup", "1", "--guidance-residual"])
+    dcfg = json.loads((tiny_runs / "dd2-map" / "final" / "config.json").read_text())
+    assert dcfg["recipe"] == "map" and dcfg["csd"]["guidance_warmup"] == 1 and dcfg["csd"]["guidance_residual"]
+    logs = [json.loads(x) for x in (tiny_runs / "dd2-map" / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 3 and "csd" not in logs[0] and "csd" in logs[1]  # one guidance-only step, then CSD
+    main(["sample", "--method", "dd2", "--run", str(tiny_runs / "map"), "-n", "2", "--out", str(tiny_runs / "map-s")])
+    assert (tiny_runs / "map-s" / "dd2-1step.npz").exists()
 
 
 

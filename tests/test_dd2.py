@@ -5,7 +5,7 @@ import torch
 
 from onestep import flow
 from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule, ema_rate
-from onestep.dd2.losses import csd_generator_loss, gts_loss
+from onestep.dd2.losses import csd_generator_loss, dsm_loss, gts_loss
 from onestep.dd2.model import ARDiffusion, MLPHead
 from onestep.dd2.tabular import CausalMLPBackbone
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
@@ -152,6 +152,36 @@ def _csd_inputs():
         log_p = teacher_log_probs(T, x, lab, SamplingConfig())
         f = guid.features(x, lab)
     return T, guid, lab, x, log_p, f
+
+
+def test_residual_guidance_starts_as_the_teacher_and_its_dsm_target_is_the_same():
+    """guidance_residual: x0_psi = x0_T - t v_res. With the residual head's output layer zeroed (what DD2 does at the
+    start) psi IS the teacher's closed-form denoiser, so the score difference and the generator's gradient are
+    exactly zero; the DSM loss of the residual form is the plain DSM loss of v_mix + v_res."""
+    from onestep.dd2.losses import residual_denoise
+
+    T, guid, lab, x, log_p, f = _csd_inputs()
+    dd2 = DD2(_model(seed=3), guid, T, SamplingConfig(), CSDConfig(guidance_residual=True))
+    assert not guid.head.final.weight.any() and not guid.head.final.bias.any()
+    loss, logs = csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(0), m=3,
+                                    residual=True)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert logs["score_gap"] == 0.0 and not grad.any()
+    t = torch.rand(5, 3)
+    q = torch.randn(5, 3, 2)
+    x0_T = flow.denoise(q, t, log_p, T.codebook())
+    torch.testing.assert_close(residual_denoise(guid, q, t, f, x0_T), x0_T)
+    # DSM in residual form = plain DSM of the summed velocity (same draws)
+    torch.nn.init.normal_(guid.head.final.weight, std=0.3)
+    res, _ = dsm_loss(guid, x.detach(), lab, 2, torch.Generator().manual_seed(4), base=(log_p, T.codebook()))
+    g = torch.Generator().manual_seed(4)
+    from onestep.dd2.losses import sample_t
+    tt = sample_t((2, 5, 3), g, "cpu", 1e-3, 1.0)
+    e = torch.randn(2, 5, 3, 2, generator=g)
+    qt = (1 - tt[..., None]) * x.detach() + tt[..., None] * e
+    v = guid.velocity(qt, tt, f.expand(2, *f.shape)) + flow.velocity(qt, tt, log_p.expand(2, *log_p.shape), T.codebook())
+    torch.testing.assert_close(res, (v - (e - x.detach())).pow(2).sum(-1).mean())
+    del dd2
 
 
 def test_csd_sid_loss_is_sids_formula_at_the_drawn_points():

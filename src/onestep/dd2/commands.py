@@ -1,8 +1,12 @@
-"""``onestep dd2 adapt | tune | train``: DD2 stages 0, 1 and 2 as resumable commands (method.md section 3).
+"""``onestep dd2 adapt | tune | fit-map | train``: DD2's stages as resumable commands (method.md section 3).
 
     onestep dd2 adapt --teacher T  --run-dir A   # stage 0: continuous-input teacher
     onestep dd2 tune  --teacher A  --run-dir B   # stage 1: AR-diffusion tuning (GTS loss)
     onestep dd2 train --tune B     --run-dir C   # stage 2: CSD (+ optional performance alignment)
+
+    # the map-start recipe (onestep.dd2.mapstart): the generator regressed onto DD1's pairs, then CSD
+    onestep dd2 fit-map --tune B --pairs P --run-dir M
+    onestep dd2 train   --tune B --generator-init M --guidance-warmup 50 --lr 2e-5 --lr-schedule cosine --run-dir C
     onestep sample --method dd2 --run C --steps K
 """
 from __future__ import annotations
@@ -49,11 +53,23 @@ def cmd_train(args) -> None:
                                                         "guidance_steps", "m_noise", "align_at", "align_steps", "seed",
                                                         "generator_head_gain",
                                                         "generator_t", "condition_on_codes", "lr_schedule",
-                                                        "final_lr_ratio"))
+                                                        "final_lr_ratio", "guidance_warmup", "guidance_residual"))
     info = setup(args.device)
-    final = train(args.run_dir, args.tune, cfg, info)
+    final = train(args.run_dir, args.tune, cfg, info, generator_init=args.generator_init)
     if info.is_main:
         print(f"DD2 generator (EMA) written to {final}")
+    cleanup(info)
+
+
+def cmd_fit_map(args) -> None:
+    from onestep.dd2.mapstart import MAP_FIT_PRESETS, fit_map
+    from onestep.distributed import cleanup, setup
+
+    cfg = _override(MAP_FIT_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "generator_t", "seed"))
+    info = setup(args.device)
+    final = fit_map(args.run_dir, args.tune, args.pairs, cfg, info)
+    if info.is_main:
+        print(f"map-fit generator written to {final}")
     cleanup(info)
 
 
@@ -61,6 +77,7 @@ def register(sub) -> None:
     from onestep.argtypes import device, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
     from onestep.cli import add_preset, add_sampling
     from onestep.dd2.adapt import ADAPT_PRESETS
+    from onestep.dd2.mapstart import MAP_FIT_PRESETS
     from onestep.dd2.train import TRAIN_PRESETS
     from onestep.dd2.tune import TUNE_PRESETS
 
@@ -140,6 +157,29 @@ def register(sub) -> None:
     r.add_argument("--align-at", type=nonneg_int, default=None,
                    help="performance alignment at this generator step (0 = off)")
     r.add_argument("--align-steps", type=nonneg_int, default=None, help="guidance-only steps of the alignment")
+    r.add_argument("--guidance-warmup", type=nonneg_int, default=None,
+                   help="guidance-only steps before the first generator step (the map-start recipe)")
+    r.add_argument("--guidance-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="psi in residual form around the teacher's closed-form denoiser (starts as the teacher)")
+    r.add_argument("--generator-init", default=None,
+                   help="map-fit run (onestep dd2 fit-map) to start the generator from: the map-start recipe")
     r.add_argument("--device", type=device, default="cpu")
     r.add_argument("--seed", type=int, default=None)
     r.set_defaults(func=cmd_train)
+
+    m = s.add_parser("fit-map", help="map-start recipe, phase 1: regress the generator onto DD1's pairs",
+                     description="Regress a copy of the stage-1 model, used as the one-step generator, onto DD1's "
+                                 "noise-to-token pairs (onestep dd1 pairs, same teacher sampling rule); then "
+                                 "`onestep dd2 train --generator-init RUN` refines it by CSD.")
+    m.add_argument("--tune", required=True, help="stage-1 run (onestep dd2 tune)")
+    m.add_argument("--pairs", required=True, help="DD1 pairs directory (onestep dd1 pairs)")
+    m.add_argument("--run-dir", default="runs/dd2-map")
+    add_preset(m, MAP_FIT_PRESETS, "small", "map-fit")
+    m.add_argument("--steps", type=positive_int, default=None)
+    m.add_argument("--batch-size", type=positive_int, default=None)
+    m.add_argument("--lr", type=positive_float, default=None)
+    m.add_argument("--generator-t", type=unit_interval, default=None,
+                   help="time s in (0, 1] at which the generator's head reads the noise (default 1)")
+    m.add_argument("--device", type=device, default="cpu")
+    m.add_argument("--seed", type=int, default=None)
+    m.set_defaults(func=cmd_fit_map)

@@ -55,6 +55,9 @@ class CSDConfig:
     generator_t: float = 1.0     # the time s at which the generator's head reads the noise (ARDiffusion.generate):
                                  # 1 = the paper's x = eps - v(eps, 1); s < 1 starts CSD from a noise-dependent
                                  # generator instead of the per-position mean (see ARDiffusion.generate)
+    guidance_residual: bool = False  # psi in residual form around the teacher's closed-form denoiser (losses.
+                                     # residual_denoise), its output layer zeroed at the start: psi = teacher exactly
+                                     # until it learns the generator's deviation (docs/dd2-convergence.md)
     condition_on_codes: bool = False  # the prefix conditions of psi and the teacher (both turns) read sg(x) snapped to
                                       # the nearest codes, instead of the continuous sg(x) (see DD2.condition)
     seed: int = 0
@@ -97,6 +100,10 @@ class DD2(nn.Module):
         if cfg.generator_head_gain is not None and cfg.generator_head_gain != generator.head.input_gain:
             generator.head.set_input_gain(cfg.generator_head_gain)
         generator.generator_t = cfg.generator_t
+        if cfg.guidance_residual:  # psi starts as the teacher itself: a zero residual
+            with torch.no_grad():
+                guidance.head.final.weight.zero_()
+                guidance.head.final.bias.zero_()
         self.teacher.requires_grad_(False).eval()
         self.seq_len, self.code_dim = teacher.seq_len, teacher.code_dim
 
@@ -120,8 +127,11 @@ class DD2(nn.Module):
         if turn == "guidance":
             with torch.no_grad():
                 x = self.generator.generate(eps, labels)
+                cond = self.condition(x)
+                base = (teacher_log_probs(self.teacher, cond, labels, self.sampling), self.teacher.codebook()) \
+                    if cfg.guidance_residual else None
             return dsm_loss(self.guidance, x, labels, cfg.m_noise, generator, cfg.dsm_t_min, t_max=cfg.dsm_t_max,
-                            condition=self.condition(x))
+                            condition=cond, base=base)
         if turn != "generator":
             raise ValueError(f"turn must be 'generator' or 'guidance', got {turn!r}")
         x = self.generator.generate(eps, labels)
@@ -130,7 +140,8 @@ class DD2(nn.Module):
             log_p = teacher_log_probs(self.teacher, x_sg, labels, self.sampling)
             f_psi = self.guidance.features(x_sg, labels)
         return csd_generator_loss(x, labels, log_p, self.teacher.codebook(), self.guidance, f_psi, generator,
-                                  cfg.alpha, cfg.t_min, cfg.t_max, cfg.m_noise_gen, cfg.loss_form)
+                                  cfg.alpha, cfg.t_min, cfg.t_max, cfg.m_noise_gen, cfg.loss_form,
+                                  cfg.guidance_residual)
 
 
 def lr_decay(cfg: CSDConfig, gen_step: int) -> float:

@@ -45,22 +45,36 @@ def gts_loss(model: ARDiffusion, q: Tensor, labels: Tensor, log_p: Tensor, codeb
 
 
 def dsm_loss(model: ARDiffusion, x0: Tensor, labels: Tensor, m: int = 1, generator=None, t_min: float = 1e-3,
-             features_grad: bool = True, t_max: float = 1.0, condition: Tensor | None = None) -> tuple[Tensor, dict]:
+             features_grad: bool = True, t_max: float = 1.0, condition: Tensor | None = None,
+             base: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict]:
     """Denoising score matching: v_target = eps - x0 (RectFlow), on sequences x0 (B, n, C), t ~ U[t_min, t_max].
 
     ``condition`` (B, n, C), default x0: the sequence the backbone reads (its row i sees condition_<i), e.g. x0
-    with every position snapped to its nearest code (CSD's ``condition_on_codes``)."""
+    with every position snapped to its nearest code (CSD's ``condition_on_codes``). ``base`` = (log_p (B, n, V),
+    codebook): the model is a residual around the closed-form velocity of that Dirac mixture (section 1),
+    v = v_mix(q_t, t) + model.velocity(q_t, t, f) (:func:`residual_denoise`)."""
     cond = x0 if condition is None else condition
     f = model.features(cond, labels) if features_grad else model.features(cond, labels).detach()
     q_t, eps, t = _noised(x0, m, generator, t_min, t_max)
     v = model.velocity(q_t, t, f.expand(m, *f.shape))
+    if base is not None:
+        with torch.no_grad():
+            v_mix = flow.velocity(q_t, t, base[0].expand(m, *base[0].shape), base[1])
+        v = v + v_mix
     loss = (v - (eps - x0)).pow(2).sum(-1).mean()
     return loss, {"dsm": loss.item()}
 
 
+def residual_denoise(guidance: ARDiffusion, q_t: Tensor, t: Tensor, f: Tensor, x0_mix: Tensor) -> Tensor:
+    """x0 of a guidance network in residual form: x0_psi = x0_mix(q_t, t) - t v_res(q_t, t, f), where x0_mix is the
+    closed-form denoiser of the teacher's Dirac mixture at the same prefix (so v_psi = v_mix + v_res)."""
+    return x0_mix - t[..., None] * guidance.velocity(q_t, t, f)
+
+
 def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codebook: Tensor, guidance: ARDiffusion,
                        f_guidance: Tensor, generator=None, alpha: float = 1.0, t_min: float = 0.02,
-                       t_max: float = 0.98, m: int = 1, form: str = "sid") -> tuple[Tensor, dict]:
+                       t_max: float = 0.98, m: int = 1, form: str = "sid",
+                       residual: bool = False) -> tuple[Tensor, dict]:
     """Conditional score distillation, SiD form (method.md section 3, stage 2), for generated x (B, n, C).
 
     Per position: q_t = (1 - t) x_i + t eps; x0_T = teacher's closed-form denoised mean given the
@@ -78,6 +92,9 @@ def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codeboo
     per generated sequence are averaged (m = 1: one draw, the paper's loss; m > 1 lowers the variance of
     the generator's gradient at the cost of m head evaluations, like the guidance turn's ``m_noise``).
 
+    ``residual``: psi is in residual form around the teacher's closed form (:func:`residual_denoise`), so the score
+    difference is x0_T - x0_psi = t v_res(q_t, t, f): exactly zero wherever psi's residual is.
+
     ``form="dmd"`` (an ablation) drops the denoisers' Jacobians: both x0 estimates are evaluated at a
     q_t built from sg(x), and the gradient on x_i is exactly -(x0_T - x0_psi) / norm (DMD's form of the
     same score difference).
@@ -90,7 +107,8 @@ def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codeboo
     q_t = (1 - t[..., None]) * (x if form == "sid" else x.detach()) + t[..., None] * eps
     with torch.set_grad_enabled(form == "sid" and torch.is_grad_enabled()):
         x0_T = flow.denoise(q_t, t, log_p_teacher.expand(m, *log_p_teacher.shape), codebook)
-        x0_psi = guidance.denoise(q_t, t, f_guidance.expand(m, *f_guidance.shape))
+        f_psi = f_guidance.expand(m, *f_guidance.shape)
+        x0_psi = residual_denoise(guidance, q_t, t, f_psi, x0_T) if residual else guidance.denoise(q_t, t, f_psi)
     diff = x0_T - x0_psi
     with torch.no_grad():
         norm = (x - x0_T).abs().mean(dim=(-2, -1), keepdim=True).clamp_min(1e-5)

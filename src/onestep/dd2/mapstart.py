@@ -17,13 +17,16 @@ was not initialised from) and a low, decaying generator LR: the exact map is a f
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from onestep.dd2.model import ARDiffusion
-from onestep.trainer import make_optimizer
+from onestep.trainer import guarded_step, make_optimizer
 
 
 def regression_loss(generator: ARDiffusion, eps: Tensor, labels: Tensor, target: Tensor) -> Tensor:
@@ -61,3 +64,102 @@ def fit_to_map(generator: ARDiffusion, batches: Callable[[int], tuple[Tensor, Te
         if log is not None and (step + 1) % log_every == 0:
             log(step + 1, loss.item())
     return loss.item()
+
+
+# ---- the map fit as a resumable stage on an image teacher ---------------------------------------------
+@dataclass(frozen=True)
+class MapFitConfig:
+    """Phase 1 of the map-start recipe on an image teacher (``onestep dd2 fit-map``)."""
+
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    generator_t: float = 1.0     # the generator's parameterisation (ARDiffusion.generate), kept by stage 2
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 100
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MAP_FIT_PRESETS = {
+    "tiny": MapFitConfig(steps=4, batch_size=4, warmup_steps=1, log_every=1, ckpt_every=2),
+    "small": MapFitConfig(),
+}
+
+
+def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cfg: MapFitConfig,
+            info=None) -> Path:
+    """Regress a copy of the stage-1 AR-diffusion model, used as a one-step generator, onto DD1's pairs.
+
+    The pairs (``onestep dd1 pairs``) must come from a teacher with the same codebook and sampling rule as the
+    stage-1 run's teacher; the targets are the code vectors of the mapped tokens. Writes ``final/`` as a
+    ``dd2-generator`` model directory (``onestep sample --method dd2 --run RUN`` samples it; ``onestep dd2 train
+    --generator-init RUN`` starts CSD from it) and ``metrics.json`` with the wall and CPU time."""
+    from onestep import checkpoint as ckpt
+    from onestep.dd1.pairs import load_pairs, read_manifest
+    from onestep.dd2.tune import load_ardiffusion
+    from onestep.distributed import DistInfo, wrap_ddp
+    from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
+    from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, prepare_run_dir
+
+    info = info or DistInfo()
+    model, tune_cfg = load_ardiffusion(tune_dir, info.device)
+    teacher_dir = resolve_ref(tune_cfg["teacher_dir"], final_dir(tune_dir))
+    teacher, _, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
+    man = read_manifest(pairs_dir)
+    if man.get("sampling") and man["sampling"] != tune_cfg["sampling"]:
+        raise ValueError(f"pairs in {pairs_dir} were mapped with sampling {man['sampling']}, stage 1 used "
+                         f"{tune_cfg['sampling']}: make pairs with the same rule")
+    pairs = load_pairs(pairs_dir)
+    cb = teacher.codebook().detach()
+    if pairs["ids"].shape[1] != teacher.seq_len or int(pairs["ids"].max()) >= cb.shape[0]:
+        raise ValueError(f"pairs in {pairs_dir} do not fit the teacher ({teacher.seq_len} positions, {cb.shape[0]} codes)")
+    model.generator_t = cfg.generator_t
+    model.train().requires_grad_(True)
+    model_cfg = {**tune_cfg["model"], "generator_t": cfg.generator_t}
+    config = {"kind": "dd2-generator", "stage": "dd2-fit-map", "map_fit": cfg, "sampling": tune_cfg["sampling"],
+              "teacher_dir": ref_to(teacher_dir, run_dir), "tune_dir": ref_to(tune_dir, run_dir),
+              "pairs_dir": ref_to(pairs_dir, run_dir), "model": model_cfg}
+    run_dir = prepare_run_dir(run_dir, config, info)
+    opt = make_optimizer(torch.optim.Adam, model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    wrapped = wrap_ddp(_Regression(model), info)
+    loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),
+                     {"generator": model}, {"generator": opt}, {"generator": config}, info, desc="dd2 fit-map")
+    sched = BatchSchedule(len(pairs["ids"]), cfg.batch_size, cfg.seed, info)
+
+    def step_fn(step: int) -> dict:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps)
+        idx = sched.indices(step)
+        ids = pairs["ids"][idx].to(info.device)
+        loss = wrapped(pairs["eps"][idx].to(info.device), pairs["labels"][idx].to(info.device), cb[ids])
+        ok = guarded_step(loss, opt, model.parameters(), cfg.grad_clip)
+        return {"regression": loss.item(), "nonfinite": not ok}
+
+    t0, c0 = time.time(), time.process_time()
+    loop.run(step_fn)
+    final = Path(run_dir) / "final"
+    if info.is_main:
+        mpath = Path(run_dir) / "metrics.json"
+        metrics = ckpt.read_json(mpath) if mpath.exists() else {}
+        metrics["wall_time_s"] = round(metrics.get("wall_time_s", 0.0) + time.time() - t0, 2)
+        metrics["cpu_time_s"] = round(metrics.get("cpu_time_s", 0.0) + time.process_time() - c0, 2)
+        metrics["threads"] = torch.get_num_threads()
+        ckpt.write_json(mpath, metrics)
+        ckpt.save_model(final, model.eval(), {**config, "weights": "map-fit generator", "metrics": metrics})
+    return final
+
+
+class _Regression(torch.nn.Module):
+    """forward(eps, labels, target) -> L_reg (DDP-wrappable)."""
+
+    def __init__(self, generator: ARDiffusion):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, eps: Tensor, labels: Tensor, target: Tensor) -> Tensor:
+        return regression_loss(self.generator, eps, labels, target)

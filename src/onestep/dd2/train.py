@@ -37,8 +37,12 @@ TRAIN_PRESETS = {
 
 
 def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistInfo | None = None,
-          save_at: tuple = (), on_checkpoint=None) -> Path:
+          save_at: tuple = (), on_checkpoint=None, generator_init: str | Path | None = None) -> Path:
     """Stage 2 end to end from a finished stage-1 run; returns ``RUN/final`` (the EMA generator).
+
+    ``generator_init``: a map-fit run (``onestep dd2 fit-map``, the map-start recipe of
+    :mod:`onestep.dd2.mapstart`) whose generator replaces stage 1's as CSD's starting point; psi still starts
+    from stage 1. Its parameterisation (``generator_t``) is the map fit's.
 
     ``save_at``: extra checkpoint steps; ``on_checkpoint(step)`` is called after each checkpoint (the pipeline
     branches the alignment run off the plain run's checkpoint at ``align_at`` this way)."""
@@ -55,11 +59,22 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     teacher, _, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     sampling = SamplingConfig(**tune_cfg["sampling"])
     generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
+    if generator_init is not None:
+        fitted, fit_cfg = load_ardiffusion(generator_init, info.device)
+        if fit_cfg.get("stage") != "dd2-fit-map" or \
+                resolve_ref(fit_cfg["tune_dir"], final_dir(generator_init)).resolve() != Path(tune_dir).resolve():
+            raise ValueError(f"{generator_init} is not a map fit of the stage-1 run {tune_dir}")
+        if fitted.generator_t != cfg.generator_t:
+            raise ValueError(f"the map fit reads the noise at generator_t {fitted.generator_t}, the CSD config at "
+                             f"{cfg.generator_t}: pass --generator-t {fitted.generator_t}")
+        generator = fitted.train()
     dd2 = DD2(generator, guidance, teacher, sampling, cfg)  # applies cfg's head gain and generator_t
     model_cfg = {**tune_cfg["model"], "head": generator.head.config(), "generator_t": cfg.generator_t}
     config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg, "sampling": tune_cfg["sampling"],
               "teacher_dir": ref_to(teacher_dir, run_dir), "tune_dir": ref_to(tune_dir, run_dir),
-              "model": model_cfg}
+              "model": model_cfg, "recipe": "gts" if generator_init is None else "map"}
+    if generator_init is not None:
+        config["generator_init"] = ref_to(generator_init, run_dir)
     # psi keeps stage 1's parameterisation (the head gain and generator_t are the generator's): its checkpoint
     # directories record its own head, so that they load as what they hold
     guidance_config = {**config, "model": {**tune_cfg["model"], "head": guidance.head.config()},

@@ -99,7 +99,7 @@ class TabularRunConfig:
     map_steps: int = 1500
     map_lr: float = 5e-3
     map_batch: int = 128
-    map_csd: CSDConfig = CSDConfig(steps=400, batch_size=128, lr=2e-4, guidance_lr=2e-3, guidance_steps=5, m_noise=1,
+    map_csd: CSDConfig = CSDConfig(steps=400, batch_size=128, lr=5e-5, guidance_lr=2e-3, guidance_steps=5, m_noise=1,
                                    m_noise_gen=4, warmup_steps=20, lr_schedule="cosine", final_lr_ratio=0.05,
                                    guidance_warmup=100, log_every=10 ** 9, ckpt_every=10 ** 9)
 
@@ -210,6 +210,7 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
         out["map_final_loss"] = fit_to_map(dd2.generator, batches, cfg.map_steps, cfg.map_lr)
         out["map_time_s"] = round(time.time() - t0, 2)
         out["tv_map_fit"] = generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1)
+        map_fit = copy.deepcopy(dd2.generator)
     out["tv_csd_start"] = generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1)
     sched = CSDSchedule(dd2)
     t1 = time.time()
@@ -230,6 +231,8 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
                         torch.Generator().manual_seed(cfg.seed + 7))
     out["tv_teacher_samples"] = tv_of_ids(teacher, ids)
     out["models"] = {"generator": dd2.generator, "ema": sched.ema, "guidance": dd2.guidance, "gts": model}
+    if cfg.recipe == "map":
+        out["models"]["map_fit"] = map_fit
     return out
 
 

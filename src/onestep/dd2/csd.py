@@ -31,7 +31,7 @@ class CSDConfig:
     guidance_batch_size: int | None = None  # generated sequences per guidance update (None = batch_size; the paper
                                             # is silent). The K guidance turns are most of an outer step's cost; on
                                             # the tabular teacher, turns of a quarter of the batch keep psi up at
-                                            # ~40% of a turn's cost (benchmarks/results/dd2-tabular.notes.md, session 12)
+                                            # ~40% of a turn's cost (benchmarks/results/dd2-tabular.notes.md)
     m_noise: int = 4             # noise draws per generated sequence for the guidance DSM loss
     m_noise_gen: int = 1         # (t, eps) draws per generated sequence in the generator's CSD loss (1 = paper)
     alpha: float = 1.0           # SiD alpha (paper: 1.0; 1.2 diverged in the prototype)

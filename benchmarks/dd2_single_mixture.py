@@ -31,6 +31,7 @@ VARIANTS = {
     "lr5e-4": {"csd": {"lr": 5e-4}},
     "lr5e-4-long4": {"csd": {"lr": 5e-4, "steps": 4800}},
     "tmin0.3": {"csd": {"t_min": 0.3}},
+    "tmax0.3": {"csd": {"t_max": 0.3}},
     "gen-t0.3": {"csd": {"generator_t": 0.3}},
     "batch512": {"csd": {"batch_size": 512}},
     "map": {"recipe": "map"},

@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance-batch-size", type=int, default=None,
                    help="generated sequences per guidance update (default: the batch size)")
     p.add_argument("--m-noise", type=int, default=None, help="noise draws per sequence, guidance turn")
-    p.add_argument("--m-noise-gen", type=int, default=None_gen,
+    p.add_argument("--m-noise-gen", type=int, default=None,
                    help="(t, eps) draws per sequence, generator turn")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -78,8 +78,8 @@ def main(argv=None) -> dict:
                              max_temp=a.max_temp)
 
     def log(step, logs, tv, tv_ema):
-        print(f"csd step {step}: TV raw {tv:.4f}  EMA {tv_ema:.4f}  dsm {logs['dsm']:.3f}  "
-              f"score gap {logs['score_gap']:.4f}", flush=True)
+        gap = f"  score gap {logs['score_gap']:.4f}" if "score_gap" in logs else f"  ({logs['phase']})"
+        print(f"csd step {step}: TV raw {tv:.4f}  EMA {tv_ema:.4f}  dsm {logs['dsm']:.3f}{gap}", flush=True)
 
     runs = []
     for seed in a.seed:

@@ -316,7 +316,6 @@ def test_ema_rate_and_alignment_schedule():
 
 import pytest  # noqa: E402
 
-from dataclasses import replace as _replace  # noqa: E402
 
 from onestep.dd2.tabular import TabularRunConfig, fit_tabular  # noqa: E402
 

@@ -355,3 +355,19 @@ def guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, g
         return False
     optimizer.step()
     return True
+
+
+def add_run_time(run_dir: str | Path, t0: float, c0: float, **extra) -> dict:
+    """Add this process's wall time (since ``t0``, ``time.time()``) and CPU time (since ``c0``, ``time.process_time()``)
+    to ``RUN/metrics.json`` (summed over the processes that trained the run), set ``threads`` and ``extra``, write
+    it and return it."""
+    from onestep import checkpoint as ckpt
+
+    mpath = Path(run_dir) / "metrics.json"
+    metrics = ckpt.read_json(mpath) if mpath.exists() else {}
+    metrics["wall_time_s"] = round(metrics.get("wall_time_s", 0.0) + time.time() - t0, 2)
+    metrics["cpu_time_s"] = round(metrics.get("cpu_time_s", 0.0) + time.process_time() - c0, 2)
+    metrics["threads"] = torch.get_num_threads()
+    metrics.update(extra)
+    ckpt.write_json(mpath, metrics)
+    return metrics

@@ -104,7 +104,7 @@ def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cf
     from onestep.dd2.tune import load_ardiffusion
     from onestep.distributed import DistInfo, wrap_ddp
     from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
-    from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, prepare_run_dir
+    from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, add_run_time, prepare_run_dir
 
     info = info or DistInfo()
     model, tune_cfg = load_ardiffusion(tune_dir, info.device)
@@ -144,12 +144,7 @@ def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cf
     loop.run(step_fn)
     final = Path(run_dir) / "final"
     if info.is_main:
-        mpath = Path(run_dir) / "metrics.json"
-        metrics = ckpt.read_json(mpath) if mpath.exists() else {}
-        metrics["wall_time_s"] = round(metrics.get("wall_time_s", 0.0) + time.time() - t0, 2)
-        metrics["cpu_time_s"] = round(metrics.get("cpu_time_s", 0.0) + time.process_time() - c0, 2)
-        metrics["threads"] = torch.get_num_threads()
-        ckpt.write_json(mpath, metrics)
+        metrics = add_run_time(run_dir, t0, c0)
         ckpt.save_model(final, model.eval(), {**config, "weights": "map-fit generator", "metrics": metrics})
     return final
 

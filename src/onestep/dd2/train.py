@@ -21,7 +21,7 @@ import torch
 from onestep import checkpoint as ckpt
 from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
 from onestep.distributed import DistInfo, wrap_ddp
-from onestep.trainer import LoopConfig, TrainLoop, prepare_run_dir
+from onestep.trainer import LoopConfig, TrainLoop, add_run_time, prepare_run_dir
 
 TRAIN_PRESETS = {
     "tiny": CSDConfig(steps=2, batch_size=4, guidance_steps=1, m_noise=2, warmup_steps=1, log_every=1, ckpt_every=1),
@@ -101,13 +101,7 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     loop.run(step_fn, on_checkpoint)
     final = Path(run_dir) / "final"
     if info.is_main:
-        mpath = Path(run_dir) / "metrics.json"
-        metrics = ckpt.read_json(mpath) if mpath.exists() else {}
-        metrics["wall_time_s"] = round(metrics.get("wall_time_s", 0.0) + time.time() - t0, 2)
-        metrics["cpu_time_s"] = round(metrics.get("cpu_time_s", 0.0) + time.process_time() - c0, 2)
-        metrics["threads"] = torch.get_num_threads()
-        metrics["nonfinite_steps"] = loop.nonfinite_total
-        ckpt.write_json(mpath, metrics)
+        metrics = add_run_time(run_dir, t0, c0, nonfinite_steps=loop.nonfinite_total)
         ckpt.save_model(Path(run_dir) / "raw", generator, {**config, "weights": "raw generator"})
         ckpt.save_model(final, sched.ema, {**config, "weights": "EMA generator", "metrics": metrics})
     return final

@@ -184,6 +184,26 @@ def test_residual_guidance_starts_as_the_teacher_and_its_dsm_target_is_the_same(
     del dd2
 
 
+def test_map_fit_losses_are_the_squared_error_and_the_cells_cross_entropy():
+    """regression_loss: the mean squared distance to the map's code vectors; with a cells temperature tau, the
+    cross-entropy of the map's token under logits -|x - c_j|^2 / tau; fit_to_map lowers it."""
+    from onestep.dd2.mapstart import fit_to_map, regression_loss
+
+    T = TabularTeacher(4, 3, 2, seed=2)
+    gen = _model(seed=0)
+    eps, lab = torch.randn(6, 3, 2), torch.zeros(6, dtype=torch.long)
+    ids = torch.randint(4, (6, 3))
+    cb = T.codebook()
+    x = gen.generate(eps, lab)
+    torch.testing.assert_close(regression_loss(gen, eps, lab, cb[ids]), ((x - cb[ids]) ** 2).sum(-1).mean())
+    d2 = ((x[:, :, None] - cb) ** 2).sum(-1)
+    ce = -torch.log_softmax(-d2 / 0.1, -1).gather(-1, ids[..., None]).mean()
+    torch.testing.assert_close(regression_loss(gen, eps, lab, cb[ids], cb, ids, 0.1), ce)
+    before = regression_loss(gen, eps, lab, cb[ids]).item()
+    fit_to_map(gen, lambda step: (eps, lab, cb[ids]), steps=30, lr=3e-3)
+    assert regression_loss(gen, eps, lab, cb[ids]).item() < 0.5 * before
+
+
 def test_csd_sid_loss_is_sids_formula_at_the_drawn_points():
     """The library's default loss (form "sid", alpha = 1) is SiD's generator loss, written out here from the paper:
     mean over draws and positions of (x0_T - x0_psi) . ((x0_T - x) - alpha (x0_T - x0_psi)) / mean|x - x0_T|, with

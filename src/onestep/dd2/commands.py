@@ -65,7 +65,8 @@ def cmd_fit_map(args) -> None:
     from onestep.dd2.mapstart import MAP_FIT_PRESETS, fit_map
     from onestep.distributed import cleanup, setup
 
-    cfg = _override(MAP_FIT_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "generator_t", "seed"))
+    cfg = _override(MAP_FIT_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "generator_t", "cells_temperature",
+                                                              "seed"))
     info = setup(args.device)
     final = fit_map(args.run_dir, args.tune, args.pairs, cfg, info)
     if info.is_main:
@@ -180,6 +181,8 @@ def register(sub) -> None:
     m.add_argument("--lr", type=positive_float, default=None)
     m.add_argument("--generator-t", type=unit_interval, default=None,
                    help="time s in (0, 1] at which the generator's head reads the noise (default 1)")
+    m.add_argument("--cells-temperature", type=nonneg_float, default=None,
+                   help="> 0: cross-entropy of the map's token over -|x - c_j|^2 / T instead of the squared error")
     m.add_argument("--device", type=device, default="cpu")
     m.add_argument("--seed", type=int, default=None)
     m.set_defaults(func=cmd_fit_map)

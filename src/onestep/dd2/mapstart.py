@@ -29,9 +29,18 @@ from onestep.dd2.model import ARDiffusion
 from onestep.trainer import guarded_step, make_optimizer
 
 
-def regression_loss(generator: ARDiffusion, eps: Tensor, labels: Tensor, target: Tensor) -> Tensor:
-    """L_reg = mean over samples of sum_i |G(eps)_i - target_i|^2, target (B, n, C) the map's code vectors."""
-    return (generator.generate(eps, labels) - target).pow(2).sum(-1).mean(0).sum() / eps.shape[1]
+def regression_loss(generator: ARDiffusion, eps: Tensor, labels: Tensor, target: Tensor,
+                    codebook: Tensor | None = None, ids: Tensor | None = None, cells_temperature: float = 0.0) -> Tensor:
+    """L_reg = mean over samples and positions of |G(eps)_i - target_i|^2, target (B, n, C) the map's code vectors.
+
+    With ``cells_temperature`` tau > 0 (and ``codebook`` (V, C), ``ids`` (B, n) the map's tokens) the loss is instead
+    the cross-entropy of the map's token under logits_j = -|G(eps)_i - c_j|^2 / tau: what counts is the Voronoi
+    cell the output lands in (the token it quantises to), not its distance to the code, as in DD1's token loss."""
+    x = generator.generate(eps, labels)
+    if cells_temperature <= 0:
+        return (x - target).pow(2).sum(-1).mean()
+    logits = -torch.cdist(x.float().reshape(-1, x.shape[-1]), codebook.float()).pow(2) / cells_temperature
+    return torch.nn.functional.cross_entropy(logits, ids.reshape(-1))
 
 
 def cosine_lr(lr: float, step: int, steps: int, warmup: int = 0) -> float:
@@ -77,6 +86,7 @@ class MapFitConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     generator_t: float = 1.0     # the generator's parameterisation (ARDiffusion.generate), kept by stage 2
+    cells_temperature: float = 0.0  # > 0: cross-entropy of the map's token over -|x - c_j|^2 / tau (regression_loss)
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 100
@@ -126,7 +136,7 @@ def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cf
               "pairs_dir": ref_to(pairs_dir, run_dir), "model": model_cfg}
     run_dir = prepare_run_dir(run_dir, config, info)
     opt = make_optimizer(torch.optim.Adam, model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
-    wrapped = wrap_ddp(_Regression(model), info)
+    wrapped = wrap_ddp(_Regression(model, cb, cfg.cells_temperature), info)
     loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),
                      {"generator": model}, {"generator": opt}, {"generator": config}, info, desc="dd2 fit-map")
     sched = BatchSchedule(len(pairs["ids"]), cfg.batch_size, cfg.seed, info)
@@ -136,7 +146,7 @@ def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cf
             group["lr"] = cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps)
         idx = sched.indices(step)
         ids = pairs["ids"][idx].to(info.device)
-        loss = wrapped(pairs["eps"][idx].to(info.device), pairs["labels"][idx].to(info.device), cb[ids])
+        loss = wrapped(pairs["eps"][idx].to(info.device), pairs["labels"][idx].to(info.device), cb[ids], ids)
         ok = guarded_step(loss, opt, model.parameters(), cfg.grad_clip)
         return {"regression": loss.item(), "nonfinite": not ok}
 
@@ -152,9 +162,10 @@ def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cf
 class _Regression(torch.nn.Module):
     """forward(eps, labels, target) -> L_reg (DDP-wrappable)."""
 
-    def __init__(self, generator: ARDiffusion):
+    def __init__(self, generator: ARDiffusion, codebook: Tensor, cells_temperature: float):
         super().__init__()
-        self.generator = generator
+        self.generator, self.cells_temperature = generator, cells_temperature
+        self.register_buffer("codebook", codebook, persistent=False)
 
-    def forward(self, eps: Tensor, labels: Tensor, target: Tensor) -> Tensor:
-        return regression_loss(self.generator, eps, labels, target)
+    def forward(self, eps: Tensor, labels: Tensor, target: Tensor, ids: Tensor) -> Tensor:
+        return regression_loss(self.generator, eps, labels, target, self.codebook, ids, self.cells_temperature)

@@ -121,6 +121,7 @@ def main(argv=None) -> dict:
             "dd2_over_floor", "dd2_train_s", "dd1_train_s"]
     table = [{k: r[k] for k in keys} for r in rows]
     result = {**provenance(), "n_eval": a.n_eval, "goal": "dd2_ema <= 2 x floor on every rung",
+              "rows_ran_at": sorted({f"{r['commit']}: {r['command']}" for r in rows}),
               "rungs": {k: dict(zip(["V", "n", "C", "kind", "teacher_seed"], v)) for k, v in RUNGS.items()},
               "table": table}
     write_results(out_dir.with_suffix(""), result, "DD2 on a ladder of tabular teachers (TV against the exact joint)")

@@ -261,7 +261,7 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--out", str(tiny_runs / "pairs8"),
           "--top-k", "8"])
     main(["dd2", "fit-map", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--pairs", str(tiny_runs / "pairs8"),
-          "--run-dir", str(tiny_runs / "map"), "--steps", "6", "--lr", "3e-3"])
+          "--run-dir", str(tiny_runs / "map"), "--steps", "6", "--lr", "3e-3", "--noise-stream"])
     fit_logs = [json.loads(x) for x in (tiny_runs / "map" / "log.jsonl").read_text().splitlines()]
     assert len(fit_logs) == 6 and all(np.isfinite(r["regression"]) for r in fit_logs)
     mcfg = json.loads((tiny_runs / "map" / "final" / "config.json").read_text())
@@ -280,10 +280,12 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
           "--generator-init", str(tiny_runs / "map"), "--guidance-warmup", "1", "--guidance-residual"])
     dcfg = json.loads((tiny_runs / "dd2-map" / "final" / "config.json").read_text())
     assert dcfg["recipe"] == "map" and dcfg["csd"]["guidance_warmup"] == 1 and dcfg["csd"]["guidance_residual"]
+    assert mcfg["model"]["noise_stream"] and dcfg["model"]["noise_stream"]  # the generator keeps its noise stream
     logs = [json.loads(x) for x in (tiny_runs / "dd2-map" / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 3 and "csd" not in logs[0] and "csd" in logs[1]  # one guidance-only step, then CSD
-    main(["sample", "--method", "dd2", "--run", str(tiny_runs / "map"), "-n", "2", "--out", str(tiny_runs / "map-s")])
-    assert (tiny_runs / "map-s" / "dd2-1step.npz").exists()
+    for run in ("map", "dd2-map"):
+        main(["sample", "--method", "dd2", "--run", str(tiny_runs / run), "-n", "2", "--out", str(tiny_runs / f"{run}-s")])
+        assert (tiny_runs / f"{run}-s" / "dd2-1step.npz").exists()
 
 
 

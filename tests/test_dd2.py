@@ -204,6 +204,23 @@ def test_map_fit_losses_are_the_squared_error_and_the_cells_cross_entropy():
     assert regression_loss(gen, eps, lab, cb[ids]).item() < 0.5 * before
 
 
+def test_noise_stream_is_function_preserving_at_the_start_and_reads_the_own_noise():
+    """ARDiffusion(noise_stream=True): zero-initialised, the generator equals the plain one; once trained, output i
+    depends on eps_i through the backbone too, and still not on eps_>i (causality)."""
+    plain = _model(seed=4)
+    streamed = ARDiffusion(plain.backbone, plain.head, noise_stream=True)
+    eps, lab = torch.randn(3, 3, 2), torch.zeros(3, dtype=torch.long)
+    torch.testing.assert_close(streamed.generate(eps, lab), plain.generate(eps, lab))
+    torch.nn.init.normal_(streamed.noise_stream.weight, std=1.0)
+    eps2 = eps.clone()
+    eps2[:, 2] += 1.0  # change the last position's noise only
+    a, b = streamed.generate(eps, lab), streamed.generate(eps2, lab)
+    torch.testing.assert_close(a[:, :2], b[:, :2])
+    fa = streamed.backbone.features(eps, lab, extra=streamed.noise_stream(eps))
+    fb = streamed.backbone.features(eps2, lab, extra=streamed.noise_stream(eps2))
+    assert not torch.allclose(fa[:, 2], fb[:, 2])  # the backbone's row 2 reads eps_2 through the stream
+
+
 def test_csd_sid_loss_is_sids_formula_at_the_drawn_points():
     """The library's default loss (form "sid", alpha = 1) is SiD's generator loss, written out here from the paper:
     mean over draws and positions of (x0_T - x0_psi) . ((x0_T - x) - alpha (x0_T - x0_psi)) / mean|x - x0_T|, with

@@ -66,7 +66,7 @@ def cmd_fit_map(args) -> None:
     from onestep.distributed import cleanup, setup
 
     cfg = _override(MAP_FIT_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "generator_t", "cells_temperature",
-                                                              "seed"))
+                                                              "noise_stream", "seed"))
     info = setup(args.device)
     final = fit_map(args.run_dir, args.tune, args.pairs, cfg, info)
     if info.is_main:
@@ -183,6 +183,9 @@ def register(sub) -> None:
                    help="time s in (0, 1] at which the generator's head reads the noise (default 1)")
     m.add_argument("--cells-temperature", type=nonneg_float, default=None,
                    help="> 0: cross-entropy of the map's token over -|x - c_j|^2 / T instead of the squared error")
+    m.add_argument("--noise-stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="eps_i also enters the backbone's input row i through a zero-initialised linear map (every "
+                        "layer sees the position's own noise, as in DD1), not only the head")
     m.add_argument("--device", type=device, default="cpu")
     m.add_argument("--seed", type=int, default=None)
     m.set_defaults(func=cmd_fit_map)

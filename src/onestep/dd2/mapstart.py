@@ -87,6 +87,7 @@ class MapFitConfig:
     grad_clip: float = 1.0
     generator_t: float = 1.0     # the generator's parameterisation (ARDiffusion.generate), kept by stage 2
     cells_temperature: float = 0.0  # > 0: cross-entropy of the map's token over -|x - c_j|^2 / tau (regression_loss)
+    noise_stream: bool = False   # eps_i also enters the backbone's input row i (ARDiffusion, zero-initialised)
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 100
@@ -129,8 +130,10 @@ def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cf
     if pairs["ids"].shape[1] != teacher.seq_len or int(pairs["ids"].max()) >= cb.shape[0]:
         raise ValueError(f"pairs in {pairs_dir} do not fit the teacher ({teacher.seq_len} positions, {cb.shape[0]} codes)")
     model.generator_t = cfg.generator_t
+    if cfg.noise_stream:
+        model = ARDiffusion(model.backbone, model.head, cfg.generator_t, noise_stream=True).to(info.device)
     model.train().requires_grad_(True)
-    model_cfg = {**tune_cfg["model"], "generator_t": cfg.generator_t}
+    model_cfg = {**tune_cfg["model"], "generator_t": cfg.generator_t, "noise_stream": cfg.noise_stream}
     config = {"kind": "dd2-generator", "stage": "dd2-fit-map", "map_fit": cfg, "sampling": tune_cfg["sampling"],
               "teacher_dir": ref_to(teacher_dir, run_dir), "tune_dir": ref_to(tune_dir, run_dir),
               "pairs_dir": ref_to(pairs_dir, run_dir), "model": model_cfg}

@@ -102,12 +102,22 @@ class MLPHead(nn.Module):
 
 
 class ARDiffusion(nn.Module):
-    """Causal backbone + MLP velocity head (the AR-diffusion model, generator and guidance network)."""
+    """Causal backbone + MLP velocity head (the AR-diffusion model, generator and guidance network).
 
-    def __init__(self, backbone: nn.Module, head: MLPHead, generator_t: float = 1.0):
+    ``noise_stream`` (generators only; backbones whose ``features`` take ``extra``): a linear map of eps_i, zero at the
+    start, added to the backbone's input row i in :meth:`generate`, so that eps_i reaches every layer of the backbone
+    and not only the head (as in DD1, whose transformer reads the noise of every position). Zero-initialised, it
+    changes nothing until trained."""
+
+    def __init__(self, backbone: nn.Module, head: MLPHead, generator_t: float = 1.0, noise_stream: bool = False):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.generator_t = generator_t
+        self.noise_stream = None
+        if noise_stream:
+            self.noise_stream = nn.Linear(head.code_dim, backbone.feature_dim)
+            nn.init.zeros_(self.noise_stream.weight)
+            nn.init.zeros_(self.noise_stream.bias)
 
     def features(self, x: Tensor, labels: Tensor) -> Tensor:
         """f (B, n, D): row i depends on x_<i (continuous vectors) and the label."""
@@ -127,7 +137,11 @@ class ARDiffusion(nn.Module):
         With ``generator_t`` = s < 1 the head reads the noise as a point of time s, x_s = s eps_i, and
         the output is its denoised estimate x_i = x_s - s v(x_s, s, f_i) (s = 1: the paper's form)."""
         s = self.generator_t
-        return self.denoise(eps * s, s, self.features(eps, labels))
+        if self.noise_stream is None:
+            f = self.features(eps, labels)
+        else:
+            f = self.backbone.features(eps, labels, extra=self.noise_stream(eps.float()))
+        return self.denoise(eps * s, s, f)
 
     def forward(self, eps: Tensor, labels: Tensor) -> Tensor:
         return self.generate(eps, labels)

@@ -43,11 +43,16 @@ class CausalMLPBackbone(nn.Module):
         self.net = nn.Sequential(nn.Linear(seq_len * code_dim + seq_len, width), nn.SiLU(),
                                  nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
 
-    def features(self, x: Tensor, labels: Tensor) -> Tensor:
+    def features(self, x: Tensor, labels: Tensor, extra: Tensor | None = None) -> Tensor:
+        """f (B, n, width); ``extra`` (B, n, width), optional, is added after the first layer (the generator's noise
+        stream, :class:`~onestep.dd2.model.ARDiffusion`)."""
         B, n, C = x.shape
         prefix = (self.mask[None, :, :, None] * x[:, None]).reshape(B, n, n * C) * self.input_gain  # row i: x_j, j < i
         pos = torch.eye(n, device=x.device).expand(B, n, n)
-        return self.net(torch.cat([prefix, pos], -1)) + self.label(labels)[:, None]
+        h = self.net[0](torch.cat([prefix, pos], -1))
+        if extra is not None:
+            h = h + extra
+        return self.net[1:](h) + self.label(labels)[:, None]
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
                              f"{cfg.generator_t}: pass --generator-t {fitted.generator_t}")
         generator = fitted.train()
     dd2 = DD2(generator, guidance, teacher, sampling, cfg)  # applies cfg's head gain and generator_t
-    model_cfg = {**tune_cfg["model"], "head": generator.head.config(), "generator_t": cfg.generator_t}
+    model_cfg = {**tune_cfg["model"], "head": generator.head.config(), "generator_t": cfg.generator_t,
+                 "noise_stream": generator.noise_stream is not None}
     config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg, "sampling": tune_cfg["sampling"],
               "teacher_dir": ref_to(teacher_dir, run_dir), "tune_dir": ref_to(tune_dir, run_dir),
               "model": model_cfg, "recipe": "gts" if generator_init is None else "map"}

@@ -102,7 +102,8 @@ def load_ardiffusion(model_dir: str | Path, device="cpu") -> tuple[ARDiffusion, 
         backbone.copy_quantizer(teacher)
     else:
         backbone = GPT(ModelArgs.from_dict(config["model"]["backbone"]), codebook=teacher.codebook().cpu())
-    model = ARDiffusion(backbone, MLPHead(**config["model"]["head"]), config["model"].get("generator_t", 1.0))
+    model = ARDiffusion(backbone, MLPHead(**config["model"]["head"]), config["model"].get("generator_t", 1.0),
+                        config["model"].get("noise_stream", False))
     ckpt.load_model_weights(d, model)
     return model.to(device).eval(), config
 

@@ -259,9 +259,14 @@ class GPT(ARTeacher):
             x = self.ids_to_codes(x)
         return self.tok_mlp(x.to(self.tok_mlp[0].weight.dtype))
 
-    def features(self, x: Tensor, labels: Tensor) -> Tensor:
-        """(B, n, dim) normed hidden states: row i = [class, x_0..x_{i-1}] -> predicts token i."""
+    def features(self, x: Tensor, labels: Tensor, extra: Tensor | None = None) -> Tensor:
+        """(B, n, dim) normed hidden states: row i = [class, x_0..x_{i-1}] -> predicts token i.
+
+        ``extra`` (B, n, dim), optional, is added to the input rows (row i's input is the class or x_{i-1}): the DD2
+        generator's noise stream feeds eps_i there (:class:`onestep.dd2.model.ARDiffusion`)."""
         h = torch.cat([self.cls_embedding(labels)[:, None], self.embed_tokens(x[:, :-1])], dim=1)
+        if extra is not None:
+            h = h + extra.to(h.dtype)
         rope = self.rope[: h.shape[1]]
         for layer in self.layers:
             h = layer(h, rope)

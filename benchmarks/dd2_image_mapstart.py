@@ -1,0 +1,65 @@
+"""The map-start recipe on the image teacher, at the demo's budget: is the regression-only DD2 generator as good as DD1?
+
+    onestep demo --root runs/quick                                   # teacher, DD1 (2048 pairs, 150 steps), DD2
+    onestep dd2 fit-map --tune runs/quick/dd2-tune --pairs runs/quick/dd1-pairs --run-dir runs/quick/dd2-map \\
+        --steps 150 --batch-size 64 --lr 3e-4 --generator-t 0.5      # + --cells-temperature 0.05 / --noise-stream
+    onestep dd2 train --tune runs/quick/dd2-tune --generator-init runs/quick/dd2-map --run-dir runs/quick/dd2-from-map \\
+        --steps 40 --guidance-warmup 20 --lr 2e-5 --lr-schedule cosine --generator-t 0.5
+    onestep eval --run RUN --method dd2 -n 1000 --n-inception 0 --out runs/quick/evals-extra/NAME.json
+    python benchmarks/dd2_image_mapstart.py --root runs/quick
+
+The map fits use DD1's pairs, steps, batch and LR, so their cost is DD1's training cost. This script collects the
+evaluations (classifier FID on 1000 samples, the same labels and noise rule for every row) and the CPU times into
+benchmarks/results/dd2-image-mapstart.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import provenance, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [  # (row, recipe, eval file relative to the root, run directory whose metrics give the CPU time)
+    ("teacher (49 AR steps)", "-", "evals/teacher.json", None),
+    ("DD1 1-step (CE on the map's tokens, 150 steps)", "dd1", "evals/dd1-1step.json", "dd1"),
+    ("DD2 1-step, paper recipe (stage 1, 40 CSD steps)", "gts", "evals/dd2-1step.json", "dd2"),
+    ("DD2 generator regressed onto DD1's pairs (MSE, 150 steps)", "map fit", "evals-extra/dd2-map-fit.json", "dd2-map"),
+    ("same, cross-entropy over the cells (tau 0.05)", "map fit", "evals-extra/dd2-map-fit-cells.json", "dd2-map-cells"),
+    ("same as MSE, with the noise stream into the backbone", "map fit", "evals-extra/dd2-map-fit-stream.json",
+     "dd2-map-stream"),
+    ("MSE map fit + 20 guidance-only + 40 CSD steps (LR 2e-5)", "map", "evals-extra/dd2-from-map.json", "dd2-from-map"),
+]
+
+
+def cpu_s(root: Path, run: str | None):
+    if run is None:
+        return None
+    m = json.loads((root / run / "metrics.json").read_text())
+    return m.get("cpu_time_s", m.get("train_cpu_time_s"))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/quick")
+    a = p.parse_args(argv)
+    root = Path(a.root)
+    table = []
+    for name, recipe, ev, run in ROWS:
+        if (root / ev).exists():
+            r = json.loads((root / ev).read_text())
+            table.append({"row": name, "recipe": recipe, "n": r["n"], "fid_classifier": r["fid_classifier"],
+                          "inception_score": r["inception_score"], "precision": r["precision"], "recall": r["recall"],
+                          "class_accuracy": r["class_accuracy"], "train_cpu_s": cpu_s(root, run)})
+    floor = json.loads((root / "evals-extra/dd2-map-fit.json").read_text())["data_floor"]["fid_classifier"]
+    result = {**provenance(), "root": str(root), "data_floor_fid_classifier_1000": floor, "table": table}
+    write_results(ROOT / "benchmarks/results/dd2-image-mapstart", result,
+                  "DD2's map-start recipe on the Fashion-MNIST teacher at the demo's budget")
+    return result
+
+
+if __name__ == "__main__":
+    main()

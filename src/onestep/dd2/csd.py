@@ -34,7 +34,7 @@ class CSDConfig:
                                             # ~40% of a turn's cost (benchmarks/results/dd2-tabular.notes.md)
     m_noise: int = 4             # noise draws per generated sequence for the guidance DSM loss
     m_noise_gen: int = 1         # (t, eps) draws per generated sequence in the generator's CSD loss (1 = paper)
-    alpha: float = 1.0           # SiD alpha (paper: 1.0; 1.2 diverged in the prototype)
+    alpha: float = 1.0           # SiD alpha (DD2 paper: 1.0; SiD's own default is 1.2)
     loss_form: str = "sid"       # generator loss: "sid" (paper) or "dmd" (no Jacobian of the denoisers, an ablation)
     t_min: float = 0.02          # generator-turn t range
     t_max: float = 0.98

@@ -331,7 +331,7 @@ def test_onestep_star_marginals():
     assert (baselines.estimate_marginals(draws, 4) - est).abs().max() < 0.015
 
 
-# ---- stages, commands and samplers (issue 5: pairs, train, sample, baselines, cost) --------------------------
+# ---- stages, commands and samplers (pairs, train, sample, baselines, cost) ---------------------------------------
 def test_teacher_stepping_helper_end_step_and_prefix(tiny_gpt):
     """sample_tokens with end_step draws exactly the first AR steps of the full sampler (one stepping loop)."""
     cfg = _tiny_cfg()

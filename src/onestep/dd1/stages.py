@@ -7,7 +7,7 @@
   (:mod:`onestep.dd1.train`) through the shared :class:`onestep.trainer.TrainLoop` (checkpoints, resume,
   ``log.jsonl``, NaN guard, DDP), then writes ``final/`` (kind "dd1") and ``metrics.json``.
 
-Cost (issue 5.6): the pairs manifest records ``wall_s`` (sum of the shards' generation times, so a
+Cost: the pairs manifest records ``wall_s`` (sum of the shards' generation times, so a
 resumed run counts only the work that made the kept shards); the training run's ``metrics.json``
 records ``train_wall_time_s`` (sum of the optimisation steps' wall times, saved with each checkpoint,
 so steps redone after a crash count once), copies ``pairs_wall_time_s`` and gives their sum

@@ -88,8 +88,8 @@ def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256,
 
 
 # method name -> "module:function"; each builder is ``fn(run_dir, device, args) -> Sampler``. ``args`` is the
-# parsed command line of ``onestep sample`` (sampling rule, ``steps``, ``continuous``, ``conti_from``) or None for
-# defaults.
+# parsed command line of ``onestep sample`` or an :class:`onestep.api.SampleSpec` (both carry the sampling rule,
+# ``steps`` and ``continuous`` under the same names; ``conti_from`` when present), or None for defaults.
 SAMPLER_BUILDERS = {
     "teacher": "onestep.samplers:_build_teacher",
     "teacher-nocache": "onestep.samplers:_build_teacher",

@@ -1,0 +1,184 @@
+"""The Python API: load any run (teacher, DD1, DD2) and sample images from it.
+
+    import onestep
+    gen = onestep.load("runs/dd2", device="cpu")        # the method follows the run's recorded kind
+    images = gen.sample([0, 1, 2], steps=1, seed=0)     # uint8 (N, C, H, W)
+
+Sampling goes through the same samplers and per-batch seeds as ``onestep sample``, so the same run, labels, seed,
+settings and batch size give the same images from the API and from the command line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+METHODS = ("teacher", "teacher-nocache", "dd1", "dd2")
+# the teacher's sampling rule when a teacher run is sampled without settings: the defaults of ``onestep sample``
+TEACHER_DEFAULTS = {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+RULE_FIELDS = tuple(TEACHER_DEFAULTS)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How a run is sampled.
+
+    method: "teacher" (KV cache), "teacher-nocache", "dd1" or "dd2".
+    steps: sequential network calls; 1 = one step, more = the method's multi-step rule (DD1: 2 = two-step,
+        K >= 3 = teacher-involved; DD2: one step, then the teacher re-samples its last K - 1 AR steps).
+    continuous: DD2 one-step only: decode the generator's continuous vectors instead of their nearest codes.
+    cfg_scale, cfg_schedule, temperature, top_k, top_p: the teacher's sampling rule
+        (:class:`onestep.teacher.sampling.SamplingConfig`); None takes the default: for a teacher run the defaults of
+        ``onestep sample`` (``TEACHER_DEFAULTS``), for a DD1 / DD2 run the rule the run was distilled under (a DD1 /
+        DD2 run samples under that rule only, so another value is refused).
+
+    The samplers read these attributes by name (the same names as the options of ``onestep sample``).
+    """
+
+    method: str = "teacher"
+    steps: int = 1
+    continuous: bool = False
+    cfg_scale: float | None = None
+    cfg_schedule: str | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def run_kind(run_dir: str | Path) -> str:
+    """The method a run directory samples with: "teacher", "dd1" or "dd2", read from its recorded kind
+    (``final/config.json``); ValueError for a directory that holds no finished run or a run that is not sampled."""
+    from onestep import checkpoint as ckpt
+    from onestep.runs import final_dir
+
+    try:
+        config = ckpt.read_json(final_dir(run_dir) / "config.json")
+    except ckpt.CheckpointError as e:
+        raise ValueError(str(e)) from None
+    kind = config.get("kind")
+    if kind == "teacher":
+        return "teacher"
+    if kind == "dd1":
+        return "dd1"
+    if kind == "dd2-generator":  # `dd2 train` and `dd2 fit-map` runs
+        return "dd2"
+    if kind == "dd2-ardiffusion":
+        _fail(f"{run_dir} is a DD2 stage-1 (dd2 tune) run: load a `dd2 train` or `dd2 fit-map` run")
+    _fail(f"{run_dir} is a {kind!r} run: load a teacher, DD1 or DD2 run")
+
+
+def _recorded_rule(run_dir: str | Path) -> dict:
+    from onestep import checkpoint as ckpt
+    from onestep.runs import final_dir
+
+    return dict(ckpt.read_json(final_dir(run_dir) / "config.json")["sampling"])
+
+
+class Generator:
+    """A loaded run that samples images: ``sample(labels, steps=None, seed=0, **settings)``.
+
+    Attributes: ``method``, ``num_classes``, ``device``, ``image_shape`` (C, H, W), ``spec`` (the default
+    :class:`SampleSpec`, its rule fields filled in), ``run_dir``.
+    """
+
+    def __init__(self, run_dir: str | Path, device="cpu", method: str | None = None, **settings):
+        import torch
+
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device)
+        kind = run_kind(run_dir)
+        method = method or kind
+        if method not in METHODS:
+            _fail(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if (method.startswith("teacher") and kind != "teacher") or (not method.startswith("teacher") and method != kind):
+            _fail(f"{run_dir} is a {kind} run; method {method!r} does not apply to it")
+        self.method = method
+        self._rule = _recorded_rule(run_dir) if kind in ("dd1", "dd2") else dict(TEACHER_DEFAULTS)
+        self._samplers: dict = {}
+        self.spec = self._resolve(SampleSpec(method=method), settings)
+        sampler = self._sampler(self.spec)
+        self.num_classes = int(sampler.info["num_classes"])
+        from onestep.runs import tokenizer_image_shape
+
+        self.image_shape = tokenizer_image_shape(sampler.tokenizer)
+
+    def __repr__(self) -> str:
+        return f"Generator(run_dir={str(self.run_dir)!r}, method={self.method!r}, device={str(self.device)!r})"
+
+    def _resolve(self, spec: SampleSpec, settings: dict) -> SampleSpec:
+        """``spec`` with ``settings`` applied, validated, its None rule fields filled in."""
+        names = {f.name for f in fields(SampleSpec)} - {"method"}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            _fail(f"unknown sampling setting {unknown[0]!r}; choose from {', '.join(sorted(names))}")
+        spec = replace(spec, **settings)
+        if isinstance(spec.steps, bool) or not isinstance(spec.steps, int) or spec.steps < 1:
+            _fail(f"steps must be an integer >= 1, got {spec.steps!r}")
+        filled = {k: self._rule[k] if getattr(spec, k) is None else getattr(spec, k) for k in RULE_FIELDS}
+        if self.method in ("dd1", "dd2"):
+            for k in RULE_FIELDS:
+                if filled[k] != self._rule[k]:
+                    _fail(f"this {self.method} run samples under the rule it was distilled with ({k}={self._rule[k]!r}), "
+                          f"not {k}={filled[k]!r}")
+        from onestep.teacher.sampling import SamplingConfig
+
+        SamplingConfig(**filled)  # ValueError for an invalid rule
+        return replace(spec, **filled)
+
+    def _sampler(self, spec: SampleSpec):
+        """The :class:`~onestep.samplers.Sampler` for a resolved spec (built once per spec)."""
+        from onestep import checkpoint as ckpt
+        from onestep.samplers import build_sampler
+
+        if spec not in self._samplers:
+            try:
+                self._samplers[spec] = build_sampler(spec.method, str(self.run_dir), device=self.device, args=spec)
+            except ckpt.CheckpointError as e:
+                raise ValueError(str(e)) from None
+        return self._samplers[spec]
+
+    def labels_tensor(self, labels):
+        """``labels`` (a list of ints or an integer tensor) as a 1-D LongTensor on the device; ValueError when one is
+        not a class of the run."""
+        import torch
+
+        t = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(list(labels))
+        if t.ndim != 1 or t.numel() == 0:
+            _fail(f"labels must be a non-empty 1-D list or tensor of class ids, got shape {tuple(t.shape)}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            _fail(f"labels must be integers, got dtype {t.dtype}")
+        bad = t[(t < 0) | (t >= self.num_classes)]
+        if bad.numel():
+            _fail(f"label {int(bad[0])} is not a class of this run (it has {self.num_classes} classes: "
+                  f"0..{self.num_classes - 1})")
+        return t.long().to(self.device)
+
+    def sample(self, labels, steps: int | None = None, seed: int = 0, batch_size: int = 100, **settings):
+        """uint8 images (N, C, H, W) on the CPU, one per label.
+
+        ``steps`` (None: the generator's default, 1) and ``settings`` (any :class:`SampleSpec` field but ``method``:
+        ``continuous``, ``cfg_scale``, ``cfg_schedule``, ``temperature``, ``top_k``, ``top_p``) override the default
+        spec for this call. Batch b of ``batch_size`` labels draws its noise from a stream of ``seed`` (as
+        ``onestep sample``), so the same seed and batch size give the same images.
+        """
+        from onestep.samplers import generate
+
+        if steps is not None:
+            settings["steps"] = steps
+        spec = self._resolve(self.spec, settings)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            _fail(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        t = self.labels_tensor(labels)
+        out = generate(self._sampler(spec), t, int(seed), batch_size=batch_size, progress=False, keep_tokens=False)
+        return out["images"]
+
+
+def load(run_dir: str | Path, device="cpu", method: str | None = None, **settings) -> Generator:
+    """A :class:`Generator` for a run directory: a teacher run ("teacher"), a DD1 run ("dd1") or a DD2 generator run
+    (``dd2 train`` or ``dd2 fit-map``: "dd2"), the method read from the run's recorded kind unless ``method`` names
+    it ("teacher-nocache": the teacher without its KV cache). ``settings`` (:class:`SampleSpec` fields) set the
+    generator's default spec. ValueError with one line for a directory that holds no such run."""
+    return Generator(run_dir, device=device, method=method, **settings)

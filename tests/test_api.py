@@ -1,0 +1,130 @@
+"""The Python API (onestep.load / Generator.sample) on tiny teacher, DD1 and DD2 runs made through the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import onestep
+from onestep.cli import main
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_data = pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny models gain nothing from more, and a busy machine slows them down."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny tokenizer and teacher (two training steps each), a tiny DD1 run and a tiny DD2 run, all through the CLI."""
+    if not FASHION.exists():
+        pytest.skip("Fashion-MNIST not installed")
+    root = tmp_path_factory.mktemp("api")
+    main(["train-tokenizer", "--preset", "tiny", "--steps", "2", "--run-dir", str(root / "tok"), "--seed", "1"])
+    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(root / "tok"), "--steps", "2",
+          "--run-dir", str(root / "teacher"), "--seed", "1"])
+    teacher = str(root / "teacher")
+    main(["dd1", "pairs", "--teacher", teacher, "--out", str(root / "pairs"), "--preset", "tiny", "--seed", "3"])
+    main(["dd1", "train", "--pairs", str(root / "pairs"), "--teacher", teacher, "--run-dir", str(root / "dd1"),
+          "--preset", "tiny"])
+    main(["dd2", "adapt", "--preset", "tiny", "--teacher", teacher, "--run-dir", str(root / "adapt"),
+          "--steps", "2", "--fit-steps", "5"])
+    main(["dd2", "tune", "--preset", "tiny", "--teacher", str(root / "adapt"), "--run-dir", str(root / "tune")])
+    main(["dd2", "train", "--preset", "tiny", "--tune", str(root / "tune"), "--run-dir", str(root / "dd2")])
+    return root
+
+
+def test_import_is_cheap():
+    code = "import sys, onestep; assert 'torch' not in sys.modules; onestep.SampleSpec; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@needs_data
+@pytest.mark.parametrize("run,method", [("teacher", "teacher"), ("dd1", "dd1"), ("dd2", "dd2"), ("adapt", "teacher")])
+def test_load_infers_method_and_samples_uint8(runs, run, method):
+    gen = onestep.load(runs / run, device="cpu")
+    assert gen.method == method and gen.num_classes == 10 and gen.device == torch.device("cpu")
+    assert gen.image_shape == (1, 28, 28)
+    images = gen.sample([0, 1, 2], steps=1, seed=0)
+    assert images.dtype == torch.uint8 and images.shape == (3, 1, 28, 28)
+    again = gen.sample(torch.tensor([0, 1, 2]), seed=0)
+    assert torch.equal(images, again)  # a list and a LongTensor, same seed: the same images
+    assert not torch.equal(images, gen.sample([0, 1, 2], seed=1))
+
+
+@needs_data
+def test_api_matches_onestep_sample(runs):
+    out = runs / "cli-samples"
+    main(["sample", "--run", str(runs / "teacher"), "-n", "4", "--labels", "3,7", "--seed", "5", "--out", str(out)])
+    with np.load(out / "teacher.npz") as f:
+        cli = torch.from_numpy(f["images"])
+    assert torch.equal(onestep.load(runs / "teacher").sample([3, 7, 3, 7], seed=5), cli)
+
+
+@needs_data
+@pytest.mark.parametrize("run", ["dd1", "dd2"])
+def test_multi_step(runs, run):
+    gen = onestep.load(runs / run)
+    two = gen.sample([4, 5], steps=2, seed=0)
+    assert two.dtype == torch.uint8 and two.shape == (2, 1, 28, 28)
+    assert torch.equal(two, gen.sample([4, 5], steps=2, seed=0))
+    three = gen.sample([4, 5], steps=3, seed=0)
+    assert three.shape == (2, 1, 28, 28)
+
+
+@needs_data
+def test_teacher_sampling_settings_reach_the_sampler(runs):
+    gen = onestep.load(runs / "teacher")
+    labels = list(range(10)) * 2
+    a = gen.sample(labels, seed=0, cfg_scale=1.0)
+    assert not torch.equal(a, gen.sample(labels, seed=0, cfg_scale=100.0))  # (a 2-step teacher's guidance is weak)
+    gen.sample(labels[:1], seed=0, cfg_scale=3.0, top_k=5)
+    assert {"cfg_scale": 3.0, "top_k": 5}.items() <= gen._sampler(
+        onestep.SampleSpec(cfg_scale=3.0, top_k=5, cfg_schedule="constant", temperature=1.0, top_p=1.0)).info["sampling"].items()
+    assert torch.equal(a, gen.sample(labels, seed=0, cfg_scale=1.0))
+    assert torch.equal(gen.sample(labels, seed=0), gen.sample(labels, seed=0, cfg_scale=2.0))  # the CLI's default
+    nocache = onestep.load(runs / "teacher", method="teacher-nocache")
+    assert torch.equal(nocache.sample(labels, seed=0, top_k=4), gen.sample(labels, seed=0, top_k=4))
+
+
+@needs_data
+def test_dd2_continuous_and_spec(runs):
+    gen = onestep.load(runs / "dd2")
+    rule = json.loads((runs / "dd2" / "final" / "config.json").read_text())["sampling"]
+    assert gen.spec == onestep.SampleSpec(method="dd2", steps=1, continuous=False, **rule)
+    cont = gen.sample([0, 1], continuous=True)
+    assert cont.shape == (2, 1, 28, 28) and cont.dtype == torch.uint8
+    assert torch.equal(gen.sample([0, 1], cfg_scale=rule["cfg_scale"]), gen.sample([0, 1]))  # the recorded rule
+
+
+@needs_data
+def test_errors_are_value_errors(runs, tmp_path):
+    gen = onestep.load(runs / "dd1")
+    cases = [
+        (lambda: gen.sample([0, 10]), "label 10 is not a class of this run"),
+        (lambda: gen.sample(torch.tensor([-1])), "label -1 is not a class"),
+        (lambda: gen.sample([0.5]), "labels must be integers"),
+        (lambda: gen.sample([0], steps=0), "steps must be an integer >= 1"),
+        (lambda: gen.sample([0], cfg_scale=7.0), "samples under the rule it was distilled with"),
+        (lambda: gen.sample([0], guidance=2.0), "unknown sampling setting 'guidance'"),
+        (lambda: onestep.load(tmp_path), "holds no finished model"),
+        (lambda: onestep.load(tmp_path / "missing"), "does not exist"),
+        (lambda: onestep.load(runs / "tok"), "'tokenizer' run"),
+        (lambda: onestep.load(runs / "tune"), "stage-1"),
+        (lambda: onestep.load(runs / "dd1", method="dd2"), "does not apply"),
+        (lambda: onestep.load(runs / "teacher", method="nope"), "unknown method"),
+    ]
+    for call, text in cases:
+        with pytest.raises(ValueError, match=text) as e:
+            call()
+        assert "\n" not in str(e.value)

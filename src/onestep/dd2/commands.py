@@ -180,7 +180,7 @@ def register(sub) -> None:
     m.add_argument("--batch-size", type=positive_int, default=None)
     m.add_argument("--lr", type=positive_float, default=None)
     m.add_argument("--generator-t", type=unit_interval, default=None,
-                   help="time s in (0, 1] at which the generator's head reads the noise (default 1)")
+                   help="time s in (0, 1] at which the generator's head reads the noise (default: the preset's; small: 0.5, as dd2 train's small preset)")
     m.add_argument("--cells-temperature", type=nonneg_float, default=None,
                    help="> 0: cross-entropy of the map's token over -|x - c_j|^2 / T instead of the squared error")
     m.add_argument("--noise-stream", action=argparse.BooleanOptionalAction, default=None,

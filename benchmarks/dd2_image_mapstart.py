@@ -6,11 +6,16 @@
     onestep dd2 train --tune runs/quick/dd2-tune --generator-init runs/quick/dd2-map --run-dir runs/quick/dd2-from-map \\
         --steps 40 --guidance-warmup 20 --lr 2e-5 --lr-schedule cosine --generator-t 0.5
     onestep eval --run RUN --method dd2 -n 1000 --n-inception 0 --out runs/quick/evals-extra/NAME.json
-    python benchmarks/dd2_image_mapstart.py --root runs/quick
+    # the bench's budget (DD1's small preset: 12k pairs, 900 steps, batch 64, LR 3e-4), from the same stage-1 model
+    onestep dd1 pairs --teacher assets/fashion-mnist/teacher --out runs/bench-map/dd1-pairs -n 12000 --cfg-scale 2.0
+    onestep dd2 fit-map --tune runs/quick/dd2-tune --pairs runs/bench-map/dd1-pairs --run-dir runs/bench-map/dd2-map \
+        --steps 900 --batch-size 64 --lr 3e-4 --generator-t 0.5
+    onestep eval --run runs/bench-map/dd2-map --method dd2 -n 2000 --n-inception 0 --out runs/bench-map/dd2-map-fit.json
+    python benchmarks/dd2_image_mapstart.py --root runs/quick --bench-root runs/bench-map
 
 The map fits use DD1's pairs, steps, batch and LR, so their cost is DD1's training cost. This script collects the
-evaluations (classifier FID on 1000 samples, the same labels and noise rule for every row) and the CPU times into
-benchmarks/results/dd2-image-mapstart.{json,md}.
+evaluations (classifier FID on 1000 samples at the demo's budget, 2000 at the bench's) and the CPU times into
+benchmarks/results/dd2-image-mapstart.{json,md}; the bench's DD1 row is read from benchmarks/results/paper-table.json.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ def cpu_s(root: Path, run: str | None):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/quick")
+    p.add_argument("--bench-root", default="runs/bench-map")
     a = p.parse_args(argv)
     root = Path(a.root)
     table = []
@@ -55,7 +61,23 @@ def main(argv=None) -> dict:
                           "inception_score": r["inception_score"], "precision": r["precision"], "recall": r["recall"],
                           "class_accuracy": r["class_accuracy"], "train_cpu_s": cpu_s(root, run)})
     floor = json.loads((root / "evals-extra/dd2-map-fit.json").read_text())["data_floor"]["fid_classifier"]
-    result = {**provenance(), "root": str(root), "data_floor_fid_classifier_1000": floor, "table": table}
+    bench = []
+    dd1 = next(r for r in json.loads((ROOT / "benchmarks/results/paper-table.json").read_text())["rows"]
+               if r["method"] == "dd1-1step")
+    bench.append({"row": "DD1 1-step, the bench (benchmarks/results/paper-table.json)", "recipe": "dd1", "n": 2000,
+                  "fid_classifier": dd1["fid_classifier"], "inception_score": dd1.get("inception_score"),
+                  "precision": dd1.get("precision"), "recall": dd1.get("recall"),
+                  "class_accuracy": dd1.get("class_accuracy")})
+    fit = Path(a.bench_root) / "dd2-map-fit.json"
+    if fit.exists():
+        r = json.loads(fit.read_text())
+        bench.append({"row": "DD2 generator regressed onto the bench's 12k pairs (MSE, 900 steps)", "recipe": "map fit",
+                      "n": r["n"], "fid_classifier": r["fid_classifier"], "inception_score": r["inception_score"],
+                      "precision": r["precision"], "recall": r["recall"], "class_accuracy": r["class_accuracy"],
+                      "train_cpu_s": cpu_s(Path(a.bench_root), "dd2-map"),
+                      "pairs_cpu_s": json.loads((Path(a.bench_root) / "dd1-pairs/manifest.json").read_text())["cpu_s"]})
+    result = {**provenance(), "root": str(root), "data_floor_fid_classifier_1000": floor, "table": table,
+              "bench_budget": bench}
     write_results(ROOT / "benchmarks/results/dd2-image-mapstart", result,
                   "DD2's map-start recipe on the Fashion-MNIST teacher at the demo's budget")
     return result

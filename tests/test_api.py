@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_tiny_tokenizer_and_teacher
+
 import onestep
 from onestep.cli import main
 
@@ -29,10 +31,7 @@ def runs(tmp_path_factory):
     """Tiny tokenizer and teacher (two training steps each), a tiny DD1 run and a tiny DD2 run, all through the CLI."""
     if not FASHION.exists():
         pytest.skip("Fashion-MNIST not installed")
-    root = tmp_path_factory.mktemp("api")
-    main(["train-tokenizer", "--preset", "tiny", "--steps", "2", "--run-dir", str(root / "tok"), "--seed", "1"])
-    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(root / "tok"), "--steps", "2",
-          "--run-dir", str(root / "teacher"), "--seed", "1"])
+    root = train_tiny_tokenizer_and_teacher(tmp_path_factory.mktemp("api"))
     teacher = str(root / "teacher")
     main(["dd1", "pairs", "--teacher", teacher, "--out", str(root / "pairs"), "--preset", "tiny", "--seed", "3"])
     main(["dd1", "train", "--pairs", str(root / "pairs"), "--teacher", teacher, "--run-dir", str(root / "dd1"),

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import pytest
 
+from conftest import train_tiny_tokenizer_and_teacher
+
 from onestep.cli import build_parser, main
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -28,11 +30,7 @@ def tiny_runs(tmp_path_factory):
     """A tiny tokenizer and teacher trained for two steps each through the CLI."""
     if not FASHION.exists():
         pytest.skip("Fashion-MNIST not installed")
-    root = tmp_path_factory.mktemp("cli")
-    main(["train-tokenizer", "--preset", "tiny", "--steps", "2", "--run-dir", str(root / "tok"), "--seed", "1"])
-    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(root / "tok"), "--steps", "2",
-          "--run-dir", str(root / "teacher"), "--seed", "1"])
-    return root
+    return train_tiny_tokenizer_and_teacher(tmp_path_factory.mktemp("cli"))
 
 
 @needs_data

@@ -359,14 +359,6 @@ from onestep.dd2.tabular import TabularRunConfig, fit_tabular  # noqa: E402
 EXACTNESS_TV = 0.05  # acceptance bound on TV(generator's quantised joint, teacher's exact joint); not to be loosened
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tabular_run():
     """The paper's recipe (stage-1 GTS tuning, then pure CSD; the default TabularRunConfig, 1200 CSD steps) on the

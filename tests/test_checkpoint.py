@@ -137,7 +137,7 @@ def test_a_trainer_state_with_numpy_rng_arrays_still_resumes(tmp_path):
 
 
 def test_every_torch_load_is_weights_only():
-    """torch.load with weights_only=False unpickles arbitrary code: every call in the project passes
+    """A torch.load that is not weights-only unpickles arbitrary code: every call in the project passes
     weights_only=True."""
     import ast
     from pathlib import Path

@@ -16,7 +16,6 @@ was not initialised from) and a low, decaying generator LR: the exact map is a f
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from onestep.dd2.model import ARDiffusion
-from onestep.trainer import guarded_step, make_optimizer
+from onestep.trainer import guarded_step, make_optimizer, warmup_cosine
 
 
 def regression_loss(generator: ARDiffusion, eps: Tensor, labels: Tensor, target: Tensor,
@@ -43,26 +42,19 @@ def regression_loss(generator: ARDiffusion, eps: Tensor, labels: Tensor, target:
     return torch.nn.functional.cross_entropy(logits, ids.reshape(-1))
 
 
-def cosine_lr(lr: float, step: int, steps: int, warmup: int = 0) -> float:
-    """Linear warm-up over ``warmup`` steps, then a cosine from ``lr`` to 0 at the last step."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 def fit_to_map(generator: ARDiffusion, batches: Callable[[int], tuple[Tensor, Tensor, Tensor]], steps: int,
                lr: float, warmup: int = 0, grad_clip: float = 1.0,
                log: Callable[[int, float], None] | None = None, log_every: int = 100) -> float:
     """Phase 1: ``steps`` Adam steps of :func:`regression_loss`; ``batches(step)`` returns (eps, labels, target).
 
-    Returns the last loss. Adam betas (0.9, 0.95) as in CSD; the LR follows :func:`cosine_lr`."""
+    Returns the last loss. Adam betas (0.9, 0.95) as in CSD; the LR warms up linearly, then
+    follows a cosine to 0 (:func:`onestep.trainer.warmup_cosine`)."""
     opt = make_optimizer(torch.optim.Adam, generator.parameters(), lr=lr, betas=(0.9, 0.95))
     generator.train()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(lr, step, steps, warmup)
+            group["lr"] = warmup_cosine(step, steps, lr, warmup, min_ratio=0.0)
         eps, labels, target = batches(step)
         loss = regression_loss(generator, eps, labels, target)
         opt.zero_grad(set_to_none=True)
@@ -147,7 +139,7 @@ def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cf
 
     def step_fn(step: int) -> dict:
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps)
+            group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps, min_ratio=0.0)
         idx = sched.indices(step)
         ids = pairs["ids"][idx].to(info.device)
         loss = wrapped(pairs["eps"][idx].to(info.device), pairs["labels"][idx].to(info.device), cb[ids], ids)

@@ -216,7 +216,7 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
         out["map_time_s"] = round(time.time() - t0, 2)
         out["tv_map_fit"] = generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1)
         map_fit = copy.deepcopy(dd2.generator)
-    out["tv_csd_start"] = generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1)
+    out["tv_csd_start"] = out["tv_map_fit"] if cfg.recipe == "map" else out["tv_gts_init"]
     sched = CSDSchedule(dd2)
     t1 = time.time()
     for step in range(csd.total_steps):

@@ -58,8 +58,10 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     teacher_dir = resolve_ref(tune_cfg["teacher_dir"], final_dir(tune_dir))
     teacher, _, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     sampling = SamplingConfig(**tune_cfg["sampling"])
-    generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
-    if generator_init is not None:
+    guidance = copy.deepcopy(init).train()
+    if generator_init is None:
+        generator = copy.deepcopy(init).train()
+    else:
         fitted, fit_cfg = load_ardiffusion(generator_init, info.device)
         if fit_cfg.get("stage") != "dd2-fit-map" or \
                 resolve_ref(fit_cfg["tune_dir"], final_dir(generator_init)).resolve() != Path(tune_dir).resolve():

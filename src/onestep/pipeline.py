@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 
 from onestep import checkpoint as ckpt
+from onestep.paths import assets_dir, results_dir
 
-REPO = Path(__file__).resolve().parents[2]
-ASSETS = REPO / "assets"
-RESULTS = REPO / "benchmarks" / "results"
 
 
 @dataclass(frozen=True)
@@ -148,7 +146,7 @@ class Pipeline:
 
     # ---- tokenizer and teacher ----------------------------------------------------------------
     def asset(self, kind: str) -> Path | None:
-        d = ASSETS / self.cfg.data / kind
+        d = assets_dir() / self.cfg.data / kind
         return d if self.cfg.use_assets and ckpt.is_model_dir(d / "final") else None
 
     def tokenizer(self) -> Path:
@@ -489,7 +487,7 @@ class Pipeline:
         if cost.get("dd2_total_s") is not None and cost.get("dd1_total_s") is not None:
             goals["dd2_train_time_le_dd1"] = {"dd2_total_s": cost["dd2_total_s"], "dd1_total_s": cost["dd1_total_s"],
                                               "holds": bool(cost["dd2_total_s"] <= cost["dd1_total_s"])}
-        abl = RESULTS / "dd2-init-ablation.json"  # Table 4 runs on the tabular teacher (benchmarks/dd2_init_ablation.py)
+        abl = results_dir() / "dd2-init-ablation.json"  # Table 4 runs on the tabular teacher (benchmarks/dd2_init_ablation.py)
         init_ablation = json.loads(abl.read_text()) if abl.exists() else None
         return {"rows": full, "data_floor_fid": floor, "cost": cost, "ppl": ppl, "goals": goals,
                 "init_ablation": init_ablation,
@@ -667,13 +665,14 @@ def write_tables_md(path: Path, table: dict) -> Path:
 
 def publish(table: dict, preset: str) -> None:
     """benchmarks/results/paper-table.{json,md} and the per-method views dd1-<preset>, dd2-<preset>."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(RESULTS / "paper-table.json", table)
-    write_tables_md(RESULTS / "paper-table.md", table)
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(results / "paper-table.json", table)
+    write_tables_md(results / "paper-table.md", table)
     for fam in ("dd1", "dd2"):
         sub = {**table, "rows": [r for r in table["rows"] if r["method"].startswith((fam, "teacher", "skip", "onestep"))]}
-        ckpt.write_json(RESULTS / f"{fam}-{preset}.json", sub)
-        write_tables_md(RESULTS / f"{fam}-{preset}.md", sub)
+        ckpt.write_json(results / f"{fam}-{preset}.json", sub)
+        write_tables_md(results / f"{fam}-{preset}.md", sub)
 
 
 def _print_outputs(root: Path, outputs: dict) -> None:

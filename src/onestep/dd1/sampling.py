@@ -250,7 +250,7 @@ def build_sampler(method: str, run_dir, device="cpu", args=None):
     the run's sampling rule). ``args`` may be None (one step). The teacher's sampling flags in ``args``
     matter only for K >= 3 and must then equal the rule the run was distilled with.
     """
-    from onestep.dd1.stages import load_dd1
+    from onestep.dd1.load import load_dd1
 
     if method != "dd1":
         raise ValueError(f"the DD1 builder makes 'dd1' samplers, not {method!r}")
@@ -280,7 +280,7 @@ def dd1_samplers(run_dir, device="cpu", sampling_cfg: SamplingConfig | None = No
     ``steps``: 1, 2 and ``teacher_steps`` (1 DD call + teacher_steps - 2 teacher AR steps + 1 DD call).
     ``sampling_cfg`` (None: the run's) must equal the rule the run was distilled with.
     """
-    from onestep.dd1.stages import load_dd1
+    from onestep.dd1.load import load_dd1
 
     model, config, teacher, tokenizer = load_dd1(run_dir, device)
     cfg = _sampling_of_run(config, sampling_cfg, "dd1_samplers")

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from onestep import checkpoint as ckpt
+from onestep.dd1.load import load_dd1  # noqa: F401  (re-exported: the stage that writes a DD1 run also reads it)
+from onestep.dd1.sampling import default_split, one_step, two_step
 from onestep.distributed import DistInfo, barrier, wrap_ddp
 from onestep.teacher.sampling import SamplingConfig
 
@@ -164,7 +166,6 @@ def check_pairs(pairs_dir: str | Path, teacher_dir: str | Path, teacher=None) ->
 @torch.no_grad()
 def _val_accuracy(model, val: dict, device, batch: int = 128) -> dict:
     """Held-out token accuracy of 1-step and 2-step sampling against the map's tokens (same noise)."""
-    from onestep.dd1.sampling import default_split, one_step, two_step
 
     model.eval()
     one, two = [], []
@@ -271,20 +272,3 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
               flush=True)
     barrier(info)
     return final
-
-
-def load_dd1(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(DD1Generator in eval mode, config, teacher, tokenizer) from a DD1 training run."""
-    from onestep.dd1.model import DD1Generator
-    from onestep.dd1.var_model import VARDD1Generator
-    from onestep.runs import final_dir, load_teacher, resolve_ref
-
-    d = final_dir(run_dir)
-    config = ckpt.read_json(d / "config.json")
-    if config.get("kind") != "dd1":
-        raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a DD1 run (kind 'dd1')")
-    teacher, _, tokenizer = load_teacher(resolve_ref(config["teacher_dir"], d), device)
-    cls = VARDD1Generator if config["model"].get("family") == "var" else DD1Generator
-    model = cls.from_config(config["model"], teacher.codebook().detach().cpu())
-    ckpt.load_model_weights(d, model)
-    return model.to(device).eval(), config, teacher, tokenizer

@@ -8,7 +8,6 @@ accuracy) in ``$ONESTEP_CACHE`` (default ``~/.cache/onestep``), or shipped in ``
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onestep import checkpoint as ckpt
+from onestep.paths import assets_dir, cache_dir
 from onestep.trainer import make_optimizer
 
 
@@ -75,10 +75,6 @@ class Classifier(nn.Module):
             feats.append(f.double().cpu())
             logits.append(self.head(f).double().cpu())
         return torch.cat(feats), torch.cat(logits)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ONESTEP_CACHE", Path.home() / ".cache" / "onestep"))
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -143,9 +139,7 @@ def data_key(data: str, image_shape: tuple[int, int, int], data_root: str | None
 def classifier_dir(data: str, image_shape: tuple[int, int, int], data_root: str | None = None) -> Path:
     """Where the classifier for a data set lives: a shipped asset if present (the fixed data sets), else the cache,
     keyed by :func:`data_key`."""
-    from onestep.pipeline import ASSETS
-
-    shipped = ASSETS / data / "classifier"
+    shipped = assets_dir() / data / "classifier"
     if data != "folder" and ckpt.is_model_dir(shipped):
         return shipped
     return cache_dir() / f"classifier-{data_key(data, image_shape, data_root)}"

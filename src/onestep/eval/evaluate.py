@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from onestep.eval import metrics
-from onestep.eval.classifier import cache_dir, data_key, load_or_train_classifier
+from onestep.eval.classifier import data_key, load_or_train_classifier
+from onestep.paths import cache_dir
 
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra) -> Path:

@@ -35,9 +35,9 @@ def machine_info() -> dict:
 def git_commit() -> str:
     """HEAD of the repository holding this package, with ``-dirty`` when tracked files are modified."""
     import subprocess
-    from pathlib import Path
+    from onestep.paths import checkout
 
-    repo = Path(__file__).resolve().parents[3]
+    repo = checkout()
     try:
         run = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
         return run("rev-parse", "--short", "HEAD") + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")

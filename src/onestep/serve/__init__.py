@@ -65,9 +65,12 @@ def url_of(sock: socket.socket) -> str:
 
 
 def cmd_serve(args) -> None:
-    import uvicorn
+    try:
+        import uvicorn
 
-    from onestep.serve.app import build_app
+        from onestep.serve.app import build_app
+    except ImportError as e:
+        raise ValueError(f"onestep serve needs starlette and uvicorn ({e}): pip install -r requirements.txt") from None
     from onestep.serve.models import KINDS, Models, resolve_runs
 
     runs = resolve_runs(args.run)

@@ -101,7 +101,13 @@ def bench_fids(path: Path | None = None) -> dict:
     keep = lambda m: m in ("teacher", "dd1-1step") or (m.startswith("dd2-") and m.endswith("step"))  # noqa: E731
     rows = [{k: r.get(k) for k in ("method", "steps", "fid_classifier", "fid_classifier_10000", "fid_inception")}
             for r in table.get("rows", []) if keep(str(r.get("method")))]
-    return {"source": str(path), "commit": table.get("commit"), "rows": rows}
+    from onestep.paths import checkout
+
+    try:
+        source = str(Path(path).resolve().relative_to(checkout()))
+    except ValueError:
+        source = str(path)
+    return {"source": source, "commit": table.get("commit"), "rows": rows}
 
 
 @dataclass
@@ -118,12 +124,14 @@ class Served:
 @dataclass
 class _OneStep:
     """A one-step generator opened at the noise level (for the latent walk): ``fn(eps, labels)`` -> ids or code
-    vectors, ``shape`` the noise of one sample (n, C), ``ar_steps`` the AR steps of the teacher it distils."""
+    vectors, ``shape`` the noise of one sample (n, C), ``ar_steps`` the AR steps of the teacher it distils,
+    ``parts`` what its loader returned."""
 
     fn: Callable
     shape: tuple[int, int]
     decode: Callable
     ar_steps: int
+    parts: tuple
 
 
 class Models:
@@ -168,6 +176,7 @@ class Models:
             self.teacher_steps = len(self.teacher.ar_steps())
             data = tconfig.get("data")
         self._walkers: dict[str, _OneStep] = {}
+        self._dd2_samplers: dict = {}
         self.dd2_ar_steps = self._walker("dd2").ar_steps if "dd2" in self.gens else 0
         if data is None:
             from onestep import checkpoint as ckpt
@@ -215,13 +224,36 @@ class Models:
     def _labels(self, label: int) -> torch.Tensor:
         return torch.tensor([label], device=self.device)
 
+    def _sampler(self, panel: Served):
+        """The sampler of a DD2 panel at its step count: built once per count from the DD2 run loaded at start (the
+        same :func:`onestep.dd2.sampling.dd2_sampler` ``onestep.load(dd2)`` builds, without reading the run again)."""
+        from onestep.dd2.sampling import dd2_sampler
+
+        if panel.steps not in self._dd2_samplers:
+            w = self._walker("dd2")
+            self._dd2_samplers[panel.steps] = dd2_sampler(*w.parts, steps=panel.steps)
+        return self._dd2_samplers[panel.steps]
+
+    def sample(self, panel: Served, labels: list[int], seed: int, batch_size: int = 1) -> torch.Tensor:
+        """uint8 images (N, C, H, W) of ``panel`` for ``labels``: the images ``onestep.load(run).sample(labels,
+        steps=panel.steps, seed=seed, batch_size=batch_size)`` gives."""
+        if panel.method == "dd2":
+            from onestep.samplers import generate
+
+            lab = self.gens["dd2"].labels_tensor(labels)
+            return generate(self._sampler(panel), lab, seed, batch_size=batch_size, progress=False,
+                            keep_tokens=False)["images"]
+        return self.gens[panel.method].sample(labels, steps=panel.steps if panel.method != "teacher" else None,
+                                              seed=seed, batch_size=batch_size)
+
     @torch.inference_mode()
     def one_step(self, panel: Served, label: int, seed: int) -> tuple[torch.Tensor, float]:
         """(uint8 image (C, H, W), seconds) of a DD1 / DD2 panel, timed under the lock."""
-        gen = self.gens[panel.key.split("-")[0]]
+        if panel.method == "dd2":
+            self._sampler(panel)  # built outside the timing
         with self.lock:
             t0 = time.perf_counter()
-            img = gen.sample([label], steps=panel.steps, seed=seed, batch_size=1)
+            img = self.sample(panel, [label], seed)
             dt = time.perf_counter() - t0
         return img[0], dt
 
@@ -284,14 +316,14 @@ class Models:
                 from onestep.dd1.load import load_dd1
                 from onestep.dd1.sampling import conti_from_of, one_step
 
-                model, config, teacher, tok = load_dd1(self.runs["dd1"], self.device)
+                parts = model, config, teacher, tok = load_dd1(self.runs["dd1"], self.device)
                 cf = conti_from_of(config)
                 fn = lambda eps, lab: one_step(model, eps, lab, cf)  # noqa: E731
                 shape = (model.seq_len, model.code_dim)
             else:
                 from onestep.dd2.sampling import load_dd2
 
-                gen, teacher, tok, _ = load_dd2(self.runs["dd2"], self.device)
+                parts = gen, teacher, tok, _ = load_dd2(self.runs["dd2"], self.device)
                 cb = teacher.codebook()
                 fn = lambda eps, lab: nearest_code(gen.generate(eps, lab), cb)  # noqa: E731
                 shape = (gen.backbone.seq_len, gen.backbone.code_dim)
@@ -300,7 +332,7 @@ class Models:
                 imgs = tok.decode_codes(out) if out.is_floating_point() else tok.decode_ids(out)
                 return to_uint8(imgs.float().cpu())
 
-            self._walkers[key] = _OneStep(fn, shape, decode, len(teacher.ar_steps()))
+            self._walkers[key] = _OneStep(fn, shape, decode, len(teacher.ar_steps()), parts)
         return self._walkers[key]
 
     def noise(self, key: str, seed: int) -> torch.Tensor:
@@ -334,13 +366,13 @@ class Models:
         from onestep.eval.speed import measure
 
         fns = {}
+        labels = list(range(self.num_classes))
         for p in self.panels(k):
-            gen = self.gens[p.key.split("-")[0]]
-            labels = list(range(self.num_classes))
+            if p.method == "dd2":
+                self._sampler(p)
 
-            def fn(b, gen=gen, steps=p.steps):
-                lab = (labels * (b // len(labels) + 1))[:b]
-                return gen.sample(lab, steps=steps, seed=0, batch_size=b)
+            def fn(b, p=p):
+                return self.sample(p, (labels * (b // len(labels) + 1))[:b], seed=0, batch_size=b)
 
             fns[p.key] = fn
         ref = "teacher" if "teacher" in fns else None

@@ -122,8 +122,11 @@ def drive(url: str, screenshot: str | Path | None = None, label: int = 3, seed: 
         shot = None
         if screenshot is not None:
             Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
-            height = drv.execute_script("return document.documentElement.scrollHeight")
-            drv.set_window_size(1360, max(800, int(height) + 20))
+            for _ in range(3):  # the window's height includes its frame: grow it until the page fits the viewport
+                page, inner = drv.execute_script("return [document.documentElement.scrollHeight, window.innerHeight]")
+                if inner >= page:
+                    break
+                drv.set_window_size(1360, drv.get_window_size()["height"] + page - inner + 8)
             drv.execute_script("window.scrollTo(0, 0)")
             time.sleep(0.2)
             drv.save_screenshot(str(screenshot))

@@ -155,6 +155,9 @@ def main() -> None:
               "server_latency": rows, "client_latency": client_rows, "server_log": log[:10],
               "protocol": "server latency: measured around each method's own work under the server's model lock "
                           "(what the page shows); client latency: end to end, queueing for that lock included"}
+    result["summary"] = {k: result[k] for k in ("clients", "duration_s", "requests", "requests_per_s", "errors",
+                                                 "server_alive_after", "omp_num_threads",
+                                                 "load_average_1_5_15_before", "load_average_1_5_15_after")}
     write_results(args.out, result, f"onestep serve under load: {args.clients} clients for {args.duration:g} s")
     print(json.dumps({k: result[k] for k in ("requests", "errors", "server_alive_after", "server_latency",
                                              "client_latency")}, indent=1))

@@ -25,6 +25,7 @@ demo: setup data
 
 test: setup
 	-@bash scripts/install_data.sh
+	-@bash scripts/install_browser.sh
 	$(PY) -m pytest -q
 
 bench: setup data

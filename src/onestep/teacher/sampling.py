@@ -158,12 +158,15 @@ class TeacherStepper:
 
 
 def step_through(teacher: ARTeacher, ids: Tensor, labels: Tensor, cfg: SamplingConfig,
-                 choose: Callable[[int, Tensor], Tensor], start_step: int = 0, end_step: int | None = None) -> Tensor:
+                 choose: Callable[[int, Tensor], Tensor], start_step: int = 0, end_step: int | None = None,
+                 on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """Walk AR steps [0, end_step) in order with a :class:`TeacherStepper`, filling ``ids`` (B, n) IN PLACE.
 
     Steps before ``start_step`` keep their ids (fed to the teacher, probabilities not computed); at step
     k >= start_step, ``ids[:, a:b] = choose(k, log_p)`` with log_p (B, b - a, V); steps from
-    ``end_step`` on are neither fed nor touched. Returns ``ids``.
+    ``end_step`` on are neither fed nor touched. ``on_step(k, ids)``, when given, runs after step k has
+    filled its positions (``onestep serve`` decodes the partial grid; the callback must not modify ``ids``).
+    Returns ``ids``.
     """
     steps = teacher.ar_steps()
     end_step = len(steps) if end_step is None else end_step
@@ -175,19 +178,23 @@ def step_through(teacher: ARTeacher, ids: Tensor, labels: Tensor, cfg: SamplingC
         a, b = steps[k]
         x_prev = None if k == 0 else ids[:, steps[k - 1][0]:steps[k - 1][1]]
         ids[:, a:b] = choose(k, run.log_probs(x_prev))
+        if on_step is not None:
+            on_step(k, ids)
     return ids
 
 
 @torch.no_grad()
 def sample_tokens(teacher: ARTeacher, labels: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
                   use_cache: bool = True, prefix: Tensor | None = None, start_step: int = 0,
-                  end_step: int | None = None) -> Tensor:
+                  end_step: int | None = None, on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """Ancestral AR sampling of token ids (B, n).
 
     ``use_cache=False`` recomputes the full teacher-forcing forward each step (the reference the KV
     cache is tested against). ``prefix`` (B, n) ids with ``start_step`` > 0 keeps the prefix's positions
     before AR step ``start_step`` and samples the rest; ``end_step`` stops before that AR step (later
     positions keep the prefix's ids, zeros without one). Used by skip-n and DD1's teacher-involved window.
+    ``on_step(k, ids)`` runs after each sampled AR step k (the partial grid: positions of later steps keep
+    the prefix's ids, zeros without one); it draws nothing, so the samples are the same with or without it.
     """
     device = labels.device
     B = labels.shape[0]
@@ -201,7 +208,7 @@ def sample_tokens(teacher: ARTeacher, labels: Tensor, cfg: SamplingConfig, gener
         return torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=generator).reshape(B, -1)
 
     if use_cache:
-        return step_through(teacher, ids, labels, cfg, draw, start_step, end_step)
+        return step_through(teacher, ids, labels, cfg, draw, start_step, end_step, on_step)
     lab = torch.cat([labels, _null_labels(teacher, labels)]) if cfg.uses_cfg else labels
     rep = 2 if cfg.uses_cfg else 1
     for k, (a, b) in enumerate(steps[:end_step]):
@@ -211,4 +218,6 @@ def sample_tokens(teacher: ARTeacher, labels: Tensor, cfg: SamplingConfig, gener
         logp = process_logits(logits[:B], logits[B:], cfg, cfg.scale_at(k, K)) if cfg.uses_cfg else \
             process_logits(logits, None, cfg)
         ids[:, a:b] = draw(k, logp)
+        if on_step is not None:
+            on_step(k, ids)
     return ids

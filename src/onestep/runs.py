@@ -35,17 +35,13 @@ def final_dir(run_dir: str | Path) -> Path:
 def load_tokenizer(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(tokenizer, config) from a tokenizer run (or model) directory, in eval mode: a VQModel (LlamaGen family) or a
     multi-scale VQVAE (VAR family), as ``config["family"]`` says."""
-    from onestep.tokenizer.msvq import VQVAE, VQVAEConfig
-    from onestep.tokenizer.vq import VQConfig, VQModel
+    from onestep.families import family_of
 
     d = final_dir(run_dir)
     config = ckpt.read_json(d / "config.json")
     if config.get("kind") != "tokenizer":
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a tokenizer")
-    family = config.get("family", "llamagen")
-    if family not in ("llamagen", "var"):
-        raise ckpt.CheckpointError(f"{d}: unknown tokenizer family {family!r}")
-    model = VQVAE(VQVAEConfig(**config["model"])) if family == "var" else VQModel(VQConfig(**config["model"]))
+    model = family_of(config).tokenizer(config["model"])
     ckpt.load_model_weights(d, model)  # (VQModel.upgrade_state_dict renames keys saved before LlamaGen's names)
     return model.to(device).eval(), config
 
@@ -53,18 +49,14 @@ def load_tokenizer(run_dir: str | Path, device: str | torch.device = "cpu"):
 def load_teacher(run_dir: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = True):
     """(teacher, config, tokenizer | None) from a teacher run directory: a GPT (``config["family"]`` "llamagen") or a
     VAR ("var"); the codebook (and VAR's phi convs) come from its tokenizer."""
-    from onestep.teacher.llamagen import GPT, ModelArgs
-    from onestep.teacher.var import VAR, VARArgs
+    from onestep.families import family_of
 
     d = final_dir(run_dir)
     config = ckpt.read_json(d / "config.json")
     if config.get("kind") != "teacher":
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a teacher")
     tokenizer, _ = load_tokenizer(resolve_ref(config["tokenizer_dir"], d), device)
-    if config.get("family", "llamagen") == "var":
-        model = VAR(VARArgs.from_dict(config["model"]), quantizer=tokenizer.quantize)
-    else:
-        model = GPT(ModelArgs.from_dict(config["model"]), codebook=tokenizer.codebook_vectors().detach().cpu())
+    model = family_of(config).teacher(config["model"], tokenizer)
     ckpt.load_model_weights(d, model)
     return model.to(device).eval(), config, (tokenizer if with_tokenizer else None)
 

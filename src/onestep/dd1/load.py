@@ -12,8 +12,7 @@ __all__ = ["load_dd1"]
 
 def load_dd1(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(DD1Generator in eval mode, config, teacher, tokenizer) from a DD1 training run."""
-    from onestep.dd1.model import DD1Generator
-    from onestep.dd1.var_model import VARDD1Generator
+    from onestep.families import family_of
     from onestep.runs import final_dir, load_teacher, resolve_ref
 
     d = final_dir(run_dir)
@@ -21,7 +20,6 @@ def load_dd1(run_dir: str | Path, device: str | torch.device = "cpu"):
     if config.get("kind") != "dd1":
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a DD1 run (kind 'dd1')")
     teacher, _, tokenizer = load_teacher(resolve_ref(config["teacher_dir"], d), device)
-    cls = VARDD1Generator if config["model"].get("family") == "var" else DD1Generator
-    model = cls.from_config(config["model"], teacher.codebook().detach().cpu())
+    model = family_of(config["model"]).dd1_generator().from_config(config["model"], teacher.codebook().detach().cpu())
     ckpt.load_model_weights(d, model)
     return model.to(device).eval(), config, teacher, tokenizer

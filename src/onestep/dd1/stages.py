@@ -192,10 +192,9 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     ``metrics.json`` the held-out accuracies and the wall times (module docstring). ``sampling_cfg``
     must equal the pairs' rule (default: taken from the pairs).
     """
-    from onestep.dd1.model import DD1Generator
     from onestep.dd1.pairs import MANIFEST, load_pairs
     from onestep.dd1.train import TrajectorySampler, dd1_loss
-    from onestep.dd1.var_model import VARDD1Generator
+    from onestep.families import family_of
     from onestep.runs import load_teacher, ref_to
     from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
                                  set_lr, warmup_cosine)
@@ -216,10 +215,7 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     train = {k: v[: N - cfg.n_val] for k, v in data.items()}
     val = {k: v[N - cfg.n_val:] for k, v in data.items()}
 
-    if tconf.get("family", "llamagen") == "var":  # VAR-DD: the input is word_embed of vectors (no input_mode)
-        model = VARDD1Generator.from_teacher(teacher)
-    else:
-        model = DD1Generator.from_teacher(teacher, input_mode=cfg.input_mode)
+    model = family_of(tconf).new_dd1(teacher, cfg.input_mode)
     del teacher
     config = {"kind": "dd1", "method": "DD1 (method.md section 2)", "train": cfg,
               "teacher_dir": ref_to(teacher_dir, run_dir), "pairs_dir": ref_to(pairs_dir, run_dir),

@@ -83,13 +83,14 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     none: then they must be given, e.g. ``data="folder"`` with class sub-folders, resized to the tokenizer's size).
     Images of another channel count or size than the tokenizer's are refused before anything is written."""
     from onestep.data import check_image_shape, load_dataset
+    from onestep.families import family_of
     from onestep.runs import (final_dir, load_teacher, recorded_data, ref_to, resolve_ref, stage_data,
                               tokenizer_image_shape)
     from onestep.teacher.train import cached_tokens, heldout_nll, subset
 
     info = info or DistInfo()
     teacher, tconf, tokenizer = load_teacher(teacher_dir, info.device)
-    if tconf.get("family", "llamagen") != "llamagen":
+    if not family_of(tconf).needs_stage0:
         raise ValueError(f"{teacher_dir} is a {tconf['family']!r} teacher: it reads code vectors natively and needs no "
                          "stage 0; run `onestep dd2 tune --teacher` on it directly")
     data, data_root = stage_data(data, data_root, recorded_data(teacher_dir), fallback=None)

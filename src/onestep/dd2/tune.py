@@ -88,20 +88,15 @@ def ardiffusion_config(teacher_cfg: dict, head: MLPHead) -> dict:
 
 def load_ardiffusion(model_dir: str | Path, device="cpu") -> tuple[ARDiffusion, dict]:
     """(ARDiffusion, config) from a model directory written by stage 1 or 2 (strict load)."""
+    from onestep.families import family_of
     from onestep.runs import final_dir, load_teacher, resolve_ref
-    from onestep.teacher.llamagen import GPT, ModelArgs
-    from onestep.teacher.var import VAR, VARArgs
 
     d = final_dir(model_dir)
     config = ckpt.read_json(d / "config.json")
     if config.get("kind") not in ("dd2-ardiffusion", "dd2-generator"):
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} model, not a DD2 AR-diffusion model")
     teacher, _, _ = load_teacher(resolve_ref(config["teacher_dir"], d), "cpu", with_tokenizer=True)
-    if config["model"].get("family", "llamagen") == "var":
-        backbone = VAR(VARArgs.from_dict(config["model"]["backbone"]))
-        backbone.copy_quantizer(teacher)
-    else:
-        backbone = GPT(ModelArgs.from_dict(config["model"]["backbone"]), codebook=teacher.codebook().cpu())
+    backbone = family_of(config["model"]).backbone(config["model"]["backbone"], teacher)
     model = ARDiffusion(backbone, MLPHead(**config["model"]["head"]), config["model"].get("generator_t", 1.0),
                         config["model"].get("noise_stream", False))
     ckpt.load_model_weights(d, model)
@@ -159,12 +154,13 @@ class TuneObjective(torch.nn.Module):
 def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling: SamplingConfig,
          info: DistInfo | None = None) -> Path:
     """Stage 1 end to end: pool of teacher samples, GTS (or DSM) training, ``final/`` + ``metrics.json``."""
+    from onestep.families import family_of
     from onestep.runs import load_teacher, ref_to
 
     info = info or DistInfo()
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
-    # a VAR teacher reads code vectors natively (through f_hat): it needs no stage 0
-    if tconf.get("family", "llamagen") != "var" and tconf["model"].get("input_embedding") != "mlp":
+    # a VAR teacher reads code vectors natively (through f_hat): its family needs no stage 0
+    if family_of(tconf).needs_stage0 and tconf["model"].get("input_embedding") != "mlp":
         raise ValueError(f"{teacher_dir} is not a continuous-input teacher: run `onestep dd2 adapt` (stage 0) first")
     teacher.requires_grad_(False).eval()
     model = build_ardiffusion(teacher, cfg)

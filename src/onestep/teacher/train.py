@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from onestep import checkpoint as ckpt
 from onestep.distributed import DistInfo, wrap_ddp
-from onestep.teacher.llamagen import GPT, model_args
+from onestep.teacher.llamagen import GPT
 from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, autocast, guarded_step, make_optimizer,
                              prepare_run_dir, set_lr, warmup_cosine)
 
@@ -81,18 +81,10 @@ def cached_tokens(run_dir: Path, tokenizer, dataset, split: str, device="cpu") -
 def build_teacher(preset: str, tokenizer, num_classes: int, class_dropout_prob: float = 0.1, **overrides):
     """A teacher preset of the tokenizer's family sized to the tokenizer and the data set's classes: a GPT (vocab, grid,
     code dim) for a raster VQ tokenizer, a VAR (vocab, code dim, scales, phi convs) for a multi-scale one."""
-    if getattr(tokenizer, "family", "llamagen") == "var":
-        from onestep.teacher.var import VAR, var_args
+    from onestep.families import family_named
 
-        c = tokenizer.config
-        args = var_args(preset, vocab_size=c.codebook_size, code_dim=c.code_dim, patch_nums=c.patch_nums,
-                        num_phi=c.num_phi, phi_index=c.phi_index, quant_resi=c.quant_resi, num_classes=num_classes,
-                        class_dropout_prob=class_dropout_prob, **overrides)
-        return VAR(args, quantizer=tokenizer.quantize)
-    h, w = tokenizer.grid
-    args = model_args(preset, vocab_size=tokenizer.config.codebook_size, code_dim=tokenizer.config.code_dim,
-                      grid_h=h, grid_w=w, num_classes=num_classes, class_dropout_prob=class_dropout_prob, **overrides)
-    return GPT(args, codebook=tokenizer.codebook_vectors().detach())
+    family = family_named(getattr(tokenizer, "family", "llamagen"))
+    return family.new_teacher(preset, tokenizer, num_classes, class_dropout_prob, **overrides)
 
 
 def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTrainConfig, data: str | None = None,

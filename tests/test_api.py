@@ -127,3 +127,21 @@ def test_errors_are_value_errors(runs, tmp_path):
         with pytest.raises(ValueError, match=text) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_a_finished_dd2_run_continues_to_twice_its_steps(runs, capsys):
+    """dd2 train --steps 4 on a finished 2-step run trains steps 3-4 from its last checkpoint (CSD's loop end follows
+    the step count); a changed learning rate is still refused."""
+    run = runs / "dd2-grow"
+    base = ["dd2", "train", "--preset", "tiny", "--tune", str(runs / "tune"), "--run-dir", str(run)]
+    main(base)
+    capsys.readouterr()
+    main(base + ["--steps", "4"])
+    assert "csd.steps grows from 2 to 4" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert json.loads((run / "final" / "config.json").read_text())["csd"]["steps"] == 4
+    onestep.load(run).sample([0], seed=0)
+    with pytest.raises(SystemExit):
+        main(base + ["--steps", "6", "--lr", "1e-3"])
+    assert "different config (csd.lr: " in capsys.readouterr().err

@@ -478,6 +478,30 @@ def test_bad_values_are_refused_with_one_line_before_anything_is_written(command
     assert sorted(p.relative_to(folder_runs) for p in folder_runs.rglob("*")) == before  # the upstream runs unchanged
 
 
+def test_a_finished_run_continues_to_more_steps_and_refuses_other_changes(tmp_path, capsys):
+    """--steps grown on a finished run resumes from its last checkpoint: the log goes on from N, the last checkpoint
+    and final/ are at 2N. Another changed field, or fewer steps, is refused with one line."""
+    run, data = tmp_path / "tok", _image_folder(tmp_path / "images", classes=2, per_class=10, size=16, rgb=True)
+    base = ["train-tokenizer", "--preset", "tiny", "--data", "folder", "--data-root", str(data), "--run-dir", str(run)]
+    main(base + ["--steps", "10"])
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [5, 10]
+    capsys.readouterr()
+    main(base + ["--steps", "20"])
+    out = capsys.readouterr().out
+    assert "train.steps grows from 10 to 20" in out and "resumed from" in out and "step_00000010" in out
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [5, 10, 15, 20]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+    assert json.loads((run / "final" / "config.json").read_text())["train"]["steps"] == 20
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 20
+    for extra, what in ((["--steps", "30", "--lr", "0.01"], "different config (train.lr: "),
+                        (["--steps", "15"], "a run grows but does not shrink")):
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and what in err and len(err.strip().splitlines()) == 1, err
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 20  # a refused change writes nothing
+
+
 def test_train_teacher_reads_the_tokenizer_runs_data_set(folder_runs, tmp_path, capsys):
     """Without --data the teacher trains on the tokenizer's data set and root (an RGB folder here); a data set of
     another channel count or size is refused with one line before the run directory is made."""

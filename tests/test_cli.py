@@ -331,6 +331,16 @@ def test_var_family_through_the_cli(tmp_path, capsys, monkeypatch):
               "--out", str(tmp_path / "dd1s")])
         with np.load(tmp_path / "dd1s" / f"{name}.npz") as f:
             assert f["tokens"].shape == (3, 59)
+    # the VAR family's runs export like the LlamaGen-style ones: the moved folder samples the same images
+    import shutil
+
+    import onestep
+
+    for r in ("dd1", "dd2"):
+        want = onestep.load(tmp_path / r).sample([0, 1], steps=2, seed=3)
+        main(["export", str(tmp_path / r), str(tmp_path / "x" / r)])
+        shutil.move(tmp_path / "x" / r, tmp_path / f"moved-{r}")
+        assert torch.equal(onestep.load(tmp_path / f"moved-{r}").sample([0, 1], steps=2, seed=3), want)
 
 
 @needs_data

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     for mod in ("onestep.eval.commands", "onestep.dd1.commands", "onestep.dd2.commands", "onestep.pipeline",
-                "onestep.importers", "onestep.serve"):
+                "onestep.importers", "onestep.serve", "onestep.export"):
         __import__(mod, fromlist=["register"]).register(sub)
     return parser
 

@@ -61,6 +61,9 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         card = run_card(run_dir, method, components, gen)
         ckpt.write_json(tmp / "export.json", card)
         (tmp / "README.md").write_text(model_card(card, str(run_dir)))
+        problems = outside_references(tmp)  # export.json too
+        if problems:
+            raise ckpt.CheckpointError(f"the export of {run_dir} is not self-contained: {problems[0]}")
         _permissions(tmp)
         if out.exists():
             out.rmdir()  # an empty folder given as OUT
@@ -230,7 +233,7 @@ def run_card(run_dir: Path, method: str, components: dict, gen) -> dict:
     metrics = final_cfg.get("metrics")
     if metrics is None and (run_dir / "metrics.json").exists():
         metrics = ckpt.read_json(run_dir / "metrics.json")
-    recipe = {name: _recipe(v["config"]) for name, v in components.items()}
+    recipe = {name: _recipe(v["config"]) for name, v in components.items()}  # the configs are cleaned already
     # the upstream stages that are not part of the export keep their recipe here: DD2's stage 1, and the teacher
     # that stage 0 adapted
     for name, key, label in (("final", "tune_dir", UPSTREAM[0]), ("teacher", "teacher_dir", UPSTREAM[1])):
@@ -238,7 +241,7 @@ def run_card(run_dir: Path, method: str, components: dict, gen) -> dict:
         ref = ckpt.read_json(src / "config.json").get(key) if src is not None else None
         if ref:
             try:
-                recipe[label] = _recipe(ckpt.read_json(final_dir(resolve_ref(ref, src)) / "config.json"))
+                recipe[label] = _recipe(_clean(ckpt.read_json(final_dir(resolve_ref(ref, src)) / "config.json"), ()))
             except ckpt.CheckpointError:  # the upstream run is gone: its recipe is not known
                 pass
     tok_cfg = components["tokenizer"]["config"]

@@ -127,3 +127,84 @@ def test_errors_are_value_errors(runs, tmp_path):
         with pytest.raises(ValueError, match=text) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_a_finished_dd2_run_continues_to_twice_its_steps(runs, capsys):
+    """dd2 train --steps 4 on a finished 2-step run trains steps 3-4 from its last checkpoint (CSD's loop end follows
+    the step count); a changed learning rate is still refused."""
+    run = runs / "dd2-grow"
+    base = ["dd2", "train", "--preset", "tiny", "--tune", str(runs / "tune"), "--run-dir", str(run)]
+    main(base)
+    capsys.readouterr()
+    main(base + ["--steps", "4"])
+    assert "csd.steps grows from 2 to 4" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert json.loads((run / "final" / "config.json").read_text())["csd"]["steps"] == 4
+    onestep.load(run).sample([0], seed=0)
+    with pytest.raises(SystemExit):
+        main(base + ["--steps", "6", "--lr", "1e-3"])
+    assert "different config (csd.lr: " in capsys.readouterr().err
+
+
+def test_export_loads_anywhere_and_samples_the_same_images(runs, tmp_path, capsys):
+    """`onestep export` of a teacher, a DD1 and a DD2 run: the folders, moved elsewhere with the original runs
+    deleted, load with onestep.load and give bit-identical images for the same seed; only final weights and configs
+    that stay inside the folder."""
+    import shutil
+
+    from onestep.export import outside_references
+
+    src = tmp_path / "src"
+    shutil.copytree(runs, src, ignore=shutil.ignore_patterns("dd2-grow"))
+    cases = {"teacher": [1], "dd1": [1, 2], "dd2": [1, 2]}
+    labels = [0, 3, 1, 2]
+    want = {(r, k): onestep.load(src / r).sample(labels, steps=k, seed=5) for r, ks in cases.items() for k in ks}
+    for r in cases:
+        main(["export", str(src / r), str(tmp_path / "exports" / r)])
+        assert f"to {tmp_path / 'exports' / r}" in capsys.readouterr().out
+    moved = tmp_path / "elsewhere" / "deeper"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "exports", moved)
+    shutil.rmtree(src)
+    for r, ks in cases.items():
+        out = moved / r
+        files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        comps = ["final", "tokenizer/final"] + ([] if r == "teacher" else ["teacher/final"])
+        assert files == sorted(["README.md", "export.json"] + [f"{c}/{f}" for c in comps
+                                                                for f in ("config.json", "model.safetensors")])
+        assert outside_references(out) == []
+        gen = onestep.load(out)
+        assert gen.method == r
+        for k in ks:
+            assert torch.equal(gen.sample(labels, steps=k, seed=5), want[(r, k)]), (r, k)
+        card = json.loads((out / "export.json").read_text())
+        assert card["method"] == r and set(card["components"]) == {c.split("/")[0] for c in comps} | {"final"}
+        readme = (out / "README.md").read_text()
+        assert "onestep.load(" in readme and "## Recipe" in readme and "## Measured" in readme
+    dd2_card = json.loads((moved / "dd2" / "export.json").read_text())
+    assert "wall_time_s" in dd2_card["metrics"] and dd2_card["recipe"]["final"]["section"] == "csd"
+    assert dd2_card["recipe"]["stage 1 (not exported)"]["section"] == "tune"  # read from the run it came from
+    gen_cfg = json.loads((moved / "dd2" / "final" / "config.json").read_text())
+    assert gen_cfg["teacher_dir"] == "teacher" and "tune_dir" not in gen_cfg
+    assert json.loads((moved / "dd2" / "teacher" / "final" / "config.json").read_text())["tokenizer_dir"] == \
+        str(Path("..") / "tokenizer")
+
+
+def test_export_refuses_a_nonempty_folder_and_a_stage_one_run_with_one_line(runs, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    for run, out, what in ((runs / "dd1", taken, "already exists and is not empty"),
+                           (runs / "tune", tmp_path / "t1", "stage-1"),
+                           (tmp_path / "nothing", tmp_path / "t2", "does not exist")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["export", str(run), str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and what in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no output and no temporary folder left
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    (tmp_path / "empty").mkdir()
+    main(["export", str(runs / "dd1"), str(tmp_path / "empty")])
+    assert onestep.load(tmp_path / "empty").method == "dd1"  # an empty folder is filled

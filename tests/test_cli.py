@@ -331,6 +331,16 @@ def test_var_family_through_the_cli(tmp_path, capsys, monkeypatch):
               "--out", str(tmp_path / "dd1s")])
         with np.load(tmp_path / "dd1s" / f"{name}.npz") as f:
             assert f["tokens"].shape == (3, 59)
+    # the VAR family's runs export like the LlamaGen-style ones: the moved folder samples the same images
+    import shutil
+
+    import onestep
+
+    for r in ("dd1", "dd2"):
+        want = onestep.load(tmp_path / r).sample([0, 1], steps=2, seed=3)
+        main(["export", str(tmp_path / r), str(tmp_path / "x" / r)])
+        shutil.move(tmp_path / "x" / r, tmp_path / f"moved-{r}")
+        assert torch.equal(onestep.load(tmp_path / f"moved-{r}").sample([0, 1], steps=2, seed=3), want)
 
 
 @needs_data
@@ -476,6 +486,75 @@ def test_bad_values_are_refused_with_one_line_before_anything_is_written(command
     assert f"error: argument {flag}: " in err, err
     assert list(tmp_path.iterdir()) == []  # no run directory, output or cache entry
     assert sorted(p.relative_to(folder_runs) for p in folder_runs.rglob("*")) == before  # the upstream runs unchanged
+
+
+def test_a_finished_run_continues_to_more_steps_and_refuses_other_changes(tmp_path, capsys, one_thread):
+    """--steps grown on a finished run resumes from its last checkpoint: the log goes on from N, the last checkpoint
+    and final/ are at 2N. Another changed field, or fewer steps, is refused with one line."""
+    run, data = tmp_path / "tok", _image_folder(tmp_path / "images", classes=2, per_class=10, size=16, rgb=True)
+    base = ["train-tokenizer", "--preset", "tiny", "--data", "folder", "--data-root", str(data), "--run-dir", str(run)]
+    main(base + ["--steps", "10"])
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [5, 10]
+    capsys.readouterr()
+    main(base + ["--steps", "20"])
+    out = capsys.readouterr().out
+    assert "train.steps grows from 10 to 20" in out and "resumed from" in out and "step_00000010" in out
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [5, 10, 15, 20]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+    assert json.loads((run / "final" / "config.json").read_text())["train"]["steps"] == 20
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 20
+    for extra, what in ((["--steps", "30", "--lr", "0.01"], "different config (train.lr: "),
+                        (["--steps", "15"], "a run grows but does not shrink")):
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and what in err and len(err.strip().splitlines()) == 1, err
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 20  # a refused change writes nothing
+
+
+def test_demo_runs_on_a_three_class_32px_rgb_folder(tmp_path, monkeypatch, capsys, one_thread):
+    """The tiny pipeline on a folder of 3 classes of 32x32 RGB images: every row is scored with finite figures, the
+    skip-n rows follow the teacher's 64 AR steps, and the grids have one captioned, upscaled class per column."""
+    from PIL import Image
+
+    from onestep.dd1.baselines import skip_counts
+    from onestep.eval.report import MIN_CELL
+
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    data = _image_folder(tmp_path / "images", classes=3, per_class=30, size=32, rgb=True)
+    root = tmp_path / "demo"
+    main(["demo", "--preset", "tiny", "--data", "folder", "--data-root", str(data), "--root", str(root),
+          "--workers", "1"])
+    tok = json.loads((root / "tokenizer" / "final" / "config.json").read_text())
+    assert tok["class_names"] == ["c0", "c1", "c2"] and tok["model"]["image_size"] == 32
+    m = json.loads((root / "metrics.json").read_text())
+    rows = {r["method"]: r for r in m["rows"]}
+    assert rows["teacher"]["steps"] == 64
+    assert {f"skip-{n}" for n in skip_counts(64)} == {k for k in rows if k.startswith("skip-")} == {"skip-26", "skip-38"}
+    for name, r in rows.items():
+        for k in ("fid_classifier", "inception_score", "precision", "recall"):
+            assert np.isfinite(r[k]), (name, k)
+        assert (root / r["grid"]).exists(), name
+    assert all(np.isfinite(v) for k, v in m["ppl"].items() if k.startswith("dd"))
+    grid = Image.open(root / "grids" / "teacher.png")
+    scale = -(-MIN_CELL // 32)
+    assert grid.mode == "RGB" and grid.size[0] == 3 * (32 * scale + 2) + 2  # three columns, one per class
+    for key in ("side_by_side_grid", "report", "tables"):
+        assert Path(json.loads((root / "outputs.json").read_text())[key]).exists()
+
+
+def test_var_tokenizer_presets_follow_the_image_size(tmp_path, one_thread):
+    """var-tiny carries its scales (1, 3, 7 at 28x28) to a 32x32 RGB folder: 1, 3, 8; a teacher trains on it and
+    samples 32x32 images."""
+    data = _image_folder(tmp_path / "images", classes=2, per_class=10, size=32, rgb=True)
+    main(["train-tokenizer", "--preset", "var-tiny", "--steps", "2", "--data", "folder", "--data-root", str(data),
+          "--run-dir", str(tmp_path / "tok")])
+    assert json.loads((tmp_path / "tok" / "final" / "config.json").read_text())["model"]["patch_nums"] == [1, 3, 8]
+    main(["train-teacher", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--steps", "2",
+          "--run-dir", str(tmp_path / "teacher")])
+    main(["sample", "--run", str(tmp_path / "teacher"), "-n", "2", "--out", str(tmp_path / "s")])
+    with np.load(tmp_path / "s" / "teacher.npz") as f:
+        assert f["tokens"].shape == (2, 1 + 9 + 64) and f["images"].shape == (2, 3, 32, 32)
 
 
 def test_train_teacher_reads_the_tokenizer_runs_data_set(folder_runs, tmp_path, capsys):

@@ -169,8 +169,31 @@ def test_a_run_older_than_a_config_field_resumes_when_the_field_keeps_its_defaul
     prepare_run_dir(run, config)  # the dataclass brings its defaults: the same run
     assert config["csd"] == cfg.to_dict()  # the section is now its dict, as written
     assert ckpt.read_json(run / "config.json")["csd"]["condition_on_codes"] is False  # now recorded
-    with pytest.raises(ValueError, match=r"csd.steps: 10 -> 20"):  # a real change is still refused
-        prepare_run_dir(run, {"csd": dataclasses.replace(cfg, steps=20), "seed": 0})
+    with pytest.raises(ValueError, match=r"csd.lr: 2e-05 -> 0.001"):  # a real change is still refused
+        prepare_run_dir(run, {"csd": dataclasses.replace(cfg, lr=1e-3), "seed": 0})
+
+
+def test_only_a_grown_step_count_passes_the_resume_check(tmp_path):
+    import pytest
+
+    from onestep import checkpoint as ckpt
+    from onestep.trainer import GROWABLE_STEPS, prepare_run_dir
+
+    run = tmp_path / "run"
+    ckpt.write_json(run / "config.json", {"train": {"steps": 10, "lr": 1e-3}, "seed": 0})
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000010" / "trainer_state.pt").write_bytes(b"")
+    (run / "checkpoints" / "latest").write_text("step_00000010\n")
+    with pytest.raises(ValueError, match=r"run of 10 steps \(train.steps\); a run grows but does not shrink"):
+        prepare_run_dir(run, {"train": {"steps": 5, "lr": 1e-3}, "seed": 0})
+    with pytest.raises(ValueError, match=r"different config \(train.lr: 0.001 -> 0.01; train.steps: 10 -> 20\)"):
+        prepare_run_dir(run, {"train": {"steps": 20, "lr": 1e-2}, "seed": 0})
+    ckpt.write_json(run / "config.json", {"train": {"steps": 10, "lr": 1e-3}, "model": {"steps": 3}, "seed": 0})
+    with pytest.raises(ValueError, match=r"different config \(model.steps: 3 -> 4\)"):  # not a training section's
+        prepare_run_dir(run, {"train": {"steps": 10, "lr": 1e-3}, "model": {"steps": 4}, "seed": 0})
+    prepare_run_dir(run, {"train": {"steps": 20, "lr": 1e-3}, "model": {"steps": 3}, "seed": 0})
+    assert ckpt.read_json(run / "config.json")["train"]["steps"] == 20
+    assert set(GROWABLE_STEPS) == {"train.steps", "adapt.steps", "tune.steps", "csd.steps", "map_fit.steps"}
 
 
 def test_rng_draws_are_torch_draws_on_the_generators_device():

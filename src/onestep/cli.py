@@ -125,7 +125,12 @@ def cmd_sample(args) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = out_dir / f"{sampler.name}.png"
-    save_grid(out["images"][: args.grid], grid, nrow=args.nrow or int(max(1, min(args.grid, sampler.info["num_classes"]))))
+    from onestep.eval.report import grid_columns
+    from onestep.runs import class_names
+
+    shown = out["images"][: args.grid]
+    save_grid(shown, grid, nrow=args.nrow or grid_columns(len(shown), sampler.info["num_classes"]),
+              labels=out["labels"][: args.grid], class_names=class_names(args.run))
     npz = out_dir / f"{sampler.name}.npz"
     tokens = out["tokens"]
     np.savez(npz, tokens=tokens.numpy(), labels=out["labels"].numpy(), images=out["images"].numpy(), seed=args.seed)
@@ -176,14 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated class labels (default: balanced over classes)")
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--grid", type=positive_int, default=100, help="how many samples to put in the grid")
-    p.add_argument("--nrow", type=nonneg_int, default=0, help="grid columns (default: number of classes)")
+    p.add_argument("--nrow", type=nonneg_int, default=0,
+                   help="grid columns (default: one class per column up to 16 classes, else a square grid)")
     p.add_argument("--out", default="samples")
     add_sampling(p)
     add_common(p)
     p.set_defaults(func=cmd_sample)
 
     for mod in ("onestep.eval.commands", "onestep.dd1.commands", "onestep.dd2.commands", "onestep.pipeline",
-                "onestep.importers", "onestep.serve"):
+                "onestep.importers", "onestep.serve", "onestep.export"):
         __import__(mod, fromlist=["register"]).register(sub)
     return parser
 

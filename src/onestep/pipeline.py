@@ -262,6 +262,22 @@ class Pipeline:
         return run
 
     # ---- methods ----------------------------------------------------------------------------------
+    def teacher_facts(self, teacher_dir: Path) -> dict:
+        """What the rows and grids follow from the teacher and its tokenizer: ``num_classes``, ``ar_steps`` (K, which
+        names the skip-n rows), ``image_shape`` (C, H, W) and ``class_names`` (None when the tokenizer records none)."""
+        if getattr(self, "_facts", None) is None:
+            from onestep.runs import class_names, load_teacher, tokenizer_image_shape
+
+            teacher, _, tok = load_teacher(teacher_dir, "cpu")
+            self._facts = {"num_classes": int(teacher.num_classes), "ar_steps": len(teacher.ar_steps()),
+                           "image_shape": tokenizer_image_shape(tok), "class_names": class_names(teacher_dir)}
+        return self._facts
+
+    def grid_columns(self) -> int:
+        from onestep.eval.report import grid_columns
+
+        return grid_columns(self.cfg.n_grid, self._facts["num_classes"])
+
     def samplers(self, teacher_dir: Path, runs: dict[str, Path]) -> dict:
         """Every method of the tables as a :class:`~onestep.samplers.Sampler`, keyed by row name."""
         from onestep.dd2.sampling import ardiffusion_sampler, dd2_sampler, load_dd2
@@ -269,6 +285,7 @@ class Pipeline:
         from onestep.runs import load_teacher
         from onestep.samplers import teacher_sampler
 
+        self.teacher_facts(teacher_dir)
         teacher, _, tok = load_teacher(teacher_dir, self.device)
         sampling = self.cfg.sampling()
         out = {"teacher": teacher_sampler(teacher, tok, sampling)}
@@ -329,13 +346,15 @@ class Pipeline:
                     continue
                 print(f"[{self.cfg.name}] eval {name}: cached row is short of the protocol, re-evaluating", flush=True)
             ev = self.evaluator()
-            n_cls = s.info["num_classes"] if "num_classes" in s.info else 10
+            n_cls = s.info["num_classes"]
             n = max(self.cfg.n_eval, self.cfg.n_grid, self.cfg.n_eval_headline if headline else 0)
             labels = class_labels(n, n_cls, self.device)
             t0 = time.time()
             out = generate(s, labels, self.seed, batch_size=250, keep_tokens=False)
             gen_time = time.time() - t0
-            grid = save_grid(out["images"][: self.cfg.n_grid], self.root / "grids" / f"{name}.png", nrow=n_cls)
+            grid = save_grid(out["images"][: self.cfg.n_grid], self.root / "grids" / f"{name}.png",
+                             nrow=self.grid_columns(), labels=out["labels"][: self.cfg.n_grid],
+                             class_names=self._facts["class_names"])
             n_inc = self.cfg.n_inception if headline else 0
             k = self.cfg.n_eval  # every row's metrics on the same number of samples (FID's bias depends on it)
             res = ev.evaluate(out["images"][:k], out["labels"][:k], n_inception=n_inc)
@@ -367,7 +386,7 @@ class Pipeline:
         path = self.root / "speed.json"
         if path.exists():
             return ckpt.read_json(path)
-        labels = class_labels(64, 10, self.device)
+        labels = class_labels(64, self._facts["num_classes"], self.device)
 
         def fn(s):
             g = torch.Generator(device=self.device).manual_seed(0)
@@ -389,7 +408,7 @@ class Pipeline:
         if path.exists():
             return ckpt.read_json(path)
         clf = self.evaluator().classifier
-        labels = class_labels(self.cfg.n_ppl, 10)
+        labels = class_labels(self.cfg.n_ppl, self._facts["num_classes"])
         out: dict = {"n": self.cfg.n_ppl, "epsilon": 1e-4, "feature": "classifier penultimate layer"}
         gen, teacher, tok, _ = load_dd2(runs["dd2"], self.device)
         cb = teacher.codebook()
@@ -502,7 +521,7 @@ class Pipeline:
         teacher = self.teacher(tok)
         outputs = {"tokenizer": str(tok), "teacher": str(teacher)}
         if self.workers > 1 and self.cfg.distill:
-            self.run_parallel()  # every stage and every row's evaluation, cached on disk: the code below re-uses them
+            self.run_parallel(teacher)  # every stage and every row's evaluation, cached on disk: the code below re-uses them
         runs: dict[str, Path] = {}
         if self.cfg.distill:
             runs.update(self.dd2_branch(teacher))
@@ -529,15 +548,19 @@ class Pipeline:
         return outputs
 
     # ---- parallel schedule (CPU) ------------------------------------------------------------------
-    def row_names(self) -> dict[str, list[str]]:
+    def row_names(self, teacher_dir: Path) -> dict[str, list[str]]:
         """The table's rows by what they need: the teacher alone, DD1, or DD2's stages (baselines included:
-        onestep*'s marginals come from the stage-1 pool), most expensive first."""
+        onestep*'s marginals come from the stage-1 pool), most expensive first. The skip-n rows follow the teacher's
+        AR step count (:func:`~onestep.dd1.baselines.skip_counts`)."""
+        from onestep.dd1.baselines import skip_counts
+
+        skips = [f"skip-{n}" for n in skip_counts(self.teacher_facts(teacher_dir)["ar_steps"])]
         dd2 = [f"dd2-{k}step" for k in sorted(self.cfg.dd2_multi, reverse=True)]
-        dd2 += ["dd2-stage1-euler10", "teacher-stage0", "skip-20", "skip-29", "dd2-1step", "dd2-1step-continuous",
+        dd2 += ["dd2-stage1-euler10", "teacher-stage0", *skips, "dd2-1step", "dd2-1step-continuous",
                 "onestep*"] + (["dd2-1step-align"] if self.cfg.align else [])
         return {"teacher": ["teacher"], "dd1": ["dd1-teacher-involved", "dd1-2step", "dd1-1step"], "dd2": dd2}
 
-    def run_parallel(self) -> None:
+    def run_parallel(self, teacher_dir: Path) -> None:
         """The DD1 and DD2 branches side by side, then every row's evaluation, in ``workers`` processes with
         cpu_count // workers threads each (the models here are small and use several threads poorly). Rows are
         evaluated as soon as what they need is trained. Results land
@@ -548,7 +571,7 @@ class Pipeline:
 
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         args = (str(self.root), self.cfg, self.device, self.seed, self.data_root, self.command)
-        names = self.row_names()
+        names = self.row_names(teacher_dir)
         ev = self.evaluator()  # the classifier and the reference statistics, made once here (cached on disk)
         ev.reference("classifier")
         if self.cfg.n_inception:
@@ -572,7 +595,8 @@ class Pipeline:
                 raise
 
     def side_by_side(self, methods: list[str]) -> Path | None:
-        """One PNG: for each method a block of its first grid rows, stacked vertically with labels."""
+        """One PNG: for each method a block of its first two grid rows (and the class captions), stacked vertically
+        with labels."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -582,11 +606,16 @@ class Pipeline:
         have = [m for m in methods if (self.root / "grids" / f"{m}.png").exists()]
         if not have:
             return None
+        from onestep.eval.report import grid_layout
+
+        _, H, W = self._facts["image_shape"]
+        lay = grid_layout(self.cfg.n_grid, H, W, self.grid_columns(),
+                          captions="columns" if self._facts["class_names"] else None)
         fig, axes = plt.subplots(len(have), 1, figsize=(7, 2.2 * len(have)))
         for ax, m in zip(list(axes) if len(have) > 1 else [axes], have):
             img = Image.open(self.root / "grids" / f"{m}.png")
             w, h = img.size
-            ax.imshow(img.crop((0, 0, w, min(h, (w // 10) * 2 + 2))), cmap="gray")
+            ax.imshow(img.crop((0, 0, w, min(h, lay.top(min(2, lay.rows))))), cmap="gray")  # the first two rows
             ax.set_title(m, fontsize=9)
             ax.axis("off")
         fig.tight_layout()

@@ -105,6 +105,23 @@ def recorded_data(run_dir: str | Path) -> tuple[str | None, str | None]:
     return name, None
 
 
+def class_names(run_dir: str | Path) -> list[str] | None:
+    """The class names a run's data set has, as its tokenizer run records them (``class_names``, followed upstream
+    through ``teacher_dir`` / ``tune_dir`` / ``tokenizer_dir``); None when no run on the way records them."""
+    d = final_dir(run_dir)
+    seen = set()
+    while d.resolve() not in seen:
+        seen.add(d.resolve())
+        config = ckpt.read_json(d / "config.json")
+        if config.get("class_names"):
+            return list(config["class_names"])
+        ref = next((config[k] for k in ("tokenizer_dir", "teacher_dir", "tune_dir") if config.get(k)), None)
+        if ref is None:
+            return None
+        d = final_dir(resolve_ref(ref, d))
+    return None
+
+
 def stage_data(data: str | None, data_root: str | None, recorded: tuple[str | None, str | None],
                fallback: str | None = "fashion-mnist") -> tuple[str | None, str | None]:
     """The (data set, data root) a stage uses: the given ones, by default the ``recorded`` upstream ones (see

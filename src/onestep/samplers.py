@@ -55,7 +55,8 @@ def teacher_sampler(teacher, tokenizer, cfg: SamplingConfig, use_cache: bool = T
     """Full AR sampling (n AR steps) with the KV cache (or without, for the speed comparison)."""
     return Sampler(name=name, steps=len(teacher.ar_steps()),
                    sample=lambda labels, g: sample_tokens(teacher, labels, cfg, g, use_cache=use_cache),
-                   tokenizer=tokenizer, params=num_params(teacher), info={"sampling": cfg.to_dict(), "kv_cache": use_cache})
+                   tokenizer=tokenizer, params=num_params(teacher),
+                   info={"sampling": cfg.to_dict(), "kv_cache": use_cache, "num_classes": teacher.num_classes})
 
 
 def sampling_config_from_args(args) -> SamplingConfig:

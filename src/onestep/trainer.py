@@ -9,6 +9,8 @@ that does one optimisation step. What the loop does:
   together with the global torch / numpy / python RNG states;
 - checkpoints every ``ckpt_every`` steps and at the end (rank 0 only, atomic, see checkpoint.py);
 - resume from the latest checkpoint: weights, optimizers, step, RNG states;
+- a run resumes only with the config it was started with, except a grown step count, which continues a finished
+  run to the new count (:data:`GROWABLE_STEPS`, :func:`prepare_run_dir`);
 - a tqdm progress bar with ETA and ``log.jsonl`` (rank 0 only);
 - a NaN/inf guard: a step whose logs report ``nonfinite`` is counted, and too many in a row stop the run; a
   non-finite weight or buffer stops it at once (checked at every such step and before every checkpoint), so no
@@ -107,8 +109,24 @@ def autocast(device: torch.device, enabled: bool):
     return nullcontext()
 
 
+# The one config change a run with checkpoints accepts: a larger step count of its training section (the section
+# holding the stage's config dataclass: ``train`` for the tokenizer, the teacher and DD1, ``adapt``, ``tune``, ``csd``
+# (dd2 train), ``map_fit``). What follows the step count, and so changes with it for the steps still to train:
+#   - the LR schedule's horizon: ``warmup_cosine(step, steps, ...)`` of every stage, and CSD's cosine span
+#     (``dd2.csd.lr_decay``, ``--lr-schedule cosine``): the grown run's LR at step k >= N is the new schedule's, so a
+#     run grown from N to M steps is not the run trained for M steps from the start wherever the LR decays (the
+#     steps already trained keep the LRs they had); a constant LR (CSD's default) is unaffected;
+#   - CSD's ``total_steps`` (guidance warm-up + steps + alignment steps): the loop's last step;
+#   - the last checkpoint and ``final/``, written at the new last step.
+# Nothing else is derived from the step count; every other field keeps the value it had.
+GROWABLE_STEPS = tuple(f"{section}.steps" for section in ("train", "adapt", "tune", "csd", "map_fit"))
+
+
 def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = None) -> Path:
-    """Create the run directory and write ``config.json`` (rank 0). A resumed run must keep its config.
+    """Create the run directory and write ``config.json`` (rank 0). A resumed run must keep its config, with one
+    exception: its step count (``GROWABLE_STEPS``) may grow, which continues a finished (or interrupted) run from its
+    last checkpoint up to the new count (the fields that follow the count are listed above ``GROWABLE_STEPS``). A
+    smaller step count is refused, and so is any other change, naming every changed field.
 
     Sections of ``config`` given as config dataclasses (e.g. ``{"csd": CSDConfig(...)}``) are replaced in place by
     their dicts, and their class defaults make the resume check tolerant of runs older than a field: a field the
@@ -126,14 +144,27 @@ def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = N
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
             new = json.loads(json.dumps(config, default=ckpt._json_default))
-            diff = config_diff({k: v for k, v in old.items() if k not in _VOLATILE},
-                               {k: v for k, v in new.items() if k not in _VOLATILE},
-                               defaults=json.loads(json.dumps(defaults, default=ckpt._json_default)))
-            if diff and ckpt.latest_checkpoint(run_dir) is not None:
-                raise ValueError(f"{run_dir} holds a run with a different config ({'; '.join(diff)}); "
-                                 f"use a new --run-dir or delete the old one")
+            leaves = _diff_leaves({k: v for k, v in old.items() if k not in _VOLATILE},
+                                  {k: v for k, v in new.items() if k not in _VOLATILE},
+                                  defaults=json.loads(json.dumps(defaults, default=ckpt._json_default)))
+            if leaves and ckpt.latest_checkpoint(run_dir) is not None:
+                check_resumable_change(run_dir, leaves)
         ckpt.write_json(cfg_path, config)
     return run_dir
+
+
+def check_resumable_change(run_dir: Path, leaves: list[tuple]) -> None:
+    """Accept a grown step count alone (printing it); ValueError for any other change, or a smaller step count."""
+    steps = [(path, a, b) for path, a, b in leaves if path in GROWABLE_STEPS]
+    if len(steps) == len(leaves) and all(isinstance(a, int) and isinstance(b, int) for _, a, b in steps):
+        path, a, b = steps[0]
+        if b > a:
+            print(f"[{run_dir}] {path} grows from {a} to {b}: continuing the run from its last checkpoint", flush=True)
+            return
+        raise ValueError(f"{run_dir} holds a run of {a} steps ({path}); a run grows but does not shrink: pass "
+                         f"{a} steps or more, or use a new --run-dir")
+    raise ValueError(f"{run_dir} holds a run with a different config ({'; '.join(_format_leaf(*x) for x in leaves)}); "
+                     f"use a new --run-dir or delete the old one")
 
 
 def _section_dict(cfg) -> dict:
@@ -144,20 +175,29 @@ _VOLATILE = {"device", "command", "started"}
 _ABSENT = object()
 
 
-def config_diff(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
-    """Every leaf where two JSON configs differ, as 'a.b: old -> new' ('absent' for a missing key). A leaf absent
-    from ``old`` whose new value equals its entry in ``defaults`` (same nesting) is not a difference."""
+def _diff_leaves(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[tuple]:
+    """Every leaf where two JSON configs differ, as ``(dotted path, old, new)`` (``_ABSENT`` for a missing key). A
+    leaf absent from ``old`` whose new value equals its entry in ``defaults`` (same nesting) is not a difference."""
     out, defaults = [], defaults or {}
     for k in sorted(set(old) | set(new)):
         a, b, d = old.get(k, _ABSENT), new.get(k, _ABSENT), defaults.get(k, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_diff(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None)
+            out += _diff_leaves(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None)
         elif a is _ABSENT and b == d:
             continue
         elif a != b:
-            out.append(f"{prefix}{k}: {'absent' if a is _ABSENT else json.dumps(a)} -> "
-                       f"{'absent' if b is _ABSENT else json.dumps(b)}")
+            out.append((f"{prefix}{k}", a, b))
     return out
+
+
+def _format_leaf(path: str, a, b) -> str:
+    return f"{path}: {'absent' if a is _ABSENT else json.dumps(a)} -> {'absent' if b is _ABSENT else json.dumps(b)}"
+
+
+def config_diff(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Every leaf where two JSON configs differ, as 'a.b: old -> new' ('absent' for a missing key). A leaf absent
+    from ``old`` whose new value equals its entry in ``defaults`` (same nesting) is not a difference."""
+    return [_format_leaf(*x) for x in _diff_leaves(old, new, prefix, defaults)]
 
 
 class TrainLoop:

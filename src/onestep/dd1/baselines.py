@@ -34,7 +34,7 @@ from onestep.teacher.base import ARTeacher
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
 
 __all__ = ["skip_n", "estimate_marginals", "estimate_class_marginals", "sample_marginals", "sample_class_marginals",
-           "skip_sampler", "onestep_star_sampler", "baseline_samplers", "SKIP_FRACTIONS"]
+           "skip_sampler", "onestep_star_sampler", "baseline_samplers", "SKIP_FRACTIONS", "skip_counts"]
 
 
 def estimate_marginals(ids: Tensor, vocab_size: int, smoothing: float = 0.0) -> Tensor:
@@ -132,6 +132,17 @@ def onestep_star_sampler(marginals: Tensor, tokenizer, class_marginals: Tensor |
 SKIP_FRACTIONS = (0.4, 0.6)  # skip-n drops these fractions of the AR steps (keeps ~60% and ~40%)
 
 
+def skip_counts(ar_steps: int, fractions=SKIP_FRACTIONS) -> list[int]:
+    """The n of the skip-n rows for a teacher of ``ar_steps`` AR steps: round(f K) for each fraction, each once,
+    within [0, K - 1] (K = 49: 20 and 29)."""
+    out = []
+    for f in fractions:
+        n = min(ar_steps - 1, max(0, int(round(f * ar_steps))))
+        if n not in out:
+            out.append(n)
+    return out
+
+
 def _token_samples(samples):
     """Tensor (N, n) | (ids, labels) | dict with "tokens" (and "labels") | path to an ``onestep sample`` .npz."""
     import numpy as np
@@ -168,10 +179,8 @@ def baseline_samplers(teacher_dir, device="cpu", sampling_cfg: SamplingConfig | 
     marg = estimate_marginals(ids, teacher.vocab_size)
     cmarg = None if labels is None else estimate_class_marginals(ids, torch.as_tensor(labels), teacher.vocab_size,
                                                                  teacher.num_classes)
-    K = len(teacher.ar_steps())
     out = {}
-    for f in fractions:
-        n_skip = int(round(f * K))
+    for n_skip in skip_counts(len(teacher.ar_steps()), fractions):
         smp = skip_sampler(teacher, tokenizer, cfg, n_skip, "marginal", marg.to(device))
         out[smp.name] = smp
     out["onestep*"] = onestep_star_sampler(marg, tokenizer, cmarg)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,24 +25,101 @@ COLUMNS = ["method", "steps", "params", "fid_classifier", "fid_inception", "ince
            "class_accuracy", "latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64"]
 
 
-def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int = 10, pad: int = 2) -> Path:
-    """Tile uint8 images (N, C, H, W) into one PNG, ``nrow`` per row, with a white border."""
-    from PIL import Image
+MIN_CELL = 64  # grids upscale smaller images to at least this many pixels a side (nearest neighbour)
+CAPTION_H = 14  # pixels of a caption line
+
+
+def grid_columns(n: int, num_classes: int | None = None) -> int:
+    """Columns of a grid of ``n`` images: one class per column when the classes fit (at most 16), else a near-square
+    grid."""
+    if num_classes and num_classes <= 16:
+        return max(1, min(n, num_classes))
+    return max(1, min(n, math.ceil(math.sqrt(n))))
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where :func:`save_grid` puts things: ``cols`` x ``rows`` cells of ``cell_w`` x ``cell_h`` pixels (the image
+    upscaled by ``scale``, plus ``caption_h`` under it when every image has its own caption), ``header_h`` pixels of
+    column captions on top, ``pad`` pixels between cells."""
+
+    cols: int
+    rows: int
+    scale: int
+    cell_w: int
+    cell_h: int
+    caption_h: int
+    header_h: int
+    pad: int
+
+    def top(self, row: int) -> int:
+        """The y of row ``row``'s cell (``row == rows``: the grid's height)."""
+        return self.header_h + self.pad + row * (self.cell_h + self.pad)
+
+
+def grid_layout(n: int, h: int, w: int, cols: int, pad: int = 2, captions: str | None = None,
+                min_cell: int = MIN_CELL) -> GridLayout:
+    """The layout of ``n`` images of ``h`` x ``w`` in ``cols`` columns; ``captions``: None, "columns" (one caption per
+    column, on top) or "cells" (one under each image)."""
+    cols = max(1, min(cols, n))
+    scale = max(1, math.ceil(min_cell / max(h, w)))
+    cap = CAPTION_H if captions == "cells" else 0
+    return GridLayout(cols, (n + cols - 1) // cols, scale, w * scale, h * scale + cap, cap,
+                      CAPTION_H + pad if captions == "columns" else 0, pad)
+
+
+def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int | None = None, pad: int = 2,
+              labels=None, class_names: list[str] | None = None, min_cell: int = MIN_CELL) -> Path:
+    """Tile uint8 images (N, C, H, W) into one PNG on a white background, ``nrow`` per row (None: :func:`grid_columns`
+    of the number of classes). Images smaller than ``min_cell`` pixels are upscaled by the integer factor that brings
+    them there (nearest neighbour: the pixels stay visible). With ``labels`` (one per image) and ``class_names``, the
+    classes are captioned: above each column when every image of the column has one class (the balanced labels of
+    ``class_labels`` in one column per class), else under each image."""
+    from PIL import Image, ImageDraw, ImageFont
 
     x = images_uint8.cpu()
     if x.dtype != torch.uint8:
         raise TypeError("save_grid expects uint8 images")
     N, C, H, W = x.shape
-    nrow = max(1, min(nrow, N))
-    rows = (N + nrow - 1) // nrow
-    grid = torch.full((C, rows * (H + pad) + pad, nrow * (W + pad) + pad), 255, dtype=torch.uint8)
+    labels = None if labels is None or not class_names else [int(v) for v in labels][:N]
+    if not nrow:
+        nrow = grid_columns(N, len(class_names) if class_names else (len(set(labels)) if labels else None))
+    captions = None
+    if labels is not None:
+        cols = max(1, min(nrow, N))
+        same = all(labels[i] == labels[i % cols] for i in range(N))
+        captions = "columns" if same else "cells"
+    lay = grid_layout(N, H, W, nrow, pad, captions, min_cell)
+    if lay.scale > 1:
+        x = x.repeat_interleave(lay.scale, dim=2).repeat_interleave(lay.scale, dim=3)
+    width = lay.cols * (lay.cell_w + pad) + pad
+    grid = torch.full((C, lay.top(lay.rows), width), 255, dtype=torch.uint8)
     for i in range(N):
-        r, c = divmod(i, nrow)
-        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
+        r, c = divmod(i, lay.cols)
+        y0, x0 = lay.top(r), pad + c * (lay.cell_w + pad)
+        grid[:, y0:y0 + H * lay.scale, x0:x0 + lay.cell_w] = x[i]
     arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if C == 1 else arr)
+    if captions is not None:
+        draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=10)
+        ink = 0 if C == 1 else (0, 0, 0)
+
+        def caption(text: str, x0: int, y0: int) -> None:
+            while text and draw.textlength(text, font=font) > lay.cell_w:
+                text = text[:-1]
+            draw.text((x0 + (lay.cell_w - draw.textlength(text, font=font)) / 2, y0), text, fill=ink, font=font)
+
+        name = lambda k: class_names[k] if 0 <= k < len(class_names) else str(k)  # noqa: E731
+        if captions == "columns":
+            for c in range(min(lay.cols, N)):
+                caption(name(labels[c]), pad + c * (lay.cell_w + pad), 2)
+        else:
+            for i in range(N):
+                r, c = divmod(i, lay.cols)
+                caption(name(labels[i]), pad + c * (lay.cell_w + pad), lay.top(r) + H * lay.scale + 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr[..., 0] if C == 1 else arr).save(path)
+    img.save(path)
     return path
 
 

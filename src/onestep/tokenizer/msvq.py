@@ -86,7 +86,8 @@ class VQVAEConfig:
 VQVAE_PRESETS: dict[str, VQVAEConfig] = {
     # the official VAR tokenizer (256px -> 16x16 latent, 10 scales)
     "vae-ch160": VQVAEConfig(),
-    # unit tests: 28x28 -> 7x7 latent, scales 1, 3, 7 (59 tokens); the presets are for the 28x28 data sets
+    # unit tests: 28x28 -> 7x7 latent, scales 1, 3, 7 (59 tokens); the presets are sized for the 28x28 data sets and
+    # carry their scales to other image sizes (vqvae_config: 32x32 -> 8x8 latent, scales 1, 3, 8)
     "var-tiny": VQVAEConfig(image_size=28, in_channels=1, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4,
                             level_attn=False, mid_attn=False, codebook_size=32, code_dim=4, patch_nums=(1, 3, 7),
                             num_phi=2, phi_index=(0, 0, 1)),
@@ -97,10 +98,40 @@ VQVAE_PRESETS: dict[str, VQVAEConfig] = {
 }
 
 
+def scales_for(patch_nums: tuple[int, ...], latent: int) -> tuple[int, ...]:
+    """A preset's scales carried to another latent size: the first stays 1, the last becomes ``latent``, the others
+    are scaled by ``latent / patch_nums[-1]`` and rounded, and repeats are dropped (strictly increasing).
+    ``scales_for((1, 3, 7), 8) == (1, 3, 8)``; ``scales_for((1, 2, 3, 4, 5, 7), 8) == (1, 2, 3, 5, 6, 8)``."""
+    if latent < 1:
+        raise ValueError(f"latent size must be >= 1, got {latent}")
+    ref = patch_nums[-1]
+    out = [1]
+    for p in patch_nums[1:-1]:
+        q = min(latent - 1, max(1, round(p * latent / ref)))
+        if q > out[-1]:
+            out.append(q)
+    if latent > out[-1]:
+        out.append(latent)
+    return tuple(out)
+
+
 def vqvae_config(preset: str, **overrides) -> VQVAEConfig:
+    """``VQVAE_PRESETS[preset]`` with ``overrides``. An ``image_size`` other than the preset's carries the preset's
+    scales to the new latent size (:func:`scales_for`) unless ``patch_nums`` is given; when that changes the number
+    of scales, a preset's explicit phi mapping gives way to the default one."""
     if preset not in VQVAE_PRESETS:
         raise KeyError(f"unknown VAR tokenizer preset {preset!r}; choose one of {', '.join(VQVAE_PRESETS)}")
-    return replace(VQVAE_PRESETS[preset], **overrides)
+    base = VQVAE_PRESETS[preset]
+    size = overrides.get("image_size", base.image_size)
+    if size != base.image_size and "patch_nums" not in overrides:
+        down = base.downsample if "ch_mult" not in overrides else 2 ** (len(overrides["ch_mult"]) - 1)
+        if size % down:
+            raise ValueError(f"the {preset} tokenizer downsamples by {down}: its image size must be a multiple of "
+                             f"{down}, got {size}")
+        overrides["patch_nums"] = scales_for(base.patch_nums, size // down)
+        if len(overrides["patch_nums"]) != len(base.patch_nums) and "phi_index" not in overrides:
+            overrides["phi_index"] = None
+    return replace(base, **overrides)
 
 
 class AttnBlock(nn.Module):

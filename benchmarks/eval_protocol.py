@@ -1,4 +1,4 @@
-"""Two checks of the evaluation protocol, after the session-12 review (benchmarks/results/eval-protocol.{json,md}).
+"""Two checks of the evaluation protocol, (benchmarks/results/eval-protocol.{json,md}).
 
 1. The data floor against the sample size: real TEST images scored against the TRAIN reference, as each row is.
    FID's bias grows as the sample shrinks, so the floor beside a table must use the rows' sample size (it used

@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     teacher_fid = rows[0]["fid_classifier"]
     gaps = {row["method"]: row["fid_classifier"] - teacher_fid for row in rows[1:]}
     # tokenizer and teacher: the training time of their log (the last time_s; runs made before the TrainLoop kept its
-    # time across sessions were trained in one session each, so their last time_s is the whole training)
+    # time across invocations were trained in one invocation each, so their last time_s is the whole training)
     walls = {key: json.loads((r / run / "log.jsonl").read_text().splitlines()[-1])["time_s"]
              for key, run in (("tokenizer", "tok"), ("teacher", "teacher"))}
     for key, path, field in (("dd1_pairs_and_train", "dd1/metrics.json", "total_wall_time_s"),

@@ -15,7 +15,7 @@ that does one optimisation step. What the loop does:
 - a NaN/inf guard: a step whose logs report ``nonfinite`` is counted, and too many in a row stop the run; a
   non-finite weight or buffer stops it at once (checked at every such step and before every checkpoint), so no
   checkpoint is ever written with one and ``latest`` keeps pointing at the last finite checkpoint;
-- ``wall_s``: the training wall time summed over every session of the run (a resumed or re-run finished run keeps
+- ``wall_s``: the training wall time summed over every invocation of the run (a resumed or re-run finished run keeps
   it), logged as ``time_s``.
 """
 from __future__ import annotations
@@ -215,8 +215,8 @@ class TrainLoop:
         self.extra_state = extra_state if extra_state is not None else {}
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.info.rank)
         self.step = 0
-        self.wall_s = 0.0  # training wall time over every session of the run (saved in checkpoints)
-        self.steps_run = 0  # steps trained by this session (0: a finished run re-run)
+        self.wall_s = 0.0  # training wall time over every invocation of the run (saved in checkpoints)
+        self.steps_run = 0  # steps trained by this invocation (0: a finished run re-run)
         self.nonfinite_total = 0
         self._nonfinite_run = 0
 

@@ -138,7 +138,7 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
     loop.run(step_fn)
     final = Path(run_dir) / "final"
     if info.is_main:
-        config["wall_time_s"] = round(loop.wall_s, 2)  # all sessions; a re-run finished run keeps it
+        config["wall_time_s"] = round(loop.wall_s, 2)  # all invocations; a re-run finished run keeps it
         ckpt.save_model(final, model, config)
     return final
 

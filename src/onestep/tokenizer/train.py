@@ -178,7 +178,7 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
     if info.is_main and loop.steps_run == 0 and ckpt.is_model_dir(final):
         print(f"[tokenizer] {final} is already finished", flush=True)  # nothing trained: keep it and its evaluation
     elif info.is_main:
-        config["wall_time_s"] = round(loop.wall_s, 2)  # all sessions; a re-run finished run keeps it
+        config["wall_time_s"] = round(loop.wall_s, 2)  # all invocations; a re-run finished run keeps it
         config["eval"] = evaluate_tokenizer(model, load_dataset(data, "test", root=data_root).images, cfg.eval_batch_size)
         print(f"[tokenizer] test PSNR {config['eval']['psnr_db']:.2f} dB, codebook usage "
               f"{config['eval']['codebook_usage']:.1%}", flush=True)

@@ -1,0 +1,119 @@
+"""One-step classifier FID against training CPU-seconds: DD1 and the two DD2 recipes on the Fashion-MNIST teacher.
+
+    python benchmarks/dd2_fid_vs_cpu.py            # reads benchmarks/results/dd2-fid-vs-cpu/, writes dd2-fid-vs-cpu.*
+
+Every point is a generator evaluated on 2000 samples (classifier FID, the bench's protocol), placed at the CPU time
+its recipe spent, summed over every stage it needs:
+
+- DD1: pairs (the bench's 12k pairs) + training, at 150, 300 and 900 steps (900: the bench's run, its own pairs).
+- DD2, paper recipe (``gts``): stage 0 + stage 1 + CSD (the bench's 250-step run and its continuation; the CPU time
+  of a checkpoint inside a run segment is the segment's measured CPU time per step times the steps done).
+- DD2, map start (``map``): pairs + stage 0 + stage 1 + the regression onto the pairs (900 steps) + CSD.
+- CSD from DD1's generator (``benchmarks/dd2_from_dd1.py``): pairs + DD1 (300 steps) + CSD.
+
+The CPU seconds come from two machines: the bench's rows (DD1 at 900 steps, the paper recipe) from the bench's
+machine, the others from a second 2-core machine (the eval JSONs record each machine).
+
+The evaluations and CPU components are stored beside the figure (``dd2-fid-vs-cpu/``): the eval JSONs written by
+``onestep eval``, and ``cpu.json`` with each run's measured CPU seconds (``metrics.json`` / the pairs manifest).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import provenance, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+D = RESULTS / "dd2-fid-vs-cpu"
+
+
+def fid(name: str) -> dict:
+    r = json.loads((D / name).read_text())
+    return {"fid_classifier": r["fid_classifier"], "precision": r["precision"], "recall": r["recall"], "n": r["n"]}
+
+
+def points() -> list[dict]:
+    cpu = json.loads((D / "cpu.json").read_text())
+    bench = json.loads((RESULTS / "paper-table.json").read_text())
+    cost = bench["cost"]
+    dd1_bench = next(r for r in bench["rows"] if r["method"] == "dd1-1step")
+    rows = []
+
+    def add(recipe, label, cpu_s, ev, parts):
+        rows.append({"recipe": recipe, "point": label, "cpu_s": round(cpu_s), **ev, "cpu_parts": parts})
+
+    pairs = cpu["dd1_pairs_12k"]
+    for steps in (150, 300):
+        tr = cpu[f"dd1_train_{steps}"]
+        add("dd1", f"DD1, {steps} steps", pairs + tr, fid(f"dd1-{steps}-steps.json"), f"pairs {pairs:.0f} + train {tr:.0f}")
+    add("dd1", "DD1, 900 steps (the bench)", cost["dd1_pairs_cpu_s"] + cost["dd1_train_cpu_s"],
+        {"fid_classifier": dd1_bench["fid_classifier"], "precision": dd1_bench["precision"],
+         "recall": dd1_bench["recall"], "n": 2000},
+        f"pairs {cost['dd1_pairs_cpu_s']:.0f} + train {cost['dd1_train_cpu_s']:.0f}")
+
+    steps_tab = json.loads((RESULTS / "dd2-image-csd-steps.json").read_text())["rows"]
+    const = {r["generator_steps_done"]: r for r in steps_tab if r["run"].startswith("constant LR")}
+    s01 = cost["dd2_stage0_adapt_s"] + cost["dd2_stage1_tune_cpu_s"]
+    first = const[250]["train_cpu_s"]  # the bench's 250 steps
+    rate = const[1000]["train_cpu_s"] / 750  # the continuation's segment 250 -> 1000, per step
+    for k, r in sorted(const.items()):
+        c = s01 + first + (k - 250) * rate
+        add("gts", f"DD2 paper recipe, {k} CSD steps", c,
+            {"fid_classifier": r["fid_classifier"], "precision": r["precision"], "recall": r["recall"], "n": 2000},
+            f"stages 0+1 {s01:.0f} + CSD {first:.0f}" + (f" + {k - 250} x {rate:.2f}" if k > 250 else ""))
+
+    m0 = pairs + cpu["demo_stage0_adapt_wall"] + cpu["demo_stage1_tune"] + cpu["map_fit_900"]
+    parts = (f"pairs {pairs:.0f} + stage 0 {cpu['demo_stage0_adapt_wall']:.0f} + stage 1 {cpu['demo_stage1_tune']:.0f}"
+             f" + fit {cpu['map_fit_900']:.0f}")
+    add("map", "DD2 map start: regression only", m0, fid("map-fit.json"), parts)
+    for name, key, label in (("map-fit-csd-150.json", "map_csd_150", "+ 50 guidance-only + 150 CSD steps"),
+                             ("map-fit-csd-450.json", "map_csd_450", "+ 50 guidance-only + 450 CSD steps")):
+        if (D / name).exists() and key in cpu:
+            add("map", f"DD2 map start {label}", m0 + cpu[key], fid(name), parts + f" + CSD {cpu[key]:.0f}")
+    if (D / "dd1-300-csd-st-60.json").exists():
+        c = cpu["dd1_300_csd_st_60"]
+        add("dd1-start", "DD1 (300 steps) + 20 guidance-only + 60 CSD steps, straight-through codes",
+            pairs + cpu["dd1_train_300"] + c, fid("dd1-300-csd-st-60.json"),
+            f"pairs {pairs:.0f} + train {cpu['dd1_train_300']:.0f} + CSD {c:.0f}")
+    return rows
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    style = {"dd1": ("DD1", "tab:blue", "o"), "gts": ("DD2, paper recipe (stage 1 + CSD)", "tab:red", "s"),
+             "map": ("DD2, map start (regression + CSD)", "tab:green", "^"),
+             "dd1-start": ("CSD from DD1's generator (straight-through)", "tab:purple", "x")}
+    for recipe, (name, color, marker) in style.items():
+        pts = sorted((r["cpu_s"], r["fid_classifier"]) for r in rows if r["recipe"] == recipe)
+        if recipe == "dd1-start" and pts:  # drawn from the DD1 generator it starts from
+            pts = [next((r["cpu_s"], r["fid_classifier"]) for r in rows if r["point"] == "DD1, 300 steps"), *pts]
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, color=color, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training CPU seconds (all stages, pairs included)")
+    ax.set_ylabel("one-step classifier FID (2000 samples)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> dict:
+    rows = points()
+    result = {**provenance(), "points": rows}
+    write_results(RESULTS / "dd2-fid-vs-cpu", result, "One-step FID against training CPU time: DD1 and DD2's recipes")
+    plot(rows, RESULTS / "dd2-fid-vs-cpu.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

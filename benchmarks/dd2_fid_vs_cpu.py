@@ -5,7 +5,7 @@
 Every point is a generator evaluated on 2000 samples (classifier FID, the bench's protocol), placed at the CPU time
 its recipe spent, summed over every stage it needs:
 
-- DD1: pairs (the bench's 12k pairs) + training, at 150, 300 and 900 steps (900: the bench's run, its own pairs).
+- DD1: pairs (12k, the bench's count) + training, at 150, 300 and 900 steps; and the bench's own 900-step run.
 - DD2, paper recipe (``gts``): stage 0 + stage 1 + CSD (the bench's 250-step run and its continuation; the CPU time
   of a checkpoint inside a run segment is the segment's measured CPU time per step times the steps done).
 - DD2, map start (``map``): pairs + stage 0 + stage 1 + the regression onto the pairs (900 steps) + CSD.
@@ -46,10 +46,10 @@ def points() -> list[dict]:
         rows.append({"recipe": recipe, "point": label, "cpu_s": round(cpu_s), **ev, "cpu_parts": parts})
 
     pairs = cpu["dd1_pairs_12k"]
-    for steps in (150, 300):
+    for steps in (150, 300, 900):
         tr = cpu[f"dd1_train_{steps}"]
         add("dd1", f"DD1, {steps} steps", pairs + tr, fid(f"dd1-{steps}-steps.json"), f"pairs {pairs:.0f} + train {tr:.0f}")
-    add("dd1", "DD1, 900 steps (the bench)", cost["dd1_pairs_cpu_s"] + cost["dd1_train_cpu_s"],
+    add("dd1 (bench)", "DD1, 900 steps (the bench's own run and pairs)", cost["dd1_pairs_cpu_s"] + cost["dd1_train_cpu_s"],
         {"fid_classifier": dd1_bench["fid_classifier"], "precision": dd1_bench["precision"],
          "recall": dd1_bench["recall"], "n": 2000},
         f"pairs {cost['dd1_pairs_cpu_s']:.0f} + train {cost['dd1_train_cpu_s']:.0f}")
@@ -88,7 +88,7 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    style = {"dd1": ("DD1", "tab:blue", "o"), "gts": ("DD2, paper recipe (stage 1 + CSD)", "tab:red", "s"),
+    style = {"dd1": ("DD1", "tab:blue", "o"), "dd1 (bench)": ("DD1, the bench's run", "tab:cyan", "D"), "gts": ("DD2, paper recipe (stage 1 + CSD)", "tab:red", "s"),
              "map": ("DD2, map start (regression + CSD)", "tab:green", "^"),
              "dd1-start": ("CSD from DD1's generator (straight-through)", "tab:purple", "x")}
     for recipe, (name, color, marker) in style.items():

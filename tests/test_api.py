@@ -191,6 +191,24 @@ def test_export_loads_anywhere_and_samples_the_same_images(runs, tmp_path, capsy
         str(Path("..") / "tokenizer")
 
 
+def test_export_half_stores_float16_weights_that_load_as_the_rounded_originals(runs, tmp_path):
+    """`onestep export --half`: every float32 tensor is stored as float16, and the loaded generator's weights are
+    exactly the original float32 weights rounded to float16 (the modules run in float32 as before)."""
+    from onestep.checkpoint import load_tensors
+
+    out = tmp_path / "dd1-half"
+    main(["export", str(runs / "dd1"), str(out), "--half"])
+    stored = load_tensors(out / "final" / "model.safetensors")
+    original = load_tensors(runs / "dd1" / "final" / "model.safetensors")
+    assert set(stored) == set(original)
+    for k, v in original.items():
+        want = v.half() if v.dtype == torch.float32 else v
+        assert stored[k].dtype == want.dtype and torch.equal(stored[k], want), k
+    assert json.loads((out / "final" / "config.json").read_text())["weights_dtype"] == "float16"
+    gen = onestep.load(out)
+    assert gen.sample([0, 1], seed=0).shape[0] == 2
+
+
 def test_export_refuses_a_nonempty_folder_and_a_stage_one_run_with_one_line(runs, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.mkdir()

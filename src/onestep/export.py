@@ -11,7 +11,8 @@ Layout of ``OUT`` (every model directory is safetensors + its JSON config, as in
     OUT/export.json   what was exported: method, components (bytes, parameters, SHA-256), the run's measured figures
     OUT/README.md     the model card: how to load it, the recipe, the measured figures
 
-Only final weights are copied, byte for byte (no checkpoints, caches, pools, pairs or trainer state). The configs
+Only final weights are copied, byte for byte, or with ``half`` (``--half``) every float32 tensor stored as float16 (half
+the size; the modules load them back into float32, so sampling runs as before on weights rounded to float16) (no checkpoints, caches, pools, pairs or trainer state). The configs
 refer to the other components by paths inside ``OUT`` (``teacher_dir``: ``teacher``, ``tokenizer_dir``:
 ``tokenizer`` or ``../tokenizer``); references that sampling does not need (the stage-1 run, the pairs, the map
 fit, the teacher a stage-0 teacher was adapted from) are dropped, the data location (``data_root``) is cleared (the
@@ -29,6 +30,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from onestep import checkpoint as ckpt
 
 FORMAT = "onestep-export/1"
@@ -41,7 +44,7 @@ NEEDED = {"tokenizer": {}, "teacher": {"tokenizer_dir": "tokenizer"}, "dd1": {"t
 PLACES = {"final": ".", "teacher": "teacher", "tokenizer": "tokenizer"}
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> Path:
+def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path:
     """Export ``run_dir`` (a teacher, DD1 or DD2 generator run) to ``out`` (see the module docstring); returns ``out``.
     ValueError (one line) for an ``out`` that exists and is not an empty folder, or a run that is not sampled."""
     from onestep.api import run_kind
@@ -53,7 +56,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        components = _copy_components(run_dir, tmp)
+        components = _copy_components(run_dir, tmp, half)
         problems = outside_references(tmp)
         if problems:
             raise ckpt.CheckpointError(f"the export of {run_dir} is not self-contained: {problems[0]}")
@@ -78,7 +81,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
 
 
 # ---- components ----------------------------------------------------------------------------------
-def _copy_components(run_dir: Path, tmp: Path) -> dict:
+def _copy_components(run_dir: Path, tmp: Path, half: bool = False) -> dict:
     """Copy the final model directory of the run and of every run it needs into ``tmp`` (see ``PLACES``), with
     rewritten configs; returns {component: {"kind", "bytes", "sha256", "config"}}."""
     from onestep.runs import final_dir, resolve_ref
@@ -101,7 +104,13 @@ def _copy_components(run_dir: Path, tmp: Path) -> dict:
             if comp not in done and all(comp != c for c, _ in todo):
                 todo.append((comp, final_dir(target)))
             new[key] = os.path.relpath(tmp / PLACES[comp], dst.parent)
-        shutil.copyfile(src / "model.safetensors", dst / "model.safetensors")
+        if half:
+            tensors = ckpt.load_tensors(src / "model.safetensors")
+            ckpt.save_tensors(dst / "model.safetensors", {k: v.half() if v.dtype == torch.float32 else v
+                                                          for k, v in tensors.items()})
+            new["weights_dtype"] = "float16"
+        else:
+            shutil.copyfile(src / "model.safetensors", dst / "model.safetensors")
         ckpt.write_json(dst / "config.json", new)
         done[name] = {"kind": kind, "bytes": (dst / "model.safetensors").stat().st_size,
                       "sha256": _sha256(dst / "model.safetensors"), "config": new, "source": src}
@@ -339,7 +348,7 @@ def _measured_lines(card: dict) -> list[str]:
 
 # ---- command line ----------------------------------------------------------------------------------
 def cmd_export(args) -> None:
-    out = export_run(args.run, args.out)
+    out = export_run(args.run, args.out, half=args.half)
     card = ckpt.read_json(out / "export.json")
     total = sum(v["bytes"] for v in card["components"].values())
     print(f"exported {args.run} ({card['method']}) to {out}: {', '.join(card['components'])} "
@@ -354,4 +363,6 @@ def register(sub) -> None:
                                    "onestep.load(OUT) or onestep sample --run OUT from any location.")
     p.add_argument("run", help="run directory: a teacher, DD1 (dd1 train) or DD2 (dd2 train / fit-map) run")
     p.add_argument("out", help="the folder to write (must not exist, or be empty)")
+    p.add_argument("--half", action="store_true",
+                   help="store float32 weights as float16 (half the size; loaded back into float32)")
     p.set_defaults(func=cmd_export)

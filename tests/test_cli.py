@@ -203,6 +203,16 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2"),
           "--align-at", "1", "--align-steps", "1"])
     d = tiny_runs / "dd2"
+    # every stage's metrics.json in one schema: the run's wall and CPU time and threads, and its phases' times
+    phases = {"tok": ["train"], "teacher": ["train"], "adapt2": ["fit", "finetune"], "tune": ["pool", "train"],
+              "dd2": []}
+    for run, names in phases.items():
+        m = json.loads((tiny_runs / run / "metrics.json").read_text())
+        assert m["wall_time_s"] > 0 and m["cpu_time_s"] > 0 and m["threads"] >= 1, run
+        for ph in names:
+            assert m[f"{ph}_wall_time_s"] > 0 and m[f"{ph}_cpu_time_s"] >= 0, (run, ph)
+        assert m["wall_time_s"] == pytest.approx(sum(m[f"{ph}_wall_time_s"] for ph in names) or m["wall_time_s"],
+                                                 abs=0.05), run
     assert (d / "final" / "model.safetensors").exists() and (d / "raw" / "model.safetensors").exists()
     logs = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
     assert [r["align"] for r in logs] == [False, True, False]  # 2 generator steps + 1 alignment step

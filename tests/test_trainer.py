@@ -1,4 +1,5 @@
 """The shared training loop: exact resume after SIGKILL, DDP ranks in lock-step, NaN guard."""
+import json
 import os
 import signal
 import subprocess
@@ -457,3 +458,19 @@ def test_a_truncated_trainer_state_without_an_earlier_checkpoint_is_a_one_line_e
     with pytest.raises(ckpt.CheckpointError) as e:
         resumed.resume()
     assert f"cannot read {broken}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_add_run_time_sums_invocations_and_phases(tmp_path):
+    """The one writer of a stage's times: totals and per-phase times both accumulate over calls."""
+    import time
+
+    from onestep.trainer import add_run_time
+
+    t, c = time.time(), time.process_time()
+    m = add_run_time(tmp_path, t - 2.0, c - 1.0, phase="fit", note="x")
+    assert m["fit_wall_time_s"] >= 2.0 and m["fit_cpu_time_s"] >= 1.0 and m["note"] == "x"
+    m = add_run_time(tmp_path, time.time() - 3.0, time.process_time() - 0.5, phase="finetune")
+    assert m["finetune_wall_time_s"] >= 3.0 and m["fit_wall_time_s"] >= 2.0
+    assert m["wall_time_s"] == pytest.approx(m["fit_wall_time_s"] + m["finetune_wall_time_s"], abs=0.02)
+    assert m["cpu_time_s"] == pytest.approx(m["fit_cpu_time_s"] + m["finetune_cpu_time_s"], abs=0.02)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == m

@@ -397,16 +397,22 @@ def guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, g
     return True
 
 
-def add_run_time(run_dir: str | Path, t0: float, c0: float, **extra) -> dict:
-    """Add this process's wall time (since ``t0``, ``time.time()``) and CPU time (since ``c0``, ``time.process_time()``)
-    to ``RUN/metrics.json`` (summed over the processes that trained the run), set ``threads`` and ``extra``, write
-    it and return it."""
+def add_run_time(run_dir: str | Path, t0: float, c0: float, phase: str | None = None, **extra) -> dict:
+    """The one writer of a stage's times: add this process's wall time (since ``t0``, ``time.time()``) and CPU time
+    (since ``c0``, ``time.process_time()``) to ``RUN/metrics.json``, set ``threads`` and ``extra``, write it and
+    return it. Every stage's ``metrics.json`` has the same schema: ``wall_time_s`` and ``cpu_time_s`` (summed over
+    every invocation and phase that trained the run), ``threads``, and for a stage with phases (``phase``: e.g.
+    "pool" and "train" of stage 1, "fit" and "finetune" of stage 0) ``<phase>_wall_time_s`` and
+    ``<phase>_cpu_time_s``. Call it on the main rank only."""
     from onestep import checkpoint as ckpt
 
+    wall, cpu = time.time() - t0, time.process_time() - c0
     mpath = Path(run_dir) / "metrics.json"
     metrics = ckpt.read_json(mpath) if mpath.exists() else {}
-    metrics["wall_time_s"] = round(metrics.get("wall_time_s", 0.0) + time.time() - t0, 2)
-    metrics["cpu_time_s"] = round(metrics.get("cpu_time_s", 0.0) + time.process_time() - c0, 2)
+    keys = [("wall_time_s", "cpu_time_s")] + ([(f"{phase}_wall_time_s", f"{phase}_cpu_time_s")] if phase else [])
+    for wk, ck in keys:
+        metrics[wk] = round(metrics.get(wk, 0.0) + wall, 2)
+        metrics[ck] = round(metrics.get(ck, 0.0) + cpu, 2)
     metrics["threads"] = torch.get_num_threads()
     metrics.update(extra)
     ckpt.write_json(mpath, metrics)

@@ -258,6 +258,10 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
         metrics.update({"train_wall_time_s": round(extra["train_wall_s"], 2), "pairs_wall_time_s": round(pairs_s, 2),
                         "total_wall_time_s": round(extra["train_wall_s"] + pairs_s, 2),
                         "train_cpu_time_s": round(extra["train_cpu_s"], 2), "pairs_cpu_time_s": man.get("cpu_s"),
+                        # the stages' common schema (trainer.add_run_time): the run's own training time; DD1 counts
+                        # the steps that made the kept checkpoints (a crash's lost steps are not counted)
+                        "wall_time_s": round(extra["train_wall_s"], 2), "cpu_time_s": round(extra["train_cpu_s"], 2),
+                        "threads": torch.get_num_threads(),
                         "pairs_threads": man.get("threads"), "train_threads": torch.get_num_threads(),
                         "device": str(info.device), "world_size": info.world_size,
                         "nonfinite_steps": loop.nonfinite_total})

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from onestep import checkpoint as ckpt
 from onestep.distributed import DistInfo, wrap_ddp
 from onestep.teacher.llamagen import GPT
-from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
-                             set_lr, warmup_cosine)
+from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
+                             prepare_run_dir, set_lr, warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     test = subset(load_dataset(data, "test", root=data_root, image_size=size), cfg.max_items)
     config = {"kind": "teacher", "family": "llamagen", "stage": "dd2-adapt", "adapt": cfg,
               "teacher_dir": ref_to(teacher_dir, run_dir), "data": data, "data_root": data_root}
-    t_start = time.time()
+    t_start, c_start = time.time(), time.process_time()
     student = continuous_copy(teacher)
     config["model"] = student.args.to_dict()
     # the adapted teacher refers to the same tokenizer as the original one
@@ -120,9 +120,9 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
         metrics["nll_teacher"] = heldout_nll(teacher, ids_test, test.labels)
         metrics["fit_rel_mse"] = fit_embedding_mlp(student, teacher.tok_embeddings.weight, cfg.fit_steps, cfg.fit_lr, cfg.seed)
         metrics["nll_after_fit"] = heldout_nll(student, ids_test, test.labels)
-        metrics["fit_wall_time_s"] = round(time.time() - t_start, 2)
         if info.is_main:
             ckpt.write_json(metrics_path, metrics)
+            metrics = add_run_time(run_dir, t_start, c_start, phase="fit")
             ckpt.save_model(Path(run_dir) / "fitted", student, config)
     else:
         ckpt.load_model_weights(Path(run_dir) / "fitted", student)
@@ -145,16 +145,14 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
         ok = guarded_step(loss, opt, student.parameters(), cfg.grad_clip)
         return {"loss": loss.item(), "nonfinite": not ok}
 
-    t1 = time.time()
+    t1, c1 = time.time(), time.process_time()
     loop.run(step_fn)
     final = Path(run_dir) / "final"
     if info.is_main:
         metrics["nll_adapted"] = heldout_nll(student, ids_test, test.labels)
         metrics["nll_rel_change"] = metrics["nll_adapted"] / metrics["nll_teacher"] - 1.0
         metrics["within_1pct"] = bool(metrics["nll_rel_change"] <= 0.01)
-        metrics["finetune_wall_time_s"] = round(time.time() - t1, 2)
-        metrics["wall_time_s"] = round(metrics["fit_wall_time_s"] + metrics["finetune_wall_time_s"], 2)
         ckpt.write_json(metrics_path, metrics)
-        config["metrics"] = metrics
+        config["metrics"] = metrics = add_run_time(run_dir, t1, c1, phase="finetune")
         ckpt.save_model(final, student, config)
     return final

@@ -31,8 +31,8 @@ from onestep.distributed import DistInfo, wrap_ddp
 from onestep.dd2.losses import dsm_loss, gts_loss
 from onestep.dd2.model import ARDiffusion, MLPHead
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
-from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
-                             warmup_cosine)
+from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
+                             prepare_run_dir, warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,8 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
     run_dir = prepare_run_dir(run_dir, config, info)
     t0, c0 = time.time(), time.process_time()
     ids, labels = teacher_pool(Path(run_dir) / "pool.npz", teacher, cfg.n_pool, teacher.num_classes, sampling, cfg.seed)
-    pool_time, pool_cpu = time.time() - t0, time.process_time() - c0
+    if info.is_main:
+        add_run_time(run_dir, t0, c0, phase="pool")
     objective = TuneObjective(model, teacher, sampling, cfg)
     opt = make_optimizer(torch.optim.AdamW, [{"params": list(model.backbone.parameters())}, {"params": list(model.head.parameters())}],
                             betas=(0.9, 0.95), weight_decay=0.0)
@@ -192,15 +193,7 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
     loop.run(step_fn)
     final = Path(run_dir) / "final"
     if info.is_main:
-        mpath = Path(run_dir) / "metrics.json"
-        metrics = ckpt.read_json(mpath) if mpath.exists() else {}
-        metrics.setdefault("pool_wall_time_s", round(pool_time, 2))
-        metrics.setdefault("pool_cpu_time_s", round(pool_cpu, 2))
-        metrics["train_wall_time_s"] = round(metrics.get("train_wall_time_s", 0.0) + time.time() - t1, 2)
-        metrics["train_cpu_time_s"] = round(metrics.get("train_cpu_time_s", 0.0) + time.process_time() - c1, 2)
-        metrics["cpu_time_s"] = round(metrics["pool_cpu_time_s"] + metrics["train_cpu_time_s"], 2)
-        metrics["wall_time_s"] = round(metrics["pool_wall_time_s"] + metrics["train_wall_time_s"], 2)
-        ckpt.write_json(mpath, metrics)
+        metrics = add_run_time(run_dir, t1, c1, phase="train")
         ckpt.save_model(final, model, {**config, "metrics": metrics})
     return final
 

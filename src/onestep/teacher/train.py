@@ -6,6 +6,7 @@ split, computed once and cached in the run directory (``tokens_train.npz``).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 from onestep import checkpoint as ckpt
 from onestep.distributed import DistInfo, wrap_ddp
 from onestep.teacher.llamagen import GPT
-from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, autocast, guarded_step, make_optimizer,
-                             prepare_run_dir, set_lr, warmup_cosine)
+from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, autocast, guarded_step,
+                             make_optimizer, prepare_run_dir, set_lr, warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,10 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
         ok = guarded_step(loss, opt, model.parameters(), cfg.grad_clip)
         return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"], "nonfinite": not ok}
 
+    t0, c0 = time.time(), time.process_time()
     loop.run(step_fn)
+    if info.is_main:
+        add_run_time(run_dir, t0, c0, phase="train")
     final = Path(run_dir) / "final"
     if info.is_main:
         config["wall_time_s"] = round(loop.wall_s, 2)  # all invocations; a re-run finished run keeps it

@@ -11,6 +11,7 @@ the test set (equivalently peak-to-peak 2 on [-1, 1]); ``psnr_image_mean_db`` is
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -145,8 +146,8 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
     from onestep import checkpoint as ckpt
     from onestep.data import load_dataset, to_float
     from onestep.distributed import wrap_ddp
-    from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
-                                 set_lr, warmup_cosine)
+    from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
+                                 prepare_run_dir, set_lr, warmup_cosine)
 
     info = info or DistInfo()
     torch.manual_seed(cfg.seed)
@@ -173,7 +174,10 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
         ok = guarded_step(loss, opt, model.parameters(), cfg.grad_clip)
         return {**logs, "lr": opt.param_groups[0]["lr"], "nonfinite": not ok}
 
+    t0, c0 = time.time(), time.process_time()
     loop.run(step_fn)
+    if info.is_main:
+        add_run_time(run_dir, t0, c0, phase="train")
     final = Path(run_dir) / "final"
     if info.is_main and loop.steps_run == 0 and ckpt.is_model_dir(final):
         print(f"[tokenizer] {final} is already finished", flush=True)  # nothing trained: keep it and its evaluation

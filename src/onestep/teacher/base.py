@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from onestep import rng
+from onestep.tokenizer.quant import nearest_code  # noqa: F401  (the codebook lookup, tokenizer side)
 
 
 class ARTeacher(nn.Module):
@@ -96,11 +97,3 @@ class ARTeacher(nn.Module):
     def nearest_ids(self, x: Tensor) -> Tensor:
         """(B, n, C) vectors -> (B, n) ids of the nearest code (squared Euclidean distance)."""
         return nearest_code(x, self.codebook())
-
-
-def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
-    """Index of the nearest codebook row for each vector of ``x`` (..., C) -> (...)."""
-    flat = x.reshape(-1, x.shape[-1]).float()
-    cb = codebook.float()
-    d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
-    return d.argmin(1).reshape(x.shape[:-1])

@@ -7,7 +7,7 @@ Layout (names follow VAR's ``models/vqvae.py`` and ``basic_vae.py``; checked aga
       -> encoder: conv_in, down.{i}.block.{j} (ResnetBlocks), down.{i}.attn.{j} (lowest level only),
          down.{i}.downsample (zero-pad right/bottom, 3x3 stride 2), mid.block_1 / attn_1 / block_2, conv_out
       -> quant_conv (3x3, C_vae -> C_vae) = f
-      -> quantize (:class:`~onestep.teacher.var.MultiScaleQuantizer`): residual quantisation over the scales
+      -> quantize (:class:`~onestep.tokenizer.quant.MultiScaleQuantizer`): residual quantisation over the scales
          -> token ids (B, L), L = sum pn^2, and f_hat = sum_k phi_k(upsample(codes of scale k))
       -> post_quant_conv (3x3) -> decoder (mirror, 3 blocks per level, up.{i} indexed by resolution) -> image
 
@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onestep.teacher.var import OFFICIAL_PATCH_NUMS, OFFICIAL_PHI_INDEX, MultiScaleQuantizer, VARArgs
+from onestep.tokenizer.quant import OFFICIAL_PATCH_NUMS, OFFICIAL_PHI_INDEX, MultiScaleQuantizer, ScaleArgs
 from onestep.tokenizer.vq import (Downsample, ResnetBlock, Upsample, _dist_world, _norm, all_ranks_agree, finite_rows,
                                   make_level, run_level)
 
@@ -71,9 +71,9 @@ class VQVAEConfig:
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
-    def quant_args(self) -> VARArgs:
+    def quant_args(self) -> ScaleArgs:
         """The quantiser's part of the teacher configuration (scales, phi mapping, codebook shape)."""
-        return VARArgs(vocab_size=self.codebook_size, code_dim=self.code_dim, patch_nums=self.patch_nums,
+        return ScaleArgs(vocab_size=self.codebook_size, code_dim=self.code_dim, patch_nums=self.patch_nums,
                        num_phi=self.num_phi, phi_index=self.phi_index, quant_resi=self.quant_resi)
 
     def to_dict(self) -> dict:

@@ -704,51 +704,8 @@ def publish(table: dict, preset: str) -> None:
         write_tables_md(results / f"{fam}-{preset}.md", sub)
 
 
-def _print_outputs(root: Path, outputs: dict) -> None:
-    print("\nDone. Everything is under", root.resolve())
-    for k, v in outputs.items():
-        print(f"  {k:>18}: {v}")
-
-
 def default_workers(device: str) -> int:
     """2 worker processes on a multi-core CPU (the DD1 and DD2 branches side by side), else 1 (sequential)."""
     import os
 
     return 2 if str(device).startswith("cpu") and (os.cpu_count() or 1) >= 2 else 1
-
-
-def cmd_pipeline(args) -> None:
-    import os
-
-    preset = args.preset or ("quick" if args.command == "demo" else "full")
-    cfg = PIPELINE_PRESETS[preset]
-    overrides = {k: getattr(args, k) for k in ("data",) if getattr(args, k, None)}
-    if args.no_assets:
-        overrides["use_assets"] = False
-    cfg = replace(cfg, **overrides)
-    if os.environ.get("OMP_NUM_THREADS") is None:
-        torch.set_num_threads(os.cpu_count() or 1)
-    root = Path(args.root or f"runs/{preset}")
-    command = "onestep " + " ".join(args.argv) if getattr(args, "argv", None) else f"onestep {args.command}"
-    workers = args.workers if args.workers is not None else default_workers(args.device)
-    outputs = Pipeline(root, cfg, args.device, args.seed, args.data_root, command, workers=workers).run()
-    _print_outputs(root, outputs)
-
-
-def register(sub) -> None:
-    from onestep.argtypes import device, positive_int
-
-    for name, help_ in (("demo", "the quick pipeline on the default data (README's main command, <= 20 min)"),
-                        ("bench", "the full pipeline: the papers' tables at small scale (<= 90 min)")):
-        p = sub.add_parser(name, help=help_, description=__doc__.split("\n\n")[0] + ". " + help_)
-        p.add_argument("--preset", default=None, choices=sorted(PIPELINE_PRESETS), help="pipeline preset")
-        p.add_argument("--root", default=None, help="where the runs go (default runs/<preset>)")
-        p.add_argument("--data", default=None, choices=["fashion-mnist", "mnist", "folder"])
-        p.add_argument("--data-root", default=None)
-        p.add_argument("--no-assets", action="store_true", help="train the tokenizer and teacher instead of using shipped ones")
-        p.add_argument("--device", type=device, default="cpu")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--workers", type=positive_int, default=None,
-                       help="processes for the DD1 / DD2 branches and the evaluations (default: 2 on a multi-core CPU, "
-                            "else 1 = sequential)")
-        p.set_defaults(func=cmd_pipeline)

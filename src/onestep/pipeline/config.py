@@ -88,6 +88,11 @@ PIPELINE_PRESETS = {
 
 
 
+def _shortened(stage_cfg, steps: int, phase: str):
+    """``stage_cfg`` at ``steps`` steps, its ``phase`` (a count of steps) at most ``steps // SHORT_PHASE_DIVISOR``."""
+    return replace(stage_cfg, steps=steps, **{phase: min(getattr(stage_cfg, phase), steps // SHORT_PHASE_DIVISOR)})
+
+
 def stage_config(cfg: PipelineConfig, stage: str, seed: int):
     """The training config of ``stage`` (tokenizer, teacher, dd2_adapt, dd2_tune, dd2_train, dd1): the preset of its
     command that ``cfg`` names, with the pipeline's ``seed`` and, where ``cfg`` sets them, its step counts (and for
@@ -115,27 +120,20 @@ def stage_config(cfg: PipelineConfig, stage: str, seed: int):
 
         out = replace(TUNE_PRESETS[cfg.tune_preset], seed=seed)
         if cfg.tune_steps:
-            out = replace(out, steps=cfg.tune_steps,
-                          head_only_steps=min(out.head_only_steps, cfg.tune_steps // SHORT_PHASE_DIVISOR))
+            out = _shortened(out, cfg.tune_steps, "head_only_steps")
         return replace(out, n_pool=cfg.tune_pool) if cfg.tune_pool else out
     if stage == "dd2_train":
         from onestep.dd2.train import TRAIN_PRESETS
 
         out = replace(TRAIN_PRESETS[cfg.train_preset], seed=seed)
-        if cfg.train_steps:
-            out = replace(out, steps=cfg.train_steps,
-                          warmup_steps=min(out.warmup_steps, cfg.train_steps // SHORT_PHASE_DIVISOR))
-        return out
+        return _shortened(out, cfg.train_steps, "warmup_steps") if cfg.train_steps else out
     if stage == "dd1":
         from onestep.dd1.stages import DD1_PRESETS
 
         out = replace(DD1_PRESETS[cfg.dd1_preset], seed=seed)
         if cfg.dd1_pairs:
             out = replace(out, n_pairs=cfg.dd1_pairs)
-        if cfg.dd1_steps:
-            out = replace(out, steps=cfg.dd1_steps,
-                          warmup_steps=min(out.warmup_steps, cfg.dd1_steps // SHORT_PHASE_DIVISOR))
-        return out
+        return _shortened(out, cfg.dd1_steps, "warmup_steps") if cfg.dd1_steps else out
     raise ValueError(f"no stage {stage!r}")
 
 

@@ -94,12 +94,12 @@ def test_missing_run_gives_clear_error(tmp_path, capsys):
 def test_environment_faults_are_one_line_errors(monkeypatch, capsys, error, line):
     """A full device, a read-only or forbidden run directory, a diverged run: one line saying what happened to which
     file, exit status 2; ONESTEP_DEBUG=1 shows the traceback instead."""
-    from onestep import cli
+    from onestep.cli import sample
 
     def command(args):
         raise error
 
-    monkeypatch.setattr(cli, "cmd_sample", command)
+    monkeypatch.setattr(sample, "cmd_sample", command)
     with pytest.raises(SystemExit) as e:
         main(["sample", "--run", "RUN"])
     assert e.value.code == 2

@@ -721,7 +721,7 @@ def test_dd1_commands_read_the_cfg_schedule():
     """`dd1 pairs --cfg-schedule linear` makes pairs with VAR's ramp, and `dd1 train` without the flag takes the pairs'
     schedule (the rule must match the manifest's)."""
     from onestep.cli import build_parser
-    from onestep.dd1.commands import _sampling
+    from onestep.cli.dd1 import _sampling
 
     p = build_parser()
     pairs = p.parse_args(["dd1", "pairs", "--teacher", "T", "--out", "P", "--cfg-schedule", "linear"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 __all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "unit_interval", "conti_from",
-           "label_list", "check_labels", "device", "OnestepArgumentParser"]
+           "label_list", "check_labels", "device", "port", "OnestepArgumentParser"]
 
 
 class OnestepArgumentParser(argparse.ArgumentParser):
@@ -126,3 +126,14 @@ def device(text: str) -> str:
             raise argparse.ArgumentTypeError(f"{text} requested but this machine has {n} CUDA device(s) "
                                              f"(cuda:0..cuda:{n - 1})")
     return text
+
+
+def port(text: str) -> int:
+    """A TCP port 0..65535 (0: any free port; the URL printed names the one bound)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"a port lies in 0..65535, got {v}")
+    return v

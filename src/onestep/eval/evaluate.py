@@ -20,6 +20,34 @@ from onestep.eval.classifier import data_key, load_or_train_classifier
 from onestep.paths import cache_dir
 
 
+def load_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Generated images from an ``.npz`` (uint8 ``images`` (N, C, H, W), optional ``labels``) or a PNG folder.
+
+    A folder's PNGs are read in sorted order; a label can be given as the file-name prefix ``<label>_*.png``.
+    """
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if "images" not in f:
+                raise ValueError(f"{path} has no 'images' array (write images as uint8 (N, C, H, W))")
+            return torch.from_numpy(f["images"]), (torch.from_numpy(f["labels"]).long() if "labels" in f else None)
+    from PIL import Image
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise ValueError(f"no images in {path}")
+    # a fixed shuffle: names like <label>_<i>.png sort into class groups, and -n, the Inception subset and the
+    # precision/recall subset take the first images
+    files = [files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()]
+    arrs = [np.asarray(Image.open(p)) for p in files]
+    x = torch.from_numpy(np.stack(arrs))
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    labels = None
+    if all(p.stem.split("_")[0].isdigit() for p in files):
+        labels = torch.tensor([int(p.stem.split("_")[0]) for p in files])
+    return x.contiguous(), labels
+
+
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra) -> Path:
     """ADM-evaluator style ``.npz`` with ``mu`` and ``sigma`` (plus optional arrays), written atomically."""
     from onestep.checkpoint import atomic_write

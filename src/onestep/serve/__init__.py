@@ -13,11 +13,9 @@ Every asset is served from ``onestep/serve/static``: the page loads nothing from
 """
 from __future__ import annotations
 
-import argparse
 import socket
-import sys
 
-__all__ = ["default_runs", "port", "open_socket", "register"]
+__all__ = ["default_runs", "open_socket", "serve"]
 
 
 def default_runs():
@@ -25,17 +23,6 @@ def default_runs():
     from onestep.serve.models import default_runs as runs
 
     return runs()
-
-
-def port(text: str) -> int:
-    """A TCP port 0..65535 (0: any free port; the URL printed names the one bound)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"a port lies in 0..65535, got {v}")
-    return v
 
 
 def open_socket(host: str, port: int) -> socket.socket:
@@ -64,7 +51,9 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
 
-def cmd_serve(args) -> None:
+def serve(run: list[str] | None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> bool:
+    """Serve the page on ``host``:``port`` until interrupted: the runs of ``run`` (teacher, DD1 or DD2 run
+    directories; a kind not given: the shipped run) on ``device``. Returns whether the server started."""
     try:
         import uvicorn
 
@@ -73,12 +62,12 @@ def cmd_serve(args) -> None:
         raise ValueError(f"onestep serve needs starlette and uvicorn ({e}): pip install -r requirements.txt") from None
     from onestep.serve.models import KINDS, Models, resolve_runs
 
-    runs = resolve_runs(args.run)
-    sock = open_socket(args.host, args.port)  # before loading: a port in use fails at once
+    runs = resolve_runs(run)
+    sock = open_socket(host, port)  # before loading: a port in use fails at once
     for kind in KINDS:
         where = runs[kind] if runs[kind] is not None else "MISSING (not shipped in assets/fashion-mnist and no --run)"
         print(f"onestep serve: {kind}: {where}", flush=True)
-    models = Models(runs, device=args.device)
+    models = Models(runs, device=device)
     models.warm_up()
     app = build_app(models)
     print(f"onestep serve: {url_of(sock)}  (Ctrl-C to quit)", flush=True)
@@ -88,21 +77,4 @@ def cmd_serve(args) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
-    if getattr(server, "started", True) is False:
-        sys.exit(1)
-
-
-def register(sub) -> None:
-    from onestep.argtypes import device
-
-    p = sub.add_parser("serve", help="a local web page: the teacher and the one-step generators side by side, live",
-                       description="Serve a page on which the AR teacher (streamed step by step) and the DD1 / DD2 "
-                                   "one-step generators draw side by side, with latencies measured per request, the "
-                                   "bench's FIDs, latent walks and a throughput panel. Without --run: the shipped "
-                                   "teacher, DD1 and DD2 runs of assets/fashion-mnist.")
-    p.add_argument("--run", action="append", default=None, metavar="DIR",
-                   help="a teacher, DD1 or DD2 run to serve (repeatable; a kind not given: the shipped run)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=port, default=8000, help="TCP port (default: 8000; 0 = any free port)")
-    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.set_defaults(func=cmd_serve)
+    return getattr(server, "started", True) is not False

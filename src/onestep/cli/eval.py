@@ -2,38 +2,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
-import torch
-
-
-def load_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Generated images from an ``.npz`` (uint8 ``images`` (N, C, H, W), optional ``labels``) or a PNG folder.
-
-    A folder's PNGs are read in sorted order; a label can be given as the file-name prefix ``<label>_*.png``.
-    """
-    path = Path(path)
-    if path.suffix == ".npz":
-        with np.load(path) as f:
-            if "images" not in f:
-                raise ValueError(f"{path} has no 'images' array (write images as uint8 (N, C, H, W))")
-            return torch.from_numpy(f["images"]), (torch.from_numpy(f["labels"]).long() if "labels" in f else None)
-    from PIL import Image
-
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not files:
-        raise ValueError(f"no images in {path}")
-    # a fixed shuffle: names like <label>_<i>.png sort into class groups, and -n, the Inception subset and the
-    # precision/recall subset take the first images
-    files = [files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()]
-    arrs = [np.asarray(Image.open(p)) for p in files]
-    x = torch.from_numpy(np.stack(arrs))
-    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    labels = None
-    if all(p.stem.split("_")[0].isdigit() for p in files):
-        labels = torch.tensor([int(p.stem.split("_")[0]) for p in files])
-    return x.contiguous(), labels
+from onestep.argtypes import nonneg_int, positive_int
+from onestep.cli.flags import add_common, add_data, add_method, add_sampling
 
 
 def cmd_eval(args) -> None:
@@ -41,7 +12,7 @@ def cmd_eval(args) -> None:
     the one the run was trained on (Fashion-MNIST for ``--images``). Images whose shape is not the data set's are
     refused before the classifier and the reference statistics are made."""
     from onestep.data import check_image_shape, load_dataset
-    from onestep.eval.evaluate import Evaluator
+    from onestep.eval.evaluate import Evaluator, load_images
     from onestep.runs import recorded_data, stage_data, tokenizer_image_shape
 
     if args.images:
@@ -88,9 +59,6 @@ def cmd_report(args) -> None:
 
 
 def register(sub) -> None:
-    from onestep.argtypes import nonneg_int, positive_int
-    from onestep.cli import add_common, add_data, add_method, add_sampling
-
     p = sub.add_parser("eval", help="FID (classifier and Inception features), IS, precision/recall, class accuracy",
                        description="Evaluate generated images (an .npz with uint8 'images' (N,C,H,W) and optional "
                                    "'labels', or a folder of PNGs named <label>_*.png) or a model run, against the "

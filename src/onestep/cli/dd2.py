@@ -12,18 +12,16 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
-
-def _override(cfg, args, names):
-    return replace(cfg, **{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+from onestep.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
+from onestep.cli.flags import DATA_SETS, add_common, add_preset, add_sampling, given, override
 
 
 def cmd_adapt(args) -> None:
     from onestep.dd2.adapt import ADAPT_PRESETS, adapt_teacher
     from onestep.distributed import cleanup, setup
 
-    cfg = _override(ADAPT_PRESETS[args.preset], args, ("steps", "fit_steps", "batch_size", "lr", "seed"))
+    cfg = override(ADAPT_PRESETS[args.preset], **given(args, "steps", "fit_steps", "batch_size", "lr", "seed"))
     info = setup(args.device)
     final = adapt_teacher(args.run_dir, args.teacher, cfg, info, args.data, args.data_root)
     if info.is_main:
@@ -36,7 +34,7 @@ def cmd_tune(args) -> None:
     from onestep.distributed import cleanup, setup
     from onestep.samplers import sampling_config_from_args
 
-    cfg = _override(TUNE_PRESETS[args.preset], args, ("steps", "head_only_steps", "batch_size", "lr", "head_lr",
+    cfg = override(TUNE_PRESETS[args.preset], **given(args, "steps", "head_only_steps", "batch_size", "lr", "head_lr",
                                                        "loss", "n_pool", "seed"))
     info = setup(args.device)
     final = tune(args.run_dir, args.teacher, cfg, sampling_config_from_args(args), info)
@@ -49,11 +47,11 @@ def cmd_train(args) -> None:
     from onestep.dd2.train import TRAIN_PRESETS, train
     from onestep.distributed import cleanup, setup
 
-    cfg = _override(TRAIN_PRESETS[args.preset], args, ("steps", "batch_size", "guidance_batch_size", "lr", "guidance_lr",
-                                                        "guidance_steps", "m_noise", "align_at", "align_steps", "seed",
-                                                        "generator_head_gain",
-                                                        "generator_t", "condition_on_codes", "lr_schedule",
-                                                        "final_lr_ratio", "guidance_warmup", "guidance_residual"))
+    cfg = override(TRAIN_PRESETS[args.preset], **given(args, "steps", "batch_size", "guidance_batch_size", "lr",
+                                                        "guidance_lr", "guidance_steps", "m_noise", "align_at",
+                                                        "align_steps", "seed", "generator_head_gain", "generator_t",
+                                                        "condition_on_codes", "lr_schedule", "final_lr_ratio",
+                                                        "guidance_warmup", "guidance_residual"))
     info = setup(args.device)
     final = train(args.run_dir, args.tune, cfg, info, generator_init=args.generator_init)
     if info.is_main:
@@ -65,8 +63,8 @@ def cmd_fit_map(args) -> None:
     from onestep.dd2.mapstart import MAP_FIT_PRESETS, fit_map
     from onestep.distributed import cleanup, setup
 
-    cfg = _override(MAP_FIT_PRESETS[args.preset], args, ("steps", "batch_size", "lr", "generator_t", "cells_temperature",
-                                                              "noise_stream", "seed"))
+    cfg = override(MAP_FIT_PRESETS[args.preset], **given(args, "steps", "batch_size", "lr", "generator_t",
+                                                          "cells_temperature", "noise_stream", "seed"))
     info = setup(args.device)
     final = fit_map(args.run_dir, args.tune, args.pairs, cfg, info)
     if info.is_main:
@@ -75,8 +73,6 @@ def cmd_fit_map(args) -> None:
 
 
 def register(sub) -> None:
-    from onestep.argtypes import device, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
-    from onestep.cli import add_preset, add_sampling
     from onestep.dd2.adapt import ADAPT_PRESETS
     from onestep.dd2.mapstart import MAP_FIT_PRESETS
     from onestep.dd2.train import TRAIN_PRESETS
@@ -97,11 +93,10 @@ def register(sub) -> None:
     a.add_argument("--fit-steps", type=positive_int, default=None, help="MLP regression steps")
     a.add_argument("--batch-size", type=positive_int, default=None)
     a.add_argument("--lr", type=positive_float, default=None)
-    a.add_argument("--data", default=None, choices=["fashion-mnist", "mnist", "folder"],
+    a.add_argument("--data", default=None, choices=DATA_SETS,
                    help="fine-tuning data (default: the teacher run's; needed for an imported teacher)")
     a.add_argument("--data-root", default=None, help="data directory (folder: one sub-folder per class)")
-    a.add_argument("--device", type=device, default="cpu")
-    a.add_argument("--seed", type=int, default=None)
+    add_common(a, seed=None, described=False)
     a.set_defaults(func=cmd_adapt)
 
     t = s.add_parser("tune", help="stage 1: AR-diffusion tuning with the GTS loss on teacher samples",
@@ -119,8 +114,7 @@ def register(sub) -> None:
     t.add_argument("--loss", choices=["gts", "dsm"], default=None, help="gts (default) or dsm (ablation)")
     t.add_argument("--n-pool", type=positive_int, default=None, help="number of teacher-sampled training sequences")
     add_sampling(t)
-    t.add_argument("--device", type=device, default="cpu")
-    t.add_argument("--seed", type=int, default=None)
+    add_common(t, seed=None, described=False)
     t.set_defaults(func=cmd_tune)
 
     r = s.add_parser("train", help="stage 2: conditional score distillation (generator + guidance network)",
@@ -164,8 +158,7 @@ def register(sub) -> None:
                    help="psi in residual form around the teacher's closed-form denoiser (starts as the teacher)")
     r.add_argument("--generator-init", default=None,
                    help="map-fit run (onestep dd2 fit-map) to start the generator from: the map-start recipe")
-    r.add_argument("--device", type=device, default="cpu")
-    r.add_argument("--seed", type=int, default=None)
+    add_common(r, seed=None, described=False)
     r.set_defaults(func=cmd_train)
 
     m = s.add_parser("fit-map", help="map-start recipe, phase 1: regress the generator onto DD1's pairs",
@@ -186,6 +179,5 @@ def register(sub) -> None:
     m.add_argument("--noise-stream", action=argparse.BooleanOptionalAction, default=None,
                    help="eps_i also enters the backbone's input row i through a zero-initialised linear map (every "
                         "layer sees the position's own noise, as in DD1), not only the head")
-    m.add_argument("--device", type=device, default="cpu")
-    m.add_argument("--seed", type=int, default=None)
+    add_common(m, seed=None, described=False)
     m.set_defaults(func=cmd_fit_map)

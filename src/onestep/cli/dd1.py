@@ -9,8 +9,10 @@ Both resume when re-run with the same arguments; the library functions (``make_p
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
+
+from onestep.argtypes import positive_float, positive_int
+from onestep.cli.flags import add_common, add_preset, add_sampling, given, override
 
 __all__ = ["register"]
 
@@ -40,8 +42,7 @@ def cmd_pairs(args) -> None:
     from onestep.distributed import cleanup, setup
 
     cfg = _preset(args)
-    cfg = replace(cfg, **{k: v for k, v in (("shard_size", args.shard_size), ("ode_steps", args.ode_steps),
-                                            ("map_batch", args.map_batch)) if v is not None})
+    cfg = override(cfg, **given(args, "shard_size", "ode_steps", "map_batch"))
     info = setup(args.device)
     out = make_pairs(args.out, args.teacher, args.n, args.seed, _sampling(args), info.device, cfg, info)
     if info.is_main:
@@ -55,8 +56,7 @@ def cmd_train(args) -> None:
     from onestep.distributed import cleanup, setup
 
     cfg = _preset(args)
-    cfg = replace(cfg, seed=args.seed, **{k: getattr(args, k) for k in ("steps", "batch_size", "lr")
-                                          if getattr(args, k) is not None})
+    cfg = override(cfg, seed=args.seed, **given(args, "steps", "batch_size", "lr"))
     fallback = read_manifest(args.pairs)["sampling"] if (Path(args.pairs) / MANIFEST).exists() else None
     info = setup(args.device)
     final = train_dd1(args.run_dir, args.pairs, args.teacher, cfg, info, sampling_cfg=_sampling(args, fallback))
@@ -66,8 +66,6 @@ def cmd_train(args) -> None:
 
 
 def register(sub) -> None:
-    from onestep.argtypes import positive_float, positive_int
-    from onestep.cli import add_common, add_preset, add_sampling
     from onestep.dd1.stages import DD1_PRESETS
 
     p = sub.add_parser("dd1", help="DD1 baseline: flow-map pairs, then the one-step generator",

@@ -1,0 +1,70 @@
+"""The ``onestep`` command line: train a tokenizer and a teacher, distil them (DD1, DD2), sample, evaluate.
+
+Every command that trains writes a run directory (config.json, log.jsonl, checkpoints/, final/) and
+resumes from it when re-run with the same arguments. ``--device`` and ``--seed`` are flags everywhere;
+multi-process training: ``torchrun --nproc_per_node N -m onestep train-teacher ...``.
+
+Each command group is a module of this package with a ``register(sub)`` that adds its sub-parsers (train, sample,
+eval, dd1, dd2, pipeline, importers, serve, export); the flags they share are in :mod:`onestep.cli.flags`. The
+library modules hold no parser code: a command turns its flags into plain values and calls them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from onestep.argtypes import OnestepArgumentParser
+from onestep.cli import dd1, dd2, eval, export, importers, pipeline, sample, serve, train
+
+# the order of ``onestep --help``
+COMMANDS = (train, sample, eval, dd1, dd2, pipeline, importers, serve, export)
+
+
+def _torch_threads(args) -> None:
+    import os
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS") is None and getattr(args, "device", "cpu") == "cpu":
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OnestepArgumentParser(
+        prog="onestep",
+        description="Turn an image autoregressive model into a one-step generator with Distilled Decoding 2 "
+                    "(conditional score distillation), with Distilled Decoding 1 as the baseline.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for commands in COMMANDS:
+        commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded next to results
+    _torch_threads(args)
+    from onestep.checkpoint import CheckpointError, describe_os_error
+    from onestep.data import DataError
+
+    try:
+        args.func(args)
+    # bad input, a diverged run or an environment fault (full disk, read-only directory): one clear line
+    # (ONESTEP_DEBUG=1: the traceback)
+    except (DataError, CheckpointError, ValueError, FloatingPointError, OSError) as e:
+        import os
+
+        if os.environ.get("ONESTEP_DEBUG"):
+            raise
+        stage = getattr(args, f"{args.command}_command", None)  # onestep dd1 STAGE / dd2 STAGE
+        msg = describe_os_error(e) if isinstance(e, OSError) else e
+        print(f"onestep {args.command}{' ' + stage if stage else ''}: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The flag groups that several commands share, and :func:`override`, which lays the flags a command was given over
+a preset.
+
+Every ``--device`` and ``--seed`` of the command line is declared here (:func:`add_device`, :func:`add_common`);
+the seed's default is the command's (0, or None where the command's preset sets the seed).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from onestep.argtypes import conti_from, device, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
+
+__all__ = ["add_device", "add_common", "add_data", "add_preset", "add_method", "add_sampling", "override", "given",
+           "DATA_SETS"]
+
+DATA_SETS = ["fashion-mnist", "mnist", "folder"]
+
+
+def add_device(p: argparse.ArgumentParser, described: bool = True) -> None:
+    """``--device`` (default cpu); ``described=False`` lists it without a help text."""
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)" if described else None)
+
+
+def add_common(p: argparse.ArgumentParser, seed: int | None = 0, described: bool = True) -> None:
+    """``--device`` and ``--seed``. ``seed``: the default seed (None: the preset's, as the dd2 stages have it);
+    ``described=False`` lists both without a help text."""
+    add_device(p, described)
+    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})" if described else None)
+
+
+def add_data(p: argparse.ArgumentParser, recorded: str | None = None) -> None:
+    """``--data`` and ``--data-root``. With ``recorded`` (which run's record, in words) they default to the data set
+    and data root recorded upstream (the command resolves them), else to Fashion-MNIST."""
+    default = recorded or "fashion-mnist, from Debian's dataset-fashion-mnist"
+    p.add_argument("--data", default=None if recorded else "fashion-mnist",
+                   choices=DATA_SETS, help=f"data set (default: {default})")
+    p.add_argument("--data-root", default=None, help="override the data location (required for --data folder)")
+
+
+def add_preset(p: argparse.ArgumentParser, presets, default: str, what: str) -> None:
+    """``--preset`` with the names of ``presets`` as its choices."""
+    p.add_argument("--preset", default=default, choices=list(presets), help=f"{what} preset (default: {default})")
+
+
+def add_method(p: argparse.ArgumentParser) -> None:
+    """Which sampler a run directory gives (``onestep sample`` and ``onestep eval``)."""
+    p.add_argument("--method", default="teacher", choices=["teacher", "teacher-nocache", "dd1", "dd2"],
+                   help="teacher (KV cache), teacher-nocache, dd1 or dd2 (default: teacher)")
+    p.add_argument("--steps", type=positive_int, default=1,
+                   help="dd1 / dd2: number of sampling steps (dd2: 1 step + the teacher re-samples the last k-1 AR "
+                        "steps, paper Alg. 4; dd1: 1 = one step, 2 = two-step, K >= 3 = teacher-involved with K "
+                        "sequential calls)")
+    p.add_argument("--continuous", action="store_true",
+                   help="dd2: decode the generator's continuous vectors instead of quantising to the nearest code")
+    p.add_argument("--conti-from", type=conti_from, default=None, metavar="S",
+                   help="dd1, released generators (onestep import-dd1): their output rule, the argmax codes before "
+                        "position S and the continuous head's tokens from S on, decoded as vectors (default: the "
+                        "run's recorded rule, 80 for an imported LlamaGen-DD; trained runs: argmax codes everywhere; "
+                        "-1 = argmax codes everywhere)")
+
+
+def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = 2.0) -> None:
+    g = p.add_argument_group("teacher sampling rule (also defines p for DD1's map and DD2's teacher score)")
+    g.add_argument("--cfg-scale", type=nonneg_float, default=cfg_scale,
+                   help=f"classifier-free guidance (default {cfg_scale}; 1 = off)")
+    g.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant",
+                   help="guidance over AR steps: constant (LlamaGen), or linear from 1 at the first step to the scale "
+                        "at the last (VAR's ramp; VAR's cfg c is --cfg-scale 1+c)")
+    g.add_argument("--temperature", type=positive_float, default=1.0)
+    g.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely codes (0 = all)")
+    g.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus mass (1 = off)")
+
+
+def given(args: argparse.Namespace, *names: str) -> dict:
+    """The flags ``names`` of ``args`` (None where a command has no such flag), for :func:`override`."""
+    return {n: getattr(args, n, None) for n in names}
+
+
+def override(cfg, **kw):
+    """``cfg`` (a dataclass, e.g. a preset) with the fields of ``kw`` replaced; None leaves a field as it is."""
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})

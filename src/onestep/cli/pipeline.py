@@ -1,0 +1,51 @@
+"""``onestep demo`` and ``onestep bench``: the whole job of :mod:`onestep.pipeline`, quick or full."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from onestep.argtypes import positive_int
+from onestep.cli.flags import DATA_SETS, add_common, override
+
+
+def _print_outputs(root: Path, outputs: dict) -> None:
+    print("\nDone. Everything is under", root.resolve())
+    for k, v in outputs.items():
+        print(f"  {k:>18}: {v}")
+
+
+def cmd_pipeline(args) -> None:
+    import os
+
+    import torch
+
+    from onestep.pipeline import PIPELINE_PRESETS, Pipeline, default_workers
+
+    preset = args.preset or ("quick" if args.command == "demo" else "full")
+    cfg = PIPELINE_PRESETS[preset]
+    cfg = override(cfg, data=getattr(args, "data", None) or None, use_assets=False if args.no_assets else None)
+    if os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(os.cpu_count() or 1)
+    root = Path(args.root or f"runs/{preset}")
+    command = "onestep " + " ".join(args.argv) if getattr(args, "argv", None) else f"onestep {args.command}"
+    workers = args.workers if args.workers is not None else default_workers(args.device)
+    outputs = Pipeline(root, cfg, args.device, args.seed, args.data_root, command, workers=workers).run()
+    _print_outputs(root, outputs)
+
+
+def register(sub) -> None:
+    import onestep.pipeline
+    from onestep.pipeline import PIPELINE_PRESETS
+
+    for name, help_ in (("demo", "the quick pipeline on the default data (README's main command, <= 20 min)"),
+                        ("bench", "the full pipeline: the papers' tables at small scale (<= 90 min)")):
+        p = sub.add_parser(name, help=help_, description=onestep.pipeline.__doc__.split("\n\n")[0] + ". " + help_)
+        p.add_argument("--preset", default=None, choices=sorted(PIPELINE_PRESETS), help="pipeline preset")
+        p.add_argument("--root", default=None, help="where the runs go (default runs/<preset>)")
+        p.add_argument("--data", default=None, choices=DATA_SETS)
+        p.add_argument("--data-root", default=None)
+        p.add_argument("--no-assets", action="store_true", help="train the tokenizer and teacher instead of using shipped ones")
+        add_common(p, described=False)
+        p.add_argument("--workers", type=positive_int, default=None,
+                       help="processes for the DD1 / DD2 branches and the evaluations (default: 2 on a multi-core CPU, "
+                            "else 1 = sequential)")
+        p.set_defaults(func=cmd_pipeline)

@@ -1,0 +1,57 @@
+"""``onestep sample``: a PNG grid and the tokens (.npz) of a teacher, DD1 or DD2 run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from onestep.argtypes import check_labels, label_list, nonneg_int, positive_int
+from onestep.cli.flags import add_common, add_method, add_sampling
+
+
+def cmd_sample(args) -> None:
+    import numpy as np
+    import torch
+
+    from onestep.distributed import resolve_device
+    from onestep.eval.report import save_grid
+    from onestep.samplers import build_sampler, class_labels, generate
+
+    device = resolve_device(args.device)
+    sampler = build_sampler(args.method, args.run, device=device, args=args)
+    if args.labels:
+        check_labels(args.labels, sampler.info["num_classes"])
+        labels = torch.tensor(args.labels, device=device)
+        labels = labels.repeat((args.n + len(labels) - 1) // len(labels))[: args.n]
+    else:
+        labels = class_labels(args.n, sampler.info["num_classes"], device)
+    out = generate(sampler, labels, args.seed, batch_size=args.batch_size)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = out_dir / f"{sampler.name}.png"
+    from onestep.eval.report import grid_columns
+    from onestep.runs import class_names
+
+    shown = out["images"][: args.grid]
+    save_grid(shown, grid, nrow=args.nrow or grid_columns(len(shown), sampler.info["num_classes"]),
+              labels=out["labels"][: args.grid], class_names=class_names(args.run))
+    npz = out_dir / f"{sampler.name}.npz"
+    tokens = out["tokens"]
+    np.savez(npz, tokens=tokens.numpy(), labels=out["labels"].numpy(), images=out["images"].numpy(), seed=args.seed)
+    print(f"{len(labels)} samples from {sampler.name} ({sampler.steps} steps): grid {grid}, tokens {npz}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="sample images: PNG grid + tokens (.npz)",
+                       description="Sample with the teacher; writes METHOD.png (grid) and METHOD.npz (tokens, labels, images).")
+    p.add_argument("--run", required=True, help="run directory: a teacher run, or a DD1 / DD2 training run")
+    add_method(p)
+    p.add_argument("-n", "--n", type=positive_int, default=100, help="number of samples")
+    p.add_argument("--labels", type=label_list, default=None,
+                   help="comma-separated class labels (default: balanced over classes)")
+    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--grid", type=positive_int, default=100, help="how many samples to put in the grid")
+    p.add_argument("--nrow", type=nonneg_int, default=0,
+                   help="grid columns (default: one class per column up to 16 classes, else a square grid)")
+    p.add_argument("--out", default="samples")
+    add_sampling(p)
+    add_common(p)
+    p.set_defaults(func=cmd_sample)

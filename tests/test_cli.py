@@ -25,6 +25,84 @@ def test_help_texts(capsys):
         assert "--help" in p.format_help()
 
 
+def _sub_parsers(parser, name="onestep"):
+    """(command line, parser) of ``parser`` and every sub-parser under it (onestep dd2 train, ...)."""
+    import argparse
+
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _sub_parsers(p, f"{name} {sub}")
+
+
+def test_every_flag_has_a_help_that_names_its_default():
+    """Every option of every command (but -h, and hidden aliases) has a help text; a default that is not None or
+    False appears in it, as the formatter's "(default: X)" or in the text's own words."""
+    import argparse
+
+    seen = 0
+    for name, p in _sub_parsers(build_parser()):
+        fmt = p._get_formatter()
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+                continue
+            flag = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            text = fmt._expand_help(action) if action.help else ""
+            assert text.strip(), f"{flag} has no help text"
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in text.lower() and str(action.default) in text, f"{flag}: {text!r}"
+            seen += 1
+    assert seen > 100
+    text = next(p for n, p in _sub_parsers(build_parser()) if n == "onestep sample").format_help()
+    assert "samples per forward pass (default: 100)" in " ".join(text.split())
+    assert "cpu, cuda or cuda:N (default: cpu)" in " ".join(text.split())  # a hand-written default is not repeated
+    assert text.count("(default: cpu)") == 1
+
+
+def test_preset_choices_are_the_librarys_presets():
+    """The --preset choices listed without importing the library (flags.PRESETS) are the library's preset tables."""
+    from onestep.cli.flags import PRESETS
+    from onestep.dd1.stages import DD1_PRESETS
+    from onestep.dd2.adapt import ADAPT_PRESETS
+    from onestep.dd2.mapstart import MAP_FIT_PRESETS
+    from onestep.dd2.train import TRAIN_PRESETS
+    from onestep.dd2.tune import TUNE_PRESETS
+    from onestep.pipeline import PIPELINE_PRESETS
+    from onestep.teacher.train import TEACHER_TRAIN_PRESETS
+    from onestep.tokenizer.train import VQ_TRAIN_PRESETS
+
+    tables = {"train-tokenizer": VQ_TRAIN_PRESETS, "train-teacher": TEACHER_TRAIN_PRESETS, "dd1": DD1_PRESETS,
+              "dd2 adapt": ADAPT_PRESETS, "dd2 tune": TUNE_PRESETS, "dd2 train": TRAIN_PRESETS,
+              "dd2 fit-map": MAP_FIT_PRESETS, "pipeline": PIPELINE_PRESETS}
+    assert set(PRESETS) == set(tables)
+    for command, table in tables.items():
+        assert set(PRESETS[command]) == set(table), command
+
+
+def test_help_and_version_import_no_torch():
+    """Building the parser, ``onestep --help`` and ``onestep --version`` import no torch; the version is the
+    package's (pyproject.toml)."""
+    import subprocess
+    import sys
+    import tomllib
+
+    import onestep
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    code = ("import sys, onestep.cli; onestep.cli.build_parser(); assert 'torch' not in sys.modules, 'torch imported'\n"
+            "try:\n    onestep.cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    for argv in (["--help"], ["--version"], ["dd2", "train", "--help"]):
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                           env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, timeout=60)
+        assert r.returncode == 0, r.stderr
+        if argv == ["--version"]:
+            assert r.stdout.strip() == f"onestep {onestep.__version__}"
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert onestep.__version__ == pyproject["project"]["version"]
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """A tiny tokenizer and teacher trained for two steps each through the CLI."""

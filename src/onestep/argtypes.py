@@ -9,11 +9,31 @@ from __future__ import annotations
 import argparse
 
 __all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "unit_interval", "conti_from",
-           "label_list", "check_labels", "device", "port", "OnestepArgumentParser"]
+           "label_list", "check_labels", "device", "port", "DefaultsHelpFormatter",
+           "OnestepArgumentParser"]
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """A help formatter that appends `` (default: X)`` to a flag's help text, unless the text already mentions its
+    default (the word "default" in any case) or the default is None, False or suppressed (a flag that is off
+    unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not text or "default" in text.lower() or default is None or default is False
+                or default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
 
 
 class OnestepArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr, ``PROG: error: MESSAGE``, with exit code 2."""
+    """An ArgumentParser whose errors are one line on stderr, ``PROG: error: MESSAGE``, with exit code 2, and whose
+    help shows every flag's default (:class:`DefaultsHelpFormatter`; sub-parsers inherit both)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

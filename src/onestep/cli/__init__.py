@@ -30,10 +30,16 @@ def _torch_threads(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``onestep`` parser with every command's sub-parser; building it imports no torch (``--help`` and
+    ``--version`` answer at once)."""
+    from onestep import __version__
+
     parser = OnestepArgumentParser(
         prog="onestep",
         description="Turn an image autoregressive model into a one-step generator with Distilled Decoding 2 "
                     "(conditional score distillation), with Distilled Decoding 1 as the baseline.")
+    parser.add_argument("--version", action="version", version=f"onestep {__version__}",
+                        help="print onestep's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for commands in COMMANDS:
         commands.register(sub)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from onestep.argtypes import positive_float, positive_int
-from onestep.cli.flags import add_common, add_preset, add_sampling, given, override
+from onestep.cli.flags import PRESETS, add_common, add_preset, add_sampling, given, override
 
 __all__ = ["register"]
 
@@ -66,8 +66,6 @@ def cmd_train(args) -> None:
 
 
 def register(sub) -> None:
-    from onestep.dd1.stages import DD1_PRESETS
-
     p = sub.add_parser("dd1", help="DD1 baseline: flow-map pairs, then the one-step generator",
                        description="Distilled Decoding 1 (the baseline): map noise to tokens with the teacher's "
                                    "deterministic flow map (pairs), then train a generator initialised from the "
@@ -82,11 +80,12 @@ def register(sub) -> None:
     a.add_argument("--teacher", required=True, help="teacher run directory")
     a.add_argument("--out", required=True, help="output directory of the pairs")
     a.add_argument("-n", "--n", type=positive_int, default=None, help="number of pairs (default: the preset's)")
-    add_preset(a, DD1_PRESETS, "small", "DD1")
+    add_preset(a, PRESETS["dd1"], "small", "DD1")
     a.add_argument("--shard-size", type=positive_int, default=None, help="pairs per shard file (default: the preset's)")
     a.add_argument("--ode-steps", type=positive_int, default=None,
                    help="AB2 steps of the flow-map ODE (default: the preset's)")
-    a.add_argument("--map-batch", type=positive_int, default=None, help="sequences mapped at once")
+    a.add_argument("--map-batch", type=positive_int, default=None,
+                   help="sequences mapped at once (default: the preset's)")
     add_sampling(a)
     add_common(a)
     a.set_defaults(func=cmd_pairs)
@@ -98,11 +97,12 @@ def register(sub) -> None:
                                  "accuracy, wall times of pairs and training).")
     t.add_argument("--pairs", required=True, help="pairs directory (onestep dd1 pairs --out)")
     t.add_argument("--teacher", required=True, help="the teacher run the pairs were made with")
-    t.add_argument("--run-dir", default="runs/dd1")
-    add_preset(t, DD1_PRESETS, "small", "DD1")
-    t.add_argument("--steps", type=positive_int, default=None)
-    t.add_argument("--batch-size", type=positive_int, default=None)
-    t.add_argument("--lr", type=positive_float, default=None)
+    t.add_argument("--run-dir", default="runs/dd1",
+                   help="the run directory to write (re-running the same command resumes it)")
+    add_preset(t, PRESETS["dd1"], "small", "DD1")
+    t.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
+    t.add_argument("--batch-size", type=positive_int, default=None, help="pairs per step (default: the preset's)")
+    t.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     add_sampling(t)
     t.set_defaults(**{k: None for k in _SAMPLING_KEYS})  # default: the pairs' rule (must match it)
     for act in t._actions:

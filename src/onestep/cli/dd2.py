@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from onestep.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
-from onestep.cli.flags import DATA_SETS, add_common, add_preset, add_sampling, given, override
+from onestep.cli.flags import DATA_SETS, PRESETS, add_common, add_preset, add_sampling, given, override
 
 
 def cmd_adapt(args) -> None:
@@ -73,11 +73,6 @@ def cmd_fit_map(args) -> None:
 
 
 def register(sub) -> None:
-    from onestep.dd2.adapt import ADAPT_PRESETS
-    from onestep.dd2.mapstart import MAP_FIT_PRESETS
-    from onestep.dd2.train import TRAIN_PRESETS
-    from onestep.dd2.tune import TUNE_PRESETS
-
     p = sub.add_parser("dd2", help="DD2: adapt (stage 0), tune (stage 1), train (stage 2, CSD)",
                        description="Distilled Decoding 2: conditional score distillation of an AR teacher into a "
                                    "one-step generator. Each stage writes a run directory and resumes when re-run.")
@@ -87,16 +82,17 @@ def register(sub) -> None:
                      description="Stage 0: fit an MLP on the code vectors to the token embedding table, then fine-tune "
                                  "the teacher with its AR loss; reports held-out NLL before and after.")
     a.add_argument("--teacher", required=True, help="teacher run directory")
-    a.add_argument("--run-dir", default="runs/dd2-adapt")
-    add_preset(a, ADAPT_PRESETS, "small", "stage-0")
-    a.add_argument("--steps", type=positive_int, default=None, help="fine-tuning steps")
-    a.add_argument("--fit-steps", type=positive_int, default=None, help="MLP regression steps")
-    a.add_argument("--batch-size", type=positive_int, default=None)
-    a.add_argument("--lr", type=positive_float, default=None)
+    a.add_argument("--run-dir", default="runs/dd2-adapt",
+                   help="the run directory to write (re-running the same command resumes it)")
+    add_preset(a, PRESETS["dd2 adapt"], "small", "stage-0")
+    a.add_argument("--steps", type=positive_int, default=None, help="fine-tuning steps (default: the preset's)")
+    a.add_argument("--fit-steps", type=positive_int, default=None, help="MLP regression steps (default: the preset's)")
+    a.add_argument("--batch-size", type=positive_int, default=None, help="sequences per step (default: the preset's)")
+    a.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     a.add_argument("--data", default=None, choices=DATA_SETS,
                    help="fine-tuning data (default: the teacher run's; needed for an imported teacher)")
     a.add_argument("--data-root", default=None, help="data directory (folder: one sub-folder per class)")
-    add_common(a, seed=None, described=False)
+    add_common(a, seed=None)
     a.set_defaults(func=cmd_adapt)
 
     t = s.add_parser("tune", help="stage 1: AR-diffusion tuning with the GTS loss on teacher samples",
@@ -104,17 +100,19 @@ def register(sub) -> None:
                                  "trained on teacher-sampled sequences with the Ground Truth Score loss (or the "
                                  "ordinary diffusion loss, --loss dsm, the paper's ablation).")
     t.add_argument("--teacher", required=True, help="continuous-input teacher run (onestep dd2 adapt)")
-    t.add_argument("--run-dir", default="runs/dd2-tune")
-    add_preset(t, TUNE_PRESETS, "small", "stage-1")
-    t.add_argument("--steps", type=positive_int, default=None)
+    t.add_argument("--run-dir", default="runs/dd2-tune",
+                   help="the run directory to write (re-running the same command resumes it)")
+    add_preset(t, PRESETS["dd2 tune"], "small", "stage-1")
+    t.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
     t.add_argument("--head-only-steps", type=nonneg_int, default=None, help="first steps train the head only (0 = off)")
-    t.add_argument("--batch-size", type=positive_int, default=None)
-    t.add_argument("--lr", type=positive_float, default=None, help="backbone learning rate")
-    t.add_argument("--head-lr", type=positive_float, default=None)
+    t.add_argument("--batch-size", type=positive_int, default=None, help="sequences per step (default: the preset's)")
+    t.add_argument("--lr", type=positive_float, default=None, help="backbone learning rate (default: the preset's)")
+    t.add_argument("--head-lr", type=positive_float, default=None,
+                   help="velocity head's learning rate (default: the preset's)")
     t.add_argument("--loss", choices=["gts", "dsm"], default=None, help="gts (default) or dsm (ablation)")
     t.add_argument("--n-pool", type=positive_int, default=None, help="number of teacher-sampled training sequences")
     add_sampling(t)
-    add_common(t, seed=None, described=False)
+    add_common(t, seed=None)
     t.set_defaults(func=cmd_tune)
 
     r = s.add_parser("train", help="stage 2: conditional score distillation (generator + guidance network)",
@@ -122,12 +120,15 @@ def register(sub) -> None:
                                  "guidance (DSM) updates per generator (SiD-form CSD) update; EMA generator; optional "
                                  "performance alignment (--align-at, --align-steps).")
     r.add_argument("--tune", required=True, help="stage-1 run (onestep dd2 tune)")
-    r.add_argument("--run-dir", default="runs/dd2")
-    add_preset(r, TRAIN_PRESETS, "small", "stage-2")
+    r.add_argument("--run-dir", default="runs/dd2",
+                   help="the run directory to write (re-running the same command resumes it)")
+    add_preset(r, PRESETS["dd2 train"], "small", "stage-2")
     r.add_argument("--steps", type=positive_int, default=None, help="generator updates")
-    r.add_argument("--batch-size", type=positive_int, default=None)
+    r.add_argument("--batch-size", type=positive_int, default=None,
+                   help="generated sequences per generator update (default: the preset's)")
     r.add_argument("--lr", type=positive_float, default=None, help="generator learning rate (after warm-up)")
-    r.add_argument("--guidance-lr", type=positive_float, default=None)
+    r.add_argument("--guidance-lr", type=positive_float, default=None,
+                   help="guidance network's learning rate (default: the preset's)")
     r.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                    help="after the warm-up: constant LRs, or both LRs on a cosine to --final-lr-ratio x their LR at the "
                         "last step (default: the preset's, constant)")
@@ -158,7 +159,7 @@ def register(sub) -> None:
                    help="psi in residual form around the teacher's closed-form denoiser (starts as the teacher)")
     r.add_argument("--generator-init", default=None,
                    help="map-fit run (onestep dd2 fit-map) to start the generator from: the map-start recipe")
-    add_common(r, seed=None, described=False)
+    add_common(r, seed=None)
     r.set_defaults(func=cmd_train)
 
     m = s.add_parser("fit-map", help="map-start recipe, phase 1: regress the generator onto DD1's pairs",
@@ -167,11 +168,12 @@ def register(sub) -> None:
                                  "`onestep dd2 train --generator-init RUN` refines it by CSD.")
     m.add_argument("--tune", required=True, help="stage-1 run (onestep dd2 tune)")
     m.add_argument("--pairs", required=True, help="DD1 pairs directory (onestep dd1 pairs)")
-    m.add_argument("--run-dir", default="runs/dd2-map")
-    add_preset(m, MAP_FIT_PRESETS, "small", "map-fit")
-    m.add_argument("--steps", type=positive_int, default=None)
-    m.add_argument("--batch-size", type=positive_int, default=None)
-    m.add_argument("--lr", type=positive_float, default=None)
+    m.add_argument("--run-dir", default="runs/dd2-map",
+                   help="the run directory to write (re-running the same command resumes it)")
+    add_preset(m, PRESETS["dd2 fit-map"], "small", "map-fit")
+    m.add_argument("--steps", type=positive_int, default=None, help="regression steps (default: the preset's)")
+    m.add_argument("--batch-size", type=positive_int, default=None, help="pairs per step (default: the preset's)")
+    m.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     m.add_argument("--generator-t", type=unit_interval, default=None,
                    help="time s in (0, 1] at which the generator's head reads the noise (default: the preset's; small: 0.5, as dd2 train's small preset)")
     m.add_argument("--cells-temperature", type=nonneg_float, default=None,
@@ -179,5 +181,5 @@ def register(sub) -> None:
     m.add_argument("--noise-stream", action=argparse.BooleanOptionalAction, default=None,
                    help="eps_i also enters the backbone's input row i through a zero-initialised linear map (every "
                         "layer sees the position's own noise, as in DD1), not only the head")
-    add_common(m, seed=None, described=False)
+    add_common(m, seed=None)
     m.set_defaults(func=cmd_fit_map)

@@ -73,7 +73,7 @@ def register(sub) -> None:
                    help="train images for the Inception reference")
     p.add_argument("--n-ref-classifier", type=positive_int, default=None,
                    help="train images in the classifier reference (default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=250)
+    p.add_argument("--batch-size", type=positive_int, default=250, help="samples per forward pass (with --run)")
     p.add_argument("--out", default=None, help="write the metrics as JSON")
     add_data(p, recorded="with --run, the data set and data root the run records; with --images, fashion-mnist")
     add_sampling(p)
@@ -84,6 +84,6 @@ def register(sub) -> None:
                        description="Collect metrics.json of run directories into report.md and report.html with "
                                    "sample grids, the metrics table and FID-vs-steps / FID-vs-latency plots.")
     r.add_argument("runs", nargs="+", help="run directories (each with metrics.json) or metrics JSON files")
-    r.add_argument("--out", default="report")
-    r.add_argument("--title", default="onestep report")
+    r.add_argument("--out", default="report", help="output folder (gets report.md, report.html and the plots)")
+    r.add_argument("--title", default="onestep report", help="the report's heading")
     r.set_defaults(func=cmd_report)

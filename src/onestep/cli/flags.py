@@ -3,6 +3,10 @@ a preset.
 
 Every ``--device`` and ``--seed`` of the command line is declared here (:func:`add_device`, :func:`add_common`);
 the seed's default is the command's (0, or None where the command's preset sets the seed).
+
+Building the parser imports no torch (``onestep --help`` stays fast): the preset names the ``--preset`` flags offer
+are listed here (:data:`PRESETS`; tests/test_cli.py checks them against the library's preset tables), and the
+commands import the library when they run.
 """
 from __future__ import annotations
 
@@ -12,21 +16,34 @@ from dataclasses import replace
 from onestep.argtypes import conti_from, device, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
 
 __all__ = ["add_device", "add_common", "add_data", "add_preset", "add_method", "add_sampling", "override", "given",
-           "DATA_SETS"]
+           "DATA_SETS", "PRESETS"]
 
 DATA_SETS = ["fashion-mnist", "mnist", "folder"]
 
+# the presets each command offers (the keys of the library's tables: VQ_TRAIN_PRESETS, TEACHER_TRAIN_PRESETS,
+# DD1_PRESETS, ADAPT_PRESETS, TUNE_PRESETS, TRAIN_PRESETS, MAP_FIT_PRESETS, PIPELINE_PRESETS)
+PRESETS = {
+    "train-tokenizer": ("tiny", "small", "default", "var-tiny", "var-small"),
+    "train-teacher": ("tiny", "small"),
+    "dd1": ("tiny", "small"),
+    "dd2 adapt": ("tiny", "small"),
+    "dd2 tune": ("tiny", "small"),
+    "dd2 train": ("tiny", "small"),
+    "dd2 fit-map": ("tiny", "small"),
+    "pipeline": ("quick", "full", "tiny"),
+}
 
-def add_device(p: argparse.ArgumentParser, described: bool = True) -> None:
-    """``--device`` (default cpu); ``described=False`` lists it without a help text."""
-    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)" if described else None)
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    """``--device`` (default cpu)."""
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
 
-def add_common(p: argparse.ArgumentParser, seed: int | None = 0, described: bool = True) -> None:
-    """``--device`` and ``--seed``. ``seed``: the default seed (None: the preset's, as the dd2 stages have it);
-    ``described=False`` lists both without a help text."""
-    add_device(p, described)
-    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})" if described else None)
+def add_common(p: argparse.ArgumentParser, seed: int | None = 0) -> None:
+    """``--device`` and ``--seed``. ``seed``: the default seed (None: the preset's, as the dd2 stages have it)."""
+    add_device(p)
+    default = "the preset's" if seed is None else seed
+    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {default})")
 
 
 def add_data(p: argparse.ArgumentParser, recorded: str | None = None) -> None:
@@ -38,9 +55,9 @@ def add_data(p: argparse.ArgumentParser, recorded: str | None = None) -> None:
     p.add_argument("--data-root", default=None, help="override the data location (required for --data folder)")
 
 
-def add_preset(p: argparse.ArgumentParser, presets, default: str, what: str) -> None:
-    """``--preset`` with the names of ``presets`` as its choices."""
-    p.add_argument("--preset", default=default, choices=list(presets), help=f"{what} preset (default: {default})")
+def add_preset(p: argparse.ArgumentParser, names, default: str, what: str) -> None:
+    """``--preset`` with ``names`` (a tuple of :data:`PRESETS`) as its choices."""
+    p.add_argument("--preset", default=default, choices=list(names), help=f"{what} preset (default: {default})")
 
 
 def add_method(p: argparse.ArgumentParser) -> None:
@@ -67,7 +84,8 @@ def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = 2.0) -> None:
     g.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant",
                    help="guidance over AR steps: constant (LlamaGen), or linear from 1 at the first step to the scale "
                         "at the last (VAR's ramp; VAR's cfg c is --cfg-scale 1+c)")
-    g.add_argument("--temperature", type=positive_float, default=1.0)
+    g.add_argument("--temperature", type=positive_float, default=1.0,
+                   help="softmax temperature of the teacher's logits")
     g.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely codes (0 = all)")
     g.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus mass (1 = off)")
 

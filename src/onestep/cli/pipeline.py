@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from onestep.argtypes import positive_int
-from onestep.cli.flags import DATA_SETS, add_common, override
+from onestep.cli.flags import DATA_SETS, PRESETS, add_common, override
 
 
 def _print_outputs(root: Path, outputs: dict) -> None:
@@ -32,19 +32,24 @@ def cmd_pipeline(args) -> None:
     _print_outputs(root, outputs)
 
 
-def register(sub) -> None:
-    import onestep.pipeline
-    from onestep.pipeline import PIPELINE_PRESETS
+# the first paragraph of onestep.pipeline's docstring (the package imports torch; building the parser does not)
+DESCRIPTION = ("The main job: one command from data to the comparison table (onestep demo quick, onestep bench full): "
+               "tokenizer, teacher, the DD1 and DD2 stages, the evaluation of every method, the tables and the "
+               "report, each stage in its own run directory and resumed when re-run.")
 
+
+def register(sub) -> None:
     for name, help_ in (("demo", "the quick pipeline on the default data (README's main command, <= 20 min)"),
                         ("bench", "the full pipeline: the papers' tables at small scale (<= 90 min)")):
-        p = sub.add_parser(name, help=help_, description=onestep.pipeline.__doc__.split("\n\n")[0] + ". " + help_)
-        p.add_argument("--preset", default=None, choices=sorted(PIPELINE_PRESETS), help="pipeline preset")
+        p = sub.add_parser(name, help=help_, description=f"{DESCRIPTION} {name}: {help_}.")
+        p.add_argument("--preset", default=None, choices=sorted(PRESETS["pipeline"]),
+                       help=f"pipeline preset (default: {'quick' if name == 'demo' else 'full'})")
         p.add_argument("--root", default=None, help="where the runs go (default runs/<preset>)")
-        p.add_argument("--data", default=None, choices=DATA_SETS)
-        p.add_argument("--data-root", default=None)
+        p.add_argument("--data", default=None, choices=DATA_SETS,
+                       help="data set (default: the preset's, fashion-mnist)")
+        p.add_argument("--data-root", default=None, help="override the data location (required for --data folder)")
         p.add_argument("--no-assets", action="store_true", help="train the tokenizer and teacher instead of using shipped ones")
-        add_common(p, described=False)
+        add_common(p)
         p.add_argument("--workers", type=positive_int, default=None,
                        help="processes for the DD1 / DD2 branches and the evaluations (default: 2 on a multi-core CPU, "
                             "else 1 = sequential)")

@@ -47,11 +47,11 @@ def register(sub) -> None:
     p.add_argument("-n", "--n", type=positive_int, default=100, help="number of samples")
     p.add_argument("--labels", type=label_list, default=None,
                    help="comma-separated class labels (default: balanced over classes)")
-    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=100, help="samples per forward pass")
     p.add_argument("--grid", type=positive_int, default=100, help="how many samples to put in the grid")
     p.add_argument("--nrow", type=nonneg_int, default=0,
                    help="grid columns (default: one class per column up to 16 classes, else a square grid)")
-    p.add_argument("--out", default="samples")
+    p.add_argument("--out", default="samples", help="output folder (gets METHOD.png and METHOD.npz)")
     add_sampling(p)
     add_common(p)
     p.set_defaults(func=cmd_sample)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from onestep.argtypes import positive_float, positive_int
-from onestep.cli.flags import add_common, add_data, add_preset, override
+from onestep.cli.flags import PRESETS, add_common, add_data, add_preset, override
 
 
 def cmd_train_tokenizer(args) -> None:
@@ -32,17 +32,15 @@ def cmd_train_teacher(args) -> None:
 
 
 def register(sub) -> None:
-    from onestep.teacher.train import TEACHER_TRAIN_PRESETS
-    from onestep.tokenizer.train import VQ_TRAIN_PRESETS
-
     p = sub.add_parser("train-tokenizer", help="train a VQ tokenizer (VQGAN-style, l2-normalised codebook)",
                        description="Train a VQ tokenizer on a data set; reports test PSNR and codebook usage.")
     add_data(p)
-    add_preset(p, VQ_TRAIN_PRESETS, "default", "tokenizer")
-    p.add_argument("--run-dir", default="runs/tokenizer")
-    p.add_argument("--steps", type=positive_int, default=None, help="override the preset's number of steps")
-    p.add_argument("--batch-size", type=positive_int, default=None)
-    p.add_argument("--lr", type=positive_float, default=None)
+    add_preset(p, PRESETS["train-tokenizer"], "default", "tokenizer")
+    p.add_argument("--run-dir", default="runs/tokenizer",
+                   help="the run directory to write (re-running the same command resumes it)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default: the preset's)")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     add_common(p)
     p.set_defaults(func=cmd_train_tokenizer)
 
@@ -50,11 +48,12 @@ def register(sub) -> None:
                        description="Train the raster-order AR transformer (LlamaGen GPT design) on a tokenizer's ids.")
     add_data(p, recorded="the data set and data root the tokenizer run records")
     p.add_argument("--tokenizer", required=True, help="tokenizer run directory")
-    add_preset(p, TEACHER_TRAIN_PRESETS, "small", "teacher training")
-    p.add_argument("--run-dir", default="runs/teacher")
-    p.add_argument("--steps", type=positive_int, default=None)
-    p.add_argument("--batch-size", type=positive_int, default=None)
-    p.add_argument("--lr", type=positive_float, default=None)
+    add_preset(p, PRESETS["train-teacher"], "small", "teacher training")
+    p.add_argument("--run-dir", default="runs/teacher",
+                   help="the run directory to write (re-running the same command resumes it)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default: the preset's)")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only; off on the CPU)")
     add_common(p)
     p.set_defaults(func=cmd_train_teacher)

@@ -1,6 +1,6 @@
 """The map-start recipe on the image teacher, at the demo's budget: is the regression-only DD2 generator as good as DD1?
 
-    onestep demo --root runs/quick                                   # teacher, DD1 (2048 pairs, 150 steps), DD2
+    onestep demo --out runs/quick                                    # teacher, DD1 (2048 pairs, 150 steps), DD2
     onestep dd2 fit-map --tune runs/quick/dd2-tune --pairs runs/quick/dd1-pairs --run-dir runs/quick/dd2-map \\
         --steps 150 --batch-size 64 --lr 3e-4 --generator-t 0.5      # + --cells-temperature 0.05 / --noise-stream
     onestep dd2 train --tune runs/quick/dd2-tune --generator-init runs/quick/dd2-map --run-dir runs/quick/dd2-from-map \\

@@ -239,7 +239,7 @@ def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
 def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     """The main job on the tiny preset: trains tokenizer + teacher, samples, evaluates, reports."""
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
-    main(["demo", "--preset", "tiny", "--root", str(tmp_path / "demo"), "--workers", "2"])
+    main(["demo", "--preset", "tiny", "--out", str(tmp_path / "demo"), "--workers", "2"])
     out = capsys.readouterr().out
     assert "Everything is under" in out
     res = json.loads((tmp_path / "demo" / "outputs.json").read_text())
@@ -264,7 +264,7 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     assert m["cost"]["dd2_stage2_csd_with_alignment_s"] > branch["prefix_wall_s"]
     assert json.loads((tmp_path / "demo" / "pipeline.json").read_text())["workers"] == 2  # the parallel schedule ran
     # re-running re-uses the finished stages
-    main(["demo", "--preset", "tiny", "--root", str(tmp_path / "demo")])
+    main(["demo", "--preset", "tiny", "--root", str(tmp_path / "demo")])  # the old spelling
     assert "reusing" in capsys.readouterr().out
 
 
@@ -523,7 +523,7 @@ _SAMPLE = ["sample", "--run", "{teacher}", "--out", "{out}"]
 _PAIRS = ["dd1", "pairs", "--preset", "tiny", "--teacher", "{teacher}", "--out", "{out}"]
 _DD1 = ["dd1", "train", "--preset", "tiny", "--pairs", "{out}", "--teacher", "{teacher}", "--run-dir", "{out}"]
 _EVAL = ["eval", "--run", "{teacher}", "--n-inception", "0", "--out", "{out}"]
-_DEMO = ["demo", "--preset", "tiny", "--root", "{out}"]
+_DEMO = ["demo", "--preset", "tiny", "--out", "{out}"]
 BAD_VALUES = [  # (command line, bad arguments, the flag the message names)
     *[(_TOK, bad, flag) for bad, flag in (
         (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
@@ -611,7 +611,7 @@ def test_demo_runs_on_a_three_class_32px_rgb_folder(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
     data = _image_folder(tmp_path / "images", classes=3, per_class=30, size=32, rgb=True)
     root = tmp_path / "demo"
-    main(["demo", "--preset", "tiny", "--data", "folder", "--data-root", str(data), "--root", str(root),
+    main(["demo", "--preset", "tiny", "--data", "folder", "--data-root", str(data), "--out", str(root),
           "--workers", "1"])
     tok = json.loads((root / "tokenizer" / "final" / "config.json").read_text())
     assert tok["class_names"] == ["c0", "c1", "c2"] and tok["model"]["image_size"] == 32

@@ -652,7 +652,7 @@ def test_import_dd1_of_released_llamagen_dd_and_var_dd_files(tmp_path, capsys):
         torch.nn.init.normal_(p, std=0.2)
     torch.save({"ema": dd.state_dict(), "model": {}, "steps": 7}, tmp_path / "llamagen-dd.pt")
     main(["import-dd1", "--dd1", str(tmp_path / "llamagen-dd.pt"), "--teacher", str(tmp_path / "lg" / "teacher"),
-          "--out", str(tmp_path / "lg" / "dd1")])
+          "--run-dir", str(tmp_path / "lg" / "dd1")])
     loaded, conf, _, _ = load_dd1(tmp_path / "lg" / "dd1")
     assert conf["imported_from"]["dd1"].endswith("llamagen-dd.pt") and conf["model"]["conti_head"]
     n = dd.seq_len
@@ -664,7 +664,7 @@ def test_import_dd1_of_released_llamagen_dd_and_var_dd_files(tmp_path, capsys):
     assert conf["conti_from"] is None  # n <= 80: the release's split lies past the sequence, argmax codes everywhere
     # the release's output rule, recorded by --conti-from (LlamaGen-DD's default 80 needs n > 80), used by sampling
     main(["import-dd1", "--dd1", str(tmp_path / "llamagen-dd.pt"), "--teacher", str(tmp_path / "lg" / "teacher"),
-          "--out", str(tmp_path / "lg" / "dd1-conti"), "--conti-from", "0"])
+          "--run-dir", str(tmp_path / "lg" / "dd1-conti"), "--conti-from", "0"])
     from onestep.samplers import build_sampler
 
     smp = build_sampler("dd1", str(tmp_path / "lg" / "dd1-conti"))
@@ -686,7 +686,7 @@ def test_import_dd1_of_released_llamagen_dd_and_var_dd_files(tmp_path, capsys):
     torch.save({"ema": {"head.weight": torch.zeros(3, 3)}}, tmp_path / "bad.pt")
     with pytest.raises(SystemExit):  # a VAR-DD-like file for a LlamaGen teacher
         main(["import-dd1", "--dd1", str(tmp_path / "bad.pt"), "--teacher", str(tmp_path / "lg" / "teacher"),
-              "--out", str(tmp_path / "bad")])
+              "--run-dir", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert "missing keys" in err and "final_layer_conti.linear.weight" in err and "head.weight" in err
     assert not (tmp_path / "bad" / "final").exists()
@@ -706,7 +706,7 @@ def test_import_dd1_of_released_llamagen_dd_and_var_dd_files(tmp_path, capsys):
     sd = {k: v for k, v in vdd.state_dict().items() if k not in ("lvl_1L", "attn_bias_for_masking")}
     torch.save({"trainer": {"ema_parameters": sd}}, tmp_path / "var-dd.pth")
     main(["import-dd1", "--dd1", str(tmp_path / "var-dd.pth"), "--teacher", str(tmp_path / "v" / "teacher"),
-          "--out", str(tmp_path / "v" / "dd1")])
+          "--run-dir", str(tmp_path / "v" / "dd1")])
     vloaded = load_dd1(tmp_path / "v" / "dd1")[0]
     L = vdd.seq_len
     ids, eps = torch.randint(vdd.vocab_size, (2, L)), torch.randn(2, L, vdd.code_dim)

@@ -10,7 +10,7 @@ def cmd_import_dd1(args) -> None:
     from onestep.importers import import_dd1
     from onestep.samplers import sampling_config_from_args
 
-    final = import_dd1(args.dd1, args.teacher, args.out, sampling_config_from_args(args), args.conti_from)
+    final = import_dd1(args.dd1, args.teacher, args.run_dir, sampling_config_from_args(args), args.conti_from)
     print(f"DD1 generator: {final}\n(e.g. onestep sample --run {final.parent} --method dd1 --steps 1)")
 
 
@@ -48,11 +48,11 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_import_llamagen)
     p = sub.add_parser("import-dd1", help="import a released DD1 generator (LlamaGen-DD or VAR-DD) for a teacher run",
                        description="Convert a released DD1 file (LlamaGen-DD llamagen-B/L.pt, VAR-DD var-dNN.pth) into "
-                                   "a DD1 run directory OUT for the teacher run it distils (e.g. one written by "
+                                   "a DD1 run directory RUN_DIR for the teacher run it distils (e.g. one written by "
                                    "import-llamagen / import-var). Strict but for the buffers the release may omit.")
     p.add_argument("--dd1", required=True, help="the released DD1 generator file")
     p.add_argument("--teacher", required=True, help="the teacher run it distils")
-    p.add_argument("--out", required=True, help="output DD1 run directory")
+    p.add_argument("--run-dir", required=True, help="the DD1 run directory to write")
     p.add_argument("--conti-from", type=conti_from, default=None, metavar="S",
                    help="the release's output rule recorded in the run: argmax codes before position S, the continuous "
                         "head's tokens from S on (default: 80 for LlamaGen-DD, the release's --split_t; none for "

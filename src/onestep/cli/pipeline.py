@@ -1,6 +1,7 @@
 """``onestep demo`` and ``onestep bench``: the whole job of :mod:`onestep.pipeline`, quick or full."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from onestep.argtypes import positive_int
@@ -25,7 +26,7 @@ def cmd_pipeline(args) -> None:
     cfg = override(cfg, data=getattr(args, "data", None) or None, use_assets=False if args.no_assets else None)
     if os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(os.cpu_count() or 1)
-    root = Path(args.root or f"runs/{preset}")
+    root = Path(args.out or f"runs/{preset}")
     command = "onestep " + " ".join(args.argv) if getattr(args, "argv", None) else f"onestep {args.command}"
     workers = args.workers if args.workers is not None else default_workers(args.device)
     outputs = Pipeline(root, cfg, args.device, args.seed, args.data_root, command, workers=workers).run()
@@ -44,7 +45,10 @@ def register(sub) -> None:
         p = sub.add_parser(name, help=help_, description=f"{DESCRIPTION} {name}: {help_}.")
         p.add_argument("--preset", default=None, choices=sorted(PRESETS["pipeline"]),
                        help=f"pipeline preset (default: {'quick' if name == 'demo' else 'full'})")
-        p.add_argument("--root", default=None, help="where the runs go (default runs/<preset>)")
+        p.add_argument("--out", default=None,
+                       help="output folder: the runs, tables, grids and report (default: runs/<preset>)")
+        # the spelling of the commands recorded in benchmarks/results (onestep bench --root runs/bench-v4)
+        p.add_argument("--root", dest="out", default=None, help=argparse.SUPPRESS)
         p.add_argument("--data", default=None, choices=DATA_SETS,
                        help="data set (default: the preset's, fashion-mnist)")
         p.add_argument("--data-root", default=None, help="override the data location (required for --data folder)")

@@ -56,8 +56,8 @@ def main(argv=None) -> dict:
         run(cmd)
     rows = []
     for name, method, run_dir, extra in (("teacher", "teacher", "teacher", []), ("dd1-1step", "dd1", "dd1", []),
-                                         ("dd1-2step", "dd1", "dd1", ["--steps", "2"]),
-                                         ("dd2-1step", "dd2", "dd2", []), ("dd2-2step", "dd2", "dd2", ["--steps", "2"])):
+                                         ("dd1-2step", "dd1", "dd1", ["--sampling-steps", "2"]),
+                                         ("dd2-1step", "dd2", "dd2", []), ("dd2-2step", "dd2", "dd2", ["--sampling-steps", "2"])):
         out = r / f"eval-{name}.json"
         run(["eval", "--run", f"{r}/{run_dir}", "--method", method, "-n", str(a.n), "--n-inception", "0",
              "--out", str(out), *s, *extra])

@@ -45,7 +45,9 @@ def test_every_flag_has_a_help_that_names_its_default():
     for name, p in _sub_parsers(build_parser()):
         fmt = p._get_formatter()
         for action in p._actions:
-            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if action.help == argparse.SUPPRESS:  # a hidden alias (demo --root)
                 continue
             flag = f"{name} {'/'.join(action.option_strings) or action.dest}"
             text = fmt._expand_help(action) if action.help else ""
@@ -58,6 +60,20 @@ def test_every_flag_has_a_help_that_names_its_default():
     assert "samples per forward pass (default: 100)" in " ".join(text.split())
     assert "cpu, cuda or cuda:N (default: cpu)" in " ".join(text.split())  # a hand-written default is not repeated
     assert text.count("(default: cpu)") == 1
+
+
+def test_sampling_steps_and_training_steps_are_two_flags(capsys):
+    """sample and eval take --sampling-steps (a sampler's steps) and refuse --steps; training commands take --steps
+    (training steps)."""
+    parser = build_parser()
+    for command in (["sample", "--run", "R"], ["eval", "--run", "R"]):
+        assert parser.parse_args(command + ["--method", "dd2", "--sampling-steps", "3"]).steps == 3
+        assert parser.parse_args(command).steps == 1
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(command + ["--steps", "3"])
+        assert e.value.code == 2 and "unrecognized arguments: --steps 3" in capsys.readouterr().err
+    assert parser.parse_args(["train-teacher", "--tokenizer", "T", "--steps", "7"]).steps == 7
+    assert parser.parse_args(["dd2", "train", "--tune", "T", "--steps", "7"]).steps == 7
 
 
 def test_preset_choices_are_the_librarys_presets():
@@ -300,7 +316,7 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     assert "resumed from" in capsys.readouterr().out
     for steps, extra in ((1, []), (3, []), (1, ["--continuous"])):
         out = tiny_runs / f"dd2-samples-{steps}{len(extra)}"
-        main(["sample", "--method", "dd2", "--run", str(d), "--steps", str(steps), "-n", "4", "--out", str(out), *extra])
+        main(["sample", "--method", "dd2", "--run", str(d), "--sampling-steps", str(steps), "-n", "4", "--out", str(out), *extra])
         name = f"dd2-{steps}step" + ("-continuous" if extra else "")
         with np.load(out / f"{name}.npz") as f:
             assert f["images"].shape[0] == 4
@@ -399,13 +415,13 @@ def test_var_family_through_the_cli(tmp_path, capsys, monkeypatch):
     main(["dd2", "train", "--preset", "tiny", "--tune", str(tmp_path / "tune"), "--run-dir", str(tmp_path / "dd2")])
     for steps, extra in ((1, []), (2, []), (1, ["--continuous"])):
         out = tmp_path / f"dd2-{steps}-{len(extra)}"
-        main(["sample", "--method", "dd2", "--run", str(tmp_path / "dd2"), "--steps", str(steps), "-n", "3",
+        main(["sample", "--method", "dd2", "--run", str(tmp_path / "dd2"), "--sampling-steps", str(steps), "-n", "3",
               "--out", str(out), *extra])
         name = f"dd2-{steps}step" + ("-continuous" if extra else "")
         with np.load(out / f"{name}.npz") as f:
             assert f["images"].shape == (3, 1, 28, 28)
     _tiny_classifier(monkeypatch, tmp_path)  # onestep eval takes the same sampler flags as onestep sample
-    main(["eval", "--run", str(tmp_path / "dd2"), "--method", "dd2", "--steps", "2", "-n", "16", "--n-inception", "0",
+    main(["eval", "--run", str(tmp_path / "dd2"), "--method", "dd2", "--sampling-steps", "2", "-n", "16", "--n-inception", "0",
           "--n-ref-classifier", "200", "--out", str(tmp_path / "ev.json")])
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["method"] == "dd2-2step" and ev["steps"] == 2 and ev["fid_classifier"] > 0
@@ -415,7 +431,7 @@ def test_var_family_through_the_cli(tmp_path, capsys, monkeypatch):
           "--run-dir", str(tmp_path / "dd1")])
     assert json.loads((tmp_path / "dd1" / "final" / "config.json").read_text())["model"]["family"] == "var"
     for steps, name in ((1, "dd1-1step"), (2, "dd1-2step"), (3, "dd1-teacher-involved")):
-        main(["sample", "--method", "dd1", "--run", str(tmp_path / "dd1"), "--steps", str(steps), "-n", "3",
+        main(["sample", "--method", "dd1", "--run", str(tmp_path / "dd1"), "--sampling-steps", str(steps), "-n", "3",
               "--out", str(tmp_path / "dd1s")])
         with np.load(tmp_path / "dd1s" / f"{name}.npz") as f:
             assert f["tokens"].shape == (3, 59)
@@ -542,7 +558,7 @@ BAD_VALUES = [  # (command line, bad arguments, the flag the message names)
     *[(_SAMPLE, bad, flag) for bad, flag in (
         (["--cfg-scale", "-1"], "--cfg-scale"), (["-n", "0"], "-n/--n"), (["-n", "-3"], "-n/--n"),
         (["--labels", "99"], "--labels"), (["--labels=-1"], "--labels"), (["--labels", "10"], "--labels"),
-        (["--labels", "1,x"], "--labels"), (["--method", "dd2", "--steps", "0"], "--steps"),
+        (["--labels", "1,x"], "--labels"), (["--method", "dd2", "--sampling-steps", "0"], "--sampling-steps"),
         (["--batch-size", "0"], "--batch-size"), (["--device", "banana"], "--device"),
         (["--device", _NO_CUDA], "--device"), (["--temperature", "0"], "--temperature"),
         (["--top-p", "1.5"], "--top-p"))],

@@ -418,7 +418,7 @@ def test_cli_pairs_train_sample_smoke(dd1_cli_run, capsys):
     # onestep sample --method dd1 --steps 1 and 2 (same seed -> same noise: 2-step keeps 1-step's first s tokens)
     out = root / "samples"
     for k in (1, 2):
-        main(["sample", "--method", "dd1", "--run", str(run), "--steps", str(k), "-n", "12", "--out", str(out)])
+        main(["sample", "--method", "dd1", "--run", str(run), "--sampling-steps", str(k), "-n", "12", "--out", str(out)])
     one, two = np.load(out / "dd1-1step.npz"), np.load(out / "dd1-2step.npz")
     assert one["tokens"].shape == (12, 16) and one["images"].shape[0] == 12 and (out / "dd1-2step.png").exists()
     s = sampling.default_split(16)

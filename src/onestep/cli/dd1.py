@@ -2,7 +2,7 @@
 
     onestep dd1 pairs --teacher RUN --out DIR [-n N]          # noise -> tokens by the flow map (2.1)
     onestep dd1 train --pairs DIR --teacher RUN --run-dir DIR  # generator from the teacher (2.3)
-    onestep sample --method dd1 --run DIR --steps K            # K = 1, 2, or >= 3 teacher-involved (2.4)
+    onestep sample --method dd1 --run DIR --sampling-steps K   # K = 1, 2, or >= 3 teacher-involved (2.4)
 
 Both resume when re-run with the same arguments; the library functions (``make_pairs``, ``train_dd1``,
 ``DD1_PRESETS``) are in :mod:`onestep.dd1.stages`.

@@ -7,7 +7,7 @@
     # the map-start recipe (onestep.dd2.mapstart): the generator regressed onto DD1's pairs, then CSD
     onestep dd2 fit-map --tune B --pairs P --run-dir M
     onestep dd2 train   --tune B --generator-init M --guidance-warmup 50 --lr 2e-5 --lr-schedule cosine --run-dir C
-    onestep sample --method dd2 --run C --steps K
+    onestep sample --method dd2 --run C --sampling-steps K
 """
 from __future__ import annotations
 

@@ -61,10 +61,11 @@ def add_preset(p: argparse.ArgumentParser, names, default: str, what: str) -> No
 
 
 def add_method(p: argparse.ArgumentParser) -> None:
-    """Which sampler a run directory gives (``onestep sample`` and ``onestep eval``)."""
+    """Which sampler a run directory gives (``onestep sample`` and ``onestep eval``). ``--sampling-steps`` is stored
+    as ``args.steps`` (what :func:`onestep.samplers.build_sampler` reads); ``--steps`` is a training command's."""
     p.add_argument("--method", default="teacher", choices=["teacher", "teacher-nocache", "dd1", "dd2"],
                    help="teacher (KV cache), teacher-nocache, dd1 or dd2 (default: teacher)")
-    p.add_argument("--steps", type=positive_int, default=1,
+    p.add_argument("--sampling-steps", dest="steps", type=positive_int, default=1, metavar="K",
                    help="dd1 / dd2: number of sampling steps (dd2: 1 step + the teacher re-samples the last k-1 AR "
                         "steps, paper Alg. 4; dd1: 1 = one step, 2 = two-step, K >= 3 = teacher-involved with K "
                         "sequential calls)")

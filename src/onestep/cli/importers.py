@@ -11,7 +11,7 @@ def cmd_import_dd1(args) -> None:
     from onestep.samplers import sampling_config_from_args
 
     final = import_dd1(args.dd1, args.teacher, args.run_dir, sampling_config_from_args(args), args.conti_from)
-    print(f"DD1 generator: {final}\n(e.g. onestep sample --run {final.parent} --method dd1 --steps 1)")
+    print(f"DD1 generator: {final}\n(e.g. onestep sample --run {final.parent} --method dd1 --sampling-steps 1)")
 
 
 def cmd_import_llamagen(args) -> None:

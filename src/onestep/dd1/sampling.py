@@ -20,7 +20,7 @@ the logits before a split position and the continuous head's token from it on (L
 release's ``--split_t``), then decode the vectors. ``conti_from`` selects that rule (:func:`dd_step_vectors`); an
 imported LlamaGen-DD run records it, and ``--conti-from`` overrides it.
 
-``onestep sample --method dd1 --steps K`` (:func:`build_sampler`): K = 1 one step, K = 2 two steps, K >= 3
+``onestep sample --method dd1 --sampling-steps K`` (:func:`build_sampler`): K = 1 one step, K = 2 two steps, K >= 3
 teacher-involved with K sequential network calls in total (1 DD call + K - 2 teacher AR steps starting
 right after the 2-step split + 1 DD call; :func:`teacher_window`). :func:`dd1_samplers` gives the
 benchmark's three DD1 rows; the skip-n and onestep* rows are :func:`onestep.dd1.baselines.baseline_samplers`.
@@ -243,7 +243,7 @@ def conti_from_of(config: dict, override: int | None = None) -> int | None:
 
 
 def build_sampler(method: str, run_dir, device="cpu", args=None):
-    """``onestep sample --method dd1 --run RUN --steps K`` (the ``SAMPLER_BUILDERS`` entry).
+    """``onestep sample --method dd1 --run RUN --sampling-steps K`` (the ``SAMPLER_BUILDERS`` entry).
 
     K = 1: one step; K = 2: two steps (keep s = round(n * 80 / 256) tokens, same noise); K >= 3:
     teacher-involved with K sequential calls (:func:`teacher_window`; the teacher samples ancestrally under

@@ -88,7 +88,7 @@ def load_dd2(run_dir: str | Path, device="cpu"):
 
 
 def build_sampler(method: str, run_dir: str, device="cpu", args=None):
-    """``onestep sample --method dd2 --steps K [--continuous]``: the sampling rule of the distilled teacher
+    """``onestep sample --method dd2 --sampling-steps K [--continuous]``: the sampling rule of the distilled teacher
     (recorded in the run) is used for the teacher's re-sampling steps."""
     generator, teacher, tokenizer, sampling = load_dd2(run_dir, device)
     steps = getattr(args, "steps", 1) if args is not None else 1

@@ -205,21 +205,45 @@ def test_environment_faults_are_one_line_errors(monkeypatch, capsys, error, line
 
 
 @needs_data
-def test_dd2_adapt_smoke(tiny_runs):
+def test_dd2_adapt_smoke(tiny_runs, capsys, monkeypatch):
     main(["dd2", "adapt", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--run-dir",
           str(tiny_runs / "adapt"), "--steps", "2", "--fit-steps", "5"])
     d = tiny_runs / "adapt"
     m = json.loads((d / "metrics.json").read_text())
     assert {"nll_teacher", "nll_after_fit", "nll_adapted", "nll_rel_change"} <= set(m)
+    # stage 0's phases show labelled progress bars; its acceptance (held-out NLL within 1% of the teacher's) is
+    # recorded, with a warning line when the run ends beyond it
+    err = capsys.readouterr().err
+    assert "dd2 adapt: MLP fit" in err and "dd2 adapt: held-out NLL, adapted teacher" in err
+    assert m["accepted"] == (m["nll_rel_change"] <= 0.01) and "within 1%" in m["acceptance"]
+    assert ("[dd2 adapt] warning: not accepted" in err) == (not m["accepted"])
     cfg = json.loads((d / "final" / "config.json").read_text())
-    assert cfg["model"]["input_embedding"] == "mlp"
+    assert cfg["model"]["input_embedding"] == "mlp" and cfg["metrics"]["accepted"] == m["accepted"]
     from onestep.runs import load_teacher
 
     teacher, _, _ = load_teacher(d)
     assert "tok_mlp.0.weight" in teacher.state_dict()
+    # an adapted teacher whose held-out NLL ends 5% above the teacher's is written, with the warning and
+    # "accepted": false in metrics.json and its config
+    from onestep.teacher import train as teacher_train
+
+    real = teacher_train.heldout_nll
+    monkeypatch.setattr(teacher_train, "heldout_nll", lambda model, ids, labels, progress=None: real(
+        model, ids, labels) * (1.05 if progress and "adapted" in progress else 1.0))
+    main(["dd2", "adapt", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--run-dir",
+          str(tiny_runs / "adapt-worse"), "--steps", "2", "--fit-steps", "5"])
+    m = json.loads((tiny_runs / "adapt-worse" / "metrics.json").read_text())
+    assert m["accepted"] is False and m["within_1pct"] is False and m["nll_rel_change"] > 0.01
+    assert json.loads((tiny_runs / "adapt-worse" / "final" / "config.json").read_text())["metrics"]["accepted"] is False
+    warning = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(warning) == 1 and warning[0].startswith("[dd2 adapt] warning: not accepted: the adapted teacher's "
+                                                       "held-out NLL") and f"{100 * m['nll_rel_change']:.2f}% above" \
+        in warning[0] and "within 1% of the original teacher's" in warning[0]
+    from onestep.dd2.adapt import acceptance
+
+    assert acceptance(3.0, 3.02)["accepted"] and not acceptance(3.0, 3.04)["accepted"]
 
 
-@needs_data
 def _tiny_classifier(monkeypatch, tmp_path):
     """Evaluation against a 2-step feature classifier, scored on 200 test images and cached under tmp_path (seconds
     instead of minutes)."""

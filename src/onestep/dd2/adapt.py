@@ -8,10 +8,14 @@ by an MLP on the code vectors (``tok_mlp``), in two phases:
 2. fine-tune: the whole model with its ordinary AR loss (next-token cross-entropy) on the training
    tokens, fed as code vectors, until it has lost nothing (held-out NLL within 1% of the original).
 
-The result is the teacher from then on (DD2 stages 1 and 2 use it).
+The result is the teacher from then on (DD2 stages 1 and 2 use it). The acceptance (:data:`ACCEPT_REL_NLL`): the
+adapted teacher's held-out NLL at most 1% above the original's. A run that ends beyond it says so in a warning line
+and records ``"accepted": false`` in metrics.json (and its final config); it is still written, as the teacher the
+later stages read.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,8 +48,21 @@ class AdaptConfig:
         return asdict(self)
 
 
+# stage 0's acceptance: nll_adapted / nll_teacher - 1 at most this (method.md section 3, "Stage 0")
+ACCEPT_REL_NLL = 0.01
+
 ADAPT_PRESETS = {"tiny": AdaptConfig(fit_steps=50, steps=4, batch_size=16, log_every=2, ckpt_every=2, max_items=1024),
                  "small": AdaptConfig()}
+
+
+def acceptance(nll_teacher: float, nll_adapted: float) -> dict:
+    """Stage 0's acceptance figures: ``nll_rel_change`` (the adapted teacher's held-out NLL relative to the
+    original's, minus 1), ``accepted`` (at most :data:`ACCEPT_REL_NLL`), ``within_1pct`` (the same, under its older
+    name) and ``acceptance`` (the criterion in words)."""
+    rel = nll_adapted / nll_teacher - 1.0
+    ok = bool(rel <= ACCEPT_REL_NLL)
+    return {"nll_rel_change": rel, "accepted": ok, "within_1pct": ok,
+            "acceptance": f"held-out NLL within {100 * ACCEPT_REL_NLL:g}% of the original teacher's"}
 
 
 def continuous_copy(teacher: GPT) -> GPT:
@@ -59,14 +76,19 @@ def continuous_copy(teacher: GPT) -> GPT:
     return student.to(teacher.codebook().device)
 
 
-def fit_embedding_mlp(student: GPT, table: torch.Tensor, steps: int, lr: float, seed: int = 0) -> float:
-    """Phase 1: regress tok_mlp(c_j) onto the table row emb(j); returns the final relative MSE."""
+def fit_embedding_mlp(student: GPT, table: torch.Tensor, steps: int, lr: float, seed: int = 0,
+                      progress: bool = False) -> float:
+    """Phase 1: regress tok_mlp(c_j) onto the table row emb(j); returns the final relative MSE. ``progress``: a bar
+    labelled "dd2 adapt: MLP fit" (with its ETA) on stderr."""
+    from tqdm.auto import tqdm
+
     torch.manual_seed(seed)
     cb = student.codebook()
     opt = make_optimizer(torch.optim.Adam, student.tok_mlp.parameters(), lr=lr)
     target = table.detach()
     scale = target.pow(2).mean()
-    for i in range(steps):
+    for i in tqdm(range(steps), desc="dd2 adapt: MLP fit", disable=not progress, dynamic_ncols=True,
+                  mininterval=1.0, unit="step"):
         set_lr(opt, warmup_cosine(i, steps, lr, warmup=0, min_ratio=0.01))
         loss = (student.tok_mlp(cb) - target).pow(2).mean() / scale
         opt.zero_grad(set_to_none=True)
@@ -117,9 +139,13 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     metrics_path = Path(run_dir) / "metrics.json"
     metrics = ckpt.read_json(metrics_path) if metrics_path.exists() else {}
     if "nll_teacher" not in metrics:
-        metrics["nll_teacher"] = heldout_nll(teacher, ids_test, test.labels)
-        metrics["fit_rel_mse"] = fit_embedding_mlp(student, teacher.tok_embeddings.weight, cfg.fit_steps, cfg.fit_lr, cfg.seed)
-        metrics["nll_after_fit"] = heldout_nll(student, ids_test, test.labels)
+        bar = info.is_main
+        metrics["nll_teacher"] = heldout_nll(teacher, ids_test, test.labels,
+                                             progress="dd2 adapt: held-out NLL, original teacher" if bar else None)
+        metrics["fit_rel_mse"] = fit_embedding_mlp(student, teacher.tok_embeddings.weight, cfg.fit_steps, cfg.fit_lr,
+                                                   cfg.seed, progress=bar)
+        metrics["nll_after_fit"] = heldout_nll(student, ids_test, test.labels,
+                                               progress="dd2 adapt: held-out NLL, after the MLP fit" if bar else None)
         if info.is_main:
             ckpt.write_json(metrics_path, metrics)
             metrics = add_run_time(run_dir, t_start, c_start, phase="fit")
@@ -149,9 +175,14 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     loop.run(step_fn)
     final = Path(run_dir) / "final"
     if info.is_main:
-        metrics["nll_adapted"] = heldout_nll(student, ids_test, test.labels)
-        metrics["nll_rel_change"] = metrics["nll_adapted"] / metrics["nll_teacher"] - 1.0
-        metrics["within_1pct"] = bool(metrics["nll_rel_change"] <= 0.01)
+        metrics["nll_adapted"] = heldout_nll(student, ids_test, test.labels,
+                                             progress="dd2 adapt: held-out NLL, adapted teacher")
+        metrics.update(acceptance(metrics["nll_teacher"], metrics["nll_adapted"]))
+        if not metrics["accepted"]:
+            print(f"[dd2 adapt] warning: not accepted: the adapted teacher's held-out NLL {metrics['nll_adapted']:.4f} "
+                  f"is {100 * metrics['nll_rel_change']:.2f}% above the original teacher's {metrics['nll_teacher']:.4f}, "
+                  f"beyond stage 0's acceptance ({metrics['acceptance']}); metrics.json records \"accepted\": false; "
+                  f"more fine-tuning (--steps) may close the gap", file=sys.stderr, flush=True)
         ckpt.write_json(metrics_path, metrics)
         config["metrics"] = metrics = add_run_time(run_dir, t1, c1, phase="finetune")
         ckpt.save_model(final, student, config)

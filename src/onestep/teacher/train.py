@@ -148,12 +148,17 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
 
 
 @torch.no_grad()
-def heldout_nll(model: GPT, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Mean per-token negative log-likelihood (nats) under teacher forcing (eval mode, no dropout)."""
+def heldout_nll(model: GPT, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+                progress: str | None = None) -> float:
+    """Mean per-token negative log-likelihood (nats) under teacher forcing (eval mode, no dropout); ``progress``: the
+    label of a progress bar (with its ETA) on stderr, None for none."""
+    from tqdm.auto import tqdm
+
     model.eval()
     tot, cnt = 0.0, 0
     dev = next(model.parameters()).device
-    for i in range(0, len(ids), batch_size):
+    for i in tqdm(range(0, len(ids), batch_size), desc=progress, disable=progress is None, dynamic_ncols=True,
+                  unit="batch"):
         x, y = ids[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
         logits = model(x, y).float()
         tot += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1), reduction="sum").item()

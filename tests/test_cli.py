@@ -257,22 +257,82 @@ def _tiny_classifier(monkeypatch, tmp_path):
                                                                        **{**k, "max_steps": 2, "progress": False}))
 
 
-def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch):
-    """onestep eval on a .npz of images (tiny classifier cache), then onestep report."""
-    from onestep.data import load_dataset
-
+@needs_data
+def test_eval_and_report_smoke(tiny_runs, tmp_path, monkeypatch, capsys):
+    """onestep sample --npz-format adm, onestep eval --images on it (tiny classifier cache; metrics printed under
+    their labels, JSON and grid written), then onestep report on eval's JSON and on a run directory; an input
+    without rows is refused with one line."""
     _tiny_classifier(monkeypatch, tmp_path)
-    test = load_dataset("fashion-mnist", "test")
-    np.savez(tmp_path / "gen.npz", images=test.images[:64].numpy(), labels=test.labels[:64].numpy())
-    out = tmp_path / "run" / "metrics.json"
-    main(["eval", "--images", str(tmp_path / "gen.npz"), "-n", "64", "--n-inception", "0", "--n-ref-classifier", "500",
+    main(["sample", "--run", str(tiny_runs / "teacher"), "-n", "20", "--out", str(tmp_path / "s"), "--npz-format", "adm"])
+    with np.load(tmp_path / "s" / "teacher.npz", allow_pickle=False) as f:
+        assert f["arr_0"].shape == (20, 28, 28, 3) and f["arr_0"].dtype == np.uint8 and list(f["arr_1"][:3]) == [0, 1, 2]
+    capsys.readouterr()
+    out = tmp_path / "ev" / "teacher.json"
+    main(["eval", "--images", str(tmp_path / "s" / "teacher.npz"), "--n-inception", "0", "--n-ref-classifier", "500",
           "--out", str(out)])
+    printed, err = capsys.readouterr()
+    assert "reference statistics: classifier features of fashion-mnist (train)" in err  # a labelled progress bar
+    for line in ("FID (classifier)", "IS (classifier)", "precision (classifier)", "recall (classifier)",
+                 "class accuracy (classifier)", "data floor", f"metrics written to {out}"):
+        assert line in printed, line
     res = json.loads(out.read_text())
     assert {"fid_classifier", "inception_score", "precision", "recall", "class_accuracy", "data_floor"} <= set(res)
-    assert res["data_floor"]["n"] == 64  # the floor on as many test images as were scored
-    out.write_text(json.dumps({"rows": [{"method": "real", "steps": 0, "fid_classifier": res["fid_classifier"]}]}))
-    main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")])
-    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "report.html").exists()
+    assert res["n"] == 20 and res["data_floor"]["n"] == 20  # the floor on as many test images as were scored
+    assert res["grid"] == "teacher.png" and (tmp_path / "ev" / "teacher.png").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"rows": [{"method": "real", "steps": 0,
+                                                                         "fid_classifier": res["fid_classifier"]}]}))
+    main(["report", str(out), str(tmp_path / "run"), "--out", str(tmp_path / "rep")])
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"onestep report: warning: {tmp_path / 'run'}: row real has no sample grid"]
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| teacher.npz |" in text and "IS (classifier)" in text and "![teacher.npz](../ev/teacher.png)" in text
+    assert (tmp_path / "rep" / "report.html").exists()
+    (tmp_path / "nothing.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(out), str(tmp_path / "nothing.json"), "--out", str(tmp_path / "rep2")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "holds no evaluation rows" in err, err
+    assert not (tmp_path / "rep2").exists()
+
+
+@needs_data
+def test_eval_ref_stats_give_the_inception_fid_against_them(tmp_path, monkeypatch, capsys):
+    """eval --ref-stats: the Inception FID against ADM-style statistics (mu, sigma) or ADM reference images (arr_0)
+    equals the FID between the features of the scored images and of the reference images. (The Inception network is
+    stood in for by a fixed 8-d projection of the pixels, so the test takes seconds.)"""
+    from onestep.data import load_dataset
+    from onestep.eval import evaluate, metrics
+
+    _tiny_classifier(monkeypatch, tmp_path)
+    proj = torch.randn(784, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fake = lambda x: x[:, 0].reshape(len(x), -1).double() @ proj  # noqa: E731  (grey as RGB: as grey, like Inception)
+    real_features = evaluate.Evaluator.features
+    monkeypatch.setattr(evaluate, "INCEPTION_DIM", 8)
+    monkeypatch.setattr(evaluate.Evaluator, "features", lambda self, feature, x, desc=None: (
+        fake(x) if feature == "inception" else real_features(self, feature, x, desc)))
+    test = load_dataset("fashion-mnist", "test")
+    gen, ref = test.images[:24], test.images[100:140]
+    np.savez(tmp_path / "gen.npz", images=gen.numpy())
+    evaluate.save_images(tmp_path / "adm-ref.npz", ref, None, "adm")
+    mu, sigma = metrics.feature_stats(fake(ref))
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    want = metrics.fid_from_features(fake(gen[:16]), fake(ref))
+    for name in ("adm-ref.npz", "stats.npz"):
+        out = tmp_path / f"ev-{name}.json"
+        main(["eval", "--images", str(tmp_path / "gen.npz"), "--n-inception", "16", "--n-ref-classifier", "300",
+              "--ref-stats", str(tmp_path / name), "--out", str(out)])
+        res = json.loads(out.read_text())
+        assert res["n_inception"] == 16 and res["fid_inception"] == pytest.approx(want, rel=1e-6), name
+        assert res["inception_reference"] == f"reference statistics {tmp_path / name}"
+    assert "FID (Inception)" in capsys.readouterr().out
+    np.savez(tmp_path / "wrong.npz", mu=mu[:4], sigma=sigma)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--images", str(tmp_path / "gen.npz"), "--ref-stats", str(tmp_path / "wrong.npz"),
+              "--out", str(tmp_path / "wrong.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "wrong.npz" in err and "'mu' (4,)" in err, err
+    assert not (tmp_path / "wrong.json").exists()
 
 
 @needs_data

@@ -185,3 +185,125 @@ def test_folder_caches_are_keyed_by_the_folders_files(tmp_path, monkeypatch):
     before = data_fingerprint("folder", str(roots["b"]))
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(roots["b"] / "c0" / "extra.png")
     assert data_fingerprint("folder", str(roots["b"])) != before
+
+
+def test_adm_npz_layout_round_trips(tmp_path):
+    """save_images writes this project's layout (images (N,C,H,W), labels, extra arrays) or ADM's (arr_0 uint8
+    (N,H,W,3), grey repeated to three channels; arr_1 labels); load_images reads both, and match_channels turns
+    ADM's grey-as-RGB back into the grey images."""
+    from onestep.cli.sample import NPZ_FORMATS as cli_formats
+    from onestep.eval.evaluate import NPZ_FORMATS, load_images, match_channels, save_images
+
+    assert cli_formats == NPZ_FORMATS
+    g = torch.Generator().manual_seed(0)
+    grey = torch.randint(0, 256, (5, 1, 8, 6), dtype=torch.uint8, generator=g)
+    rgb = torch.randint(0, 256, (4, 3, 8, 6), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    save_images(tmp_path / "adm.npz", grey, labels, "adm")
+    with np.load(tmp_path / "adm.npz", allow_pickle=False) as f:
+        assert sorted(f.keys()) == ["arr_0", "arr_1"]
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (5, 8, 6, 3)
+        assert (f["arr_0"] == grey.permute(0, 2, 3, 1).numpy()).all() and list(f["arr_1"]) == [3, 1, 4, 1, 5]
+    images, read = load_images(tmp_path / "adm.npz")
+    assert images.shape == (5, 3, 8, 6) and torch.equal(read, labels)
+    assert torch.equal(match_channels(images, 1, "the images"), grey)
+    save_images(tmp_path / "rgb.npz", rgb, None, "adm")
+    images, read = load_images(tmp_path / "rgb.npz")
+    assert torch.equal(images, rgb) and read is None
+    with pytest.raises(ValueError, match="colour images"):
+        match_channels(images, 1, "the images")
+    save_images(tmp_path / "own.npz", grey, labels, "onestep", tokens=np.zeros((5, 4)), seed=7)
+    with np.load(tmp_path / "own.npz") as f:
+        assert {"images", "labels", "tokens", "seed"} == set(f.keys()) and int(f["seed"]) == 7
+    images, read = load_images(tmp_path / "own.npz")
+    assert torch.equal(images, grey) and torch.equal(read, labels)
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="must be uint8 images"):
+        load_images(tmp_path / "float.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="no 'images' or 'arr_0'"):
+        load_images(tmp_path / "other.npz")
+
+
+def test_reference_npz_is_checked(tmp_path):
+    """--ref-stats files: ADM-style mu (2048,) / sigma (2048, 2048) come back as float64; anything else is a
+    ValueError naming the file and what is wrong."""
+    from onestep.eval.evaluate import read_reference_npz
+
+    mu, sigma = np.linspace(0, 1, 2048, dtype=np.float32), np.eye(2048, dtype=np.float32)
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma, arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    ref = read_reference_npz(tmp_path / "ref.npz")
+    assert set(ref) == {"mu", "sigma"} and ref["mu"].dtype == np.float64 and np.array_equal(ref["mu"], mu)
+    (tmp_path / "text.npz").write_text("not an archive")
+    np.save(tmp_path / "one.npy", mu)
+    bad = {"missing.npz": None, "text.npz": None, "one.npy": None,
+           "keys.npz": {"mean": mu, "cov": sigma},
+           "shape.npz": {"mu": mu[:10], "sigma": sigma[:10, :10]},
+           "ints.npz": {"mu": mu.astype(np.int64), "sigma": sigma.astype(np.int64)},
+           "nan.npz": {"mu": np.full(2048, np.nan), "sigma": sigma},
+           "floatimages.npz": {"arr_0": np.zeros((3, 4, 4, 3), np.float32)},
+           "oneimage.npz": {"arr_0": np.zeros((1, 4, 4, 3), np.uint8)},
+           "pickled.npz": {"mu": np.array([{"a": 1}], dtype=object), "sigma": sigma}}
+    messages = {"missing.npz": "does not exist", "text.npz": "is not an .npz", "one.npy": "single array",
+                "keys.npz": "neither 'mu' and 'sigma' nor 'arr_0'", "shape.npz": r"expected \(2048,\)",
+                "ints.npz": "floating point", "nan.npz": "non-finite", "floatimages.npz": "must be uint8 images",
+                "oneimage.npz": "at least 2", "pickled.npz": "without pickle"}
+    for name, arrays in bad.items():
+        if arrays is not None:
+            np.savez(tmp_path / name, **arrays)
+        with pytest.raises(ValueError, match=messages[name]) as e:
+            read_reference_npz(tmp_path / name)
+        assert name in str(e.value) and "\n" not in str(e.value), name
+
+
+def test_reference_stats_of_adm_images_are_the_inception_statistics(tmp_path, capsys):
+    """An ADM reference batch (arr_0, grey images stored as RGB) gives the statistics of the Inception features of
+    the same images read the usual way (N, C, H, W), so the Inception FID against it is the usual one; the Inception
+    pass shows a labelled progress bar."""
+    from onestep.eval.evaluate import read_reference_npz, reference_stats, save_images
+    from onestep.eval.inception import inception_features
+
+    imgs = torch.randint(0, 256, (3, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    save_images(tmp_path / "ref.npz", imgs, None, "adm")
+    got = reference_stats(read_reference_npz(tmp_path / "ref.npz"),
+                          lambda x: inception_features(x, progress=True, desc="reference statistics: Inception"))
+    assert "reference statistics: Inception" in capsys.readouterr().err
+    mu, sigma = metrics.feature_stats(inception_features(imgs))
+    np.testing.assert_allclose(got["mu"], mu, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(got["sigma"], sigma, rtol=1e-6, atol=1e-8)
+
+
+def test_report_reads_eval_json_and_refuses_inputs_without_rows(tmp_path):
+    """onestep report takes the JSON of onestep eval --out (one row each: its method, steps, params, grid and data
+    floor), run directories and metrics.json files; a row whose grid file is missing gets a warning, an input
+    without rows is refused before anything is written, and the headers label the classifier's metrics."""
+    grid = save_grid(torch.zeros((2, 1, 8, 8), dtype=torch.uint8), tmp_path / "ev" / "dd2.png", nrow=2)
+    ev = {"n": 64, "fid_classifier": 3.5, "inception_score": 7.0, "precision": 0.8, "recall": 0.6,
+          "fid_inception": 40.0, "n_inception": 16, "method": "dd2-1step", "steps": 1, "params": 1234,
+          "grid": grid.name, "data_floor": {"n": 64, "fid_classifier": 1.0, "inception_score": 9.0}}
+    (tmp_path / "ev" / "dd2.json").write_text(json.dumps(ev))
+    imgs = {"n": 64, "fid_classifier": 5.0, "images": str(tmp_path / "gen.npz"), "grid": "gone.png"}
+    (tmp_path / "ev" / "images.json").write_text(json.dumps(imgs))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"rows": [{"method": "teacher", "steps": 49,
+                                                                         "fid_classifier": 2.0}]}))
+    warnings = []
+    md = write_report([tmp_path / "ev" / "dd2.json", tmp_path / "ev" / "images.json", tmp_path / "run"],
+                      tmp_path / "out", warn=warnings.append)
+    text = md.read_text()
+    assert "| dd2-1step | 1 | 1234 | 3.5 | 40 |" in text and "| gen.npz | - |" in text and "| teacher | 49 |" in text
+    for header in ("FID (classifier)", "FID (Inception)", "IS (classifier)", "precision (classifier)",
+                   "recall (classifier)"):
+        assert header in text and header in (tmp_path / "out" / "report.html").read_text()
+    assert "inception_score" not in text and '"fid_classifier": 1.0' in text  # eval's data floor
+    assert "../ev/dd2.png" in text
+    assert len(warnings) == 2 and "gone.png not found" in warnings[0] and "teacher has no sample grid" in warnings[1]
+    (tmp_path / "empty.json").write_text(json.dumps({"rows": []}))
+    (tmp_path / "other.json").write_text(json.dumps({"fid": 1}))
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "norun").mkdir()
+    for bad, msg in (("empty.json", "holds no evaluation rows"), ("other.json", "holds no evaluation rows"),
+                     ("broken.json", "is not a JSON file"), ("norun", "no metrics.json"), ("nothing", "does not exist")):
+        with pytest.raises(ValueError, match=msg):
+            write_report([tmp_path / "run", tmp_path / bad], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

@@ -337,9 +337,12 @@ def _measured_lines(card: dict) -> list[str]:
     rows = card.get("evaluations") or []
     if rows:
         cols = [k for k in ROW_KEYS if any(r.get(k) is not None for r in rows)]
+        from onestep.eval.report import label
+
         out += ["", f"Evaluations (classifier FID, IS, precision / recall and class accuracy against the "
-                f"{card['data']} train split, n samples per row):", "",
-                "| source | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+                f"{card['data']} train split, n samples per row; IS, precision / recall and class accuracy are "
+                f"computed on the project's classifier, not Inception-v3):", "",
+                "| source | " + " | ".join(label(c) for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
         out += ["| " + r["source"] + " | " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
     if not m and not rows:
         out.append("The run records no measured figures.")

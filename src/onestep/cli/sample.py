@@ -6,12 +6,14 @@ from pathlib import Path
 from onestep.argtypes import check_labels, label_list, nonneg_int, positive_int
 from onestep.cli.flags import add_common, add_method, add_sampling
 
+NPZ_FORMATS = ("onestep", "adm")  # onestep.eval.evaluate.NPZ_FORMATS (that module imports torch)
+
 
 def cmd_sample(args) -> None:
-    import numpy as np
     import torch
 
     from onestep.distributed import resolve_device
+    from onestep.eval.evaluate import save_images
     from onestep.eval.report import save_grid
     from onestep.samplers import build_sampler, class_labels, generate
 
@@ -33,15 +35,16 @@ def cmd_sample(args) -> None:
     shown = out["images"][: args.grid]
     save_grid(shown, grid, nrow=args.nrow or grid_columns(len(shown), sampler.info["num_classes"]),
               labels=out["labels"][: args.grid], class_names=class_names(args.run))
-    npz = out_dir / f"{sampler.name}.npz"
-    tokens = out["tokens"]
-    np.savez(npz, tokens=tokens.numpy(), labels=out["labels"].numpy(), images=out["images"].numpy(), seed=args.seed)
-    print(f"{len(labels)} samples from {sampler.name} ({sampler.steps} steps): grid {grid}, tokens {npz}")
+    npz = save_images(out_dir / f"{sampler.name}.npz", out["images"], out["labels"], args.npz_format,
+                      tokens=out["tokens"].numpy(), seed=args.seed)
+    what = "tokens" if args.npz_format == "onestep" else "ADM-layout images"
+    print(f"{len(labels)} samples from {sampler.name} ({sampler.steps} steps): grid {grid}, {what} {npz}")
 
 
 def register(sub) -> None:
     p = sub.add_parser("sample", help="sample images: PNG grid + tokens (.npz)",
-                       description="Sample with the teacher; writes METHOD.png (grid) and METHOD.npz (tokens, labels, images).")
+                       description="Sample with the teacher, DD1 or DD2; writes METHOD.png (grid) and METHOD.npz "
+                                   "(tokens, labels, images; --npz-format adm: ADM's evaluator layout).")
     p.add_argument("--run", required=True, help="run directory: a teacher run, or a DD1 / DD2 training run")
     add_method(p)
     p.add_argument("-n", "--n", type=positive_int, default=100, help="number of samples")
@@ -52,6 +55,10 @@ def register(sub) -> None:
     p.add_argument("--nrow", type=nonneg_int, default=0,
                    help="grid columns (default: one class per column up to 16 classes, else a square grid)")
     p.add_argument("--out", default="samples", help="output folder (gets METHOD.png and METHOD.npz)")
+    p.add_argument("--npz-format", choices=NPZ_FORMATS, default="onestep",
+                   help="METHOD.npz's layout: onestep (uint8 'images' (N,C,H,W), 'labels', 'tokens', 'seed') or adm "
+                        "(the ADM evaluator's: uint8 'arr_0' (N,H,W,3), grey repeated to 3 channels, and labels "
+                        "'arr_1'); onestep eval --images reads both")
     add_sampling(p)
     add_common(p)
     p.set_defaults(func=cmd_sample)

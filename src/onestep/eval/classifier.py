@@ -63,14 +63,19 @@ class Classifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
     @torch.no_grad()
-    def embed(self, images_uint8: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features (N, D), logits (N, K)) of uint8 images, eval mode, float64 on the CPU."""
+    def embed(self, images_uint8: torch.Tensor, batch_size: int = 500, progress: bool = False,
+              desc: str = "classifier features") -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, D), logits (N, K)) of uint8 images, eval mode, float64 on the CPU; ``progress``: a bar
+        labelled ``desc`` (with its ETA) on stderr."""
+        from tqdm.auto import tqdm
+
         from onestep.data import to_float
 
         self.eval()
         dev = next(self.parameters()).device
         feats, logits = [], []
-        for i in range(0, len(images_uint8), batch_size):
+        for i in tqdm(range(0, len(images_uint8), batch_size), desc=desc, disable=not progress, dynamic_ncols=True,
+                      unit="batch"):
             f = self.features(to_float(images_uint8[i:i + batch_size]).to(dev))
             feats.append(f.double().cpu())
             logits.append(self.head(f).double().cpu())

@@ -53,8 +53,9 @@ def preprocess(images_uint8: torch.Tensor, size: int = 299) -> torch.Tensor:
 
 @torch.no_grad()
 def inception_features(images_uint8: torch.Tensor, batch_size: int = 50, device: str = "cpu",
-                       progress: bool = False, channels_last: bool = True) -> torch.Tensor:
-    """(N, 2048) pool3 features of uint8 images.
+                       progress: bool = False, channels_last: bool = True,
+                       desc: str = "Inception features") -> torch.Tensor:
+    """(N, 2048) pool3 features of uint8 images; ``progress``: a bar labelled ``desc`` (with its ETA) on stderr.
 
     ``channels_last``: the input in NHWC memory layout, which the convolutions run ~30% faster in on a CPU
     (measured at 1 thread: 5.4 s against 7.6 s per 25 images); the features agree with NCHW to ~5e-6."""
@@ -63,7 +64,8 @@ def inception_features(images_uint8: torch.Tensor, batch_size: int = 50, device:
     net = load_inception(str(device))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = []
-    for i in tqdm(range(0, len(images_uint8), batch_size), desc="inception", disable=not progress, dynamic_ncols=True):
+    for i in tqdm(range(0, len(images_uint8), batch_size), desc=desc, disable=not progress, dynamic_ncols=True,
+                  unit="batch"):
         x = preprocess(images_uint8[i:i + batch_size]).to(device).contiguous(memory_format=fmt)
         out.append(net(x).double().cpu())
     return torch.cat(out)

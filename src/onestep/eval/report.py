@@ -1,13 +1,22 @@
 """Reports: sample grids, the metrics table, and plots (FID vs steps, FID vs latency) as md + html + png.
 
-Input: run directories, each holding ``metrics.json``::
+Inputs (:func:`collect_rows`), each one of:
+
+- a run directory holding ``metrics.json``, or a ``metrics.json`` file, with rows (a pipeline's table)::
 
     {"rows": [{"method": str, "steps": int, "params": int, "fid_classifier": float, "fid_inception": float,
                "inception_score": float, "precision": float, "recall": float, "latency_b1_s": float,
                "throughput_b64": float, "speedup_b1": float, "speedup_b64": float, "grid": "path.png"}, ...],
      "data_floor_fid": {...}, ...}
 
-Missing values are shown as "-". Grids are referenced relative to the report.
+- the JSON of one evaluation (``onestep eval --out FILE``, a pipeline's ``evals/<method>.json``): one row, its
+  ``method``, ``steps`` and ``params`` as recorded (``--images``: the method is the images' file name), its grid
+  (``eval`` writes FILE's name with .png), and its ``data_floor`` as the report's data floor.
+
+Missing values are shown as "-". Grids are referenced relative to the report. The tables' headers are the metrics'
+labels (:data:`LABELS`): IS, precision and recall are computed on the project's classifier (its logits and
+128-d features, :mod:`onestep.eval.classifier`), not on Inception-v3, and are labelled so; ``fid_inception`` is the
+one Inception-v3 figure.
 """
 from __future__ import annotations
 
@@ -15,14 +24,38 @@ import html
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 COLUMNS = ["method", "steps", "params", "fid_classifier", "fid_inception", "inception_score", "precision", "recall",
            "class_accuracy", "latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64"]
+
+# the human-facing name of each metric key (tables, eval's printed output); the JSON keys stay as they are
+LABELS = {
+    "n": "samples",
+    "fid_classifier": "FID (classifier)",
+    "fid_classifier_10000": "FID (classifier, 10k samples)",
+    "fid_inception": "FID (Inception)",
+    "n_inception": "samples (Inception FID)",
+    "inception_score": "IS (classifier)",
+    "precision": "precision (classifier)",
+    "recall": "recall (classifier)",
+    "class_accuracy": "class accuracy (classifier)",
+    "latency_b1_s": "latency b=1 (s)",
+    "throughput_b64": "throughput b=64 (images/s)",
+    "speedup_b1": "speed-up b=1",
+    "speedup_b64": "speed-up b=64",
+}
+
+
+def label(key: str) -> str:
+    """The column header of a metric key (the key itself when it has no label)."""
+    return LABELS.get(key, key)
 
 
 MIN_CELL = 64  # grids upscale smaller images to at least this many pixels a side (nearest neighbour)
@@ -134,10 +167,37 @@ def _fmt(v) -> str:
 
 
 def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    """The ``columns`` that some row has, as a markdown table headed by their labels (:func:`label`)."""
     cols = [c for c in columns if any(c in r for r in rows)]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out = ["| " + " | ".join(label(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(out)
+
+
+EVAL_METRICS = ("fid_classifier", "fid_inception", "inception_score", "precision", "recall", "class_accuracy")
+
+
+def format_evaluation(res: dict) -> str:
+    """One evaluation (``onestep eval``'s JSON) as labelled lines: what was scored, each metric under its label
+    (:data:`LABELS`) beside the data floor's figure, the Inception FID's sample count and reference."""
+    source = res.get("method") or res.get("images") or "images"
+    steps = f", {res['steps']} sampling step(s)" if res.get("steps") is not None else ""
+    lines = [f"{source}{steps}: {res.get('n', '?')} samples scored against {res.get('data', 'the data set')}"]
+    floor = res.get("data_floor") or {}
+    for k in EVAL_METRICS:
+        if res.get(k) is None:
+            continue
+        line = f"  {label(k):<28} {_fmt(res[k]):>9}"
+        if floor.get(k) is not None:
+            line += f"    data floor {_fmt(floor[k]):>7}"
+        if k == "fid_inception":
+            line += f"    on {res.get('n_inception', '?')} samples; reference: {res.get('inception_reference', '-')}"
+        lines.append(line)
+    if floor:
+        lines.append(f"  (data floor: the same metrics of {floor.get('n', '?')} real test images against the reference)")
+    if res.get("classifier_test_accuracy") is not None:
+        lines.append(f"  (classifier: the project's own, test accuracy {_fmt(res['classifier_test_accuracy'])})")
+    return "\n".join(lines)
 
 
 def plot_fid(rows: list[dict], x: str, path: Path, metric: str = "fid_classifier", logx: bool = False) -> Path | None:
@@ -160,8 +220,8 @@ def plot_fid(rows: list[dict], x: str, path: Path, metric: str = "fid_classifier
             ax.annotate(r["method"], (r[x], r[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
+    ax.set_xlabel(label(x))
+    ax.set_ylabel(label(metric))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -171,26 +231,84 @@ def plot_fid(rows: list[dict], x: str, path: Path, metric: str = "fid_classifier
     return path
 
 
-def write_report(sources: list[str | Path] | list[dict], out_dir: str | Path, title: str = "onestep report") -> Path:
-    """Collect rows from run dirs (``metrics.json``) or dicts; write report.md, report.html and plots."""
+NO_ROWS = ("expected a run directory holding metrics.json, a metrics.json with \"rows\", or the JSON that "
+           "`onestep eval --out` writes")
+
+
+def _read_source(source: str | Path) -> tuple[dict, Path]:
+    """The JSON of one report input (a run directory: its metrics.json) and the folder its paths are relative to."""
+    p = Path(source)
+    if p.is_dir():
+        if not (p / "metrics.json").exists():
+            raise ValueError(f"{source}: no metrics.json in this directory; {NO_ROWS}")
+        p = p / "metrics.json"
+    elif not p.exists():
+        raise ValueError(f"{source} does not exist; {NO_ROWS}")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{source} is not a JSON file ({e}); {NO_ROWS}") from None
+    return data, p.parent
+
+
+def evaluation_row(data: dict, name: str) -> dict:
+    """One evaluation (``onestep eval --out``'s JSON) as a report row: its method (``--images``: the images' file
+    name, else ``name``), steps, params and metrics as recorded."""
+    row = {k: v for k, v in data.items() if k != "data_floor"}
+    if not row.get("method"):
+        row["method"] = Path(data["images"]).name if data.get("images") else name
+    return row
+
+
+def collect_rows(sources: list[str | Path] | list[dict], out_dir: str | Path,
+                 warn: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
+    """The rows and the other entries (the data floor, ...) of report inputs: run directories, metrics.json files or
+    ``onestep eval --out`` files (module docstring), or dicts of either form. Grid paths come back relative to
+    ``out_dir``. ``ValueError`` naming the input when one yields no row; ``warn`` (default: a line on stderr) is
+    called once for each row whose grid file is missing."""
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows, extras = [], {}
     for s in sources:
         if isinstance(s, dict):
-            data, base = s, out_dir
+            data, base, name = s, out_dir, "rows"
         else:
-            p = Path(s)
-            p = p / "metrics.json" if p.is_dir() else p
-            data, base = json.loads(p.read_text()), p.parent
-        for r in data.get("rows", []):
-            r = dict(r)
-            if r.get("grid"):
+            (data, base), name = _read_source(s), str(s)
+        if isinstance(data, dict) and isinstance(data.get("rows"), list) and data["rows"]:
+            found = [dict(r) for r in data["rows"] if isinstance(r, dict)]
+            extras.update({k: v for k, v in data.items() if k != "rows"})
+        elif isinstance(data, dict) and "fid_classifier" in data:
+            found = [evaluation_row(data, Path(name).stem)]
+            if isinstance(data.get("data_floor"), dict):
+                f = data["data_floor"]
+                extras["data_floor_fid"] = {k: f[k] for k in ("n", "fid_classifier", "fid_inception", "n_inception")
+                                            if k in f}
+        else:
+            found = []
+        if not found:
+            raise ValueError(f"{name} holds no evaluation rows; {NO_ROWS}")
+        for r in found:
+            r.setdefault("method", Path(name).stem)
+            if not r.get("grid"):
+                warn(f"{name}: row {r['method']} has no sample grid")
+            else:
                 g = Path(r["grid"])
                 g = g if g.is_absolute() else (base / g)
+                if not g.exists():
+                    warn(f"{name}: row {r['method']}: grid {g} not found")
                 r["grid"] = os.path.relpath(g, out_dir)
-            rows.append(r)
-        extras.update({k: v for k, v in data.items() if k != "rows"})
+        rows += found
+    return rows, extras
+
+
+def write_report(sources: list[str | Path] | list[dict], out_dir: str | Path, title: str = "onestep report",
+                 warn: Callable[[str], None] | None = None) -> Path:
+    """Collect rows (:func:`collect_rows`: run directories, metrics.json or ``onestep eval --out`` files, dicts);
+    write report.md, report.html and the plots into ``out_dir``. An input without rows is refused (``ValueError``)
+    before anything is written."""
+    out_dir = Path(out_dir)
+    rows, extras = collect_rows(sources, out_dir, warn)
+    out_dir.mkdir(parents=True, exist_ok=True)
     plots = [plot_fid(rows, "steps", out_dir / "fid_vs_steps.png", logx=True),
              plot_fid(rows, "latency_b1_s", out_dir / "fid_vs_latency.png", logx=True)]
     md = [f"# {title}", "", markdown_table(rows), ""]
@@ -204,7 +322,8 @@ def write_report(sources: list[str | Path] | list[dict], out_dir: str | Path, ti
     h = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
          "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
          "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{image-rendering:pixelated}</style></head><body>",
-         f"<h1>{html.escape(title)}</h1><table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
+         f"<h1>{html.escape(title)}</h1><table><tr>" + "".join(f"<th>{html.escape(label(c))}</th>" for c in cols)
+         + "</tr>"]
     h += ["<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows]
     h.append("</table>")
     if "data_floor_fid" in extras:

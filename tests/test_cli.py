@@ -176,7 +176,7 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
         if name != "dd2-stage1-euler10":
             assert {"latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64"} <= set(rows[name]), name
     assert rows["teacher"]["speedup_b1"] == 1.0 and rows["dd2-1step"]["steps"] == 1
-    assert {"data_floor_fid", "command", "commit", "machine", "cost", "ppl", "goals"} <= set(m)
+    assert {"data_floor_fid", "command", "commit", "machine", "cost", "ppl"} <= set(m)
     assert m["data_floor_fid"]["n"] == rows["teacher"]["n"]  # the floor on the rows' sample size
     assert m["cost"]["dd2_total_s"] > 0 and m["cost"]["dd1_total_s"] > 0
     # the alignment run was branched off the plain run's checkpoint at align_at (2 tiny steps: align_at = 1), and its

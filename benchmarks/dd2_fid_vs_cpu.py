@@ -78,6 +78,11 @@ def points() -> list[dict]:
         add("dd1-start", "DD1 (300 steps) + 20 guidance-only + 60 CSD steps, straight-through codes",
             pairs + cpu["dd1_train_300"] + c, fid("dd1-300-csd-st-60.json"),
             f"pairs {pairs:.0f} + train {cpu['dd1_train_300']:.0f} + CSD {c:.0f}")
+    if (D / "dd1-300-csd-soft-60.json").exists():
+        c = cpu["dd1_300_csd_soft_60"]
+        add("dd1-start-soft", "DD1 (300 steps) + 40 guidance-only + 60 CSD steps, softmax-expected codes (tau 0.1)",
+            pairs + cpu["dd1_train_300"] + c, fid("dd1-300-csd-soft-60.json"),
+            f"pairs {pairs:.0f} + train {cpu['dd1_train_300']:.0f} + CSD {c:.0f}")
     return rows
 
 
@@ -90,10 +95,11 @@ def plot(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     style = {"dd1": ("DD1", "tab:blue", "o"), "dd1 (bench)": ("DD1, the bench's run", "tab:cyan", "D"), "gts": ("DD2, paper recipe (stage 1 + CSD)", "tab:red", "s"),
              "map": ("DD2, map start (regression + CSD)", "tab:green", "^"),
-             "dd1-start": ("CSD from DD1's generator (straight-through)", "tab:purple", "x")}
+             "dd1-start": ("CSD from DD1's generator (straight-through)", "tab:purple", "x"),
+             "dd1-start-soft": ("CSD from DD1's generator (soft codes)", "tab:brown", "+")}
     for recipe, (name, color, marker) in style.items():
         pts = sorted((r["cpu_s"], r["fid_classifier"]) for r in rows if r["recipe"] == recipe)
-        if recipe == "dd1-start" and pts:  # drawn from the DD1 generator it starts from
+        if recipe.startswith("dd1-start") and pts:  # drawn from the DD1 generator it starts from
             pts = [next((r["cpu_s"], r["fid_classifier"]) for r in rows if r["point"] == "DD1, 300 steps"), *pts]
         if pts:
             ax.plot(*zip(*pts), marker=marker, color=color, label=name)

@@ -79,7 +79,7 @@ def position0_tv(generator, teacher, sampling, n: int, seed: int) -> tuple[float
 
 
 def run(tune_dir: str, overrides: dict, steps: int, batch: int, n_eval: int, seed: int, every: int) -> dict:
-    from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
+    from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule
     from onestep.dd2.tune import load_ardiffusion
     from onestep.runs import final_dir, load_teacher, resolve_ref
     from onestep.teacher.sampling import SamplingConfig
@@ -87,10 +87,12 @@ def run(tune_dir: str, overrides: dict, steps: int, batch: int, n_eval: int, see
     init, tc = load_ardiffusion(tune_dir)
     full, _, _ = load_teacher(resolve_ref(tc["teacher_dir"], final_dir(tune_dir)), "cpu", with_tokenizer=False)
     teacher, sampling = FirstPositions(full, 1), SamplingConfig(**tc["sampling"])
-    cfg = replace(CSDConfig(steps=steps, batch_size=batch, m_noise=2, warmup_steps=20, seed=seed), **overrides)
+    abl = {k: overrides[k] for k in overrides if k in CSDAblation.__dataclass_fields__}
+    cfg = replace(CSDConfig(steps=steps, batch_size=batch, m_noise=2, warmup_steps=20, seed=seed),
+                  **{k: v for k, v in overrides.items() if k not in abl})
     generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
     torch.manual_seed(seed)
-    dd2 = DD2(generator, guidance, teacher, sampling, cfg)
+    dd2 = DD2(generator, guidance, teacher, sampling, cfg, CSDAblation(**abl))
     sched = CSDSchedule(dd2)
     g = torch.Generator().manual_seed(seed)
     labels = lambda n: torch.randint(teacher.num_classes, (n,), generator=g)  # noqa: E731
@@ -104,8 +106,9 @@ def run(tune_dir: str, overrides: dict, steps: int, batch: int, n_eval: int, see
     tv, _, per_label = position0_tv(sched.ema, teacher, sampling, n_eval, seed)
     return {"tv_init": round(tv0, 4), "tv_ema": round(tv, 4), "tv_floor": round(floor, 4),
             "tv_ema_per_label": [round(v, 3) for v in per_label], "curve": curve, "seconds": round(time.time() - t0, 1),
-            "csd": {k: v for k, v in cfg.to_dict().items() if k in ("lr", "guidance_lr", "guidance_steps", "generator_t",
-                                                                    "loss_form", "batch_size", "steps", "m_noise")}}
+            "csd": {k: v for k, v in {**cfg.to_dict(), **dd2.ablation.to_dict()}.items()
+                    if k in ("lr", "guidance_lr", "guidance_steps", "generator_t", "loss_form", "batch_size", "steps",
+                             "m_noise")}}
 
 
 def main(argv=None) -> dict:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from onestep import checkpoint as ckpt
 from onestep.dd1.stages import load_dd1
 from onestep.dd1.model import clean_mask
-from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
+from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule
 from onestep.dd2.model import ARDiffusion, MLPHead
 from onestep.teacher.sampling import SamplingConfig
 from tqdm import tqdm
@@ -66,8 +66,8 @@ def main():
     psi = ARDiffusion(backbone, head).train()
     cfg = CSDConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, guidance_lr=a.glr, guidance_steps=a.K, m_noise=2,
                     warmup_steps=min(10, a.steps // 4), lr_schedule="cosine", guidance_warmup=a.warmup,
-                    guidance_residual=True, condition_on_codes=True, seed=a.seed)
-    dd2 = DD2(gen, psi, teacher, sampling, cfg)
+                    condition_on_codes=True, seed=a.seed)
+    dd2 = DD2(gen, psi, teacher, sampling, cfg, CSDAblation(guidance_residual=True))
     gen.requires_grad_(True); psi.requires_grad_(True)
     sched = CSDSchedule(dd2)
     g = torch.Generator().manual_seed(a.seed)

@@ -26,7 +26,7 @@ def main(argv=None) -> dict:
     import torch
 
     from onestep import checkpoint as ckpt
-    from onestep.dd2.csd import CSDConfig
+    from onestep.dd2.csd import CSDAblation, CSDConfig
     from onestep.eval.evaluate import Evaluator
     from onestep.runs import final_dir
     from onestep.dd2.sampling import dd2_sampler, load_dd2
@@ -41,13 +41,13 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     ev = Evaluator(progress=False)
-    rows, csd_defaults = [], CSDConfig().to_dict()
+    rows, csd_defaults = [], {**CSDConfig().to_dict(), **CSDAblation().to_dict()}
     for spec in a.runs:
         name, _, run = spec.partition("=")
         if not run:
             raise ValueError(f"expected NAME=DIR, got {spec!r}")
         config = ckpt.read_json(final_dir(run) / "config.json")
-        csd, train_metrics = config.get("csd", {}), config.get("metrics", {})
+        csd, train_metrics = {**config.get("csd", {}), **config.get("ablation", {})}, config.get("metrics", {})
         step_dir = next((q for q in Path(run).parts if q.startswith("step_")), None)  # a training checkpoint
         models = load_dd2(run)  # loaded once per run; one sampler per step count
         for k in a.steps:

@@ -2,7 +2,11 @@
 
     onestep demo --out runs/quick                                    # teacher, DD1 (2048 pairs, 150 steps), DD2
     onestep dd2 fit-map --tune runs/quick/dd2-tune --pairs runs/quick/dd1-pairs --run-dir runs/quick/dd2-map \\
-        --steps 150 --batch-size 64 --lr 3e-4 --generator-t 0.5      # + --cells-temperature 0.05 / --noise-stream
+        --steps 150 --batch-size 64 --lr 3e-4 --generator-t 0.5
+    # the two variants of the fit (library only: MapFitAblation), into runs/quick/dd2-map-cells and -stream
+    python -c "from onestep.dd2.mapstart import *; fit_map('runs/quick/dd2-map-cells', 'runs/quick/dd2-tune', \
+        'runs/quick/dd1-pairs', MapFitConfig(steps=150, batch_size=64, lr=3e-4, generator_t=0.5), \
+        ablation=MapFitAblation(cells_temperature=0.05))"                   # or MapFitAblation(noise_stream=True)
     onestep dd2 train --tune runs/quick/dd2-tune --generator-init runs/quick/dd2-map --run-dir runs/quick/dd2-from-map \\
         --steps 40 --guidance-warmup 20 --lr 2e-5 --lr-schedule cosine --generator-t 0.5
     onestep eval --run RUN --method dd2 -n 1000 --n-inception 0 --out runs/quick/evals-extra/NAME.json

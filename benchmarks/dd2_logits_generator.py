@@ -9,7 +9,8 @@ logits over the V codes. Its output is either the argmax code in the forward pas
 softmax-expected code (``st``), or the softmax-expected code itself at temperature ``tau`` (``soft``). psi comes from
 stage 1 (GTS, as in TabularRunConfig), or is the teacher's closed form plus a zero-initialised residual. Prints one
 JSON line; benchmarks/results/dd2-logits-generator.{json,md} collect the single-mixture runs."""
-import argparse, copy, json, math, time
+import argparse
+import copy, json, math, time
 import torch
 from torch import nn
 from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
@@ -68,8 +69,9 @@ def main():
         opt.zero_grad(); loss.backward(); opt.step()
     tune_s = time.time() - t0
     gen = LogitsGen(teacher, tau=a.tau, mode=a.mode)
-    csd = CSDConfig(**{**cfg.csd.to_dict(), "steps": a.steps, "lr": a.lr, "guidance_residual": a.residual})
-    dd2 = DD2(gen, copy.deepcopy(model), teacher, sampling, csd)
+    csd = CSDConfig(**{**cfg.csd.to_dict(), "steps": a.steps, "lr": a.lr})
+    dd2 = DD2(gen, copy.deepcopy(model), teacher, sampling, csd,
+              dataclasses.replace(cfg.ablation, guidance_residual=a.residual))
     sched = CSDSchedule(dd2)
     t1 = time.time(); curve = []
     tv0 = generator_tv(dd2.generator, teacher, 20000, a.seed + 1)

@@ -10,7 +10,6 @@ the mean distance of the outputs to their code. Results: benchmarks/results/dd2-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -56,10 +55,7 @@ def run(kind: str, name: str, n_eval: int, every: int) -> dict:
     lo, hi = (0.3, 3.0) if kind == "random" else (0.1, 0.3)
     teacher = TabularTeacher(4, 1, 2, seed=1, min_temp=lo, max_temp=hi)
     change = VARIANTS[name]
-    cfg = dataclasses.replace(BASE, n_eval=n_eval, **{k: v for k, v in change.items() if not isinstance(v, dict)})
-    for field in ("csd", "map_csd"):
-        if field in change:
-            cfg = dataclasses.replace(cfg, **{field: dataclasses.replace(getattr(cfg, field), **change[field])})
+    cfg = BASE.changed(n_eval=n_eval, **change)
     cb = teacher.codebook()
     curve = []
 

@@ -91,14 +91,15 @@ def run_oracle(teacher, init, cfg: TabularRunConfig, n_oracle: int, log) -> dict
             log_p = teacher_log_probs(teacher, xs, lab, samp)
             rows = torch.stack([teacher._row_index(teacher.nearest_ids(xs), i) for i in range(n)], 1)
             grad = torch.zeros_like(xs)
-            for _ in range(c.m_noise_gen):
-                t = sample_t((c.batch_size, n), g, "cpu", c.t_min, c.t_max)
+            ab = cfg.ablation
+            for _ in range(ab.m_noise_gen):
+                t = sample_t((c.batch_size, n), g, "cpu", ab.t_min, ab.t_max)
                 q_t = (1 - t[..., None]) * xs + t[..., None] * torch.randn(xs.shape, generator=g)
                 x0_T = flow.denoise(q_t, t, log_p, cb)
                 x0_o = oracle_x0(teacher, S, q_t, t, rows)
                 x0_o = torch.where(torch.isfinite(x0_o).all(-1, keepdim=True), x0_o, x0_T)  # prefix row not sampled
                 norm = (xs - x0_T).abs().mean(dim=(-2, -1), keepdim=True).clamp_min(1e-5)
-                grad += (x0_o - x0_T) / norm / c.m_noise_gen
+                grad += (x0_o - x0_T) / norm / ab.m_noise_gen
         loss = (grad * x).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

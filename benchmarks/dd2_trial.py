@@ -6,7 +6,6 @@ Arguments: the rung (benchmarks/dd2_ladder.py's RUNGS), the recipe (gts | map), 
 changes to ``TabularRunConfig`` (``csd`` / ``map_csd`` take a dict of CSDConfig fields). The lines of the runs quoted
 in docs/dd2-convergence.md are collected in benchmarks/results/dd2-trials.md.
 """
-import dataclasses
 import json
 import sys
 import time
@@ -21,11 +20,7 @@ from onestep.dd2.tabular import TabularRunConfig, fit_tabular  # noqa: E402
 
 torch.set_num_threads(1)
 rung, recipe, n_eval, change = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-cfg = dataclasses.replace(TabularRunConfig(recipe=recipe, n_eval=n_eval),
-                          **{k: v for k, v in change.items() if not isinstance(v, dict)})
-for f in ("csd", "map_csd"):
-    if f in change:
-        cfg = dataclasses.replace(cfg, **{f: dataclasses.replace(getattr(cfg, f), **change[f])})
+cfg = TabularRunConfig(recipe=recipe, n_eval=n_eval).changed(**change)
 t0 = time.time()
 r = fit_tabular(make_teacher(rung), cfg)
 print(f"{rung} {recipe} {json.dumps(change)}: ema {r['tv_dd2_ema']:.4f} raw {r['tv_dd2']:.4f} start "

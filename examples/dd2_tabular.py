@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
               "t_max", "m_noise", "m_noise_gen")
     stage2 = dataclasses.replace(base, recipe=a.recipe).stage2
     changes = {f: getattr(a, f) for f in fields if getattr(a, f) is not None}
-    csd = dataclasses.replace(stage2, condition_on_codes=a.condition_on_codes or stage2.condition_on_codes, **changes)
+    changes["condition_on_codes"] = a.condition_on_codes or stage2.condition_on_codes
     stage2_field = "csd" if a.recipe == "gts" else "map_csd"
     teacher = TabularTeacher(a.vocab, a.positions, a.code_dim, seed=a.teacher_seed, min_temp=a.min_temp,
                              max_temp=a.max_temp)
@@ -83,9 +83,9 @@ def main(argv=None) -> dict:
 
     runs = []
     for seed in a.seed:
-        cfg = dataclasses.replace(base, seed=seed, recipe=a.recipe, tune_steps=a.tune_steps, tune_loss=a.tune_loss, n_eval=a.n_eval,
-                                  width=a.width, head_width=a.head_width, backbone_gain=a.backbone_gain,
-                                  head_gain=a.head_gain, **{stage2_field: csd})
+        cfg = base.changed(seed=seed, recipe=a.recipe, tune_steps=a.tune_steps, tune_loss=a.tune_loss, n_eval=a.n_eval,
+                           width=a.width, head_width=a.head_width, backbone_gain=a.backbone_gain, head_gain=a.head_gain,
+                           **{stage2_field: changes})
         t0 = time.time()
         out = fit_tabular(teacher, cfg, log=log, log_every=a.log_every)
         models = out.pop("models")

@@ -354,7 +354,7 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
         if name != "dd2-stage1-euler10":
             assert {"latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64"} <= set(rows[name]), name
     assert rows["teacher"]["speedup_b1"] == 1.0 and rows["dd2-1step"]["steps"] == 1
-    assert {"data_floor_fid", "command", "commit", "machine", "cost", "ppl", "goals"} <= set(m)
+    assert {"data_floor_fid", "command", "commit", "machine", "cost", "ppl"} <= set(m)
     assert m["data_floor_fid"]["n"] == rows["teacher"]["n"]  # the floor on the rows' sample size
     assert m["cost"]["dd2_total_s"] > 0 and m["cost"]["dd1_total_s"] > 0
     # the alignment run was branched off the plain run's checkpoint at align_at (2 tiny steps: align_at = 1), and its
@@ -428,14 +428,20 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
 
     main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2-gt"),
           "--generator-t", "0.5", "--condition-on-codes", "--lr-schedule", "cosine", "--final-lr-ratio", "0.1",
-          "--guidance-batch-size", "2", "--generator-head-gain", "3"])
+          "--guidance-batch-size", "2"])
     cfg = json.loads((tiny_runs / "dd2-gt" / "final" / "config.json").read_text())
-    # psi's checkpoint records psi's own head (stage 1's gain), and loads as the network it holds
+    assert "ablation" not in cfg  # the command line runs the paper's loss
+    # an ablation (set only through the library) is recorded; psi's checkpoint records psi's own head (stage 1's
+    # gain, not the generator's re-parameterised one) and loads as the network it holds
+    from onestep.dd2.csd import CSDAblation
     from onestep.dd2.tune import load_ardiffusion
 
-    step_dir = sorted((tiny_runs / "dd2-gt" / "checkpoints").glob("step_*"))[-1]
+    train(tiny_runs / "dd2-gain", tiny_runs / "tune", TRAIN_PRESETS["tiny"], ablation=CSDAblation(generator_head_gain=3.0))
+    gcfg = json.loads((tiny_runs / "dd2-gain" / "final" / "config.json").read_text())
+    step_dir = sorted((tiny_runs / "dd2-gain" / "checkpoints").glob("step_*"))[-1]
     psi, psi_cfg = load_ardiffusion(step_dir / "guidance")
-    assert cfg["model"]["head"]["input_gain"] == 3.0 and psi_cfg["model"]["head"]["input_gain"] == 1.0
+    assert gcfg["ablation"] == {"generator_head_gain": 3.0}
+    assert gcfg["model"]["head"]["input_gain"] == 3.0 and psi_cfg["model"]["head"]["input_gain"] == 1.0
     assert psi.head.input_gain == 1.0 and psi_cfg["weights"] == "guidance network"
     assert cfg["csd"]["guidance_batch_size"] == 2 and cfg["csd"]["batch_size"] == 4
     assert cfg["model"]["generator_t"] == 0.5 and cfg["csd"]["generator_t"] == 0.5
@@ -447,7 +453,7 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--out", str(tiny_runs / "pairs8"),
           "--top-k", "8"])
     main(["dd2", "fit-map", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--pairs", str(tiny_runs / "pairs8"),
-          "--run-dir", str(tiny_runs / "map"), "--steps", "6", "--lr", "3e-3", "--noise-stream"])
+          "--run-dir", str(tiny_runs / "map"), "--steps", "6", "--lr", "3e-3"])
     fit_logs = [json.loads(x) for x in (tiny_runs / "map" / "log.jsonl").read_text().splitlines()]
     assert len(fit_logs) == 6 and all(np.isfinite(r["regression"]) for r in fit_logs)
     mcfg = json.loads((tiny_runs / "map" / "final" / "config.json").read_text())
@@ -463,10 +469,19 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
               "--generator-init", str(tiny_runs / "map"), "--generator-t", "0.5"])
     assert "generator_t" in capsys.readouterr().err
     main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2-map"),
-          "--generator-init", str(tiny_runs / "map"), "--guidance-warmup", "1", "--guidance-residual"])
+          "--generator-init", str(tiny_runs / "map"), "--guidance-warmup", "1"])
     dcfg = json.loads((tiny_runs / "dd2-map" / "final" / "config.json").read_text())
-    assert dcfg["recipe"] == "map" and dcfg["csd"]["guidance_warmup"] == 1 and dcfg["csd"]["guidance_residual"]
-    assert mcfg["model"]["noise_stream"] and dcfg["model"]["noise_stream"]  # the generator keeps its noise stream
+    assert dcfg["recipe"] == "map" and dcfg["csd"]["guidance_warmup"] == 1
+    # the map fit's ablations (library only): a generator with a noise stream keeps it through CSD
+    from onestep.dd2.mapstart import MAP_FIT_PRESETS, MapFitAblation, fit_map
+
+    fit_map(tiny_runs / "map-ns", tiny_runs / "tune", tiny_runs / "pairs8", replace(MAP_FIT_PRESETS["tiny"], steps=3),
+            ablation=MapFitAblation(noise_stream=True))
+    train(tiny_runs / "dd2-ns", tiny_runs / "tune", replace(TRAIN_PRESETS["tiny"], guidance_warmup=1),
+          generator_init=tiny_runs / "map-ns", ablation=CSDAblation(guidance_residual=True))
+    ncfg = json.loads((tiny_runs / "dd2-ns" / "final" / "config.json").read_text())
+    assert ncfg["model"]["noise_stream"] and ncfg["ablation"] == {"guidance_residual": True}
+    assert not mcfg["model"]["noise_stream"] and "ablation" not in mcfg
     logs = [json.loads(x) for x in (tiny_runs / "dd2-map" / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 3 and "csd" not in logs[0] and "csd" in logs[1]  # one guidance-only step, then CSD
     for run in ("map", "dd2-map"):

@@ -4,7 +4,7 @@ import copy
 import torch
 
 from onestep import flow
-from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule, ema_rate
+from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule, ema_rate
 from onestep.dd2.losses import csd_generator_loss, dsm_loss, gts_loss
 from onestep.dd2.model import ARDiffusion, MLPHead
 from onestep.dd2.tabular import CausalMLPBackbone
@@ -69,7 +69,7 @@ def test_dd2_applies_the_generator_parameterisation_of_its_config():
     gen, guid = _model(seed=0), _model(seed=1)
     eps, lab = torch.randn(4, 3, 2), torch.zeros(4, dtype=torch.long)
     before = gen.generate(eps, lab)
-    DD2(gen, guid, T, SamplingConfig(), CSDConfig(generator_head_gain=4.0, generator_t=0.5))
+    DD2(gen, guid, T, SamplingConfig(), CSDConfig(generator_t=0.5), CSDAblation(generator_head_gain=4.0))
     assert gen.head.input_gain == 4.0 and gen.generator_t == 0.5 and guid.generator_t == 1.0
     gen.generator_t = 1.0  # the input gain alone keeps the function
     torch.testing.assert_close(gen.generate(eps, lab), before, rtol=1e-5, atol=1e-6)
@@ -161,7 +161,7 @@ def test_residual_guidance_starts_as_the_teacher_and_its_dsm_target_is_the_same(
     from onestep.dd2.losses import residual_denoise
 
     T, guid, lab, x, log_p, f = _csd_inputs()
-    dd2 = DD2(_model(seed=3), guid, T, SamplingConfig(), CSDConfig(guidance_residual=True))
+    dd2 = DD2(_model(seed=3), guid, T, SamplingConfig(), CSDConfig(), CSDAblation(guidance_residual=True))
     assert not guid.head.final.weight.any() and not guid.head.final.bias.any()
     loss, logs = csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(0), m=3,
                                     residual=True)
@@ -264,7 +264,7 @@ def test_condition_on_codes_snaps_only_the_conditions():
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         xg = gen.generate(snap.noise(6, g, "cpu"), lab)
-    ref, _ = dsm_loss(guid, xg, lab, snap.cfg.m_noise, g, snap.cfg.dsm_t_min, t_max=snap.cfg.dsm_t_max,
+    ref, _ = dsm_loss(guid, xg, lab, snap.cfg.m_noise, g, snap.ablation.dsm_t_min, t_max=snap.ablation.dsm_t_max,
                       condition=T.codebook()[T.nearest_ids(xg)])
     torch.testing.assert_close(loss, ref)
     assert not torch.allclose(loss, plain(lab, "guidance", torch.Generator().manual_seed(3))[0])
@@ -275,7 +275,7 @@ def test_condition_on_codes_snaps_only_the_conditions():
     cond = T.codebook()[T.nearest_ids(xg.detach())]
     with torch.no_grad():
         log_p, f = teacher_log_probs(T, cond, lab, SamplingConfig()), guid.features(cond, lab)
-    ref, _ = csd_generator_loss(xg, lab, log_p, T.codebook(), guid, f, g, m=snap.cfg.m_noise_gen)
+    ref, _ = csd_generator_loss(xg, lab, log_p, T.codebook(), guid, f, g, m=snap.ablation.m_noise_gen)
     torch.testing.assert_close(loss, ref)
     gen.zero_grad()
     loss.backward()

@@ -49,9 +49,8 @@ def cmd_train(args) -> None:
 
     cfg = override(TRAIN_PRESETS[args.preset], **given(args, "steps", "batch_size", "guidance_batch_size", "lr",
                                                         "guidance_lr", "guidance_steps", "m_noise", "align_at",
-                                                        "align_steps", "seed", "generator_head_gain", "generator_t",
-                                                        "condition_on_codes", "lr_schedule", "final_lr_ratio",
-                                                        "guidance_warmup", "guidance_residual"))
+                                                        "align_steps", "seed", "generator_t", "condition_on_codes",
+                                                        "lr_schedule", "final_lr_ratio", "guidance_warmup"))
     info = setup(args.device)
     final = train(args.run_dir, args.tune, cfg, info, generator_init=args.generator_init)
     if info.is_main:
@@ -63,8 +62,7 @@ def cmd_fit_map(args) -> None:
     from onestep.dd2.mapstart import MAP_FIT_PRESETS, fit_map
     from onestep.distributed import cleanup, setup
 
-    cfg = override(MAP_FIT_PRESETS[args.preset], **given(args, "steps", "batch_size", "lr", "generator_t",
-                                                          "cells_temperature", "noise_stream", "seed"))
+    cfg = override(MAP_FIT_PRESETS[args.preset], **given(args, "steps", "batch_size", "lr", "generator_t", "seed"))
     info = setup(args.device)
     final = fit_map(args.run_dir, args.tune, args.pairs, cfg, info)
     if info.is_main:
@@ -138,9 +136,6 @@ def register(sub) -> None:
     r.add_argument("--guidance-batch-size", type=positive_int, default=None,
                    help="generated sequences per guidance update (default: the preset's, i.e. --batch-size)")
     r.add_argument("--m-noise", type=positive_int, default=None, help="noise draws per sequence in the guidance loss")
-    r.add_argument("--generator-head-gain", type=positive_float, default=None,
-                   help="re-parameterise the generator's head to this input gain at the start (function-preserving; "
-                        "faster learning of sharp noise partitions; default: keep stage 1's gain)")
     r.add_argument("--generator-t", type=unit_interval, default=None,
                    help="time s in (0, 1] at which the generator's head reads the noise: x = s eps - s v(s eps, s); "
                         "1 = the paper's x = eps - v(eps, 1) (default); s < 1 starts CSD from a noise-dependent "
@@ -155,8 +150,6 @@ def register(sub) -> None:
     r.add_argument("--align-steps", type=nonneg_int, default=None, help="guidance-only steps of the alignment")
     r.add_argument("--guidance-warmup", type=nonneg_int, default=None,
                    help="guidance-only steps before the first generator step (the map-start recipe)")
-    r.add_argument("--guidance-residual", action=argparse.BooleanOptionalAction, default=None,
-                   help="psi in residual form around the teacher's closed-form denoiser (starts as the teacher)")
     r.add_argument("--generator-init", default=None,
                    help="map-fit run (onestep dd2 fit-map) to start the generator from: the map-start recipe")
     add_common(r, seed=None)
@@ -176,10 +169,5 @@ def register(sub) -> None:
     m.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     m.add_argument("--generator-t", type=unit_interval, default=None,
                    help="time s in (0, 1] at which the generator's head reads the noise (default: the preset's; small: 0.5, as dd2 train's small preset)")
-    m.add_argument("--cells-temperature", type=nonneg_float, default=None,
-                   help="> 0: cross-entropy of the map's token over -|x - c_j|^2 / T instead of the squared error")
-    m.add_argument("--noise-stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="eps_i also enters the backbone's input row i through a zero-initialised linear map (every "
-                        "layer sees the position's own noise, as in DD1), not only the head")
     add_common(m, seed=None)
     m.set_defaults(func=cmd_fit_map)

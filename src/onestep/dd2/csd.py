@@ -33,13 +33,6 @@ class CSDConfig:
                                             # the tabular teacher, turns of a quarter of the batch keep psi up at
                                             # ~40% of a turn's cost (benchmarks/results/dd2-tabular.notes.md)
     m_noise: int = 4             # noise draws per generated sequence for the guidance DSM loss
-    m_noise_gen: int = 1         # (t, eps) draws per generated sequence in the generator's CSD loss (1 = paper)
-    alpha: float = 1.0           # SiD alpha (DD2 paper: 1.0; SiD's own default is 1.2)
-    loss_form: str = "sid"       # generator loss: "sid" (paper) or "dmd" (no Jacobian of the denoisers, an ablation)
-    t_min: float = 0.02          # generator-turn t range
-    t_max: float = 0.98
-    dsm_t_min: float = 1e-3      # guidance-turn (DSM) t range
-    dsm_t_max: float = 1.0
     warmup_steps: int = 100      # generator LR: linear 1e-6 -> lr
     lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" (generator AND guidance LR follow a
     final_lr_ratio: float = 0.0    # cosine from their LR to final_lr_ratio * LR at the last generator step)
@@ -49,15 +42,9 @@ class CSDConfig:
     guidance_warmup: int = 0     # guidance-only outer steps before the first generator step (psi catches up with a
                                  # generator that did not come from stage 1, e.g. the map-start recipe's)
     grad_clip: float = 1.0
-    generator_head_gain: float | None = None  # the generator's head re-parameterised to this input gain at the start
-                                              # of CSD (function-preserving, see MLPHead.set_input_gain; None = keep
-                                              # the gain stage 1 trained with)
     generator_t: float = 1.0     # the time s at which the generator's head reads the noise (ARDiffusion.generate):
                                  # 1 = the paper's x = eps - v(eps, 1); s < 1 starts CSD from a noise-dependent
                                  # generator instead of the per-position mean (see ARDiffusion.generate)
-    guidance_residual: bool = False  # psi in residual form around the teacher's closed-form denoiser (losses.
-                                     # residual_denoise), its output layer zeroed at the start: psi = teacher exactly
-                                     # until it learns the generator's deviation (docs/dd2-convergence.md)
     condition_on_codes: bool = False  # the prefix conditions of psi and the teacher (both turns) read sg(x) snapped to
                                       # the nearest codes, instead of the continuous sg(x) (see DD2.condition)
     seed: int = 0
@@ -65,8 +52,6 @@ class CSDConfig:
     ckpt_every: int = 250
 
     def __post_init__(self):
-        if self.loss_form not in ("sid", "dmd"):
-            raise ValueError(f"loss_form must be 'sid' or 'dmd', got {self.loss_form!r}")
         if not 0.0 < self.generator_t <= 1.0:
             raise ValueError(f"generator_t must lie in (0, 1], got {self.generator_t}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -87,20 +72,61 @@ class CSDConfig:
         return self.guidance_warmup + self.steps + (self.align_steps if self.align_at > 0 else 0)
 
 
+@dataclass(frozen=True)
+class CSDAblation:
+    """Variants of CSD that the benchmarks measure against the method (docs/dd2-convergence.md). The defaults are the
+    paper's loss; ``onestep dd2 train`` always runs them, and a run records a non-default ablation in its config.
+
+    m_noise_gen: (t, eps) draws per generated sequence in the generator's loss (1 = the paper's).
+    alpha: SiD's alpha (the DD2 paper: 1.0; SiD's own default is 1.2).
+    loss_form: "sid" (the paper's) or "dmd" (no Jacobian of the denoisers).
+    t_min, t_max: the generator turn's t range; dsm_t_min, dsm_t_max: the guidance turn's (DSM) t range.
+    generator_head_gain: the generator's head re-parameterised to this input gain at the start of CSD
+        (function-preserving, :meth:`MLPHead.set_input_gain`; None = the gain stage 1 trained with).
+    guidance_residual: psi in residual form around the teacher's closed-form denoiser (:func:`losses.residual_denoise`),
+        its output layer zeroed at the start, so that psi is the teacher exactly until it learns the generator's
+        deviation.
+    """
+
+    m_noise_gen: int = 1
+    alpha: float = 1.0
+    loss_form: str = "sid"
+    t_min: float = 0.02
+    t_max: float = 0.98
+    dsm_t_min: float = 1e-3
+    dsm_t_max: float = 1.0
+    generator_head_gain: float | None = None
+    guidance_residual: bool = False
+
+    def __post_init__(self):
+        if self.loss_form not in ("sid", "dmd"):
+            raise ValueError(f"loss_form must be 'sid' or 'dmd', got {self.loss_form!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def changes(self) -> dict:
+        """The fields that differ from the method (empty for the paper's loss)."""
+        return {k: v for k, v in asdict(self).items() if v != getattr(CSDAblation, k)}
+
+
 class DD2(nn.Module):
-    """Generator theta, guidance psi, frozen teacher; forward(labels, turn) -> (loss, logs)."""
+    """Generator theta, guidance psi, frozen teacher; forward(labels, turn) -> (loss, logs).
+
+    ``ablation``: a :class:`CSDAblation` (None: the paper's loss)."""
 
     def __init__(self, generator: ARDiffusion, guidance: ARDiffusion, teacher: nn.Module, sampling: SamplingConfig,
-                 cfg: CSDConfig):
+                 cfg: CSDConfig, ablation: CSDAblation | None = None):
         super().__init__()
         self.generator, self.guidance, self.teacher = generator, guidance, teacher
         self.sampling, self.cfg = sampling, cfg
-        # the generator's parameterisation from cfg (both no-ops at their defaults): the head's input gain
-        # (function-preserving) and the time at which the head reads the noise
-        if cfg.generator_head_gain is not None and cfg.generator_head_gain != generator.head.input_gain:
-            generator.head.set_input_gain(cfg.generator_head_gain)
+        self.ablation = ab = ablation or CSDAblation()
+        # the generator's parameterisation (both no-ops at their defaults): the head's input gain (function-preserving)
+        # and the time at which the head reads the noise
+        if ab.generator_head_gain is not None and ab.generator_head_gain != generator.head.input_gain:
+            generator.head.set_input_gain(ab.generator_head_gain)
         generator.generator_t = cfg.generator_t
-        if cfg.guidance_residual:  # psi starts as the teacher itself: a zero residual
+        if ab.guidance_residual:  # psi starts as the teacher itself: a zero residual
             with torch.no_grad():
                 guidance.head.final.weight.zero_()
                 guidance.head.final.bias.zero_()
@@ -122,15 +148,15 @@ class DD2(nn.Module):
         return self.teacher.ids_to_codes(self.teacher.nearest_ids(x)).to(x)
 
     def forward(self, labels: Tensor, turn: str, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        cfg = self.cfg
+        cfg, ab = self.cfg, self.ablation
         eps = self.noise(labels.shape[0], generator, labels.device)
         if turn == "guidance":
             with torch.no_grad():
                 x = self.generator.generate(eps, labels)
                 cond = self.condition(x)
                 base = (teacher_log_probs(self.teacher, cond, labels, self.sampling), self.teacher.codebook()) \
-                    if cfg.guidance_residual else None
-            return dsm_loss(self.guidance, x, labels, cfg.m_noise, generator, cfg.dsm_t_min, t_max=cfg.dsm_t_max,
+                    if ab.guidance_residual else None
+            return dsm_loss(self.guidance, x, labels, cfg.m_noise, generator, ab.dsm_t_min, t_max=ab.dsm_t_max,
                             condition=cond, base=base)
         if turn != "generator":
             raise ValueError(f"turn must be 'generator' or 'guidance', got {turn!r}")
@@ -140,8 +166,7 @@ class DD2(nn.Module):
             log_p = teacher_log_probs(self.teacher, x_sg, labels, self.sampling)
             f_psi = self.guidance.features(x_sg, labels)
         return csd_generator_loss(x, labels, log_p, self.teacher.codebook(), self.guidance, f_psi, generator,
-                                  cfg.alpha, cfg.t_min, cfg.t_max, cfg.m_noise_gen, cfg.loss_form,
-                                  cfg.guidance_residual)
+                                  ab.alpha, ab.t_min, ab.t_max, ab.m_noise_gen, ab.loss_form, ab.guidance_residual)
 
 
 def lr_decay(cfg: CSDConfig, gen_step: int) -> float:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from onestep.dd1.flow_map import map_noise_to_tokens
-from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
+from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule
 from onestep.dd2.losses import dsm_loss, gts_loss
 from onestep.dd2.mapstart import fit_to_map
 from onestep.dd2.model import ARDiffusion, MLPHead
@@ -94,7 +94,7 @@ class TabularRunConfig:
     n_eval: int = 20000
     seed: int = 0
     csd: CSDConfig = CSDConfig(steps=1200, batch_size=128, lr=2e-3, guidance_lr=2e-3, guidance_steps=5, m_noise=1,
-                               m_noise_gen=4, warmup_steps=20, lr_schedule="cosine", final_lr_ratio=0.05,
+                               warmup_steps=20, lr_schedule="cosine", final_lr_ratio=0.05,
                                log_every=10 ** 9, ckpt_every=10 ** 9)
     # the recipe: "gts" (the paper's: generator and psi from stage 1, then CSD with ``csd``) or "map" (the generator
     # is regressed onto ``map_pairs`` DD1 noise-to-token pairs for ``map_steps`` steps, psi comes from stage 1,
@@ -105,8 +105,10 @@ class TabularRunConfig:
     map_lr: float = 5e-3
     map_batch: int = 128
     map_csd: CSDConfig = CSDConfig(steps=400, batch_size=128, lr=5e-5, guidance_lr=2e-3, guidance_steps=5, m_noise=1,
-                                   m_noise_gen=4, warmup_steps=20, lr_schedule="cosine", final_lr_ratio=0.05,
+                                   warmup_steps=20, lr_schedule="cosine", final_lr_ratio=0.05,
                                    guidance_warmup=100, log_every=10 ** 9, ckpt_every=10 ** 9)
+    # both recipes' CSD variant: 4 (t, eps) draws per sequence in the generator's loss, a lower-variance gradient
+    ablation: CSDAblation = CSDAblation(m_noise_gen=4)
 
     def __post_init__(self):
         if self.recipe not in ("gts", "map"):
@@ -119,6 +121,17 @@ class TabularRunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def changed(self, csd: dict | None = None, map_csd: dict | None = None, **changes) -> "TabularRunConfig":
+        """This config with ``changes`` to its own fields and ``csd`` / ``map_csd`` changes to a recipe's CSD stage,
+        where the fields of :class:`CSDAblation` among those change ``ablation`` instead (how the benchmarks and
+        ``examples/dd2_tabular.py`` state a variant)."""
+        cfg = replace(self, **changes)
+        for field, stage in (("csd", csd), ("map_csd", map_csd)):
+            stage = dict(stage or {})
+            abl = {k: stage.pop(k) for k in list(stage) if k in CSDAblation.__dataclass_fields__}
+            cfg = replace(cfg, **{field: replace(getattr(cfg, field), **stage), "ablation": replace(cfg.ablation, **abl)})
+        return cfg
 
 
 def tv_of_ids(teacher: TabularTeacher, ids: Tensor) -> float:
@@ -198,7 +211,7 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
         opt.step()
     out = {"recipe": cfg.recipe, "tune_time_s": round(time.time() - t0, 2), "gts_final_loss": loss.item()}
     csd = cfg.stage2
-    dd2 = DD2(copy.deepcopy(model), copy.deepcopy(model), teacher, sampling, csd)  # sets csd.generator_t
+    dd2 = DD2(copy.deepcopy(model), copy.deepcopy(model), teacher, sampling, csd, cfg.ablation)  # sets generator_t
     out["tv_gts_init"] = generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1)
     if cfg.recipe == "map":
         t0 = time.time()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from onestep import checkpoint as ckpt
-from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
+from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule
 from onestep.distributed import DistInfo, wrap_ddp
 from onestep.trainer import LoopConfig, TrainLoop, add_run_time, prepare_run_dir
 
@@ -37,12 +37,16 @@ TRAIN_PRESETS = {
 
 
 def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistInfo | None = None,
-          save_at: tuple = (), on_checkpoint=None, generator_init: str | Path | None = None) -> Path:
+          save_at: tuple = (), on_checkpoint=None, generator_init: str | Path | None = None,
+          ablation: CSDAblation | None = None) -> Path:
     """Stage 2 end to end from a finished stage-1 run; returns ``RUN/final`` (the EMA generator).
 
     ``generator_init``: a map-fit run (``onestep dd2 fit-map``, the map-start recipe of
     :mod:`onestep.dd2.mapstart`) whose generator replaces stage 1's as CSD's starting point; psi still starts
     from stage 1. Its parameterisation (``generator_t``) is the map fit's.
+
+    ``ablation``: a variant of CSD that a benchmark measures (:class:`~onestep.dd2.csd.CSDAblation`; None = the
+    paper's loss), recorded in the run's config when it is not the default.
 
     ``save_at``: extra checkpoint steps; ``on_checkpoint(step)`` is called after each checkpoint (the pipeline
     branches the alignment run off the plain run's checkpoint at ``align_at`` this way)."""
@@ -70,7 +74,7 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
             raise ValueError(f"the map fit reads the noise at generator_t {fitted.generator_t}, the CSD config at "
                              f"{cfg.generator_t}: pass --generator-t {fitted.generator_t}")
         generator = fitted.train()
-    dd2 = DD2(generator, guidance, teacher, sampling, cfg)  # applies cfg's head gain and generator_t
+    dd2 = DD2(generator, guidance, teacher, sampling, cfg, ablation)  # applies the head gain and generator_t
     model_cfg = {**tune_cfg["model"], "head": generator.head.config(), "generator_t": cfg.generator_t,
                  "noise_stream": generator.noise_stream is not None}
     config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg, "sampling": tune_cfg["sampling"],
@@ -78,6 +82,8 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
               "model": model_cfg, "recipe": "gts" if generator_init is None else "map"}
     if generator_init is not None:
         config["generator_init"] = ref_to(generator_init, run_dir)
+    if dd2.ablation.changes():
+        config["ablation"] = dd2.ablation.changes()
     # psi keeps stage 1's parameterisation (the head gain and generator_t are the generator's): its checkpoint
     # directories record its own head, so that they load as what they hold
     guidance_config = {**config, "model": {**tune_cfg["model"], "head": guidance.head.config()},

@@ -16,7 +16,7 @@ evaluation is cached in ``ROOT/evals/<method>.json``; delete one to re-evaluate 
 
 The package: :mod:`~onestep.pipeline.config` (PipelineConfig, the presets, each stage's training config),
 :mod:`~onestep.pipeline.run` (the Pipeline: stages, the run, the two-worker schedule), :mod:`~onestep.pipeline.rows`
-(samplers, evaluation rows, speed, PPL, the side-by-side grid), :mod:`~onestep.pipeline.tables` (cost, goals,
+(samplers, evaluation rows, speed, PPL, the side-by-side grid), :mod:`~onestep.pipeline.tables` (cost,
 metrics.json, paper-table.md, publishing).
 """
 from onestep.pipeline.config import PIPELINE_PRESETS, PipelineConfig, stage_config

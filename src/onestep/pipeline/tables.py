@@ -1,5 +1,6 @@
-"""The tables of a pipeline: its rows with their speed, the training cost (Table 3), the goals, and the papers'
-tables written as ``paper-table.md`` (and, with ``publish``, into benchmarks/results)."""
+"""The tables of a pipeline: its rows with their speed, the training cost (Table 3), and the papers' tables written
+as ``paper-table.md`` (and, with ``publish``, into benchmarks/results). The papers' claims checked on them and the
+CSD-initialisation table are benchmarks (``benchmarks/paper_goals.py``)."""
 from __future__ import annotations
 
 import json
@@ -46,29 +47,9 @@ def cost(runs: dict[str, Path]) -> dict:
     return c
 
 
-def goals(by: dict[str, dict], cost: dict) -> dict:
-    """The papers' claims checked on the rows (by method) and the cost: each goal's figures and whether it holds."""
-    out = {}
-    t, d1, d2 = by.get("teacher"), by.get("dd1-1step"), by.get("dd2-1step")
-    if t and d1 and d2:
-        gap1, gap2 = d1["fid_classifier"] - t["fid_classifier"], d2["fid_classifier"] - t["fid_classifier"]
-        out["dd2_gap_le_third_of_dd1_gap"] = {"dd1_gap": gap1, "dd2_gap": gap2, "ratio": gap2 / gap1 if gap1 else None,
-                                              "holds": bool(gap2 <= gap1 / 3)}
-        if d2.get("speedup_b1") is not None:
-            out["speedup_b1_ge_20x"] = {"speedup_b1": d2["speedup_b1"], "holds": bool(d2["speedup_b1"] >= 20)}
-    if by.get("dd2-3step") and by.get("dd1-2step"):
-        out["dd2_3step_beats_dd1_2step"] = {"dd2_3step": by["dd2-3step"]["fid_classifier"],
-                                            "dd1_2step": by["dd1-2step"]["fid_classifier"],
-                                            "holds": bool(by["dd2-3step"]["fid_classifier"] < by["dd1-2step"]["fid_classifier"])}
-    if cost.get("dd2_total_s") is not None and cost.get("dd1_total_s") is not None:
-        out["dd2_train_time_le_dd1"] = {"dd2_total_s": cost["dd2_total_s"], "dd1_total_s": cost["dd1_total_s"],
-                                        "holds": bool(cost["dd2_total_s"] <= cost["dd1_total_s"])}
-    return out
-
-
 def tables(rows: list[dict], speed: dict, ppl: dict | None, cost: dict, floor: dict, cfg, command: str) -> dict:
     """metrics.json of a pipeline (``cfg``, run by ``command``): the quality rows with their speed columns, the data
-    floor, the cost, the PPL, the goals, and what the figures were measured with."""
+    floor, the cost, the PPL, and what the figures were measured with."""
     from onestep.eval.speed import git_commit, machine_info
 
     sp = {r["method"]: r for r in speed.get("rows", [])}
@@ -78,11 +59,7 @@ def tables(rows: list[dict], speed: dict, ppl: dict | None, cost: dict, floor: d
         r = {"fid_inception": None, **r}
         r.update({k: sp.get(r["method"], {}).get(k) for k in keys})
         full.append(r)
-    abl = results_dir() / "dd2-init-ablation.json"  # Table 4 runs on the tabular teacher (benchmarks/dd2_init_ablation.py)
-    init_ablation = json.loads(abl.read_text()) if abl.exists() else None
     return {"rows": full, "data_floor_fid": floor, "cost": cost, "ppl": ppl,
-            "goals": goals({r["method"]: r for r in full}, cost),
-            "init_ablation": init_ablation,
             "sampling": cfg.sampling().to_dict(), "pipeline": cfg.to_dict(),
             "command": command,
             "commit": git_commit(), "machine": machine_info(), "speed_protocol": {k: v for k, v in speed.items() if k != "rows"}}
@@ -94,7 +71,7 @@ TABLE1 = ["method", "steps", "params", "fid_classifier", "fid_classifier_10000",
 
 
 def write_tables_md(path: Path, table: dict) -> Path:
-    """Tables 1-3 and 5 of the DD2 paper, at this scale, as markdown."""
+    """Tables 1-3 and 5 of the DD2 paper, at this scale, as markdown (Table 4: ``benchmarks/paper_goals.py``)."""
     from onestep.eval.report import markdown_table
 
     rows = table["rows"]
@@ -113,15 +90,6 @@ def write_tables_md(path: Path, table: dict) -> Path:
         md += ["", "## Table 5: perceptual path length (lower = smoother)", "", "| generator | PPL |", "|---|---|"]
         md += [f"| {k} | {v:.4g} |" for k, v in table["ppl"].items() if k.startswith("dd") and isinstance(v, float)]
         md += ["", table["ppl"].get("note", "")]
-    if table.get("init_ablation"):
-        md += ["", "## Table 4: CSD's initialisation (tiny scale: the tabular teacher, TV to its exact joint)", "",
-               f"`{table['init_ablation']['command']}`", "", "| stage-1 init | DD2 raw | DD2 EMA | init as a one-step generator |",
-               "|---|---|---|---|"]
-        md += [f"| {r['init']} | {r['tv_dd2']:.4f} | {r['tv_dd2_ema']:.4f} | {r['tv_init']:.4f} |"
-               for r in table["init_ablation"]["rows"]]
-    md += ["", "## Goals", "", "| goal | holds | figures |", "|---|---|---|"]
-    md += [f"| {k} | {'yes' if v['holds'] else 'no'} | {json.dumps({a: b for a, b in v.items() if a != 'holds'})} |"
-           for k, v in table["goals"].items()]
     path.write_text("\n".join(md) + "\n")
     return path
 

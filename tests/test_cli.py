@@ -484,9 +484,11 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     assert not mcfg["model"]["noise_stream"] and "ablation" not in mcfg
     logs = [json.loads(x) for x in (tiny_runs / "dd2-map" / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 3 and "csd" not in logs[0] and "csd" in logs[1]  # one guidance-only step, then CSD
-    for run in ("map", "dd2-map"):
-        main(["sample", "--method", "dd2", "--run", str(tiny_runs / run), "-n", "2", "--out", str(tiny_runs / f"{run}-s")])
+    for run in ("map", "dd2-map"):  # without --method: the run's recorded kind (a dd2-generator run samples as dd2)
+        main(["sample", "--run", str(tiny_runs / run), "-n", "2", "--out", str(tiny_runs / f"{run}-s")])
         assert (tiny_runs / f"{run}-s" / "dd2-1step.npz").exists()
+    main(["sample", "--run", str(tiny_runs / "teacher"), "-n", "2", "--out", str(tiny_runs / "teacher-s")])
+    assert (tiny_runs / "teacher-s" / "teacher.npz").exists()
 
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from onestep.argtypes import nonneg_int, positive_int
-from onestep.cli.flags import add_common, add_data, add_method, add_sampling
+from onestep.cli.flags import add_common, add_data, add_method, run_method, add_sampling
 
 
 def cmd_eval(args) -> None:
@@ -32,7 +32,7 @@ def cmd_eval(args) -> None:
     else:
         from onestep.samplers import build_sampler
 
-        sampler = build_sampler(args.method, args.run, device=args.device, args=args)
+        sampler = build_sampler(run_method(args), args.run, device=args.device, args=args)
         data, data_root = stage_data(args.data, args.data_root, recorded_data(args.run))
         train = load_dataset(data, "train", root=data_root)
         shape, what, names = tokenizer_image_shape(sampler.tokenizer), f"the run {args.run}", class_names(args.run)

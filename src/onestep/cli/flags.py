@@ -15,8 +15,8 @@ from dataclasses import replace
 
 from onestep.argtypes import conti_from, device, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
 
-__all__ = ["add_device", "add_common", "add_data", "add_preset", "add_method", "add_sampling", "override", "given",
-           "DATA_SETS", "PRESETS"]
+__all__ = ["add_device", "add_common", "add_data", "add_preset", "add_method", "run_method", "add_sampling", "override",
+           "given", "DATA_SETS", "PRESETS"]
 
 DATA_SETS = ["fashion-mnist", "mnist", "folder"]
 
@@ -63,8 +63,8 @@ def add_preset(p: argparse.ArgumentParser, names, default: str, what: str) -> No
 def add_method(p: argparse.ArgumentParser) -> None:
     """Which sampler a run directory gives (``onestep sample`` and ``onestep eval``). ``--sampling-steps`` is stored
     as ``args.steps`` (what :func:`onestep.samplers.build_sampler` reads); ``--steps`` is a training command's."""
-    p.add_argument("--method", default="teacher", choices=["teacher", "teacher-nocache", "dd1", "dd2"],
-                   help="teacher (KV cache), teacher-nocache, dd1 or dd2 (default: teacher)")
+    p.add_argument("--method", default=None, choices=["teacher", "teacher-nocache", "dd1", "dd2"],
+                   help="teacher (KV cache), teacher-nocache, dd1 or dd2 (default: the run's recorded kind)")
     p.add_argument("--sampling-steps", dest="steps", type=positive_int, default=1, metavar="K",
                    help="dd1 / dd2: number of sampling steps (dd2: 1 step + the teacher re-samples the last k-1 AR "
                         "steps, paper Alg. 4; dd1: 1 = one step, 2 = two-step, K >= 3 = teacher-involved with K "
@@ -76,6 +76,13 @@ def add_method(p: argparse.ArgumentParser) -> None:
                         "position S and the continuous head's tokens from S on, decoded as vectors (default: the "
                         "run's recorded rule, 80 for an imported LlamaGen-DD; trained runs: argmax codes everywhere; "
                         "-1 = argmax codes everywhere)")
+
+
+def run_method(args: argparse.Namespace) -> str:
+    """``--method``, or the method the run's recorded kind samples with (``onestep.api.run_kind``)."""
+    from onestep.api import run_kind
+
+    return args.method or run_kind(args.run)
 
 
 def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = 2.0) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from onestep.argtypes import check_labels, label_list, nonneg_int, positive_int
-from onestep.cli.flags import add_common, add_method, add_sampling
+from onestep.cli.flags import add_common, add_method, run_method, add_sampling
 
 NPZ_FORMATS = ("onestep", "adm")  # onestep.eval.evaluate.NPZ_FORMATS (that module imports torch)
 
@@ -18,7 +18,7 @@ def cmd_sample(args) -> None:
     from onestep.samplers import build_sampler, class_labels, generate
 
     device = resolve_device(args.device)
-    sampler = build_sampler(args.method, args.run, device=device, args=args)
+    sampler = build_sampler(run_method(args), args.run, device=device, args=args)
     if args.labels:
         check_labels(args.labels, sampler.info["num_classes"])
         labels = torch.tensor(args.labels, device=device)

@@ -378,6 +378,19 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     tcfg = json.loads((tiny_runs / "tune" / "final" / "config.json").read_text())
     assert tcfg["kind"] == "dd2-ardiffusion" and tcfg["sampling"]["top_k"] == 8 and tcfg["sampling"]["cfg_scale"] == 2.0
     assert (tiny_runs / "tune" / "pool.npz").exists() and "wall_time_s" in tcfg["metrics"]
+    assert "ablation" not in tcfg
+    # the paper's stage-1 ablation (the Monte-Carlo DSM target) through the library, recorded as such
+    from dataclasses import replace
+
+    from onestep.dd2.tune import TUNE_PRESETS, tune
+    from onestep.teacher.sampling import SamplingConfig
+
+    tune(tiny_runs / "tune-dsm", adapt, replace(TUNE_PRESETS["tiny"], steps=2, head_only_steps=0, n_pool=8),
+         SamplingConfig(top_k=8), loss="dsm")
+    dsm_cfg = json.loads((tiny_runs / "tune-dsm" / "final" / "config.json").read_text())
+    assert dsm_cfg["ablation"] == {"loss": "dsm"}
+    dsm_logs = [json.loads(x) for x in (tiny_runs / "tune-dsm" / "log.jsonl").read_text().splitlines()]
+    assert dsm_logs and all("dsm" in r and "gts" not in r for r in dsm_logs)
     main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2"),
           "--align-at", "1", "--align-steps", "1"])
     d = tiny_runs / "dd2"

@@ -173,17 +173,26 @@ def _section_dict(cfg) -> dict:
 
 _VOLATILE = {"device", "command", "started"}
 _ABSENT = object()
+# fields that left a config section for an ablation config (dd2.csd.CSDAblation, dd2.mapstart.MapFitAblation,
+# dd2.tune.tune's loss), with the value that is the method's: a run that recorded that value resumes without them
+RETIRED_DEFAULTS = {"csd.m_noise_gen": 1, "csd.alpha": 1.0, "csd.loss_form": "sid", "csd.t_min": 0.02,
+                    "csd.t_max": 0.98, "csd.dsm_t_min": 1e-3, "csd.dsm_t_max": 1.0, "csd.generator_head_gain": None,
+                    "csd.guidance_residual": False, "map_fit.cells_temperature": 0.0, "map_fit.noise_stream": False,
+                    "tune.loss": "gts"}
 
 
 def _diff_leaves(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[tuple]:
     """Every leaf where two JSON configs differ, as ``(dotted path, old, new)`` (``_ABSENT`` for a missing key). A
-    leaf absent from ``old`` whose new value equals its entry in ``defaults`` (same nesting) is not a difference."""
+    leaf absent from ``old`` whose new value equals its entry in ``defaults`` (same nesting) is not a difference, nor
+    is a retired leaf (``RETIRED_DEFAULTS``) absent from ``new`` whose old value is the method's."""
     out, defaults = [], defaults or {}
     for k in sorted(set(old) | set(new)):
         a, b, d = old.get(k, _ABSENT), new.get(k, _ABSENT), defaults.get(k, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _diff_leaves(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None)
         elif a is _ABSENT and b == d:
+            continue
+        elif b is _ABSENT and f"{prefix}{k}" in RETIRED_DEFAULTS and a == RETIRED_DEFAULTS[f"{prefix}{k}"]:
             continue
         elif a != b:
             out.append((f"{prefix}{k}", a, b))

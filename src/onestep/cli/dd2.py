@@ -35,7 +35,7 @@ def cmd_tune(args) -> None:
     from onestep.samplers import sampling_config_from_args
 
     cfg = override(TUNE_PRESETS[args.preset], **given(args, "steps", "head_only_steps", "batch_size", "lr", "head_lr",
-                                                       "loss", "n_pool", "seed"))
+                                                       "n_pool", "seed"))
     info = setup(args.device)
     final = tune(args.run_dir, args.teacher, cfg, sampling_config_from_args(args), info)
     if info.is_main:
@@ -95,8 +95,7 @@ def register(sub) -> None:
 
     t = s.add_parser("tune", help="stage 1: AR-diffusion tuning with the GTS loss on teacher samples",
                      description="Stage 1: the continuous-input teacher's backbone + a MAR-style MLP velocity head, "
-                                 "trained on teacher-sampled sequences with the Ground Truth Score loss (or the "
-                                 "ordinary diffusion loss, --loss dsm, the paper's ablation).")
+                                 "trained on teacher-sampled sequences with the Ground Truth Score loss.")
     t.add_argument("--teacher", required=True, help="continuous-input teacher run (onestep dd2 adapt)")
     t.add_argument("--run-dir", default="runs/dd2-tune",
                    help="the run directory to write (re-running the same command resumes it)")
@@ -107,7 +106,6 @@ def register(sub) -> None:
     t.add_argument("--lr", type=positive_float, default=None, help="backbone learning rate (default: the preset's)")
     t.add_argument("--head-lr", type=positive_float, default=None,
                    help="velocity head's learning rate (default: the preset's)")
-    t.add_argument("--loss", choices=["gts", "dsm"], default=None, help="gts (default) or dsm (ablation)")
     t.add_argument("--n-pool", type=positive_int, default=None, help="number of teacher-sampled training sequences")
     add_sampling(t)
     add_common(t, seed=None)

@@ -4,9 +4,9 @@ The AR-diffusion model is the stage-0 (continuous-input) teacher's causal backbo
 velocity head (:class:`~onestep.dd2.model.ARDiffusion`). It is trained on sequences sampled from the
 teacher with the SAME sampling rule as evaluation (CFG, temperature, top-k, top-p) with
 
-- ``loss="gts"`` (default): the Ground Truth Score loss, regressing the head onto the teacher's
-  closed-form velocity given the clean prefix (flow.py), or
-- ``loss="dsm"``: the ordinary diffusion loss with the Monte-Carlo target (the paper's ablation).
+- the Ground Truth Score loss, regressing the head onto the teacher's closed-form velocity given the clean prefix
+  (flow.py), or, as the paper's ablation (``tune(..., loss="dsm")``, library only),
+- the ordinary diffusion loss with the Monte-Carlo target.
 
 An optional head-only phase (``head_only_steps``, VAR's recipe) trains the head on frozen backbone
 features before all parameters train. The teacher-sampled sequences are drawn once (``n_pool``
@@ -42,7 +42,6 @@ class TuneConfig:
     batch_size: int = 32
     lr: float = 1e-4             # backbone learning rate
     head_lr: float = 1e-3        # head learning rate
-    loss: str = "gts"            # "gts" (paper) or "dsm" (ablation: Monte-Carlo target eps - x0)
     m_noise: int = 4             # noise draws per sequence (backbone once, head m times)
     t_min: float = 1e-3
     head_width: int = 256
@@ -56,8 +55,6 @@ class TuneConfig:
     ckpt_every: int = 100
 
     def __post_init__(self):
-        if self.loss not in ("gts", "dsm"):
-            raise ValueError(f"loss must be 'gts' or 'dsm', got {self.loss!r}")
         if not 0 <= self.head_only_steps <= self.steps:
             raise ValueError("head_only_steps must lie in [0, steps]")
 
@@ -132,18 +129,21 @@ def teacher_pool(path: Path, teacher, n: int, num_classes: int, sampling: Sampli
 class TuneObjective(torch.nn.Module):
     """forward(ids, labels, head_only, generator) -> (loss, logs): one stage-1 loss evaluation (DDP-wrappable).
 
-    In the head-only phase the backbone features are detached, so the backbone gets no gradient."""
+    In the head-only phase the backbone features are detached, so the backbone gets no gradient. ``loss``: "gts" (the
+    paper's) or "dsm" (its ablation: the Monte-Carlo target eps - x0)."""
 
-    def __init__(self, model: ARDiffusion, teacher, sampling: SamplingConfig, cfg: TuneConfig):
+    def __init__(self, model: ARDiffusion, teacher, sampling: SamplingConfig, cfg: TuneConfig, loss: str = "gts"):
         super().__init__()
-        self.model, self.cfg, self.sampling = model, cfg, sampling
+        if loss not in ("gts", "dsm"):
+            raise ValueError(f"loss must be 'gts' or 'dsm', got {loss!r}")
+        self.model, self.cfg, self.sampling, self.loss = model, cfg, sampling, loss
         self.teacher = [teacher]  # a list: not a submodule, so DDP does not see the frozen teacher
 
     def forward(self, ids: Tensor, labels: Tensor, head_only: bool, generator: torch.Generator | None):
         teacher, cfg = self.teacher[0], self.cfg
         cb = teacher.codebook()
         q = cb[ids]
-        if cfg.loss == "gts":
+        if self.loss == "gts":
             with torch.no_grad():
                 log_p = teacher_log_probs(teacher, q, labels, self.sampling)
             return gts_loss(self.model, q, labels, log_p, cb, cfg.m_noise, generator, cfg.t_min, not head_only)
@@ -152,8 +152,10 @@ class TuneObjective(torch.nn.Module):
 
 # ---- stage 1 -----------------------------------------------------------------------------------------
 def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling: SamplingConfig,
-         info: DistInfo | None = None) -> Path:
-    """Stage 1 end to end: pool of teacher samples, GTS (or DSM) training, ``final/`` + ``metrics.json``."""
+         info: DistInfo | None = None, loss: str = "gts") -> Path:
+    """Stage 1 end to end: pool of teacher samples, GTS training, ``final/`` + ``metrics.json``.
+
+    ``loss="dsm"`` is the paper's ablation (Table 4), recorded in the run's config as ``ablation``."""
     from onestep.families import family_of
     from onestep.runs import load_teacher, ref_to
 
@@ -166,12 +168,14 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
     model = build_ardiffusion(teacher, cfg)
     config = {"kind": "dd2-ardiffusion", "stage": "dd2-tune", "tune": cfg, "sampling": sampling,
               "teacher_dir": ref_to(teacher_dir, run_dir), "model": ardiffusion_config(tconf, model.head)}
+    if loss != "gts":
+        config["ablation"] = {"loss": loss}
     run_dir = prepare_run_dir(run_dir, config, info)
     t0, c0 = time.time(), time.process_time()
     ids, labels = teacher_pool(Path(run_dir) / "pool.npz", teacher, cfg.n_pool, teacher.num_classes, sampling, cfg.seed)
     if info.is_main:
         add_run_time(run_dir, t0, c0, phase="pool")
-    objective = TuneObjective(model, teacher, sampling, cfg)
+    objective = TuneObjective(model, teacher, sampling, cfg, loss)
     opt = make_optimizer(torch.optim.AdamW, [{"params": list(model.backbone.parameters())}, {"params": list(model.head.parameters())}],
                             betas=(0.9, 0.95), weight_decay=0.0)
     wrapped = wrap_ddp(objective, info, find_unused_parameters=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from onestep.argtypes import positive_float, positive_int
-from onestep.cli.flags import PRESETS, add_common, add_preset, add_sampling, given, override
+from onestep.cli.flags import PRESETS, add_common, add_preset, add_run_dir, add_sampling, given, override
 
 __all__ = ["register"]
 
@@ -97,8 +97,7 @@ def register(sub) -> None:
                                  "accuracy, wall times of pairs and training).")
     t.add_argument("--pairs", required=True, help="pairs directory (onestep dd1 pairs --out)")
     t.add_argument("--teacher", required=True, help="the teacher run the pairs were made with")
-    t.add_argument("--run-dir", default="runs/dd1",
-                   help="the run directory to write (re-running the same command resumes it)")
+    add_run_dir(t, "runs/dd1")
     add_preset(t, PRESETS["dd1"], "small", "DD1")
     t.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
     t.add_argument("--batch-size", type=positive_int, default=None, help="pairs per step (default: the preset's)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from onestep.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
-from onestep.cli.flags import DATA_SETS, PRESETS, add_common, add_preset, add_sampling, given, override
+from onestep.cli.flags import DATA_SETS, PRESETS, add_common, add_preset, add_run_dir, add_sampling, given, override
 
 
 def cmd_adapt(args) -> None:
@@ -80,8 +80,7 @@ def register(sub) -> None:
                      description="Stage 0: fit an MLP on the code vectors to the token embedding table, then fine-tune "
                                  "the teacher with its AR loss; reports held-out NLL before and after.")
     a.add_argument("--teacher", required=True, help="teacher run directory")
-    a.add_argument("--run-dir", default="runs/dd2-adapt",
-                   help="the run directory to write (re-running the same command resumes it)")
+    add_run_dir(a, "runs/dd2-adapt")
     add_preset(a, PRESETS["dd2 adapt"], "small", "stage-0")
     a.add_argument("--steps", type=positive_int, default=None, help="fine-tuning steps (default: the preset's)")
     a.add_argument("--fit-steps", type=positive_int, default=None, help="MLP regression steps (default: the preset's)")
@@ -97,8 +96,7 @@ def register(sub) -> None:
                      description="Stage 1: the continuous-input teacher's backbone + a MAR-style MLP velocity head, "
                                  "trained on teacher-sampled sequences with the Ground Truth Score loss.")
     t.add_argument("--teacher", required=True, help="continuous-input teacher run (onestep dd2 adapt)")
-    t.add_argument("--run-dir", default="runs/dd2-tune",
-                   help="the run directory to write (re-running the same command resumes it)")
+    add_run_dir(t, "runs/dd2-tune")
     add_preset(t, PRESETS["dd2 tune"], "small", "stage-1")
     t.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
     t.add_argument("--head-only-steps", type=nonneg_int, default=None, help="first steps train the head only (0 = off)")
@@ -116,8 +114,7 @@ def register(sub) -> None:
                                  "guidance (DSM) updates per generator (SiD-form CSD) update; EMA generator; optional "
                                  "performance alignment (--align-at, --align-steps).")
     r.add_argument("--tune", required=True, help="stage-1 run (onestep dd2 tune)")
-    r.add_argument("--run-dir", default="runs/dd2",
-                   help="the run directory to write (re-running the same command resumes it)")
+    add_run_dir(r, "runs/dd2")
     add_preset(r, PRESETS["dd2 train"], "small", "stage-2")
     r.add_argument("--steps", type=positive_int, default=None, help="generator updates")
     r.add_argument("--batch-size", type=positive_int, default=None,
@@ -159,8 +156,7 @@ def register(sub) -> None:
                                  "`onestep dd2 train --generator-init RUN` refines it by CSD.")
     m.add_argument("--tune", required=True, help="stage-1 run (onestep dd2 tune)")
     m.add_argument("--pairs", required=True, help="DD1 pairs directory (onestep dd1 pairs)")
-    m.add_argument("--run-dir", default="runs/dd2-map",
-                   help="the run directory to write (re-running the same command resumes it)")
+    add_run_dir(m, "runs/dd2-map")
     add_preset(m, PRESETS["dd2 fit-map"], "small", "map-fit")
     m.add_argument("--steps", type=positive_int, default=None, help="regression steps (default: the preset's)")
     m.add_argument("--batch-size", type=positive_int, default=None, help="pairs per step (default: the preset's)")

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 from onestep.argtypes import conti_from, device, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
 
-__all__ = ["add_device", "add_common", "add_data", "add_preset", "add_method", "run_method", "add_sampling", "override",
-           "given", "DATA_SETS", "PRESETS"]
+__all__ = ["add_device", "add_common", "add_data", "add_run_dir", "add_preset", "add_method", "run_method",
+           "add_sampling", "override", "given", "DATA_SETS", "PRESETS"]
 
 DATA_SETS = ["fashion-mnist", "mnist", "folder"]
 
@@ -53,6 +53,12 @@ def add_data(p: argparse.ArgumentParser, recorded: str | None = None) -> None:
     p.add_argument("--data", default=None if recorded else "fashion-mnist",
                    choices=DATA_SETS, help=f"data set (default: {default})")
     p.add_argument("--data-root", default=None, help="override the data location (required for --data folder)")
+
+
+def add_run_dir(p: argparse.ArgumentParser, default: str) -> None:
+    """``--run-dir``: the run directory a training command writes and resumes."""
+    p.add_argument("--run-dir", default=default,
+                   help="the run directory to write (re-running the same command resumes it)")
 
 
 def add_preset(p: argparse.ArgumentParser, names, default: str, what: str) -> None:

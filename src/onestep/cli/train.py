@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from onestep.argtypes import positive_float, positive_int
-from onestep.cli.flags import PRESETS, add_common, add_data, add_preset, override
+from onestep.cli.flags import PRESETS, add_common, add_data, add_preset, add_run_dir, override
 
 
 def cmd_train_tokenizer(args) -> None:
@@ -36,8 +36,7 @@ def register(sub) -> None:
                        description="Train a VQ tokenizer on a data set; reports test PSNR and codebook usage.")
     add_data(p)
     add_preset(p, PRESETS["train-tokenizer"], "default", "tokenizer")
-    p.add_argument("--run-dir", default="runs/tokenizer",
-                   help="the run directory to write (re-running the same command resumes it)")
+    add_run_dir(p, "runs/tokenizer")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default: the preset's)")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
@@ -49,8 +48,7 @@ def register(sub) -> None:
     add_data(p, recorded="the data set and data root the tokenizer run records")
     p.add_argument("--tokenizer", required=True, help="tokenizer run directory")
     add_preset(p, PRESETS["train-teacher"], "small", "teacher training")
-    p.add_argument("--run-dir", default="runs/teacher",
-                   help="the run directory to write (re-running the same command resumes it)")
+    add_run_dir(p, "runs/teacher")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default: the preset's)")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")

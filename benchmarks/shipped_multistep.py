@@ -1,0 +1,86 @@
+"""The shipped models in one and several steps, under the headline protocol: classifier FID on 10,000 samples and the
+Inception FID on the first 2,000 of them.
+
+    OMP_NUM_THREADS=2 python benchmarks/shipped_multistep.py             # resumes: one JSON file per row
+
+Rows: the teacher (49 AR steps), DD1 in 1 and 2 steps, DD2 in 1 and 3 steps (paper Alg. 4: the one-step sample, then the
+teacher re-samples its last 2 AR steps), all from ``assets/fashion-mnist``, the same balanced labels and seed. Each
+row is one ``onestep.load(...)`` generator; its evaluation goes to benchmarks/results/shipped-multistep/<row>.json
+and the table to benchmarks/results/shipped-multistep.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import provenance  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROWS = [("teacher", "teacher", 1), ("dd1-1step", "dd1", 1), ("dd1-2step", "dd1", 2), ("dd2-1step", "dd2", 1),
+        ("dd2-3step", "dd2", 3)]
+KEYS = ("fid_classifier", "fid_inception", "inception_score", "precision", "recall", "class_accuracy")
+
+
+def main(argv=None) -> dict:
+    import torch
+
+    import onestep
+    from onestep.eval.evaluate import Evaluator
+    from onestep.paths import assets_dir
+    from onestep.samplers import class_labels
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", type=int, default=10000, help="samples per row (classifier FID)")
+    p.add_argument("--n-inception", type=int, default=2000, help="of which scored by Inception-v3")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS / "shipped-multistep"), help="output path without extension")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = assets_dir() / "fashion-mnist"
+    ev = Evaluator()
+    rows = []
+    for name, kind, steps in ROWS:
+        path = out / f"{name}.json"
+        if not path.exists():
+            gen = onestep.load(root / kind)
+            labels = class_labels(a.n, gen.num_classes)
+            t0 = time.time()
+            images = gen.sample(labels, steps=steps, seed=a.seed, batch_size=250)
+            sample_s = time.time() - t0
+            res = ev.evaluate(images, labels, n_inception=a.n_inception)
+            res.update(row=name, run=f"assets/fashion-mnist/{kind}", steps=steps, sample_s=round(sample_s, 1),
+                       **provenance())
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(res, indent=2) + "\n")
+            tmp.replace(path)
+            print(name, {k: res.get(k) for k in KEYS}, flush=True)
+        row = json.loads(path.read_text())
+        gen = onestep.load(root / kind)
+        row["network_calls"] = gen._sampler(gen._resolve(gen.spec, {"steps": steps})).steps  # the teacher: its AR steps
+        rows.append(row)
+    floor = ev.data_floor(n_inception=a.n_inception, n_test=a.n)
+    res = {**provenance(), "n": a.n, "n_inception": a.n_inception, "seed": a.seed, "data_floor": floor,
+           "rows": [{"row": r["row"], "steps": r["network_calls"], **{k: r.get(k) for k in KEYS}, "commit": r["commit"]}
+                    for r in rows]}
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    md = ["# The shipped models in one and several steps", "", f"- command: `{res['command']}`",
+          f"- commit: `{res['commit']}`", f"- machine: {json.dumps(res['machine'])}",
+          f"- protocol: classifier FID, IS, precision / recall (classifier features) on {a.n} samples; Inception FID "
+          f"on the first {a.n_inception}; balanced labels, seed {a.seed}",
+          f"- data floor (test split against the train reference, same sizes): classifier FID "
+          f"{fmt(floor.get('fid_classifier'))}, Inception FID {fmt(floor.get('fid_inception'))}", "",
+          "| row | steps | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
+    md += [f"| {r['row']} | {r['steps']} | " + " | ".join(fmt(r.get(k)) for k in KEYS) + " |" for r in res["rows"]]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -63,8 +63,8 @@ def main(argv=None) -> dict:
     teacher, _, tokenizer = load_teacher(a.teacher, a.device)
     rule = {k: getattr(dd2.spec, k) for k in RULE_FIELDS}  # the rule DD2 was distilled under (CFG) for the teacher row
     t_sampler = teacher_sampler(teacher, tokenizer, SamplingConfig(**rule))
-    s1 = dd1._sampler(dd1.spec)
-    s2 = dd2._sampler(dd2.spec)
+    s1 = dd1.sampler()
+    s2 = dd2.sampler()
     g = torch.Generator(device=a.device).manual_seed(0)
     labels = lambda b: torch.arange(b, device=a.device) % teacher.num_classes  # noqa: E731
     bound = bound_sampler(teacher, tokenizer, a.device)

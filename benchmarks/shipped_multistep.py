@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
             print(name, {k: res.get(k) for k in KEYS}, flush=True)
         row = json.loads(path.read_text())
         gen = onestep.load(root / kind)
-        row["network_calls"] = gen._sampler(gen._resolve(gen.spec, {"steps": steps})).steps  # the teacher: its AR steps
+        row["network_calls"] = gen.sampler(steps=steps).steps  # the teacher: its AR steps
         rows.append(row)
     floor = ev.data_floor(n_inception=a.n_inception, n_test=a.n)
     res = {**provenance(), "n": a.n, "n_inception": a.n_inception, "seed": a.seed, "data_floor": floor,

@@ -140,6 +140,12 @@ class Generator:
                 raise ValueError(str(e)) from None
         return self._samplers[spec]
 
+    def sampler(self, **settings):
+        """The :class:`~onestep.samplers.Sampler` behind :meth:`sample` for the default spec with ``settings`` (any
+        :class:`SampleSpec` field but ``method``) applied: its ``steps`` (sequential network calls), ``params`` and
+        ``images(labels, generator)``, for timing and evaluation harnesses."""
+        return self._sampler(self._resolve(self.spec, settings))
+
     def labels_tensor(self, labels):
         """``labels`` (a list of ints or an integer tensor) as a 1-D LongTensor on the device; ValueError when one is
         not a class of the run."""

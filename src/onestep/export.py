@@ -237,7 +237,7 @@ def run_card(run_dir: Path, method: str, components: dict, gen) -> dict:
     was trained from), and what was measured on the run."""
     from onestep.runs import final_dir, resolve_ref
 
-    sampler = gen._sampler(gen.spec)
+    sampler = gen.sampler()
     final_cfg = components["final"]["config"]
     metrics = final_cfg.get("metrics")
     if metrics is None and (run_dir / "metrics.json").exists():

@@ -89,7 +89,7 @@ def test_teacher_sampling_settings_reach_the_sampler(runs):
     assert not torch.equal(a, gen.sample(labels, seed=0, cfg_scale=100.0))  # (a 2-step teacher's guidance is weak)
     gen.sample(labels[:1], seed=0, cfg_scale=3.0, top_k=5)
     assert {"cfg_scale": 3.0, "top_k": 5}.items() <= gen.sampler(cfg_scale=3.0, top_k=5).info["sampling"].items()
-    assert gen.sampler().steps == gen.sampler(steps=3).steps == 2  # the teacher's AR steps, whatever steps says
+    assert gen.sampler().steps == gen.sampler(steps=3).steps == 49  # the teacher's 7 x 7 AR steps, whatever steps says
     assert torch.equal(a, gen.sample(labels, seed=0, cfg_scale=1.0))
     assert torch.equal(gen.sample(labels, seed=0), gen.sample(labels, seed=0, cfg_scale=2.0))  # the CLI's default
     nocache = onestep.load(runs / "teacher", method="teacher-nocache")

@@ -49,6 +49,10 @@ def points() -> list[dict]:
     for steps in (150, 300, 900):
         tr = cpu[f"dd1_train_{steps}"]
         add("dd1", f"DD1, {steps} steps", pairs + tr, fid(f"dd1-{steps}-steps.json"), f"pairs {pairs:.0f} + train {tr:.0f}")
+    if "dd1_train_900_lr1e-3" in cpu:  # DD1 at the LR that helps the DD2 map fit (1e-3, DD1's own is 3e-4)
+        tr = cpu["dd1_train_900_lr1e-3"]
+        add("dd1-lr1e-3", "DD1, 900 steps at LR 1e-3", pairs + tr, fid("dd1-900-steps-lr1e-3.json"),
+            f"pairs {pairs:.0f} + train {tr:.0f}")
     add("dd1 (bench)", "DD1, 900 steps (the bench's own run and pairs)", cost["dd1_pairs_cpu_s"] + cost["dd1_train_cpu_s"],
         {"fid_classifier": dd1_bench["fid_classifier"], "precision": dd1_bench["precision"],
          "recall": dd1_bench["recall"], "n": 2000},
@@ -73,6 +77,17 @@ def points() -> list[dict]:
                              ("map-fit-csd-450.json", "map_csd_450", "+ 50 guidance-only + 450 CSD steps")):
         if (D / name).exists() and key in cpu:
             add("map", f"DD2 map start {label}", m0 + cpu[key], fid(name), parts + f" + CSD {cpu[key]:.0f}")
+    if "map_fit_900_lr1e-3" in cpu:  # the same fit at the map-fit preset's LR (1e-3) instead of DD1's (3e-4)
+        m1 = pairs + cpu["demo_stage0_adapt_wall"] + cpu["demo_stage1_tune"] + cpu["map_fit_900_lr1e-3"]
+        parts1 = parts.replace(f"fit {cpu['map_fit_900']:.0f}", f"fit {cpu['map_fit_900_lr1e-3']:.0f}")
+        add("map-lr1e-3", "DD2 map start, fit at LR 1e-3: regression only", m1, fid("map-fit-lr1e-3.json"), parts1)
+        for recipe, name, key, label in (
+                ("map-lr1e-3", "map-fit-lr1e-3-csd-150.json", "map_lr1e-3_csd_150", "+ 50 guidance-only + 150 CSD steps"),
+                ("map-lr1e-3-csd-lr3e-5", "map-fit-lr1e-3-csd-150-lr3e-5.json", "map_lr1e-3_csd_150_lr3e-5",
+                 "+ 50 guidance-only + 150 CSD steps at LR 3e-5")):
+            if (D / name).exists() and key in cpu:
+                add(recipe, f"DD2 map start, fit at LR 1e-3 {label}", m1 + cpu[key], fid(name),
+                    parts1 + f" + CSD {cpu[key]:.0f}")
     if (D / "dd1-300-csd-st-60.json").exists():
         c = cpu["dd1_300_csd_st_60"]
         add("dd1-start", "DD1 (300 steps) + 20 guidance-only + 60 CSD steps, straight-through codes",
@@ -92,9 +107,12 @@ def plot(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.4))
     style = {"dd1": ("DD1", "tab:blue", "o"), "dd1 (bench)": ("DD1, the bench's run", "tab:cyan", "D"), "gts": ("DD2, paper recipe (stage 1 + CSD)", "tab:red", "s"),
              "map": ("DD2, map start (regression + CSD)", "tab:green", "^"),
+             "map-lr1e-3": ("DD2, map start, fit at LR 1e-3", "tab:olive", "v"),
+             "map-lr1e-3-csd-lr3e-5": ("the same, CSD at LR 3e-5", "tab:olive", "1"),
+             "dd1-lr1e-3": ("DD1 at LR 1e-3", "navy", "*"),
              "dd1-start": ("CSD from DD1's generator (straight-through)", "tab:purple", "x"),
              "dd1-start-soft": ("CSD from DD1's generator (soft codes)", "tab:brown", "+")}
     for recipe, (name, color, marker) in style.items():
@@ -108,7 +126,7 @@ def plot(rows: list[dict], out: Path) -> None:
     ax.set_xlabel("training CPU seconds (all stages, pairs included)")
     ax.set_ylabel("one-step classifier FID (2000 samples)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from onestep.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
-from onestep.cli.flags import DATA_SETS, PRESETS, add_common, add_preset, add_run_dir, add_sampling, given, override
+from onestep.cli.flags import PRESETS, add_common, add_data, add_preset, add_run_dir, add_sampling, given, override
 
 
 def cmd_adapt(args) -> None:
@@ -86,9 +86,7 @@ def register(sub) -> None:
     a.add_argument("--fit-steps", type=positive_int, default=None, help="MLP regression steps (default: the preset's)")
     a.add_argument("--batch-size", type=positive_int, default=None, help="sequences per step (default: the preset's)")
     a.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
-    a.add_argument("--data", default=None, choices=DATA_SETS,
-                   help="fine-tuning data (default: the teacher run's; needed for an imported teacher)")
-    a.add_argument("--data-root", default=None, help="data directory (folder: one sub-folder per class)")
+    add_data(a, recorded="the teacher run's; needed for an imported teacher")
     add_common(a, seed=None)
     a.set_defaults(func=cmd_adapt)
 

@@ -110,6 +110,11 @@ class CSDAblation:
         return {k: v for k, v in asdict(self).items() if v != getattr(CSDAblation, k)}
 
 
+# the fields that left CSDConfig for CSDAblation, at the method's values: a run that recorded them resumes
+# (trainer.prepare_run_dir's ``retired``)
+RETIRED_CSD_FIELDS = {f"csd.{k}": v for k, v in asdict(CSDAblation()).items()}
+
+
 class DD2(nn.Module):
     """Generator theta, guidance psi, frozen teacher; forward(labels, turn) -> (loss, logs).
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from onestep import checkpoint as ckpt
-from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule
+from onestep.dd2.csd import DD2, RETIRED_CSD_FIELDS, CSDAblation, CSDConfig, CSDSchedule
 from onestep.distributed import DistInfo, wrap_ddp
 from onestep.trainer import LoopConfig, TrainLoop, add_run_time, prepare_run_dir
 
@@ -88,7 +88,7 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     # directories record its own head, so that they load as what they hold
     guidance_config = {**config, "model": {**tune_cfg["model"], "head": guidance.head.config()},
                        "weights": "guidance network"}
-    run_dir = prepare_run_dir(run_dir, config, info)
+    run_dir = prepare_run_dir(run_dir, config, info, retired=RETIRED_CSD_FIELDS)
     generator.requires_grad_(True)
     guidance.requires_grad_(True)
     wrapped = wrap_ddp(dd2, info, find_unused_parameters=True)

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from onestep.teacher.base import ARTeacher, nearest_code
 from onestep.tokenizer.quant import (OFFICIAL_PATCH_NUMS, OFFICIAL_PHI_INDEX, MultiScaleQuantizer,  # noqa: F401
-                                   downsample, multiscale_inputs, phi_apply, phi_index_for, phi_params, to_grid,
-                                   upsample)
+                                   downsample, multiscale_inputs, phi_apply, phi_index_for, phi_params,
+                                   scale_steps, to_grid, upsample)
 
 @dataclass(frozen=True)
 class VARArgs:
@@ -83,11 +83,7 @@ class VARArgs:
         return round(self.embed_dim * self.mlp_ratio)
 
     def ar_steps(self) -> list[tuple[int, int]]:
-        out, a = [], 0
-        for p in self.patch_nums:
-            out.append((a, a + p * p))
-            a += p * p
-        return out
+        return scale_steps(self.patch_nums)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -62,15 +62,19 @@ class ScaleArgs:
         return self.patch_nums[-1]
 
     def ar_steps(self) -> list[tuple[int, int]]:
-        """(start, end) token positions of each scale, scales concatenated in order."""
-        out, a = [], 0
-        for p in self.patch_nums:
-            out.append((a, a + p * p))
-            a += p * p
-        return out
+        return scale_steps(self.patch_nums)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def scale_steps(patch_nums) -> list[tuple[int, int]]:
+    """(start, end) token positions of each scale, scales concatenated in order (VAR's AR steps)."""
+    out, a = [], 0
+    for p in patch_nums:
+        out.append((a, a + p * p))
+        a += p * p
+    return out
 
 
 def to_grid(codes_BNC: Tensor, pn: int) -> Tensor:

@@ -46,8 +46,8 @@ def main(argv=None) -> dict:
     rows = []
     for name, kind, steps in ROWS:
         path = out / f"{name}.json"
+        gen = onestep.load(root / kind)
         if not path.exists():
-            gen = onestep.load(root / kind)
             labels = class_labels(a.n, gen.num_classes)
             t0 = time.time()
             images = gen.sample(labels, steps=steps, seed=a.seed, batch_size=250)
@@ -60,7 +60,6 @@ def main(argv=None) -> dict:
             tmp.replace(path)
             print(name, {k: res.get(k) for k in KEYS}, flush=True)
         row = json.loads(path.read_text())
-        gen = onestep.load(root / kind)
         row["network_calls"] = gen.sampler(steps=steps).steps  # the teacher: its AR steps
         rows.append(row)
     floor = ev.data_floor(n_inception=a.n_inception, n_test=a.n)

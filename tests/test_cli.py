@@ -82,6 +82,7 @@ def test_preset_choices_are_the_librarys_presets():
     from onestep.dd1.stages import DD1_PRESETS
     from onestep.dd2.adapt import ADAPT_PRESETS
     from onestep.dd2.mapstart import MAP_FIT_PRESETS
+    from onestep.dd2.flowhead import FLOW_PRESETS
     from onestep.dd2.train import TRAIN_PRESETS
     from onestep.dd2.tune import TUNE_PRESETS
     from onestep.pipeline import PIPELINE_PRESETS
@@ -89,7 +90,7 @@ def test_preset_choices_are_the_librarys_presets():
     from onestep.tokenizer.train import VQ_TRAIN_PRESETS
 
     tables = {"train-tokenizer": VQ_TRAIN_PRESETS, "train-teacher": TEACHER_TRAIN_PRESETS, "dd1": DD1_PRESETS,
-              "dd2 adapt": ADAPT_PRESETS, "dd2 tune": TUNE_PRESETS, "dd2 train": TRAIN_PRESETS,
+              "dd2 adapt": ADAPT_PRESETS, "dd2 tune": TUNE_PRESETS, "dd2 train": TRAIN_PRESETS, "dd2 flow": FLOW_PRESETS,
               "dd2 fit-map": MAP_FIT_PRESETS, "pipeline": PIPELINE_PRESETS}
     assert set(PRESETS) == set(tables)
     for command, table in tables.items():
@@ -348,7 +349,7 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     rows = {r["method"]: r for r in m["rows"]}
     assert m["rows"][0]["method"] == "teacher"
     for name in ("teacher", "skip-20", "onestep*", "dd1-1step", "dd1-2step", "dd1-teacher-involved", "teacher-stage0",
-                 "dd2-stage1-euler10", "dd2-1step", "dd2-2step", "dd2-1step-align"):
+                 "dd2-stage1-euler10", "dd2-1step", "dd2-2step", "dd2-1step-align", "dd2-flow-1step", "dd2-flow-2step"):
         keys = {"method", "steps", "params", "fid_classifier", "fid_inception", "inception_score", "precision", "recall"}
         assert keys <= set(rows[name]), name
         if name != "dd2-stage1-euler10":
@@ -356,7 +357,8 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     assert rows["teacher"]["speedup_b1"] == 1.0 and rows["dd2-1step"]["steps"] == 1
     assert {"data_floor_fid", "command", "commit", "machine", "cost", "ppl"} <= set(m)
     assert m["data_floor_fid"]["n"] == rows["teacher"]["n"]  # the floor on the rows' sample size
-    assert m["cost"]["dd2_total_s"] > 0 and m["cost"]["dd1_total_s"] > 0
+    assert m["cost"]["dd2_total_s"] > 0 and m["cost"]["dd1_total_s"] > 0 and m["cost"]["dd2_flow_cpu_s"] > 0
+    assert rows["dd2-flow-1step"]["steps"] == 1 and m["ppl"]["dd2_flow_quantised"] >= 0
     # the alignment run was branched off the plain run's checkpoint at align_at (2 tiny steps: align_at = 1), and its
     # cost includes that shared prefix
     branch = json.loads((tmp_path / "demo" / "dd2-align" / "branched_from.json").read_text())

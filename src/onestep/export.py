@@ -182,6 +182,7 @@ def _load_check(folder: Path):
 # ---- the model card --------------------------------------------------------------------------------
 # the pipeline's evaluation rows (ROOT/evals/<row>.json, ROOT/metrics.json) of the run directories it names
 _PIPELINE_ROWS = {"dd1": lambda m: m.startswith("dd1-"),
+                  "dd2-flow": lambda m: m.startswith("dd2-flow-"),
                   "dd2": lambda m: m.startswith("dd2-") and m[4:5].isdigit() and "align" not in m,
                   "dd2-align": lambda m: m == "dd2-1step-align",
                   "teacher": lambda m: m == "teacher"}
@@ -216,7 +217,7 @@ def _pipeline_name(root: Path) -> str:
 
 UPSTREAM = ("stage 1 (not exported)", "the teacher before stage 0 (not exported)")
 # the training section of each kind of model's config (the stage's recipe)
-_SECTIONS = ("train", "adapt", "tune", "csd", "map_fit")
+_SECTIONS = ("train", "adapt", "tune", "csd", "map_fit", "flow")
 _FIGURES = ("eval", "metrics", "wall_time_s")  # what a model's config records about its training
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "score",
     "velocity",
     "log_density",
+    "mixture_denoise",
     "x0_to_velocity",
     "velocity_to_x0",
     "velocity_to_score",
@@ -55,6 +56,19 @@ def denoise(x: Tensor, t: Tensor | float, log_p: Tensor, codebook: Tensor, dtype
     """x0_hat = E[x_0 | x_t = x] = sum_j w_j c_j, shape (..., C)."""
     w = log_weights(x, t, log_p, codebook, dtype).exp()
     return w @ codebook.to(w)
+
+
+def mixture_denoise(x: Tensor, t: Tensor, samples: Tensor) -> Tensor:
+    """x0_hat = E[x_0 | x_t = x] when x_0 is uniform over per-position samples: the denoiser of section 1 with the
+    codebook replaced by M samples of each position's distribution and p_j = 1 / M.
+
+    x (m, *S, C) and t (m, *S) (m noise draws), samples (M, *S, C) -> (m, *S, C). With samples that repeat the codes
+    in the proportions p, this is :func:`denoise` exactly; differentiable in x."""
+    ys = samples.to(torch.float32).movedim(0, -2)                 # (*S, M, C)
+    t = t.to(torch.float32)[..., None]                            # (m, *S, 1)
+    d = x.to(torch.float32)[..., None, :] - (1.0 - t)[..., None] * ys  # (m, *S, M, C)
+    w = torch.softmax(-d.pow(2).sum(-1) / (2.0 * t * t), dim=-1)  # (m, *S, M)
+    return (w[..., None] * ys).sum(-2)
 
 
 def score(x: Tensor, t: Tensor | float, log_p: Tensor, codebook: Tensor, dtype=None) -> Tensor:

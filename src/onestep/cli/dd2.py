@@ -1,4 +1,8 @@
-"""``onestep dd2 adapt | tune | fit-map | train``: DD2's stages as resumable commands (method.md section 3).
+"""``onestep dd2 adapt | tune | fit-map | train | flow``: DD2's stages as resumable commands (method.md section 3).
+
+    # the flow recipe (onestep.dd2.flowhead): the generator's conditional in closed form, no stage 0 / 1, no psi
+    onestep dd2 flow --teacher T --run-dir F
+    onestep sample --run F --sampling-steps K
 
     onestep dd2 adapt --teacher T  --run-dir A   # stage 0: continuous-input teacher
     onestep dd2 tune  --teacher A  --run-dir B   # stage 1: AR-diffusion tuning (GTS loss)
@@ -70,8 +74,22 @@ def cmd_fit_map(args) -> None:
     cleanup(info)
 
 
+def cmd_flow(args) -> None:
+    from onestep.dd2.flowhead import FLOW_PRESETS, train_flow
+    from onestep.distributed import cleanup, setup
+    from onestep.samplers import sampling_config_from_args
+
+    cfg = override(FLOW_PRESETS[args.preset], **given(args, "steps", "batch_size", "lr", "divergence", "seed"))
+    info = setup(args.device)
+    final = train_flow(args.run_dir, args.teacher, cfg, sampling_config_from_args(args), info)
+    if info.is_main:
+        print(f"DD2 flow-head generator written to {final}")
+    cleanup(info)
+
+
 def register(sub) -> None:
-    p = sub.add_parser("dd2", help="DD2: adapt (stage 0), tune (stage 1), train (stage 2, CSD)",
+    p = sub.add_parser("dd2", help="DD2: adapt (stage 0), tune (stage 1), train (stage 2, CSD); flow (the flow-head "
+                                   "recipe)",
                        description="Distilled Decoding 2: conditional score distillation of an AR teacher into a "
                                    "one-step generator. Each stage writes a run directory and resumes when re-run.")
     s = p.add_subparsers(dest="dd2_command", required=True, metavar="STAGE")
@@ -163,3 +181,22 @@ def register(sub) -> None:
                    help="time s in (0, 1] at which the generator's head reads the noise (default: the preset's; small: 0.5, as dd2 train's small preset)")
     add_common(m, seed=None)
     m.set_defaults(func=cmd_fit_map)
+
+    f = s.add_parser("flow", help="the flow recipe: a flow-head generator trained on the teacher's conditionals",
+                     description="DD2 with a flow head: a copy of the teacher reads the noise of the earlier positions "
+                                 "and gives each position's logits; the position's token is the closed-form ODE map of "
+                                 "its own noise under them, so the generator's conditional is known exactly and CSD's "
+                                 "guidance network is not needed. Trained on its own samples against the teacher's "
+                                 "conditionals (one teacher pass per batch); needs no stage 0, stage 1 or DD1 pairs.")
+    f.add_argument("--teacher", required=True, help="teacher run directory")
+    add_run_dir(f, "runs/dd2-flow")
+    add_preset(f, PRESETS["dd2 flow"], "small", "flow-recipe")
+    f.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
+    f.add_argument("--batch-size", type=positive_int, default=None, help="generated sequences per step (default: the preset's)")
+    f.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
+    f.add_argument("--divergence", choices=("forward", "reverse"), default=None,
+                   help="forward: KL(teacher || generator) per position, mass-covering (default); reverse: "
+                        "KL(generator || teacher), mode-seeking")
+    add_sampling(f)
+    add_common(f, seed=None)
+    f.set_defaults(func=cmd_flow)

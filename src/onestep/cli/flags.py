@@ -30,6 +30,7 @@ PRESETS = {
     "dd2 tune": ("tiny", "small"),
     "dd2 train": ("tiny", "small"),
     "dd2 fit-map": ("tiny", "small"),
+    "dd2 flow": ("tiny", "small"),
     "pipeline": ("quick", "full", "tiny"),
 }
 

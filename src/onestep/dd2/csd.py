@@ -45,6 +45,11 @@ class CSDConfig:
     generator_t: float = 1.0     # the time s at which the generator's head reads the noise (ARDiffusion.generate):
                                  # 1 = the paper's x = eps - v(eps, 1); s < 1 starts CSD from a noise-dependent
                                  # generator instead of the per-position mean (see ARDiffusion.generate)
+    guidance: str = "network"    # the generator's conditional score: "network" (psi, trained by DSM in the K guidance
+                                 # turns: the paper's) or "resampled" (no psi: resample_draws fresh eps_i per position
+                                 # with the prefix noise kept are exact draws of that conditional, and their mixture's
+                                 # closed-form denoiser stands in for psi; ARDiffusion.generate_and_resample)
+    resample_draws: int = 16
     condition_on_codes: bool = False  # the prefix conditions of psi and the teacher (both turns) read sg(x) snapped to
                                       # the nearest codes, instead of the continuous sg(x) (see DD2.condition)
     seed: int = 0
@@ -56,6 +61,10 @@ class CSDConfig:
             raise ValueError(f"generator_t must lie in (0, 1], got {self.generator_t}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.guidance not in ("network", "resampled"):
+            raise ValueError(f"guidance must be 'network' or 'resampled', got {self.guidance!r}")
+        if self.resample_draws < 2:
+            raise ValueError(f"resample_draws must be at least 2, got {self.resample_draws}")
         if self.guidance_batch_size is not None and self.guidance_batch_size < 1:
             raise ValueError(f"guidance_batch_size must be positive or None, got {self.guidance_batch_size}")
 
@@ -165,6 +174,12 @@ class DD2(nn.Module):
                             condition=cond, base=base)
         if turn != "generator":
             raise ValueError(f"turn must be 'generator' or 'guidance', got {turn!r}")
+        if cfg.guidance == "resampled":
+            x, samples = self.generator.generate_and_resample(eps, labels, cfg.resample_draws, generator)
+            with torch.no_grad():
+                log_p = teacher_log_probs(self.teacher, self.condition(x), labels, self.sampling)
+            return csd_generator_loss(x, labels, log_p, self.teacher.codebook(), None, None, generator, ab.alpha,
+                                      ab.t_min, ab.t_max, ab.m_noise_gen, ab.loss_form, samples=samples)
         x = self.generator.generate(eps, labels)
         x_sg = self.condition(x)
         with torch.no_grad():  # prefix conditions: no graph over the teacher's or psi's backbone
@@ -243,11 +258,11 @@ class CSDSchedule:
         if phase == "align" and step == cfg.guidance_warmup + cfg.align_at:  # swap in the EMA generator, frozen during alignment
             dd2.generator.load_state_dict(self.ema.state_dict())
         logs: dict = {"phase": phase}
-        bad = False
+        bad, lg = False, {}
         dd2.guidance.train()
         # set every step, also at a constant LR: a resumed optimiser's state_dict brings back the LR it was saved with
         set_lr(self.opt_guid, self.guidance_lr(gen_step))
-        for _ in range(cfg.guidance_steps):
+        for _ in range(cfg.guidance_steps if cfg.guidance == "network" else 0):
             loss, lg = self.wrapped(sample_labels(cfg.guidance_batch), "guidance", generator)
             bad |= not guarded_step(loss, self.opt_guid, dd2.guidance.parameters(), cfg.grad_clip)
         logs.update(lg)

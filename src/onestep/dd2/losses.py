@@ -74,7 +74,7 @@ def residual_denoise(guidance: ARDiffusion, q_t: Tensor, t: Tensor, f: Tensor, x
 def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codebook: Tensor, guidance: ARDiffusion,
                        f_guidance: Tensor, generator=None, alpha: float = 1.0, t_min: float = 0.02,
                        t_max: float = 0.98, m: int = 1, form: str = "sid",
-                       residual: bool = False) -> tuple[Tensor, dict]:
+                       residual: bool = False, samples: Tensor | None = None) -> tuple[Tensor, dict]:
     """Conditional score distillation, SiD form (method.md section 3, stage 2), for generated x (B, n, C).
 
     Per position: q_t = (1 - t) x_i + t eps; x0_T = teacher's closed-form denoised mean given the
@@ -95,6 +95,10 @@ def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codeboo
     ``residual``: psi is in residual form around the teacher's closed form (:func:`residual_denoise`), so the score
     difference is x0_T - x0_psi = t v_res(q_t, t, f): exactly zero wherever psi's residual is.
 
+    ``samples`` (M, B, n, C): instead of psi, the generator's conditional given its own prefix is the uniform mixture
+    of these M draws (:meth:`ARDiffusion.generate_and_resample`), and x0_psi is that mixture's closed-form denoiser
+    (:func:`flow.mixture_denoise`); ``guidance`` and ``f_guidance`` are then unused.
+
     ``form="dmd"`` (an ablation) drops the denoisers' Jacobians: both x0 estimates are evaluated at a
     q_t built from sg(x), and the gradient on x_i is exactly -(x0_T - x0_psi) / norm (DMD's form of the
     same score difference).
@@ -107,8 +111,11 @@ def csd_generator_loss(x: Tensor, labels: Tensor, log_p_teacher: Tensor, codeboo
     q_t = (1 - t[..., None]) * (x if form == "sid" else x.detach()) + t[..., None] * eps
     with torch.set_grad_enabled(form == "sid" and torch.is_grad_enabled()):
         x0_T = flow.denoise(q_t, t, log_p_teacher.expand(m, *log_p_teacher.shape), codebook)
-        f_psi = f_guidance.expand(m, *f_guidance.shape)
-        x0_psi = residual_denoise(guidance, q_t, t, f_psi, x0_T) if residual else guidance.denoise(q_t, t, f_psi)
+        if samples is not None:
+            x0_psi = flow.mixture_denoise(q_t, t, samples)
+        else:
+            f_psi = f_guidance.expand(m, *f_guidance.shape)
+            x0_psi = residual_denoise(guidance, q_t, t, f_psi, x0_T) if residual else guidance.denoise(q_t, t, f_psi)
     diff = x0_T - x0_psi
     with torch.no_grad():
         norm = (x - x0_T).abs().mean(dim=(-2, -1), keepdim=True).clamp_min(1e-5)

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from onestep import rng
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as diffusion models do), (...,) -> (..., dim)."""
@@ -119,6 +121,11 @@ class ARDiffusion(nn.Module):
             nn.init.zeros_(self.noise_stream.weight)
             nn.init.zeros_(self.noise_stream.bias)
 
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        """The generator's noise per sample: (n, C)."""
+        return self.backbone.seq_len, self.backbone.code_dim
+
     def features(self, x: Tensor, labels: Tensor) -> Tensor:
         """f (B, n, D): row i depends on x_<i (continuous vectors) and the label."""
         return self.backbone.features(x, labels)
@@ -142,6 +149,25 @@ class ARDiffusion(nn.Module):
         else:
             f = self.backbone.features(eps, labels, extra=self.noise_stream(eps.float()))
         return self.denoise(eps * s, s, f)
+
+    def generate_and_resample(self, eps: Tensor, labels: Tensor, m: int,
+                              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The one-step sample x (B, n, C) of :meth:`generate` and, without a graph, m more draws of every position
+        with the prefix noise kept: y (m, B, n, C) with y_i = head(eps'_i, f_i(eps_<i)) for fresh eps'_i.
+
+        Since row i of the backbone reads eps_<i only, the prefix x_<i is a function of eps_<i, and y_i are m exact
+        samples of the generator's conditional distribution of x_i given its own prefix x_<i (the distribution the
+        guidance network psi learns by DSM), for the backbone's cost of one pass."""
+        if self.noise_stream is not None:
+            raise ValueError("resampling a position needs a backbone that reads eps_<i only: the noise stream feeds "
+                             "eps_i into the backbone")
+        s = self.generator_t
+        f = self.features(eps, labels)
+        x = self.denoise(eps * s, s, f)
+        with torch.no_grad():
+            eps_m = rng.randn((m, *eps.shape), generator, eps.device)
+            y = self.denoise(eps_m * s, s, f.detach().expand(m, *f.shape))
+        return x, y
 
     def forward(self, eps: Tensor, labels: Tensor) -> Tensor:
         return self.generate(eps, labels)

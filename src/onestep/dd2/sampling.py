@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from onestep import rng
+from onestep.dd2.flowhead import FlowHeadGenerator
 from onestep.dd2.model import ARDiffusion
 from onestep.teacher.base import nearest_code
 from onestep.teacher.sampling import SamplingConfig, sample_tokens
@@ -23,9 +24,8 @@ from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
 @torch.no_grad()
 def one_step(generator: ARDiffusion, labels: Tensor, g: torch.Generator | None = None) -> Tensor:
-    """x = G(eps) (B, L, C): one forward pass of the generator."""
-    bb = generator.backbone
-    eps = rng.randn((labels.shape[0], bb.seq_len, bb.code_dim), g, labels.device)
+    """x = G(eps) (B, L, C): one forward pass of the generator (an ARDiffusion or a flow-head generator)."""
+    eps = rng.randn((labels.shape[0], *generator.noise_shape), g, labels.device)
     return generator.generate(eps, labels)
 
 
@@ -50,6 +50,8 @@ def dd2_sampler(generator: ARDiffusion, teacher, tokenizer, sampling: SamplingCo
     if continuous and steps != 1:
         raise ValueError("continuous decoding is defined for one-step sampling only")
     cb = teacher.codebook()
+    if isinstance(generator, FlowHeadGenerator):
+        return _flow_sampler(generator, teacher, tokenizer, sampling, steps, name)
 
     def sample(labels: Tensor, g: torch.Generator) -> Tensor:
         if steps == 1:
@@ -61,6 +63,27 @@ def dd2_sampler(generator: ARDiffusion, teacher, tokenizer, sampling: SamplingCo
     params = num_params(generator) if steps == 1 else num_params(generator, teacher)
     return Sampler(name=name, steps=steps, sample=sample, tokenizer=tokenizer, params=params,
                    info={"num_classes": teacher.num_classes, "sampling": sampling.to_dict(), "continuous": continuous})
+
+
+def _flow_sampler(generator: FlowHeadGenerator, teacher, tokenizer, sampling: SamplingConfig, steps: int,
+                  name: str | None):
+    """The ``flow`` recipe's sampler: one pass + the ODE map, then ``steps - 1`` teacher passes of
+    :func:`~onestep.dd2.flowhead.refine` (each re-maps every position's noise under the teacher's conditionals)."""
+    from onestep.dd2.flowhead import refine
+    from onestep.samplers import Sampler, num_params
+
+    K = len(teacher.ar_steps())
+    if not 1 <= steps <= K:
+        raise ValueError(f"steps={steps}: a flow-head generator samples with 1 to {K} steps (the teacher's AR steps)")
+
+    def sample(labels: Tensor, g: torch.Generator) -> Tensor:
+        eps = rng.randn((labels.shape[0], *generator.noise_shape), g, labels.device)
+        ids = generator.sample_ids(eps, labels)
+        return refine(ids, eps, labels, teacher, sampling, steps - 1, generator.ode) if steps > 1 else ids
+
+    params = num_params(generator) if steps == 1 else num_params(generator, teacher)
+    return Sampler(name=name or f"dd2-{steps}step", steps=steps, sample=sample, tokenizer=tokenizer, params=params,
+                   info={"num_classes": teacher.num_classes, "sampling": sampling.to_dict(), "recipe": "flow"})
 
 
 def ardiffusion_sampler(model: ARDiffusion, tokenizer, euler_steps: int = 10, name: str = "dd2-stage1-euler"):
@@ -76,10 +99,16 @@ def ardiffusion_sampler(model: ARDiffusion, tokenizer, euler_steps: int = 10, na
 
 
 def load_dd2(run_dir: str | Path, device="cpu"):
-    """(EMA generator, stage-0 teacher, tokenizer, sampling rule) from a ``onestep dd2 train`` run."""
+    """(generator, teacher, tokenizer, sampling rule) from a ``onestep dd2 train`` run (the EMA generator and the
+    stage-0 teacher) or a ``onestep dd2 flow`` run (the flow-head generator and the teacher)."""
+    from onestep import checkpoint as ckpt
+    from onestep.dd2.flowhead import load_flow
     from onestep.dd2.tune import load_ardiffusion
     from onestep.runs import final_dir, load_teacher, resolve_ref
 
+    d = final_dir(run_dir)
+    if ckpt.read_json(d / "config.json").get("model", {}).get("generator") == "flow-head":
+        return load_flow(run_dir, device)
     generator, config = load_ardiffusion(run_dir, device)
     if config.get("kind") != "dd2-generator":
         raise ValueError(f"{run_dir} is a stage-1 run; sample from a `onestep dd2 train` run")

@@ -57,6 +57,10 @@ class Rows:
         if "dd2_adapt" in runs:  # stage 0's continuous-input teacher, sampled like the teacher (FID after stage 0)
             adapted, _, _ = load_teacher(runs["dd2_adapt"], self.device, with_tokenizer=False)
             out["teacher-stage0"] = teacher_sampler(adapted, tok, sampling, name="teacher-stage0")
+        if "dd2_flow" in runs:  # DD2's flow recipe: one pass + the ODE map, then k - 1 teacher passes
+            gen, flow_teacher, _, samp = load_dd2(runs["dd2_flow"], self.device)
+            for k in (1, *self.cfg.flow_multi):
+                out[f"dd2-flow-{k}step"] = dd2_sampler(gen, flow_teacher, tok, samp, k, name=f"dd2-flow-{k}step")
         if "dd2" in runs:
             stage1, _ = load_ardiffusion(runs["dd2_tune"], self.device)
             out["dd2-stage1-euler10"] = ardiffusion_sampler(stage1, tok, 10)
@@ -191,6 +195,11 @@ class Rows:
                 out["dd1_quantised"] = perceptual_path_length(
                     lambda z, y: tok.decode_ids(one_step(model, z, y)), shape, labels, clf.features)
                 out["dd1_continuous"] = perceptual_path_length(dd1_soft, shape, labels, clf.features)
+        if "dd2_flow" in runs:  # the flow recipe's tokens are codes: its one map is the quantised one
+            flow_gen = load_dd2(runs["dd2_flow"], self.device)[0]
+            with torch.no_grad():
+                out["dd2_flow_quantised"] = perceptual_path_length(
+                    lambda z, y: tok.decode_ids(flow_gen.sample_ids(z, y)), shape, labels, clf.features)
         out["note"] = ("quantised: decoded nearest codes (piecewise constant in the noise: the mean is set by the rare "
                        "pairs that cross a code boundary); continuous: DD2's output vectors / DD1's softmax-expected "
                        "code vectors (smooth)")
@@ -217,7 +226,9 @@ class Rows:
         dd2 = [f"dd2-{k}step" for k in sorted(self.cfg.dd2_multi, reverse=True)]
         dd2 += ["dd2-stage1-euler10", "teacher-stage0", *skips, "dd2-1step", "dd2-1step-continuous",
                 "onestep*"] + (["dd2-1step-align"] if self.cfg.align else [])
-        return {"teacher": ["teacher"], "dd1": ["dd1-teacher-involved", "dd1-2step", "dd1-1step"], "dd2": dd2}
+        flow = [f"dd2-flow-{k}step" for k in (*sorted(self.cfg.flow_multi, reverse=True), 1)] if self.cfg.flow else []
+        return {"teacher": ["teacher"], "dd1": ["dd1-teacher-involved", "dd1-2step", "dd1-1step"], "dd2": dd2,
+                "flow": flow}
 
     def side_by_side(self, methods: list[str]) -> Path | None:
         """One PNG: for each method a block of its first two grid rows (and the class captions), stacked vertically

@@ -32,6 +32,8 @@ def cost(runs: dict[str, Path]) -> dict:
             c["dd2_stage2_csd_with_alignment_s"] = wall(runs["dd2_align"]) + branch_prefix_s(runs["dd2_align"])
         parts = [c["dd2_stage0_adapt_s"], c["dd2_stage1_tune_s"], c["dd2_stage2_csd_s"]]
         c["dd2_total_s"] = round(sum(parts), 2) if None not in parts else None
+    if "dd2_flow" in runs:  # the flow recipe: one stage from the teacher
+        c["dd2_flow_s"] = wall(runs["dd2_flow"])
     if "dd1" in runs:
         c["dd1_pairs_s"] = wall(runs["dd1"], "pairs_wall_time_s")
         c["dd1_train_s"] = wall(runs["dd1"], "train_wall_time_s")
@@ -39,11 +41,13 @@ def cost(runs: dict[str, Path]) -> dict:
     cpu = {}  # process CPU seconds where the run recorded them (on a shared machine they measure the work)
     if "dd2" in runs:
         cpu.update(dd2_stage1_tune_cpu_s=wall(runs["dd2_tune"], "cpu_time_s"), dd2_stage2_csd_cpu_s=wall(runs["dd2"], "cpu_time_s"))
+    if "dd2_flow" in runs:
+        cpu["dd2_flow_cpu_s"] = wall(runs["dd2_flow"], "cpu_time_s")
     if "dd1" in runs:
         cpu.update(dd1_pairs_cpu_s=wall(runs["dd1"], "pairs_cpu_time_s"), dd1_train_cpu_s=wall(runs["dd1"], "train_cpu_time_s"))
     c.update({k: round(v, 2) for k, v in cpu.items() if v is not None})
     c["note"] = ("*_s: wall seconds on this machine (see machine), *_cpu_s: process CPU seconds where recorded; "
-                 "DD2 total = stages 0 + 1 + 2 (without alignment)")
+                 "DD2 total = stages 0 + 1 + 2 (without alignment); dd2_flow: DD2's flow recipe, its one stage")
     return c
 
 

@@ -326,7 +326,7 @@ class Models:
                 parts = gen, teacher, tok, _ = load_dd2(self.runs["dd2"], self.device)
                 cb = teacher.codebook()
                 fn = lambda eps, lab: nearest_code(gen.generate(eps, lab), cb)  # noqa: E731
-                shape = (gen.backbone.seq_len, gen.backbone.code_dim)
+                shape = gen.noise_shape
 
             def decode(out, tok=tok):
                 imgs = tok.decode_codes(out) if out.is_floating_point() else tok.decode_ids(out)

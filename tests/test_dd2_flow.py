@@ -1,0 +1,134 @@
+"""The flow recipe of DD2 (onestep.dd2.flowhead): a generator whose conditional is known in closed form.
+
+What the recipe rests on, tested exactly: row i's logits read the class and eps_<i only; the push-forward of the
+noise of position i through the flow map of softmax(l_i) is softmax(l_i) (the generator's conditional given its own
+prefix); the loss is the KL between the teacher's conditional at the generated prefix and that closed form; n Jacobi
+passes of the teacher give DD1's map exactly. Then the CLI run: train, resume, load, sample.
+"""
+import json
+
+import pytest
+import torch
+
+from onestep.dd1.flow_map import ODEConfig, map_noise_to_tokens, ode_map
+from onestep.dd2.flowhead import FlowConfig, FlowHeadGenerator, flow_loss, refine
+from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
+
+SAMPLING = SamplingConfig(cfg_scale=2.0, top_k=8)
+
+
+@pytest.fixture
+def table_gpt(tiny_gpt):
+    """The tiny teacher with a token table (the default bench's layout)."""
+    assert tiny_gpt.args.input_embedding == "table"
+    return tiny_gpt
+
+
+def test_row_i_reads_the_class_and_the_noise_of_earlier_positions_only(table_gpt):
+    gen = FlowHeadGenerator.from_teacher(table_gpt).eval()
+    n, C = gen.noise_shape
+    g = torch.Generator().manual_seed(0)
+    eps, labels = torch.randn(3, n, C, generator=g), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        base = gen.log_probs(eps, labels)
+        for j in (0, n // 2, n - 1):
+            moved = eps.clone()
+            moved[:, j] += 1.0
+            out = gen.log_probs(moved, labels)
+            assert torch.allclose(out[:, : j + 1], base[:, : j + 1], atol=1e-5)  # rows <= j do not see eps_j
+            if j < n - 1:
+                assert (out[:, j + 1:] - base[:, j + 1:]).abs().max() > 1e-3  # later rows do
+        other = gen.log_probs(eps, torch.tensor([3, 1, 2]))
+        assert (other[0] - base[0]).abs().max() > 1e-3 and torch.allclose(other[1:], base[1:], atol=1e-5)
+
+
+def test_the_generators_conditional_is_softmax_of_its_logits(table_gpt):
+    """Fix the prefix noise eps_<i, redraw eps_i: the tokens at position i follow softmax(l_i) (push-forward of the
+    flow map, method.md section 1), up to the sampling error of 40k draws."""
+    gen = FlowHeadGenerator.from_teacher(table_gpt).eval()
+    n, C = gen.noise_shape
+    g = torch.Generator().manual_seed(1)
+    N, i = 40000, 5
+    eps = torch.randn(1, n, C, generator=g).expand(N, n, C).clone()
+    eps[:, i] = torch.randn(N, C, generator=g)
+    labels = torch.full((N,), 4)
+    with torch.no_grad():  # row i is the same for every draw (it does not read eps_i: the test above)
+        log_q = gen.log_probs(eps[:64], labels[:64])[:, i]
+    assert torch.allclose(log_q, log_q[:1].expand_as(log_q), atol=1e-5)
+    ids = ode_map(eps[:, i], log_q[:1].expand(N, -1), gen.codebook(), ODEConfig(n_steps=64))  # sample_ids at i
+    q = log_q[0].exp()
+    freq = torch.bincount(ids, minlength=q.numel()).double() / N
+    tv = 0.5 * (freq - q.double()).abs().sum().item()
+    assert tv < 0.02, tv
+
+
+def test_loss_is_the_kl_from_the_teachers_conditional_at_the_generated_prefix(table_gpt):
+    gen = FlowHeadGenerator.from_teacher(table_gpt).eval()
+    n, C = gen.noise_shape
+    g = torch.Generator().manual_seed(2)
+    eps, labels = torch.randn(4, n, C, generator=g), torch.tensor([0, 3, 5, 7])
+    ode = ODEConfig(n_steps=16)
+    loss, logs = flow_loss(gen, table_gpt, SAMPLING, eps, labels, ode, "forward")
+    with torch.no_grad():
+        log_q = gen.log_probs(eps, labels)
+        ids = gen.sample_ids(eps, labels, ode_steps=16)
+        log_p = teacher_log_probs(table_gpt, ids, labels, SAMPLING)
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    assert abs(loss.item() - kl.mean().item()) < 1e-5 and abs(logs["kl"] - kl.mean().item()) < 1e-5
+    rev, _ = flow_loss(gen, table_gpt, SAMPLING, eps, labels, ode, "reverse")
+    q = log_q.exp()
+    assert abs(rev.item() - (q * (log_q - log_p.clamp_min(-1e4))).sum(-1).mean().item()) < 1e-4
+    # the gradient reaches the generator only through its logits: the prefix (sampled tokens) is a constant
+    loss.backward()
+    grads = [p.grad for p in gen.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # a generator whose conditionals ARE the teacher's has zero loss: the teacher itself, scored on its own map
+    ids_t = map_noise_to_tokens(table_gpt, eps, labels, SAMPLING, ode)
+    lp = teacher_log_probs(table_gpt, ids_t, labels, SAMPLING)
+    pt = lp.exp()
+    assert torch.where(pt > 0, pt * (lp - lp), torch.zeros_like(pt)).sum(-1).abs().max() == 0
+
+
+def test_n_jacobi_passes_of_the_teacher_give_dd1s_map(table_gpt):
+    """From any tokens, pass k fixes position k - 1 for good (its prefix is final): n passes = DD1's map exactly."""
+    n, C = table_gpt.seq_len, table_gpt.code_dim
+    g = torch.Generator().manual_seed(3)
+    eps, labels = torch.randn(5, n, C, generator=g), torch.arange(5)
+    ode = ODEConfig(n_steps=32)
+    target = map_noise_to_tokens(table_gpt, eps, labels, SAMPLING, ode)
+    start = torch.randint(table_gpt.vocab_size, (5, n), generator=g)
+    assert torch.equal(refine(start, eps, labels, table_gpt, SAMPLING, n, ode), target)
+    two = refine(start, eps, labels, table_gpt, SAMPLING, 2, ode)
+    assert torch.equal(two[:, :2], target[:, :2])
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="divergence"):
+        FlowConfig(divergence="js")
+    with pytest.raises(ValueError, match="ode_steps"):
+        FlowConfig(ode_steps=1)
+
+
+def test_flow_run_trains_resumes_and_samples(tmp_path):
+    """`onestep dd2 flow` on a tiny trained teacher: a run that resumes, refuses a changed config, and samples with 1
+    and 3 steps through the API (the same images as a second load)."""
+    import onestep
+    from onestep.cli import main
+    from tests.conftest import train_tiny_tokenizer_and_teacher
+
+    train_tiny_tokenizer_and_teacher(tmp_path)
+    run = tmp_path / "flow"
+    main(["dd2", "flow", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(run), "--preset", "tiny"])
+    cfg = json.loads((run / "final" / "config.json").read_text())
+    assert cfg["kind"] == "dd2-generator" and cfg["recipe"] == "flow" and cfg["model"]["generator"] == "flow-head"
+    assert json.loads((run / "metrics.json").read_text())["cpu_time_s"] > 0
+    main(["dd2", "flow", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(run), "--preset", "tiny",
+          "--steps", "3"])  # grows the run by one step
+    with pytest.raises(SystemExit):  # the CLI's one-line error: "... holds a run with a different config (flow.lr ...)"
+        main(["dd2", "flow", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(run), "--preset", "tiny",
+              "--steps", "3", "--lr", "5e-4"])
+    gen = onestep.load(run)
+    one, three = gen.sample([0, 1], steps=1, seed=0), gen.sample([0, 1], steps=3, seed=0)
+    assert one.dtype == torch.uint8 and one.shape == three.shape
+    assert torch.equal(one, onestep.load(run).sample([0, 1], steps=1, seed=0))

@@ -1,4 +1,4 @@
-"""One-step classifier FID against training CPU-seconds: DD1 and the two DD2 recipes on the Fashion-MNIST teacher.
+"""One-step classifier FID against training CPU-seconds: DD1 and the DD2 recipes on the Fashion-MNIST teacher.
 
     python benchmarks/dd2_fid_vs_cpu.py            # reads benchmarks/results/dd2-fid-vs-cpu/, writes dd2-fid-vs-cpu.*
 
@@ -10,6 +10,8 @@ its recipe spent, summed over every stage it needs:
   of a checkpoint inside a run segment is the segment's measured CPU time per step times the steps done).
 - DD2, map start (``map``): pairs + stage 0 + stage 1 + the regression onto the pairs (900 steps) + CSD.
 - CSD from DD1's generator (``benchmarks/dd2_from_dd1.py``): pairs + DD1 (300 steps) + CSD.
+- DD2, flow recipe (``onestep dd2 flow``): its one stage, from the teacher (no stage 0 or 1, no pairs), at 150, 300 and
+  600 steps (separate runs, each with its own cosine; ``cpu.json``'s ``flow_<steps>`` from each run's metrics.json).
 
 The CPU seconds come from two machines: the bench's rows (DD1 at 900 steps, the paper recipe) from the bench's
 machine, the others from a second 2-core machine (the eval JSONs record each machine).
@@ -98,6 +100,10 @@ def points() -> list[dict]:
         add("dd1-start-soft", "DD1 (300 steps) + 40 guidance-only + 60 CSD steps, softmax-expected codes (tau 0.1)",
             pairs + cpu["dd1_train_300"] + c, fid("dd1-300-csd-soft-60.json"),
             f"pairs {pairs:.0f} + train {cpu['dd1_train_300']:.0f} + CSD {c:.0f}")
+    for steps in (150, 300, 600):
+        if f"flow_{steps}" in cpu and (D / f"flow-{steps}-steps.json").exists():
+            c = cpu[f"flow_{steps}"]
+            add("flow", f"DD2 flow recipe, {steps} steps", c, fid(f"flow-{steps}-steps.json"), f"train {c:.0f}")
     return rows
 
 
@@ -114,7 +120,8 @@ def plot(rows: list[dict], out: Path) -> None:
              "map-lr1e-3-csd-lr3e-5": ("the same, CSD at LR 3e-5", "tab:olive", "1"),
              "dd1-lr1e-3": ("DD1 at LR 1e-3", "navy", "*"),
              "dd1-start": ("CSD from DD1's generator (straight-through)", "tab:purple", "x"),
-             "dd1-start-soft": ("CSD from DD1's generator (soft codes)", "tab:brown", "+")}
+             "dd1-start-soft": ("CSD from DD1's generator (soft codes)", "tab:brown", "+"),
+             "flow": ("DD2, flow recipe (closed-form conditional, forward KL)", "black", "P")}
     for recipe, (name, color, marker) in style.items():
         pts = sorted((r["cpu_s"], r["fid_classifier"]) for r in rows if r["recipe"] == recipe)
         if recipe.startswith("dd1-start") and pts:  # drawn from the DD1 generator it starts from

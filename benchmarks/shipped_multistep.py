@@ -3,8 +3,10 @@ Inception FID on the first 2,000 of them.
 
     OMP_NUM_THREADS=2 python benchmarks/shipped_multistep.py             # resumes: one JSON file per row
 
-Rows: the teacher (49 AR steps), DD1 in 1 and 2 steps, DD2 in 1 and 3 steps (paper Alg. 4: the one-step sample, then the
-teacher re-samples its last 2 AR steps), all from ``assets/fashion-mnist``, the same balanced labels and seed. Each
+Rows: the teacher (49 AR steps), DD1 in 1 and 2 steps, DD2 by the flow recipe (``assets/fashion-mnist/dd2``) in 1, 2
+and 3 steps (k - 1 teacher passes re-mapping every position, ``onestep.dd2.flowhead.refine``), and DD2 by CSD from the
+map start (``assets/fashion-mnist/dd2-csd``) in 1 and 3 steps (paper Alg. 4: the one-step sample, then the teacher
+re-samples its last 2 AR steps), all from ``assets/fashion-mnist``, the same balanced labels and seed. Each
 row is one ``onestep.load(...)`` generator; its evaluation goes to benchmarks/results/shipped-multistep/<row>.json
 and the table to benchmarks/results/shipped-multistep.{json,md}.
 """
@@ -21,7 +23,7 @@ from _common import provenance  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = [("teacher", "teacher", 1), ("dd1-1step", "dd1", 1), ("dd1-2step", "dd1", 2), ("dd2-1step", "dd2", 1),
-        ("dd2-3step", "dd2", 3)]
+        ("dd2-2step", "dd2", 2), ("dd2-3step", "dd2", 3), ("dd2-csd-1step", "dd2-csd", 1), ("dd2-csd-3step", "dd2-csd", 3)]
 KEYS = ("fid_classifier", "fid_inception", "inception_score", "precision", "recall", "class_accuracy")
 
 

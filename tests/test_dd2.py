@@ -52,6 +52,22 @@ def test_generator_is_one_pass_and_causal_in_the_noise():
         assert not changed[:j].any() and changed[j:].all(), (j, changed)
 
 
+def test_resampled_draws_are_the_generators_conditional_at_the_same_prefix():
+    """generate_and_resample: x is generate(eps); draw k of every position is generate() of eps with that position's
+    noise replaced (the prefix noise kept): exact samples of the conditional given the generator's own prefix."""
+    m = _model()
+    eps, lab = torch.randn(2, 3, 2), torch.zeros(2, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    x, y = m.generate_and_resample(eps, lab, 4, g)
+    assert torch.allclose(x, m.generate(eps, lab)) and y.shape == (4, 2, 3, 2) and not y.requires_grad
+    eps_m = torch.randn((4, 2, 3, 2), generator=torch.Generator().manual_seed(0))
+    for k in range(4):
+        for i in range(3):
+            e2 = eps.clone()
+            e2[:, i] = eps_m[k, :, i]
+            assert torch.allclose(y[k, :, i], m.generate(e2, lab)[:, i], atol=1e-6)
+
+
 def test_generator_time_one_is_the_paper_form_and_below_one_denoises_scaled_noise():
     m = _model()
     eps = torch.randn(4, 3, 2)

@@ -68,3 +68,16 @@ def test_velocity_score_conversions_roundtrip():
     assert torch.allclose(flow.score_to_velocity(s, x, t), v, atol=1e-10)
     assert torch.allclose(flow.velocity_to_score(v, x, t), s, atol=1e-10)
     assert torch.allclose(flow.velocity_to_x0(v, x, t), flow.denoise(x, t, log_p, cb), atol=1e-10)
+
+
+def test_mixture_denoiser_of_samples_is_the_code_denoiser_when_samples_repeat_the_codes():
+    """flow.mixture_denoise with M samples that repeat code j count_j times = flow.denoise with p = count / M."""
+    cb, _, g = _setup(V=5, C=3, dtype=torch.float32)
+    counts = torch.tensor([1, 3, 0, 4, 8])
+    samples = torch.cat([cb[j].expand(int(c), 3) for j, c in enumerate(counts)])  # (M, C)
+    M, S = int(counts.sum()), (2, 4)
+    samples = samples[:, None, None, :].expand(M, *S, 3)
+    x = torch.randn(3, *S, 3, generator=g)
+    t = 0.05 + 0.9 * torch.rand(3, *S, generator=g)
+    log_p = torch.log(counts.float() / M).expand(3, *S, 5)
+    assert torch.allclose(flow.mixture_denoise(x, t, samples), flow.denoise(x, t, log_p, cb), atol=1e-5)

@@ -45,11 +45,6 @@ class CSDConfig:
     generator_t: float = 1.0     # the time s at which the generator's head reads the noise (ARDiffusion.generate):
                                  # 1 = the paper's x = eps - v(eps, 1); s < 1 starts CSD from a noise-dependent
                                  # generator instead of the per-position mean (see ARDiffusion.generate)
-    guidance: str = "network"    # the generator's conditional score: "network" (psi, trained by DSM in the K guidance
-                                 # turns: the paper's) or "resampled" (no psi: resample_draws fresh eps_i per position
-                                 # with the prefix noise kept are exact draws of that conditional, and their mixture's
-                                 # closed-form denoiser stands in for psi; ARDiffusion.generate_and_resample)
-    resample_draws: int = 16
     condition_on_codes: bool = False  # the prefix conditions of psi and the teacher (both turns) read sg(x) snapped to
                                       # the nearest codes, instead of the continuous sg(x) (see DD2.condition)
     seed: int = 0
@@ -61,10 +56,6 @@ class CSDConfig:
             raise ValueError(f"generator_t must lie in (0, 1], got {self.generator_t}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.guidance not in ("network", "resampled"):
-            raise ValueError(f"guidance must be 'network' or 'resampled', got {self.guidance!r}")
-        if self.resample_draws < 2:
-            raise ValueError(f"resample_draws must be at least 2, got {self.resample_draws}")
         if self.guidance_batch_size is not None and self.guidance_batch_size < 1:
             raise ValueError(f"guidance_batch_size must be positive or None, got {self.guidance_batch_size}")
 
@@ -95,6 +86,10 @@ class CSDAblation:
     guidance_residual: psi in residual form around the teacher's closed-form denoiser (:func:`losses.residual_denoise`),
         its output layer zeroed at the start, so that psi is the teacher exactly until it learns the generator's
         deviation.
+    guidance_resample: M > 0 replaces psi (and the guidance turns) by M fresh draws of eps_i per position with the
+        prefix noise kept: exact samples of the generator's conditional given its own prefix
+        (:meth:`ARDiffusion.generate_and_resample`), whose uniform mixture's closed-form denoiser stands in for
+        x0_psi (:func:`flow.mixture_denoise`).
     """
 
     m_noise_gen: int = 1
@@ -106,10 +101,13 @@ class CSDAblation:
     dsm_t_max: float = 1.0
     generator_head_gain: float | None = None
     guidance_residual: bool = False
+    guidance_resample: int = 0
 
     def __post_init__(self):
         if self.loss_form not in ("sid", "dmd"):
             raise ValueError(f"loss_form must be 'sid' or 'dmd', got {self.loss_form!r}")
+        if self.guidance_resample == 1 or self.guidance_resample < 0:
+            raise ValueError(f"guidance_resample must be 0 (psi) or at least 2 draws, got {self.guidance_resample}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,8 +172,8 @@ class DD2(nn.Module):
                             condition=cond, base=base)
         if turn != "generator":
             raise ValueError(f"turn must be 'generator' or 'guidance', got {turn!r}")
-        if cfg.guidance == "resampled":
-            x, samples = self.generator.generate_and_resample(eps, labels, cfg.resample_draws, generator)
+        if ab.guidance_resample:
+            x, samples = self.generator.generate_and_resample(eps, labels, ab.guidance_resample, generator)
             with torch.no_grad():
                 log_p = teacher_log_probs(self.teacher, self.condition(x), labels, self.sampling)
             return csd_generator_loss(x, labels, log_p, self.teacher.codebook(), None, None, generator, ab.alpha,
@@ -262,7 +260,7 @@ class CSDSchedule:
         dd2.guidance.train()
         # set every step, also at a constant LR: a resumed optimiser's state_dict brings back the LR it was saved with
         set_lr(self.opt_guid, self.guidance_lr(gen_step))
-        for _ in range(cfg.guidance_steps if cfg.guidance == "network" else 0):
+        for _ in range(0 if dd2.ablation.guidance_resample else cfg.guidance_steps):
             loss, lg = self.wrapped(sample_labels(cfg.guidance_batch), "guidance", generator)
             bad |= not guarded_step(loss, self.opt_guid, dd2.guidance.parameters(), cfg.grad_clip)
         logs.update(lg)

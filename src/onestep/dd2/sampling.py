@@ -51,6 +51,8 @@ def dd2_sampler(generator: ARDiffusion, teacher, tokenizer, sampling: SamplingCo
         raise ValueError("continuous decoding is defined for one-step sampling only")
     cb = teacher.codebook()
     if isinstance(generator, FlowHeadGenerator):
+        if continuous:
+            raise ValueError("a flow-head generator outputs codes: there is no continuous decoding of it")
         return _flow_sampler(generator, teacher, tokenizer, sampling, steps, name)
 
     def sample(labels: Tensor, g: torch.Generator) -> Tensor:

@@ -1,0 +1,94 @@
+"""Three estimates of the generator's conditional score in CSD, on the single Dirac mixture (ladder rung v4-n1, gts
+recipe, 1200 CSD steps) and the flow recipe on the ladder's first rungs: what the guidance network's error costs.
+
+    OMP_NUM_THREADS=1 python benchmarks/dd2_guidance_estimates.py     # -> benchmarks/results/dd2-guidance-estimates.*
+
+- psi (the paper's guidance network, trained by DSM, K = 5 turns per generator step);
+- M resampled draws (``CSDAblation(guidance_resample=M)``): the generator's own conditional sampled M times with the
+  prefix noise kept, and the closed-form denoiser of their uniform mixture in place of psi (exact as M grows, biased
+  at small M: the mixture of M points is spikier than the generator's distribution);
+- the flow recipe (``onestep.dd2.flowhead``): the generator's conditional is softmax(l) by construction, on a tabular
+  generator (the ladder's causal MLP backbone + a linear logits head) trained on the teacher's conditionals.
+
+TV against the exact joint on 200k samples (the floor: the teacher's own samples of that size).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import provenance, write_results  # noqa: E402
+from dd2_ladder import make_teacher  # noqa: E402
+
+from onestep.dd1.flow_map import ODEConfig, ode_map  # noqa: E402
+from onestep.dd2.tabular import CausalMLPBackbone, TabularRunConfig, fit_tabular, tv_of_ids  # noqa: E402
+from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+N_EVAL = 200_000
+
+
+def csd_row(rung: str, resample: int) -> dict:
+    teacher = make_teacher(rung)
+    cfg = TabularRunConfig().changed(n_eval=N_EVAL, csd={"guidance_resample": resample} if resample else {})
+    out = fit_tabular(teacher, cfg)
+    return {"rung": rung, "estimate": f"{resample} resampled draws" if resample else "psi (DSM network)",
+            "tv": round(out["tv_dd2"], 4), "tv_ema": round(out["tv_dd2_ema"], 4),
+            "floor": round(out["tv_teacher_samples"], 4), "train_s": round(out["tune_time_s"] + out["csd_time_s"], 1)}
+
+
+def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, ode_steps: int = 32) -> dict:
+    """The flow recipe on a tabular teacher: l_i = Linear(f_i(eps_<i)), tokens = ODE map of eps_i under softmax(l_i),
+    forward KL to the teacher's conditional at the generated prefix, cosine LR."""
+    teacher = make_teacher(rung)
+    n, C, V = teacher.seq_len, teacher.code_dim, teacher.vocab_size
+    cb, sampling, base = teacher.codebook(), SamplingConfig(), TabularRunConfig()
+    torch.manual_seed(0)
+    backbone = CausalMLPBackbone(n, C, 1, base.width, base.backbone_gain)
+    head = torch.nn.Linear(base.width, V)
+    opt = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=lr)
+    ode = ODEConfig(n_steps=ode_steps)
+
+    def log_q(eps):
+        return torch.log_softmax(head(backbone.features(eps, torch.zeros(len(eps), dtype=torch.long))), -1)
+
+    g, labels, t0 = torch.Generator().manual_seed(1), torch.zeros(batch, dtype=torch.long), time.time()
+    for step in range(steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        eps = torch.randn(batch, n, C, generator=g)
+        lq = log_q(eps)
+        with torch.no_grad():
+            p = teacher_log_probs(teacher, ode_map(eps, lq.detach(), cb, ode), labels, sampling).exp()
+        loss = -(torch.where(p > 0, p * lq, torch.zeros_like(p))).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    train_s = time.time() - t0
+    eps = torch.randn(N_EVAL, n, C, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        ids = ode_map(eps, log_q(eps), cb, ode)
+    floor = tv_of_ids(teacher, sample_tokens(teacher, torch.zeros(N_EVAL, dtype=torch.long), sampling,
+                                             torch.Generator().manual_seed(7)))
+    return {"rung": rung, "estimate": "flow recipe (closed-form conditional)", "tv": round(tv_of_ids(teacher, ids), 4),
+            "tv_ema": None, "floor": round(floor, 4), "train_s": round(train_s, 1)}
+
+
+def main() -> dict:
+    torch.set_num_threads(1)
+    rows = [csd_row("v4-n1-c2-random", m) for m in (0, 16, 64)]
+    rows += [flow_row(r) for r in ("v4-n1-c2-random", "v4-n2-c2-random", "v4-n3-c2-random", "v6-n3-c3-random")]
+    for r in rows:
+        print(r, flush=True)
+    result = {**provenance(), "n_eval": N_EVAL, "rows": rows}
+    write_results(RESULTS / "dd2-guidance-estimates", result, "DD2: estimates of the generator's conditional score")
+    return result
+
+
+if __name__ == "__main__":
+    main()

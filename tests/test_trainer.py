@@ -205,7 +205,8 @@ def test_only_a_grown_step_count_passes_the_resume_check(tmp_path):
         prepare_run_dir(run, {"train": {"steps": 10, "lr": 1e-3}, "model": {"steps": 4}, "seed": 0})
     prepare_run_dir(run, {"train": {"steps": 20, "lr": 1e-3}, "model": {"steps": 3}, "seed": 0})
     assert ckpt.read_json(run / "config.json")["train"]["steps"] == 20
-    assert set(GROWABLE_STEPS) == {"train.steps", "adapt.steps", "tune.steps", "csd.steps", "map_fit.steps"}
+    assert set(GROWABLE_STEPS) == {"train.steps", "adapt.steps", "tune.steps", "csd.steps", "map_fit.steps",
+                                   "flow.steps"}
 
 
 def test_rng_draws_are_torch_draws_on_the_generators_device():

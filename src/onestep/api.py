@@ -63,7 +63,7 @@ def run_kind(run_dir: str | Path) -> str:
         return "teacher"
     if kind == "dd1":
         return "dd1"
-    if kind == "dd2-generator":  # `dd2 train` and `dd2 fit-map` runs
+    if kind == "dd2-generator":  # `dd2 flow`, `dd2 train` and `dd2 fit-map` runs
         return "dd2"
     if kind == "dd2-ardiffusion":
         _fail(f"{run_dir} is a DD2 stage-1 (dd2 tune) run: load a `dd2 train` or `dd2 fit-map` run")
@@ -184,7 +184,7 @@ class Generator:
 
 def load(run_dir: str | Path, device="cpu", method: str | None = None, **settings) -> Generator:
     """A :class:`Generator` for a run directory: a teacher run ("teacher"), a DD1 run ("dd1") or a DD2 generator run
-    (``dd2 train`` or ``dd2 fit-map``: "dd2"), the method read from the run's recorded kind unless ``method`` names
+    (``dd2 flow``, ``dd2 train`` or ``dd2 fit-map``: "dd2"), the method read from the run's recorded kind unless ``method`` names
     it ("teacher-nocache": the teacher without its KV cache). ``settings`` (:class:`SampleSpec` fields) set the
     generator's default spec. ValueError with one line for a directory that holds no such run."""
     return Generator(run_dir, device=device, method=method, **settings)

@@ -111,8 +111,7 @@ class FlowHeadGenerator(nn.Module):
             net = continuous_copy(teacher)
             with torch.no_grad():
                 emb = teacher.tok_embeddings.weight.float()
-                out = net.tok_mlp(torch.randn(4096, teacher.code_dim, generator=torch.Generator().manual_seed(0),
-                                              device=emb.device))
+                out = net.tok_mlp(rng.randn((4096, teacher.code_dim), torch.Generator().manual_seed(0), emb.device))
                 net.tok_mlp[-1].weight.mul_(emb.pow(2).mean().sqrt() / out.pow(2).mean().sqrt().clamp_min(1e-8))
         else:
             net = copy.deepcopy(teacher)

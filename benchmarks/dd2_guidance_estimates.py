@@ -26,8 +26,9 @@ from _common import provenance, write_results  # noqa: E402
 from dd2_ladder import make_teacher  # noqa: E402
 
 from onestep.dd1.flow_map import ODEConfig, ode_map  # noqa: E402
+from onestep.dd2.flowhead import flow_loss  # noqa: E402
 from onestep.dd2.tabular import CausalMLPBackbone, TabularRunConfig, fit_tabular, tv_of_ids  # noqa: E402
-from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs  # noqa: E402
+from onestep.teacher.sampling import SamplingConfig, sample_tokens  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_EVAL = 200_000
@@ -42,6 +43,21 @@ def csd_row(rung: str, resample: int) -> dict:
             "floor": round(out["tv_teacher_samples"], 4), "train_s": round(out["tune_time_s"] + out["csd_time_s"], 1)}
 
 
+class _TabularFlow(torch.nn.Module):
+    """The flow recipe's generator on a tabular teacher: log softmax(l_i), l_i = Linear(f_i(eps_<i)), for
+    :func:`onestep.dd2.flowhead.flow_loss`."""
+
+    def __init__(self, backbone: CausalMLPBackbone, head: torch.nn.Linear, codebook: torch.Tensor):
+        super().__init__()
+        self.backbone, self.head, self.cb = backbone, head, codebook
+
+    def codebook(self) -> torch.Tensor:
+        return self.cb
+
+    def forward(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.head(self.backbone.features(eps, labels)), -1)
+
+
 def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, ode_steps: int = 32) -> dict:
     """The flow recipe on a tabular teacher: l_i = Linear(f_i(eps_<i)), tokens = ODE map of eps_i under softmax(l_i),
     forward KL to the teacher's conditional at the generated prefix, cosine LR."""
@@ -54,25 +70,19 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, o
     opt = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=lr)
     ode = ODEConfig(n_steps=ode_steps)
 
-    def log_q(eps):
-        return torch.log_softmax(head(backbone.features(eps, torch.zeros(len(eps), dtype=torch.long))), -1)
-
+    gen = _TabularFlow(backbone, head, cb)
     g, labels, t0 = torch.Generator().manual_seed(1), torch.zeros(batch, dtype=torch.long), time.time()
     for step in range(steps):
         for grp in opt.param_groups:
             grp["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        eps = torch.randn(batch, n, C, generator=g)
-        lq = log_q(eps)
-        with torch.no_grad():
-            p = teacher_log_probs(teacher, ode_map(eps, lq.detach(), cb, ode), labels, sampling).exp()
-        loss = -(torch.where(p > 0, p * lq, torch.zeros_like(p))).sum(-1).mean()
+        loss, _ = flow_loss(gen, teacher, sampling, torch.randn(batch, n, C, generator=g), labels, ode)
         opt.zero_grad()
         loss.backward()
         opt.step()
     train_s = time.time() - t0
     eps = torch.randn(N_EVAL, n, C, generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
-        ids = ode_map(eps, log_q(eps), cb, ode)
+        ids = ode_map(eps, gen(eps, torch.zeros(N_EVAL, dtype=torch.long)), cb, ode)
     floor = tv_of_ids(teacher, sample_tokens(teacher, torch.zeros(N_EVAL, dtype=torch.long), sampling,
                                              torch.Generator().manual_seed(7)))
     return {"rung": rung, "estimate": "flow recipe (closed-form conditional)", "tv": round(tv_of_ids(teacher, ids), 4),

@@ -498,3 +498,26 @@ def test_vqvae_ddp_ranks_keep_one_codebook(tmp_path):
     assert a["restarted"] > 0  # the restart path ran
     for k in a["state"]:
         assert torch.equal(a["state"][k], b["state"][k]), k
+
+
+def test_flow_generator_of_a_var_teacher_reads_the_noise_of_earlier_scales_only(tiny_var):
+    """DD2's flow recipe on a next-scale teacher (families' ``noise_reader``: VAR reads noise as code vectors): the
+    logits of scale k do not move with the noise of scale k or later, and do with the noise of earlier scales."""
+    from onestep.dd2.flowhead import FlowHeadGenerator
+
+    tiny_var = tiny_var[0]
+    gen = FlowHeadGenerator.from_teacher(tiny_var, family="var").eval()
+    n, C = gen.noise_shape
+    eps, labels = torch.randn(2, n, C, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1])
+    steps = tiny_var.ar_steps()
+    with torch.no_grad():
+        base = gen.log_probs(eps, labels)
+        for k, (a, b) in enumerate(steps):
+            moved = eps.clone()
+            moved[:, a:b] += 1.0
+            out = gen.log_probs(moved, labels)
+            assert torch.allclose(out[:, :b], base[:, :b], atol=1e-5), k  # scales <= k do not read scale k's noise
+            if b < n:
+                assert (out[:, b:] - base[:, b:]).abs().max() > 1e-4, k
+    ids = gen.sample_ids(eps, labels, ode_steps=8)
+    assert ids.shape == (2, n) and int(ids.max()) < tiny_var.vocab_size

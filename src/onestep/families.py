@@ -65,6 +65,28 @@ def _new_dd1_llamagen(teacher, input_mode: str) -> nn.Module:
     return _dd1_llamagen().from_teacher(teacher, input_mode=input_mode)
 
 
+def _noise_reader_llamagen(teacher) -> nn.Module:
+    """A copy of the teacher that reads continuous inputs (the DD2 flow generator's network): a token table becomes
+    stage 0's MLP on C-dim inputs (``continuous_copy``), drawn so that N(0, I) inputs embed with the RMS of the
+    teacher's token embeddings; a continuous-input teacher is copied as it is."""
+    import copy
+
+    import torch
+
+    from onestep import rng
+
+    if teacher.args.input_embedding != "table":
+        return copy.deepcopy(teacher)
+    from onestep.dd2.adapt import continuous_copy
+
+    net = continuous_copy(teacher)
+    with torch.no_grad():
+        emb = teacher.tok_embeddings.weight.float()
+        out = net.tok_mlp(rng.randn((4096, teacher.code_dim), torch.Generator().manual_seed(0), emb.device))
+        net.tok_mlp[-1].weight.mul_(emb.pow(2).mean().sqrt() / out.pow(2).mean().sqrt().clamp_min(1e-8))
+    return net
+
+
 # ---- VAR-style next-scale -----------------------------------------------------------------------------------------
 def _msvq_from_config(model_cfg: dict) -> nn.Module:
     from onestep.tokenizer.msvq import VQVAE, VQVAEConfig
@@ -106,6 +128,12 @@ def _new_dd1_var(teacher, input_mode: str) -> nn.Module:
     return _dd1_var().from_teacher(teacher)  # VAR-DD's input is word_embed of vectors: it has no input_mode
 
 
+def _noise_reader_var(teacher) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(teacher)  # VAR reads code vectors (through f_hat), so it reads noise as it is
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family's builders (each imports its modules when called)."""
@@ -118,13 +146,14 @@ class Family:
     dd1_generator: Callable[[], type]                  # -> the DD1 generator class (its from_config)
     new_dd1: Callable[[nn.Module, str], nn.Module]     # (teacher, DD1Config.input_mode) -> DD1 generator from it
     needs_stage0: bool                                 # DD2 needs a continuous-input teacher made by `dd2 adapt`
+    noise_reader: Callable[[nn.Module], nn.Module]     # teacher -> a copy reading continuous inputs (DD2 flow recipe)
 
 
 FAMILIES: dict[str, Family] = {
     "llamagen": Family("llamagen", _vq_from_config, _gpt_from_config, _gpt_backbone, _new_gpt, _dd1_llamagen,
-                       _new_dd1_llamagen, needs_stage0=True),
+                       _new_dd1_llamagen, needs_stage0=True, noise_reader=_noise_reader_llamagen),
     "var": Family("var", _msvq_from_config, _var_from_config, _var_backbone, _new_var, _dd1_var, _new_dd1_var,
-                  needs_stage0=False),
+                  needs_stage0=False, noise_reader=_noise_reader_var),
 }
 
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from onestep import checkpoint as ckpt
 from onestep import rng
 from onestep.dd1.flow_map import ODEConfig, ode_map
-from onestep.distributed import DistInfo, wrap_ddp
+from onestep.distributed import DistInfo, unwrap, wrap_ddp
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
 from onestep.trainer import (LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer, prepare_run_dir,
                              set_lr, warmup_cosine)
@@ -99,22 +99,11 @@ class FlowHeadGenerator(nn.Module):
     @classmethod
     def from_teacher(cls, teacher: nn.Module, ode: ODEConfig | None = None,
                      family: str = "llamagen") -> "FlowHeadGenerator":
-        """A copy of the teacher's weights; a LlamaGen token table becomes a continuous input (``continuous_copy``)
-        whose MLP is drawn so that the noise embeddings have the RMS of the teacher's token embeddings."""
-        import copy
+        """A copy of the teacher's weights that reads the noise (the family's ``noise_reader``: a LlamaGen token table
+        becomes an MLP on the C-dim inputs whose noise embeddings have the RMS of the teacher's token embeddings)."""
+        from onestep.families import family_named
 
-        from onestep.teacher.llamagen import GPT
-
-        if isinstance(teacher, GPT) and teacher.args.input_embedding == "table":
-            from onestep.dd2.adapt import continuous_copy
-
-            net = continuous_copy(teacher)
-            with torch.no_grad():
-                emb = teacher.tok_embeddings.weight.float()
-                out = net.tok_mlp(rng.randn((4096, teacher.code_dim), torch.Generator().manual_seed(0), emb.device))
-                net.tok_mlp[-1].weight.mul_(emb.pow(2).mean().sqrt() / out.pow(2).mean().sqrt().clamp_min(1e-8))
-        else:
-            net = copy.deepcopy(teacher)
+        net = family_named(family).noise_reader(teacher)
         return cls(net.train().requires_grad_(True), ode, family)
 
     def config(self) -> dict:
@@ -156,9 +145,8 @@ def flow_loss(generator: nn.Module, teacher: nn.Module, sampling: SamplingConfig
     forward returns the log-probs). Logs: the forward KL per position (nats), overall, at the first position and
     over the last eighth of the positions."""
     log_q = generator(eps, labels)
-    inner = generator.module if hasattr(generator, "module") else generator
     with torch.no_grad():
-        ids = ode_map(eps, log_q.detach(), inner.codebook(), ode)
+        ids = ode_map(eps, log_q.detach(), unwrap(generator).codebook(), ode)
         log_p = teacher_log_probs(teacher, ids, labels, sampling).float()
     p = log_p.exp()
     zero = torch.zeros_like(p)

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance, write_results  # noqa: E402
 from dd2_ladder import make_teacher  # noqa: E402
 
-from onestep.dd1.flow_map import ODEConfig, ode_map  # noqa: E402
-from onestep.dd2.flowhead import flow_loss  # noqa: E402
+from onestep.dd1.flow_map import ode_map  # noqa: E402
+from onestep.dd2.flowhead import FlowConfig, flow_loss  # noqa: E402
 from onestep.dd2.tabular import CausalMLPBackbone, TabularRunConfig, fit_tabular, tv_of_ids  # noqa: E402
 from onestep.teacher.sampling import SamplingConfig, sample_tokens  # noqa: E402
 
@@ -58,9 +58,10 @@ class _TabularFlow(torch.nn.Module):
         return torch.log_softmax(self.head(self.backbone.features(eps, labels)), -1)
 
 
-def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, ode_steps: int = 32) -> dict:
-    """The flow recipe on a tabular teacher: l_i = Linear(f_i(eps_<i)), tokens = ODE map of eps_i under softmax(l_i),
-    forward KL to the teacher's conditional at the generated prefix, cosine LR."""
+def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3) -> dict:
+    """The flow recipe on a tabular teacher: l_i = Linear(f_i(eps_<i)), tokens = ODE map of eps_i under softmax(l_i)
+    (the recipe's map: ``FlowConfig().ode`` on the codebook's grid), forward KL to the teacher's conditional at the
+    generated prefix, cosine LR."""
     teacher = make_teacher(rung)
     n, C, V = teacher.seq_len, teacher.code_dim, teacher.vocab_size
     cb, sampling, base = teacher.codebook(), SamplingConfig(), TabularRunConfig()
@@ -68,7 +69,7 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, o
     backbone = CausalMLPBackbone(n, C, 1, base.width, base.backbone_gain)
     head = torch.nn.Linear(base.width, V)
     opt = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=lr)
-    ode = ODEConfig(n_steps=ode_steps)
+    ode = FlowConfig().ode(cb)
 
     gen = _TabularFlow(backbone, head, cb)
     g, labels, t0 = torch.Generator().manual_seed(1), torch.zeros(batch, dtype=torch.long), time.time()

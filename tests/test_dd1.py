@@ -13,7 +13,7 @@ import torch
 from scipy.stats import chisquare
 
 from onestep.dd1 import baselines, pairs, sampling
-from onestep.dd1.flow_map import ODEConfig, map_noise_to_tokens, ode_map, time_grid
+from onestep.dd1.flow_map import ODEConfig, codebook_grid, map_noise_to_tokens, ode_map, time_grid
 from onestep.dd1.model import DD1Generator, clean_mask
 from onestep.dd1.train import TrajectoryConfig, TrajectorySampler, dd1_loss, fit
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
@@ -88,6 +88,41 @@ def test_euler_in_s_is_euler_on_dx_dt_velocity_and_solvers_agree():
     ref = ode_map(eps, log_p, cb, ODEConfig(n_steps=400))
     for solver, n in [("ab2", 200), ("heun", 100)]:
         assert (ode_map(eps, log_p, cb, ODEConfig(solver=solver, n_steps=n)) != ref).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("C,V,kind", [(2, 6, "dirichlet"), (8, 16, "peaked"), (8, 16, "topk")])
+def test_ab2log_map_on_the_codebook_grid_pushes_forward_to_p(C, V, kind):
+    """The flow recipe's map (16 AB2 steps in log s on :func:`codebook_grid`) is exact in distribution."""
+    cb = _codebook(V, C, seed=C * 100 + V)
+    p = _probs(kind, V, seed=V)
+    log_p = torch.log(torch.tensor(p, dtype=torch.float32)).expand(N_DRAWS, V)
+    eps = torch.randn(N_DRAWS, C, generator=torch.Generator().manual_seed(1))
+    s_min, s_max = codebook_grid(cb)
+    ids = ode_map(eps, log_p, cb, ODEConfig(solver="ab2log", n_steps=16, s_min=s_min, s_max=s_max))
+    assert _chi2(torch.bincount(ids, minlength=V).numpy(), p, N_DRAWS) > P_MIN
+
+
+def test_first_step_slope_is_the_derivative_of_the_denoiser_at_zero():
+    """x0_hat'(0) = Cov_p(c) y (the ab2log solver's Taylor step from s = 0), against a central difference."""
+    from onestep.dd1.flow_map import _Posterior
+
+    cb = _codebook(7, 3, seed=5).double()
+    log_p = torch.log_softmax(torch.randn(20, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64), -1)
+    log_p[:, 2] = -float("inf")  # a truncated code
+    y = torch.randn(20, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x0 = _Posterior(log_p, cb, torch.float64)
+    h = 1e-5
+    fd = (x0(y, h) - x0(y, -h)) / (2 * h)
+    assert torch.allclose(x0.slope_at_zero(y), fd, atol=1e-8)
+
+
+def test_codebook_grid():
+    """[0.6 / diameter, 5 / closest distinct pair]; duplicates skipped; one distinct code is an error."""
+    cb = torch.tensor([[0.0], [1.0], [3.0], [3.0]])
+    s_min, s_max = codebook_grid(cb)
+    assert abs(s_min - 0.2) < 1e-12 and abs(s_max - 5.0) < 1e-12
+    with pytest.raises(ValueError, match="two distinct codes"):
+        codebook_grid(torch.ones(3, 2))
 
 
 def test_time_grid():

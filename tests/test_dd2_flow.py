@@ -108,11 +108,17 @@ def test_config_checks():
         FlowConfig(divergence="js")
     with pytest.raises(ValueError, match="ode_steps"):
         FlowConfig(ode_steps=1)
+    with pytest.raises(ValueError, match="s_min < s_max"):
+        FlowConfig(ode_s_min=2.0, ode_s_max=1.0)
+    cb = torch.tensor([[0.0], [1.0], [3.0]])
+    assert (FlowConfig().ode(cb).s_min, FlowConfig().ode(cb).s_max) == pytest.approx((0.2, 5.0))  # codebook_grid
+    assert FlowConfig(ode_s_max=9.0).ode(cb).s_max == 9.0 and FlowConfig(ode_s_max=9.0).ode(cb).solver == "ab2log"
 
 
 def test_flow_run_trains_resumes_and_samples(tmp_path):
-    """`onestep dd2 flow` on a tiny trained teacher: a run that resumes, refuses a changed config, and samples with 1
-    and 3 steps through the API (the same images as a second load)."""
+    """`onestep dd2 flow` on a tiny trained teacher: a run that resumes (through `onestep dd2 train`, whose default
+    recipe it is), refuses a changed config, and samples with 1 and 3 steps through the API (the same images as a
+    second load)."""
     import onestep
     from onestep.cli import main
     from tests.conftest import train_tiny_tokenizer_and_teacher
@@ -123,8 +129,9 @@ def test_flow_run_trains_resumes_and_samples(tmp_path):
     cfg = json.loads((run / "final" / "config.json").read_text())
     assert cfg["kind"] == "dd2-generator" and cfg["recipe"] == "flow" and cfg["model"]["generator"] == "flow-head"
     assert json.loads((run / "metrics.json").read_text())["cpu_time_s"] > 0
-    main(["dd2", "flow", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(run), "--preset", "tiny",
+    main(["dd2", "train", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(run), "--preset", "tiny",
           "--steps", "3"])  # grows the run by one step
+    assert json.loads((run / "final" / "config.json").read_text())["flow"]["steps"] == 3
     with pytest.raises(SystemExit):  # the CLI's one-line error: "... holds a run with a different config (flow.lr ...)"
         main(["dd2", "flow", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(run), "--preset", "tiny",
               "--steps", "3", "--lr", "5e-4"])
@@ -132,3 +139,21 @@ def test_flow_run_trains_resumes_and_samples(tmp_path):
     one, three = gen.sample([0, 1], steps=1, seed=0), gen.sample([0, 1], steps=3, seed=0)
     assert one.dtype == torch.uint8 and one.shape == three.shape
     assert torch.equal(one, onestep.load(run).sample([0, 1], steps=1, seed=0))
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "needs --teacher"),
+    (["--teacher", "T", "--guidance-lr", "1e-4"], "--guidance-lr: the CSD recipe's flags"),
+    (["--recipe", "flow", "--tune", "B"], "--tune is the CSD recipe's input"),
+    (["--tune", "B", "--teacher", "T"], "reads --tune"),
+    (["--tune", "B", "--divergence", "reverse"], "--divergence is the flow recipe's flag"),
+    (["--tune", "B", "--cfg-scale", "3"], "stage-1 run's sampling rule"),
+])
+def test_train_recipe_is_flow_by_default_and_refuses_the_other_recipes_flags(tmp_path, capsys, argv, message):
+    """`onestep dd2 train` runs the flow recipe from --teacher, CSD from --tune; a flag of the other recipe is a
+    one-line error before anything is written."""
+    from onestep.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["dd2", "train", "--run-dir", str(tmp_path / "r"), *argv])
+    assert message in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -1,9 +1,10 @@
 """``onestep dd2 adapt | tune | fit-map | train | flow``: DD2's stages as resumable commands (method.md section 3).
 
-    # the flow recipe (onestep.dd2.flowhead): the generator's conditional in closed form, no stage 0 / 1, no psi
-    onestep dd2 flow --teacher T --run-dir F
+    # the flow recipe (onestep.dd2.flowhead, the default): the generator's conditional in closed form, one stage
+    onestep dd2 train --teacher T --run-dir F    # = onestep dd2 flow --teacher T --run-dir F
     onestep sample --run F --sampling-steps K
 
+    # the paper's recipe (--recipe csd, implied by --tune)
     onestep dd2 adapt --teacher T  --run-dir A   # stage 0: continuous-input teacher
     onestep dd2 tune  --teacher A  --run-dir B   # stage 1: AR-diffusion tuning (GTS loss)
     onestep dd2 train --tune B     --run-dir C   # stage 2: CSD (+ optional performance alignment)
@@ -47,7 +48,42 @@ def cmd_tune(args) -> None:
     cleanup(info)
 
 
+# ``dd2 train``'s flags that only the CSD recipe reads
+CSD_FLAGS = ("guidance_batch_size", "guidance_lr", "guidance_steps", "m_noise", "align_at", "align_steps",
+             "generator_t", "condition_on_codes", "lr_schedule", "final_lr_ratio", "guidance_warmup", "generator_init")
+
+
+def train_recipe(args) -> str:
+    """``dd2 train``'s recipe: ``--recipe``, else csd when ``--tune`` is given, else flow; checks the inputs."""
+    recipe = args.recipe or ("csd" if args.tune else "flow")
+    flag = lambda n: "--" + n.replace("_", "-")  # noqa: E731
+    if recipe == "flow":
+        if args.tune:
+            raise ValueError("--tune is the CSD recipe's input (a stage-1 run); the flow recipe reads --teacher")
+        if not args.teacher:
+            raise ValueError("dd2 train needs --teacher (a teacher run: the flow recipe) or --tune (a stage-1 run: "
+                             "the CSD recipe)")
+        extra = [flag(n) for n, v in given(args, *CSD_FLAGS).items() if v is not None]
+        if extra:
+            raise ValueError(f"{', '.join(extra)}: the CSD recipe's flags (--recipe csd --tune RUN); the flow recipe "
+                             f"does not read them")
+    else:
+        if args.teacher or not args.tune:
+            raise ValueError("the CSD recipe reads --tune (a stage-1 run, onestep dd2 tune), not --teacher")
+        if args.divergence:
+            raise ValueError("--divergence is the flow recipe's flag; the CSD recipe does not read it")
+        from onestep.samplers import sampling_config_from_args
+        from onestep.teacher.sampling import SamplingConfig
+
+        if sampling_config_from_args(args) != SamplingConfig(cfg_scale=2.0):
+            raise ValueError("the CSD recipe distils under its stage-1 run's sampling rule; set --cfg-scale and the "
+                             "other rule flags on onestep dd2 tune")
+    return recipe
+
+
 def cmd_train(args) -> None:
+    if train_recipe(args) == "flow":
+        return cmd_flow(args)
     from onestep.dd2.train import TRAIN_PRESETS, train
     from onestep.distributed import cleanup, setup
 
@@ -125,17 +161,26 @@ def register(sub) -> None:
     add_common(t, seed=None)
     t.set_defaults(func=cmd_tune)
 
-    r = s.add_parser("train", help="stage 2: conditional score distillation (generator + guidance network)",
-                     description="Stage 2: CSD. Generator and guidance network start from the stage-1 model; K "
-                                 "guidance (DSM) updates per generator (SiD-form CSD) update; EMA generator; optional "
-                                 "performance alignment (--align-at, --align-steps).")
-    r.add_argument("--tune", required=True, help="stage-1 run (onestep dd2 tune)")
+    r = s.add_parser("train", help="the one-step generator: the flow recipe (default, from --teacher) or CSD (stage 2, "
+                                   "from --tune)",
+                     description="The DD2 generator. Flow recipe (default; --teacher T): as `onestep dd2 flow`. CSD "
+                                 "recipe (--recipe csd, implied by --tune B; the paper's stage 2): generator and "
+                                 "guidance network start from the stage-1 model; K guidance (DSM) updates per "
+                                 "generator (SiD-form CSD) update; EMA generator; optional performance alignment "
+                                 "(--align-at, --align-steps).")
+    r.add_argument("--recipe", choices=("flow", "csd"), default=None,
+                   help="flow: the flow-head generator on the teacher's conditionals; csd: conditional score "
+                        "distillation from a stage-1 run (default: csd with --tune, else flow)")
+    r.add_argument("--teacher", default=None, help="teacher run directory (the flow recipe)")
+    r.add_argument("--tune", default=None, help="stage-1 run, onestep dd2 tune (the CSD recipe)")
     add_run_dir(r, "runs/dd2")
-    add_preset(r, PRESETS["dd2 train"], "small", "stage-2")
-    r.add_argument("--steps", type=positive_int, default=None, help="generator updates")
+    add_preset(r, PRESETS["dd2 train"], "small", "flow-recipe or stage-2")
+    r.add_argument("--steps", type=positive_int, default=None, help="training steps (CSD: generator updates)")
     r.add_argument("--batch-size", type=positive_int, default=None,
-                   help="generated sequences per generator update (default: the preset's)")
-    r.add_argument("--lr", type=positive_float, default=None, help="generator learning rate (after warm-up)")
+                   help="generated sequences per (generator) update (default: the preset's)")
+    r.add_argument("--lr", type=positive_float, default=None, help="(generator) learning rate (after warm-up)")
+    r.add_argument("--divergence", choices=("forward", "reverse"), default=None,
+                   help="flow recipe: forward KL(teacher || generator) per position (default) or reverse")
     r.add_argument("--guidance-lr", type=positive_float, default=None,
                    help="guidance network's learning rate (default: the preset's)")
     r.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
@@ -163,6 +208,7 @@ def register(sub) -> None:
                    help="guidance-only steps before the first generator step (the map-start recipe)")
     r.add_argument("--generator-init", default=None,
                    help="map-fit run (onestep dd2 fit-map) to start the generator from: the map-start recipe")
+    add_sampling(r)  # the flow recipe's; the CSD recipe's rule is its stage-1 run's
     add_common(r, seed=None)
     r.set_defaults(func=cmd_train)
 

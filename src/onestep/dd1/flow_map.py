@@ -25,7 +25,21 @@ these coordinates
 - ``solver="heun"`` is the trapezoidal predictor-corrector (2nd order, 2 NFE per step);
 - ``solver="ab2"`` (default) is the variable-step 2nd-order Adams-Bashforth multistep method (1 NFE
   per step, first step Euler): DPM-Solver++(2M)-like, with x0_hat extrapolated linearly in s rather
-  than in log s.
+  than in log s;
+- ``solver="ab2log"`` is the same multistep method with x0_hat extrapolated linearly in log s, the
+  variable on which the log-SNR grid is uniform (DPM-Solver++(2M)'s choice): with
+  x0_hat(s) ~ d_i + (d_i - d_{i-1}) (log s - log s_i) / (log s_i - log s_{i-1}) on [s_i, s_{i+1}],
+
+      y_{i+1} = y_i + h_i d_i + (d_i - d_{i-1}) (s_{i+1} (log s_{i+1} - log s_i) - h_i) / (log s_i - log s_{i-1}),
+
+  exact integration of that interpolant (1 NFE per step). Its first step, from s = 0, is the second-order
+  Taylor step y + h x0_hat(0) + h^2 / 2 x0_hat'(0) with the slope in closed form, x0_hat'(0) = Cov_p(c) y
+  (the posterior logits are linear in s at s = 0), and its second step is ``ab2``'s. It is the flow recipe's
+  map, on the grid :func:`codebook_grid` sizes to the codebook: on the Fashion-MNIST generator's conditionals,
+  16 steps put 1.2% of the tokens off a converged reference where ``ab2`` on [0.05, 500] puts 3.5% at 32 steps
+  and 15% at 16 (``benchmarks/ode_solvers.py``); on the tabular ladder's rungs the Taylor first step is what
+  brings the push-forward to the sampling floor (without it, the Euler step from s = 0 to s_min leaves a bias
+  of TV 0.005 on a 4-code mixture).
 
 Time grid (``grid="logsnr"``, default): s_0 = 0 (t = 1, x = eps), then s geometric from ``s_min`` to
 ``s_max`` (uniform in log-SNR). The posterior logits are log p_j + s y.c_j - s^2 |c_j|^2 / 2, so two
@@ -56,18 +70,18 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from onestep import flow
 from onestep.teacher.base import ARTeacher
 from onestep.teacher.sampling import SamplingConfig, step_through
 
-__all__ = ["ODEConfig", "time_grid", "ode_map", "map_noise_to_tokens"]
+__all__ = ["ODEConfig", "time_grid", "codebook_grid", "ode_map", "map_noise_to_tokens"]
 
 
 @dataclass(frozen=True)
 class ODEConfig:
     """How the per-position ODE is solved (see the module docstring).
 
-    solver: "ab2" (1 NFE/step, 2nd order multistep), "heun" (2 NFE/step) or "euler" (1 NFE/step, = DDIM).
+    solver: "ab2" (1 NFE/step, 2nd order multistep), "ab2log" (the same, extrapolating in log s), "heun"
+        (2 NFE/step) or "euler" (1 NFE/step, = DDIM).
     n_steps: number of intervals (NFE = n_steps, or 2 n_steps for Heun).
     grid: "logsnr" (s = (1-t)/t geometric in [s_min, s_max] after s = 0) or "uniform_t".
     dtype: "float32" or "float64" for the ODE state and the posterior weights.
@@ -83,8 +97,8 @@ class ODEConfig:
     snap_tol: float = 1e-3
 
     def __post_init__(self):
-        if self.solver not in ("heun", "euler", "ab2"):
-            raise ValueError(f"solver must be 'heun', 'euler' or 'ab2', got {self.solver!r}")
+        if self.solver not in ("heun", "euler", "ab2", "ab2log"):
+            raise ValueError(f"solver must be 'heun', 'euler', 'ab2' or 'ab2log', got {self.solver!r}")
         if self.grid not in ("logsnr", "uniform_t"):
             raise ValueError(f"grid must be 'logsnr' or 'uniform_t', got {self.grid!r}")
         if self.n_steps < 2:
@@ -116,9 +130,56 @@ def time_grid(cfg: ODEConfig) -> Tensor:
     return (1.0 - t) / t
 
 
-def _x0(y: Tensor, s: float, log_p: Tensor, codebook: Tensor) -> Tensor:
-    t = 1.0 / (1.0 + s)
-    return flow.denoise(y * t, t, log_p, codebook, dtype=y.dtype)
+@torch.no_grad()
+def codebook_grid(codebook: Tensor) -> tuple[float, float]:
+    """(s_min, s_max) of a log-SNR grid sized to a codebook: 0.6 / its diameter and 5 / its closest pair's distance.
+
+    The posterior leaves the prior once s |y| |c_i - c_j| ~ 1 for the farthest codes, and two codes at distance d
+    are decided once s^2 d^2 / 2 exceeds their log-probability gap (s = 5 / d covers gaps up to 12.5). On the
+    Fashion-MNIST codebook (512 l2-normalised 8-D codes, closest pair 0.134) this gives [0.3, 37.4]. Duplicate
+    codes are skipped (no grid separates them).
+    """
+    cb = codebook.detach().double().cpu()
+    d_max = 2 * cb.norm(dim=-1).max().item()  # an upper bound first, for the duplicate threshold
+    d_min, diameter = math.inf, 0.0
+    chunk = max(1, 2 ** 24 // cb.numel())  # rows per block of differences (<= 128 MiB)
+    for a in range(0, cb.shape[0], chunk):
+        d = (cb[a:a + chunk, None, :] - cb[None, :, :]).norm(dim=-1)  # exact, no |a|^2 + |b|^2 - 2ab rounding
+        diameter = max(diameter, d.max().item())
+        d = d[d > 1e-9 * d_max]
+        if d.numel():
+            d_min = min(d_min, d.min().item())
+    if not math.isfinite(d_min) or diameter <= 0:
+        raise ValueError("codebook_grid needs at least two distinct codes")
+    d_max = diameter
+    return 0.6 / d_max, 5.0 / d_min
+
+
+class _Posterior:
+    """x0_hat in the (y, s) coordinates, fused for speed: the posterior logits of section 1 are
+
+        log w_j = log p_j + s y.c_j - s^2 |c_j|^2 / 2  (+ a constant over j),
+
+    one ``addmm`` of the augmented state [s y, -s^2 / 2] against [c_j, |c_j|^2], a softmax and one
+    matmul per evaluation (``onestep.flow.denoise`` at x = y t, t = 1 / (1 + s), without its extra passes).
+    """
+
+    def __init__(self, log_p: Tensor, codebook: Tensor, dtype: torch.dtype):
+        self.log_p = log_p.reshape(-1, log_p.shape[-1]).to(dtype)                      # (N, V)
+        self.cb = codebook.to(dtype)                                                     # (V, C)
+        self.cb_aug = torch.cat([self.cb, self.cb.pow(2).sum(-1, keepdim=True)], 1).t().contiguous()  # (C+1, V)
+        self.logits = None
+
+    def __call__(self, y: Tensor, s: float) -> Tensor:
+        y_aug = torch.cat([y * s, y.new_full((y.shape[0], 1), -0.5 * s * s)], 1)
+        self.logits = torch.addmm(self.log_p, y_aug, self.cb_aug)
+        return torch.softmax(self.logits, dim=-1) @ self.cb
+
+    def slope_at_zero(self, y: Tensor) -> Tensor:
+        """d x0_hat / ds at s = 0: Cov_p(c) y = sum_j p_j c_j (c_j . y) - mu (mu . y), mu = sum_j p_j c_j."""
+        p = torch.softmax(self.log_p, dim=-1)
+        mu = p @ self.cb
+        return (p * (y @ self.cb.t())) @ self.cb - mu * (mu * y).sum(-1, keepdim=True)
 
 
 @torch.no_grad()
@@ -132,28 +193,32 @@ def ode_map(eps: Tensor, log_p: Tensor, codebook: Tensor, cfg: ODEConfig | None 
     """
     cfg = cfg or ODEConfig()
     dt = cfg.torch_dtype
-    y = eps.to(dt)
-    log_p = log_p.to(dt)
-    cb = codebook.to(device=eps.device, dtype=dt)
+    lead = eps.shape[:-1]
+    y = eps.reshape(-1, eps.shape[-1]).to(dt)
+    x0 = _Posterior(log_p, codebook.to(device=eps.device), dt)
     s = time_grid(cfg).tolist()
-    d = _x0(y, s[0], log_p, cb)
+    d = x0(y, s[0])
     d_prev, h_prev = None, None
     for i in range(len(s) - 1):
         h = s[i + 1] - s[i]
-        if cfg.solver == "ab2" and d_prev is not None:  # variable-step Adams-Bashforth 2 (1 NFE/step)
+        if cfg.solver == "ab2log" and i >= 2:  # x0_hat linear in log s
+            lam, lam_prev = math.log(s[i + 1] / s[i]), math.log(s[i] / s[i - 1])
+            y_next = y + h * d + (d - d_prev) * ((s[i + 1] * lam - h) / lam_prev)
+        elif cfg.solver == "ab2log" and i == 0:  # from s = 0: second-order Taylor, x0_hat'(0) in closed form
+            y_next = y + h * d + (0.5 * h * h) * x0.slope_at_zero(y)
+        elif cfg.solver in ("ab2", "ab2log") and d_prev is not None:  # variable-step Adams-Bashforth 2 (1 NFE/step)
             r = h / (2 * h_prev)
             y_next = y + h * ((1 + r) * d - r * d_prev)
         else:
             y_next = y + h * d
         if cfg.solver == "heun":
-            y_next = y + 0.5 * h * (d + _x0(y_next, s[i + 1], log_p, cb))
+            y_next = y + 0.5 * h * (d + x0(y_next, s[i + 1]))
         d_prev, h_prev = d, h
-        y, d = y_next, _x0(y_next, s[i + 1], log_p, cb)
-    t_end = 1.0 / (1.0 + s[-1])
-    ids = flow.log_weights(y * t_end, t_end, log_p, cb, dtype=dt).argmax(-1)
+        y, d = y_next, x0(y_next, s[i + 1])
+    ids = x0.logits.argmax(-1)  # the posterior at s_max (the last evaluation)
     if not return_stats:
-        return ids
-    return ids, {"snap_dist": (d - cb[ids]).norm(dim=-1)}
+        return ids.reshape(lead)
+    return ids.reshape(lead), {"snap_dist": (d - x0.cb[ids]).norm(dim=-1).reshape(lead)}
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from onestep import checkpoint as ckpt
 from onestep import rng
-from onestep.dd1.flow_map import ODEConfig, ode_map
+from onestep.dd1.flow_map import ODEConfig, codebook_grid, ode_map
 from onestep.distributed import DistInfo, unwrap, wrap_ddp
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
 from onestep.trainer import (LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer, prepare_run_dir,
@@ -53,9 +53,11 @@ class FlowConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
-    ode_steps: int = 32          # ODE steps of the flow map (ab2 on the log-SNR grid), in training and sampling: the
-                                 # push-forward's TV to softmax(l) is ~0.02 at 32 steps (0.04 at 16, 0.35 at 8), and
-                                 # sampling with 200 steps scores the same FID (docs/dd2-convergence.md, section 7)
+    ode_steps: int = 16          # the flow map's ODE (onestep.dd1.flow_map.ode_map), in training and sampling:
+    ode_solver: str = "ab2log"   # 16 steps of AB2 extrapolating in log s, on a log-SNR grid over [s_min, s_max]
+    ode_s_min: float | None = None  # (None: flow_map.codebook_grid, [0.3, 37.4] on Fashion-MNIST's codes), put 1.2%
+    ode_s_max: float | None = None  # of the tokens off a converged reference in 33 ms at batch 64 (AB2 in s over
+                                    # [0.05, 500]: 3.5% at 32 steps, 78 ms; benchmarks/results/ode-solvers.md)
     divergence: str = "forward"  # "forward": KL(p_T || q), "reverse": KL(q || p_T) (see the module docstring)
     seed: int = 0
     log_every: int = 10
@@ -66,6 +68,15 @@ class FlowConfig:
             raise ValueError(f"divergence must be 'forward' or 'reverse', got {self.divergence!r}")
         if self.ode_steps < 2:
             raise ValueError(f"ode_steps must be at least 2, got {self.ode_steps}")
+        self.ode(grid=(1.0, 2.0))  # validates the solver and a given grid
+
+    def ode(self, codebook: Tensor | None = None, grid: tuple[float, float] | None = None) -> ODEConfig:
+        """The flow map's ODE configuration; a grid end left None comes from ``codebook`` (or ``grid``)."""
+        if (self.ode_s_min is None or self.ode_s_max is None) and grid is None:
+            grid = codebook_grid(codebook)
+        s_min = grid[0] if self.ode_s_min is None else self.ode_s_min
+        s_max = grid[1] if self.ode_s_max is None else self.ode_s_max
+        return ODEConfig(solver=self.ode_solver, n_steps=self.ode_steps, s_min=s_min, s_max=s_max)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,9 +98,9 @@ class FlowHeadGenerator(nn.Module):
     reads the noise; a VAR teacher reads continuous inputs as it is. Its ``features`` row i sees eps at earlier AR
     steps only; its ``head`` gives the logits."""
 
-    def __init__(self, net: nn.Module, ode: ODEConfig | None = None, family: str = "llamagen"):
+    def __init__(self, net: nn.Module, ode: ODEConfig, family: str = "llamagen"):
         super().__init__()
-        self.net, self.ode, self.family = net, ode or ODEConfig(), family
+        self.net, self.ode, self.family = net, ode, family
         self.seq_len, self.code_dim, self.num_classes = net.seq_len, net.code_dim, net.num_classes
 
     @property
@@ -100,11 +111,12 @@ class FlowHeadGenerator(nn.Module):
     def from_teacher(cls, teacher: nn.Module, ode: ODEConfig | None = None,
                      family: str = "llamagen") -> "FlowHeadGenerator":
         """A copy of the teacher's weights that reads the noise (the family's ``noise_reader``: a LlamaGen token table
-        becomes an MLP on the C-dim inputs whose noise embeddings have the RMS of the teacher's token embeddings)."""
+        becomes an MLP on the C-dim inputs whose noise embeddings have the RMS of the teacher's token embeddings).
+        ``ode``: the map's ODE (default: :class:`FlowConfig`'s, on the teacher codebook's grid)."""
         from onestep.families import family_named
 
         net = family_named(family).noise_reader(teacher)
-        return cls(net.train().requires_grad_(True), ode, family)
+        return cls(net.train().requires_grad_(True), ode or FlowConfig().ode(teacher.codebook()), family)
 
     def config(self) -> dict:
         return {"generator": "flow-head", "family": self.family, "net": self.net.args.to_dict(),
@@ -191,7 +203,7 @@ def train_flow(run_dir: str | Path, teacher_dir: str | Path, cfg: FlowConfig, sa
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by world size {info.world_size}")
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     teacher.requires_grad_(False).eval()
-    generator = FlowHeadGenerator.from_teacher(teacher, ODEConfig(n_steps=cfg.ode_steps),
+    generator = FlowHeadGenerator.from_teacher(teacher, cfg.ode(teacher.codebook()),
                                                tconf.get("family", "llamagen")).to(info.device)
     config = {"kind": "dd2-generator", "stage": "dd2-flow", "recipe": "flow", "flow": cfg,
               "sampling": sampling.to_dict(), "teacher_dir": ref_to(teacher_dir, run_dir),

@@ -58,21 +58,22 @@ class _TabularFlow(torch.nn.Module):
         return torch.log_softmax(self.head(self.backbone.features(eps, labels)), -1)
 
 
-def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3) -> dict:
+def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, width: int | None = None) -> dict:
     """The flow recipe on a tabular teacher: l_i = Linear(f_i(eps_<i)), tokens = ODE map of eps_i under softmax(l_i)
     (the recipe's map: ``FlowConfig().ode`` on the codebook's grid), forward KL to the teacher's conditional at the
-    generated prefix, cosine LR."""
+    generated prefix, cosine LR. ``width``: the backbone's (default: ``TabularRunConfig``'s)."""
     teacher = make_teacher(rung)
     n, C, V = teacher.seq_len, teacher.code_dim, teacher.vocab_size
     cb, sampling, base = teacher.codebook(), SamplingConfig(), TabularRunConfig()
     torch.manual_seed(0)
-    backbone = CausalMLPBackbone(n, C, 1, base.width, base.backbone_gain)
-    head = torch.nn.Linear(base.width, V)
+    width = width or base.width
+    backbone = CausalMLPBackbone(n, C, 1, width, base.backbone_gain)
+    head = torch.nn.Linear(width, V)
     opt = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=lr)
     ode = FlowConfig().ode(cb)
 
     gen = _TabularFlow(backbone, head, cb)
-    g, labels, t0 = torch.Generator().manual_seed(1), torch.zeros(batch, dtype=torch.long), time.time()
+    g, labels, t0 = torch.Generator().manual_seed(1), torch.zeros(batch, dtype=torch.long), time.process_time()
     for step in range(steps):
         for grp in opt.param_groups:
             grp["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -80,7 +81,7 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3) -
         opt.zero_grad()
         loss.backward()
         opt.step()
-    train_s = time.time() - t0
+    train_s = time.process_time() - t0  # CPU seconds (one thread)
     eps = torch.randn(N_EVAL, n, C, generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
         ids = ode_map(eps, gen(eps, torch.zeros(N_EVAL, dtype=torch.long)), cb, ode)

@@ -55,7 +55,7 @@ def test_the_generators_conditional_is_softmax_of_its_logits(table_gpt):
     with torch.no_grad():  # row i is the same for every draw (it does not read eps_i: the test above)
         log_q = gen.log_probs(eps[:64], labels[:64])[:, i]
     assert torch.allclose(log_q, log_q[:1].expand_as(log_q), atol=1e-5)
-    ids = ode_map(eps[:, i], log_q[:1].expand(N, -1), gen.codebook(), ODEConfig(n_steps=64))  # sample_ids at i
+    ids = ode_map(eps[:, i], log_q[:1].expand(N, -1), gen.codebook(), gen.ode)  # sample_ids at position i
     q = log_q[0].exp()
     freq = torch.bincount(ids, minlength=q.numel()).double() / N
     tv = 0.5 * (freq - q.double()).abs().sum().item()
@@ -67,11 +67,11 @@ def test_loss_is_the_kl_from_the_teachers_conditional_at_the_generated_prefix(ta
     n, C = gen.noise_shape
     g = torch.Generator().manual_seed(2)
     eps, labels = torch.randn(4, n, C, generator=g), torch.tensor([0, 3, 5, 7])
-    ode = ODEConfig(n_steps=16)
+    ode = gen.ode
     loss, logs = flow_loss(gen, table_gpt, SAMPLING, eps, labels, ode, "forward")
     with torch.no_grad():
         log_q = gen.log_probs(eps, labels)
-        ids = gen.sample_ids(eps, labels, ode_steps=16)
+        ids = gen.sample_ids(eps, labels)
         log_p = teacher_log_probs(table_gpt, ids, labels, SAMPLING)
     p = log_p.exp()
     kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)

@@ -54,10 +54,10 @@ class FlowConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     ode_steps: int = 16          # the flow map's ODE (onestep.dd1.flow_map.ode_map), in training and sampling:
-    ode_solver: str = "ab2log"   # 16 steps of AB2 extrapolating in log s, on a log-SNR grid over [s_min, s_max]
-    ode_s_min: float | None = None  # (None: flow_map.codebook_grid, [0.3, 37.4] on Fashion-MNIST's codes), put 1.2%
-    ode_s_max: float | None = None  # of the tokens off a converged reference in 33 ms at batch 64 (AB2 in s over
-                                    # [0.05, 500]: 3.5% at 32 steps, 78 ms; benchmarks/results/ode-solvers.md)
+    ode_solver: str = "ab2log"   # 16 steps of AB2 extrapolating in log s on a log-SNR grid over [s_min, s_max]
+    ode_s_min: float | None = None  # (None: flow_map.codebook_grid, [0.30, 37.4] on Fashion-MNIST's codes) put 1.0%
+    ode_s_max: float | None = None  # of the tokens off a converged reference, at half the time of the 32 AB2 steps in
+                                    # s over [0.05, 500] that put 3.3% off (benchmarks/results/ode-solvers.md)
     divergence: str = "forward"  # "forward": KL(p_T || q), "reverse": KL(q || p_T) (see the module docstring)
     seed: int = 0
     log_every: int = 10

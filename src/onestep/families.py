@@ -77,7 +77,7 @@ def _noise_reader_llamagen(teacher) -> nn.Module:
 
     if teacher.args.input_embedding != "table":
         return copy.deepcopy(teacher)
-    from onestep.dd2.adapt import continuous_copy
+    from onestep.teacher.llamagen import continuous_copy
 
     net = continuous_copy(teacher)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from onestep import checkpoint as ckpt
 from onestep.distributed import DistInfo, wrap_ddp
-from onestep.teacher.llamagen import GPT
+from onestep.teacher.llamagen import GPT, continuous_copy
 from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
                              prepare_run_dir, set_lr, warmup_cosine)
 
@@ -63,17 +63,6 @@ def acceptance(nll_teacher: float, nll_adapted: float) -> dict:
     ok = bool(rel <= ACCEPT_REL_NLL)
     return {"nll_rel_change": rel, "accepted": ok, "within_1pct": ok,
             "acceptance": f"held-out NLL within {100 * ACCEPT_REL_NLL:g}% of the original teacher's"}
-
-
-def continuous_copy(teacher: GPT) -> GPT:
-    """A GPT with ``input_embedding="mlp"``, all shared weights copied from ``teacher``."""
-    student = GPT(replace(teacher.args, input_embedding="mlp"), codebook=teacher.codebook().detach().cpu())
-    own = student.state_dict()
-    shared = {k: v for k, v in teacher.state_dict().items() if k in own}
-    missing = set(own) - set(shared)
-    assert all(k.startswith("tok_mlp.") for k in missing), missing
-    student.load_state_dict({**own, **shared})
-    return student.to(teacher.codebook().device)
 
 
 def fit_embedding_mlp(student: GPT, table: torch.Tensor, steps: int, lr: float, seed: int = 0,

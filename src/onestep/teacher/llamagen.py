@@ -312,4 +312,17 @@ class GPT(ARTeacher):
         return sum(p.numel() for p in self.parameters())
 
 
-__all__ = ["ModelArgs", "GPT_PRESETS", "model_args", "GPT", "KVCache", "rotary_table_2d", "apply_rotary"]
+def continuous_copy(teacher: GPT) -> GPT:
+    """A GPT with ``input_embedding="mlp"`` (an MLP on the C-dim code vectors in place of the token table, DD2's
+    stage 0), every shared weight copied from ``teacher``; the new ``tok_mlp`` keeps its fresh initialisation."""
+    student = GPT(replace(teacher.args, input_embedding="mlp"), codebook=teacher.codebook().detach().cpu())
+    own = student.state_dict()
+    shared = {k: v for k, v in teacher.state_dict().items() if k in own}
+    missing = set(own) - set(shared)
+    assert all(k.startswith("tok_mlp.") for k in missing), missing
+    student.load_state_dict({**own, **shared})
+    return student.to(teacher.codebook().device)
+
+
+__all__ = ["ModelArgs", "GPT_PRESETS", "model_args", "GPT", "KVCache", "rotary_table_2d", "apply_rotary",
+           "continuous_copy"]

@@ -8,7 +8,8 @@ Each rung's generator is the ladder's causal MLP backbone with a linear logits h
 samples (``dd2_guidance_estimates.flow_row``: batch 256, cosine LR). Budgets: 1500 steps at LR 3e-3, 6000 and 12000
 steps at LR 1e-2. TV on 200k samples against the floor (the teacher's own 200k samples); the ladder's goal is at most
 2x the floor. ``train_s`` is CPU seconds (one thread); ``dd1_train_s`` is DD1's generator training on the same rung (``dd2-ladder.json``, the map recipe's
-rows), the cost to compare with. Variants on v4-n2 at the first budget: a 4x wider backbone, a 4x larger batch.
+rows), the cost to compare with. Variants on v4-n2 at the first budget: a 4x wider backbone, a 4x larger batch;
+and the third and fourth rungs at 24000 steps.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUNGS = ("v4-n1-c2-random", "v4-n2-c2-random", "v4-n3-c2-random", "v6-n3-c3-random", "v6-n5-c3-random")
 BUDGETS = ((1500, 3e-3), (6000, 1e-2), (12000, 1e-2))
 VARIANTS = (("v4-n2-c2-random", {"width": 256}), ("v4-n2-c2-random", {"batch": 1024}))
+LONGER = (("v4-n3-c2-random", 24000, 1e-2), ("v6-n3-c3-random", 24000, 1e-2))  # twice the last budget
 
 
 def row(rung: str, ladder: dict, steps: int, lr: float, **kw) -> dict:
@@ -50,6 +52,7 @@ def main(argv=None) -> dict:
     else:
         rows = [row(rung, ladder, steps, lr) for rung in RUNGS for steps, lr in BUDGETS]
     variants = [row(rung, ladder, 1500, 3e-3, **kw) for rung, kw in VARIANTS]
+    variants += [row(rung, ladder, steps, lr) for rung, steps, lr in LONGER]
     result = {**provenance(), "n_eval": 200_000, "rows": rows, "variants": variants}
     write_results(RESULTS / "dd2-flow-ladder", result, "DD2's flow recipe on the tabular ladder")
     return result

@@ -113,6 +113,9 @@ def test_config_checks():
     cb = torch.tensor([[0.0], [1.0], [3.0]])
     assert (FlowConfig().ode(cb).s_min, FlowConfig().ode(cb).s_max) == pytest.approx((0.2, 5.0))  # codebook_grid
     assert FlowConfig(ode_s_max=9.0).ode(cb).s_max == 9.0 and FlowConfig(ode_s_max=9.0).ode(cb).solver == "ab2log"
+    assert FlowConfig(ode_s_min=3.0).ode(cb).s_min == 3.0  # one end given, the other from the codebook
+    with pytest.raises(ValueError, match="solver"):
+        FlowConfig(ode_solver="rk4")
 
 
 def test_flow_run_trains_resumes_and_samples(tmp_path):

@@ -141,19 +141,18 @@ def codebook_grid(codebook: Tensor) -> tuple[float, float]:
     codes are skipped (no grid separates them).
     """
     cb = codebook.detach().double().cpu()
-    d_max = 2 * cb.norm(dim=-1).max().item()  # an upper bound first, for the duplicate threshold
+    duplicate = 1e-9 * 2 * cb.norm(dim=-1).max().item()  # distances below this (a diameter bound) are duplicates
     d_min, diameter = math.inf, 0.0
     chunk = max(1, 2 ** 24 // cb.numel())  # rows per block of differences (<= 128 MiB)
     for a in range(0, cb.shape[0], chunk):
         d = (cb[a:a + chunk, None, :] - cb[None, :, :]).norm(dim=-1)  # exact, no |a|^2 + |b|^2 - 2ab rounding
         diameter = max(diameter, d.max().item())
-        d = d[d > 1e-9 * d_max]
+        d = d[d > duplicate]
         if d.numel():
             d_min = min(d_min, d.min().item())
     if not math.isfinite(d_min) or diameter <= 0:
         raise ValueError("codebook_grid needs at least two distinct codes")
-    d_max = diameter
-    return 0.6 / d_max, 5.0 / d_min
+    return 0.6 / diameter, 5.0 / d_min
 
 
 class _Posterior:
@@ -173,7 +172,7 @@ class _Posterior:
         n2 = self.cb.pow(2).sum(-1, keepdim=True)
         self.equal_norms = bool((n2.max() - n2.min()) <= 1e-6 * n2.max())
         self.cb_t = self.cb.t().contiguous()                                             # (C, V)
-        self.cb_aug = torch.cat([self.cb, n2], 1).t().contiguous()                      # (C+1, V)
+        self.cb_aug = None if self.equal_norms else torch.cat([self.cb, n2], 1).t().contiguous()  # (C+1, V)
         self.logits = None
 
     def posterior_logits(self, y: Tensor, s: float) -> Tensor:
@@ -192,7 +191,7 @@ class _Posterior:
         """d x0_hat / ds at s = 0: Cov_p(c) y = sum_j p_j c_j (c_j . y) - mu (mu . y), mu = sum_j p_j c_j."""
         p = torch.softmax(self.log_p, dim=-1)
         mu = p @ self.cb
-        return (p * (y @ self.cb.t())) @ self.cb - mu * (mu * y).sum(-1, keepdim=True)
+        return (p * (y @ self.cb_t)) @ self.cb - mu * (mu * y).sum(-1, keepdim=True)
 
 
 @torch.no_grad()

@@ -68,12 +68,14 @@ class FlowConfig:
             raise ValueError(f"divergence must be 'forward' or 'reverse', got {self.divergence!r}")
         if self.ode_steps < 2:
             raise ValueError(f"ode_steps must be at least 2, got {self.ode_steps}")
-        self.ode(grid=(1.0, 2.0))  # validates the solver and a given grid
+        ODEConfig(solver=self.ode_solver, n_steps=self.ode_steps)  # validates the solver
+        if any(v is not None and v <= 0 for v in (self.ode_s_min, self.ode_s_max)) or (
+                None not in (self.ode_s_min, self.ode_s_max) and self.ode_s_min >= self.ode_s_max):
+            raise ValueError(f"need 0 < s_min < s_max, got ode_s_min={self.ode_s_min}, ode_s_max={self.ode_s_max}")
 
-    def ode(self, codebook: Tensor | None = None, grid: tuple[float, float] | None = None) -> ODEConfig:
-        """The flow map's ODE configuration; a grid end left None comes from ``codebook`` (or ``grid``)."""
-        if (self.ode_s_min is None or self.ode_s_max is None) and grid is None:
-            grid = codebook_grid(codebook)
+    def ode(self, codebook: Tensor | None = None) -> ODEConfig:
+        """The flow map's ODE configuration; a grid end left None comes from ``codebook`` (``codebook_grid``)."""
+        grid = codebook_grid(codebook) if None in (self.ode_s_min, self.ode_s_max) else (None, None)
         s_min = grid[0] if self.ode_s_min is None else self.ode_s_min
         s_max = grid[1] if self.ode_s_max is None else self.ode_s_max
         return ODEConfig(solver=self.ode_solver, n_steps=self.ode_steps, s_min=s_min, s_max=s_max)

@@ -34,7 +34,8 @@ def configs(codebook) -> dict:
     recipe's), and both at equal step counts on either grid."""
     s_min, s_max = codebook_grid(codebook)
     grid = f"[{s_min:.2f}, {s_max:.1f}]"
-    rows = {"ab2-200 [0.05, 500] (DD1's pairs)": ODEConfig(), "euler-32 [0.05, 500]": ODEConfig(solver="euler", n_steps=32)}
+    rows = {"ab2-200 [0.05, 500] (DD1's pairs)": ODEConfig(),
+            "euler-32 [0.05, 500]": ODEConfig(solver="euler", n_steps=32)}
     for n in (32, 16):
         rows[f"ab2-{n} [0.05, 500]"] = ODEConfig(n_steps=n)
     rows[f"ab2-16 {grid}"] = ODEConfig(n_steps=16, s_min=s_min, s_max=s_max)

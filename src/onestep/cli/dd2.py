@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 
 from onestep.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
-from onestep.cli.flags import PRESETS, add_common, add_data, add_preset, add_run_dir, add_sampling, given, override
+from onestep.cli.flags import (DEFAULT_CFG_SCALE, PRESETS, add_common, add_data, add_preset, add_run_dir, add_sampling,
+                               given, override)
 
 
 def cmd_adapt(args) -> None:
@@ -75,7 +76,7 @@ def train_recipe(args) -> str:
         from onestep.samplers import sampling_config_from_args
         from onestep.teacher.sampling import SamplingConfig
 
-        if sampling_config_from_args(args) != SamplingConfig(cfg_scale=2.0):
+        if sampling_config_from_args(args) != SamplingConfig(cfg_scale=DEFAULT_CFG_SCALE):  # a rule flag was given
             raise ValueError("the CSD recipe distils under its stage-1 run's sampling rule; set --cfg-scale and the "
                              "other rule flags on onestep dd2 tune")
     return recipe

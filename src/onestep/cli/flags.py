@@ -16,7 +16,7 @@ from dataclasses import replace
 from onestep.argtypes import conti_from, device, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
 
 __all__ = ["add_device", "add_common", "add_data", "add_run_dir", "add_preset", "add_method", "run_method",
-           "add_sampling", "override", "given", "DATA_SETS", "PRESETS"]
+           "add_sampling", "override", "given", "DATA_SETS", "PRESETS", "DEFAULT_CFG_SCALE"]
 
 DATA_SETS = ["fashion-mnist", "mnist", "folder"]
 
@@ -92,7 +92,10 @@ def run_method(args: argparse.Namespace) -> str:
     return args.method or run_kind(args.run)
 
 
-def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = 2.0) -> None:
+DEFAULT_CFG_SCALE = 2.0  # --cfg-scale's default on every command that takes the sampling rule
+
+
+def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = DEFAULT_CFG_SCALE) -> None:
     g = p.add_argument_group("teacher sampling rule (also defines p for DD1's map and DD2's teacher score)")
     g.add_argument("--cfg-scale", type=nonneg_float, default=cfg_scale,
                    help=f"classifier-free guidance (default {cfg_scale}; 1 = off)")

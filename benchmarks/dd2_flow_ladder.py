@@ -8,8 +8,8 @@ Each rung's generator is the ladder's causal MLP backbone with a linear logits h
 samples (``dd2_guidance_estimates.flow_row``: batch 256, cosine LR). Budgets: 1500 steps at LR 3e-3, 6000 and 12000
 steps at LR 1e-2. TV on 200k samples against the floor (the teacher's own 200k samples); the ladder's goal is at most
 2x the floor. ``train_s`` is CPU seconds (one thread); ``dd1_train_s`` is DD1's generator training on the same rung
-(``dd2-ladder.json``, the map recipe's rows), the cost to compare with. Variants on v4-n2 at the first budget: a 4x wider backbone, a 4x larger batch;
-and the third and fourth rungs at 24000 steps.
+(``dd2-ladder.json``, the map recipe's rows), the cost to compare with. Variants: on v4-n2 at the first budget, a 4x
+wider backbone and a 4x larger batch; the third and fourth rungs at 24000 steps.
 """
 from __future__ import annotations
 

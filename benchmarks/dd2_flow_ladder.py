@@ -1,59 +1,114 @@
-"""The flow recipe on the tabular ladder at three training budgets: TV against the exact joint, and its cost.
+"""The flow recipe on the tabular ladder: TV against the exact joint, and its cost, beside DD1's generator.
 
     OMP_NUM_THREADS=1 python benchmarks/dd2_flow_ladder.py      # -> benchmarks/results/dd2-flow-ladder.{json,md}
-    OMP_NUM_THREADS=1 python benchmarks/dd2_flow_ladder.py --variants-only   # re-runs the variants, keeps the rows
+    OMP_NUM_THREADS=1 python benchmarks/dd2_flow_ladder.py --parts prefix_codes dd1   # re-runs two parts, keeps the rest
 
 Each rung's generator is the ladder's causal MLP backbone with a linear logits head, its tokens the recipe's ODE map
 (``FlowConfig().ode`` on the codebook's grid), trained on the forward KL to the teacher's conditionals at its own
-samples (``dd2_guidance_estimates.flow_row``: batch 256, cosine LR). Budgets: 1500 steps at LR 3e-3, 6000 and 12000
-steps at LR 1e-2. TV on 200k samples against the floor (the teacher's own 200k samples); the ladder's goal is at most
-2x the floor. ``train_s`` is CPU seconds (one thread); ``dd1_train_s`` is DD1's generator training on the same rung
-(``dd2-ladder.json``, the map recipe's rows), the cost to compare with. Variants: on v4-n2 at the first budget, a 4x
-wider backbone and a 4x larger batch; the third and fourth rungs at 24000 steps.
+samples (``dd2_guidance_estimates.flow_row``: batch 256, cosine LR). TV on 200k samples against the floor (the
+teacher's own 200k samples); the ladder's goal is at most 2x the floor. ``train_s`` is CPU seconds (one thread);
+``dd1_train_s`` is DD1's generator training on the same rung (``dd2-ladder.json``, the map recipe's rows). Parts:
+- ``rows``: budgets of 1500 steps at LR 3e-3, 6000 and 12000 steps at LR 1e-2;
+- ``variants``: on v4-n2 at the first budget, a 4x wider backbone and a 4x larger batch; the third and fourth rungs
+  at 24000 steps;
+- ``prefix_codes``: the generator that also reads the code of each earlier position under its running marginal
+  (``_TabularFlow``), at 12000 steps;
+- ``dd1``: DD1's generator on the same backbone (reading eps_<=i, cross-entropy on 200k pairs of the exact map,
+  argmax; ``dd1_row``) at the same budgets: what a one-step network of this size reaches by DD1's training.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance, write_results  # noqa: E402
-from dd2_guidance_estimates import flow_row  # noqa: E402
+from dd2_guidance_estimates import N_EVAL, flow_row  # noqa: E402
+from dd2_ladder import make_teacher  # noqa: E402
+
+from onestep.dd1.flow_map import map_noise_to_tokens  # noqa: E402
+from onestep.dd2.flowhead import FlowConfig  # noqa: E402
+from onestep.dd2.tabular import CausalMLPBackbone, TabularRunConfig, tv_of_ids  # noqa: E402
+from onestep.teacher.sampling import SamplingConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNGS = ("v4-n1-c2-random", "v4-n2-c2-random", "v4-n3-c2-random", "v6-n3-c3-random", "v6-n5-c3-random")
 BUDGETS = ((1500, 3e-3), (6000, 1e-2), (12000, 1e-2))
 VARIANTS = (("v4-n2-c2-random", {"width": 256}), ("v4-n2-c2-random", {"batch": 1024}))
+PARTS = ("rows", "variants", "prefix_codes", "dd1")
 LONGER = (("v4-n3-c2-random", 24000, 1e-2), ("v6-n3-c3-random", 24000, 1e-2))  # twice the last budget
 
 
 def row(rung: str, ladder: dict, steps: int, lr: float, **kw) -> dict:
     r = flow_row(rung, steps=steps, lr=lr, **kw)
     out = {"rung": rung, "steps": steps, "lr": lr, "batch": kw.get("batch", 256), "width": kw.get("width", "default"),
-           "tv": r["tv"], "floor": r["floor"], "tv_over_floor": round(r["tv"] / r["floor"], 2),
+           "prefix_codes": kw.get("prefix_codes") or "-", "tv": r["tv"], "floor": r["floor"],
+           "tv_over_floor": round(r["tv"] / r["floor"], 2),
            "train_s": r["train_s"], "dd1_train_s": ladder.get(rung, {}).get("dd1_train_s")}
+    print(out, flush=True)
+    return out
+
+
+def dd1_row(rung: str, steps: int, lr: float, n_pairs: int = 200_000, batch: int = 256) -> dict:
+    """DD1's generator on the flow recipe's backbone: row i reads eps_<=i (the same causal MLP, the current position
+    included) and gives logits over the codes, trained by cross-entropy on ``n_pairs`` pairs of DD1's exact map (the
+    recipe's ODE under the teacher's conditionals), cosine LR; its token is the argmax (DD1's one step)."""
+    teacher = make_teacher(rung)
+    n, C, V = teacher.seq_len, teacher.code_dim, teacher.vocab_size
+    cb, sampling, base = teacher.codebook(), SamplingConfig(), TabularRunConfig()
+    torch.manual_seed(0)
+    backbone = CausalMLPBackbone(n, C, 1, base.width, base.backbone_gain, include_current=True)
+    head = torch.nn.Linear(base.width, V)
+    opt = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=lr)
+    g, t0 = torch.Generator().manual_seed(1), time.process_time()
+    eps_p = torch.randn(n_pairs, n, C, generator=g)
+    ids_p = map_noise_to_tokens(teacher, eps_p, torch.zeros(n_pairs, dtype=torch.long), sampling, FlowConfig().ode(cb))
+    pairs_s, t0 = time.process_time() - t0, time.process_time()
+    labels = torch.zeros(batch, dtype=torch.long)
+    for step in range(steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(0, n_pairs, (batch,), generator=g)
+        loss = F.cross_entropy(head(backbone.features(eps_p[idx], labels)).reshape(-1, V), ids_p[idx].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    train_s = time.process_time() - t0
+    eps = torch.randn(N_EVAL, n, C, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        ids = head(backbone.features(eps, torch.zeros(N_EVAL, dtype=torch.long))).argmax(-1)
+    out = {"rung": rung, "generator": "dd1", "steps": steps, "lr": lr, "tv": round(tv_of_ids(teacher, ids), 4),
+           "train_s": round(train_s, 1), "pairs_s": round(pairs_s, 1)}
     print(out, flush=True)
     return out
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants-only", action="store_true", help="keep the budget rows of the last run")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
+                    help="the parts to (re-)run; the others are kept from the last results")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     ladder = {r["rung"]: r for r in json.loads((RESULTS / "dd2-ladder.json").read_text())["table"]
               if r["recipe"] == "map"}
-    if a.variants_only:
-        rows = json.loads((RESULTS / "dd2-flow-ladder.json").read_text())["rows"]
-    else:
-        rows = [row(rung, ladder, steps, lr) for rung in RUNGS for steps, lr in BUDGETS]
-    variants = [row(rung, ladder, 1500, 3e-3, **kw) for rung, kw in VARIANTS]
-    variants += [row(rung, ladder, steps, lr) for rung, steps, lr in LONGER]
-    result = {**provenance(), "n_eval": 200_000, "rows": rows, "variants": variants}
+    last = RESULTS / "dd2-flow-ladder.json"
+    parts = {k: v for k, v in (json.loads(last.read_text()) if last.exists() else {}).items() if k in PARTS}
+    run = {"rows": lambda: [row(rung, ladder, steps, lr) for rung in RUNGS for steps, lr in BUDGETS],
+           "variants": lambda: ([row(rung, ladder, 1500, 3e-3, **kw) for rung, kw in VARIANTS]
+                                + [row(rung, ladder, steps, lr) for rung, steps, lr in LONGER]),
+           "prefix_codes": lambda: [row(rung, ladder, steps, lr, prefix_codes="map") for rung in RUNGS
+                                    for steps, lr in BUDGETS[2:]],
+           "dd1": lambda: [dd1_row(rung, steps, lr) for rung in RUNGS for steps, lr in BUDGETS[2:]]}
+    for part in a.parts:
+        parts[part] = run[part]()
+    result = {**provenance(), "n_eval": N_EVAL, **{k: parts.get(k, []) for k in PARTS}}
     write_results(RESULTS / "dd2-flow-ladder", result, "DD2's flow recipe on the tabular ladder")
     return result
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,36 +44,81 @@ def csd_row(rung: str, resample: int) -> dict:
             "floor": round(out["tv_teacher_samples"], 4), "train_s": round(out["tune_time_s"] + out["csd_time_s"], 1)}
 
 
+PREFIX_CODES = ("map", "map-uniform", "map-4", "laguerre", "soft-laguerre")
+
+
 class _TabularFlow(torch.nn.Module):
     """The flow recipe's generator on a tabular teacher: log softmax(l_i), l_i = Linear(f_i(eps_<i)), for
-    :func:`onestep.dd2.flowhead.flow_loss`."""
+    :func:`onestep.dd2.flowhead.flow_loss`.
 
-    def __init__(self, backbone: CausalMLPBackbone, head: torch.nn.Linear, codebook: torch.Tensor):
+    ``prefix_codes``: row i also reads, for each j < i, a one-hot code computed from eps_j alone. "map" (the tabular
+    form of ``FlowConfig.prefix_codes``): the code DD1's map (the recipe's ODE) gives eps_j under the generator's
+    running marginal at position j (an EMA of its batches' softmax(l_j) while training; exact at j = 0, whose l is a
+    constant). Controls: "map-uniform" (under the uniform prior), "map-4" (a 4-step ODE), "laguerre" (the Laguerre
+    cell argmax_k a eps_j.c_k - a |c_k|^2 / 2 + log m_jk under the running marginal m, a = 4), "soft-laguerre" (its
+    softmax with a and the biases learnt, from a = 4 and zero). The codes enter the backbone beside the gained noise at
+    unit scale."""
+
+    DECAY = 0.95
+    ALPHA = 4.0
+
+    def __init__(self, backbone: CausalMLPBackbone, head: torch.nn.Linear, codebook: torch.Tensor,
+                 ode=None, prefix_codes: str | None = None):
         super().__init__()
-        self.backbone, self.head, self.cb = backbone, head, codebook
+        if prefix_codes not in (None, *PREFIX_CODES):
+            raise ValueError(f"prefix_codes must be one of {PREFIX_CODES}, got {prefix_codes!r}")
+        self.backbone, self.head, self.cb, self.ode, self.prefix_codes = backbone, head, codebook, ode, prefix_codes
+        n, V = backbone.seq_len, codebook.shape[0]
+        self.register_buffer("prior", torch.full((n, V), 1.0 / V))
+        if prefix_codes == "soft-laguerre":
+            self.alpha, self.bias = torch.nn.Parameter(torch.tensor(self.ALPHA)), torch.nn.Parameter(torch.zeros(n, V))
 
     def codebook(self) -> torch.Tensor:
         return self.cb
 
+    def codes(self, eps: torch.Tensor) -> torch.Tensor:
+        """(B, n, V) the one-hot (soft for "soft-laguerre") code of every position from its own noise."""
+        V, mode = self.cb.shape[0], self.prefix_codes
+        cells = eps @ self.cb.T - 0.5 * (self.cb * self.cb).sum(-1)  # (B, n, V): eps.c_k - |c_k|^2 / 2
+        if mode == "soft-laguerre":
+            return torch.softmax(self.alpha * cells + self.bias, -1)
+        with torch.no_grad():
+            log_m = self.prior.log().expand(*eps.shape[:2], V)
+            if mode == "laguerre":
+                ids = (self.ALPHA * cells + log_m).argmax(-1)
+            else:
+                ode = replace(self.ode, n_steps=4) if mode == "map-4" else self.ode
+                ids = ode_map(eps, torch.zeros_like(log_m) if mode == "map-uniform" else log_m, self.cb, ode)
+            return torch.nn.functional.one_hot(ids, V).to(eps.dtype)
+
     def forward(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.head(self.backbone.features(eps, labels)), -1)
+        x = eps
+        if self.prefix_codes:
+            x = torch.cat([eps, self.codes(eps) / self.backbone.input_gain], -1)
+        log_q = torch.log_softmax(self.head(self.backbone.features(x, labels)), -1)
+        if self.training:
+            with torch.no_grad():
+                self.prior.mul_(self.DECAY).add_((1 - self.DECAY) * log_q.exp().mean(0))
+        return log_q
 
 
-def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, width: int | None = None) -> dict:
+def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, width: int | None = None,
+             prefix_codes: str | None = None, input_gain: float | None = None) -> dict:
     """The flow recipe on a tabular teacher: l_i = Linear(f_i(eps_<i)), tokens = ODE map of eps_i under softmax(l_i)
     (the recipe's map: ``FlowConfig().ode`` on the codebook's grid), forward KL to the teacher's conditional at the
-    generated prefix, cosine LR. ``width``: the backbone's (default: ``TabularRunConfig``'s)."""
+    generated prefix, cosine LR. ``width``, ``input_gain``: the backbone's (default: ``TabularRunConfig``'s);
+    ``prefix_codes``: see :class:`_TabularFlow`."""
     teacher = make_teacher(rung)
     n, C, V = teacher.seq_len, teacher.code_dim, teacher.vocab_size
     cb, sampling, base = teacher.codebook(), SamplingConfig(), TabularRunConfig()
     torch.manual_seed(0)
     width = width or base.width
-    backbone = CausalMLPBackbone(n, C, 1, width, base.backbone_gain)
+    backbone = CausalMLPBackbone(n, C + V * bool(prefix_codes), 1, width, input_gain or base.backbone_gain)
     head = torch.nn.Linear(width, V)
     opt = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=lr)
     ode = FlowConfig().ode(cb)
 
-    gen = _TabularFlow(backbone, head, cb)
+    gen = _TabularFlow(backbone, head, cb, ode, prefix_codes)
     g, labels, t0 = torch.Generator().manual_seed(1), torch.zeros(batch, dtype=torch.long), time.process_time()
     for step in range(steps):
         for grp in opt.param_groups:
@@ -84,7 +130,7 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, w
     train_s = time.process_time() - t0  # CPU seconds (one thread)
     eps = torch.randn(N_EVAL, n, C, generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
-        ids = ode_map(eps, gen(eps, torch.zeros(N_EVAL, dtype=torch.long)), cb, ode)
+        ids = ode_map(eps, gen.eval()(eps, torch.zeros(N_EVAL, dtype=torch.long)), cb, ode)
     floor = tv_of_ids(teacher, sample_tokens(teacher, torch.zeros(N_EVAL, dtype=torch.long), sampling,
                                              torch.Generator().manual_seed(7)))
     return {"rung": rung, "estimate": "flow recipe (closed-form conditional)", "tv": round(tv_of_ids(teacher, ids), 4),

@@ -24,8 +24,17 @@ def table_gpt(tiny_gpt):
     return tiny_gpt
 
 
-def test_row_i_reads_the_class_and_the_noise_of_earlier_positions_only(table_gpt):
-    gen = FlowHeadGenerator.from_teacher(table_gpt).eval()
+def _generator(teacher, prefix_codes: bool) -> FlowHeadGenerator:
+    """The generator, with prefix codes under a random per-class prior (so that the codes path is exercised)."""
+    gen = FlowHeadGenerator.from_teacher(teacher, prefix_codes=prefix_codes).eval()
+    if prefix_codes:
+        gen.prior.copy_(torch.softmax(3 * torch.randn(gen.prior.shape, generator=torch.Generator().manual_seed(5)), -1))
+    return gen
+
+
+@pytest.mark.parametrize("prefix_codes", [False, True])
+def test_row_i_reads_the_class_and_the_noise_of_earlier_positions_only(table_gpt, prefix_codes):
+    gen = _generator(table_gpt, prefix_codes)
     n, C = gen.noise_shape
     g = torch.Generator().manual_seed(0)
     eps, labels = torch.randn(3, n, C, generator=g), torch.tensor([0, 1, 2])
@@ -42,10 +51,11 @@ def test_row_i_reads_the_class_and_the_noise_of_earlier_positions_only(table_gpt
         assert (other[0] - base[0]).abs().max() > 1e-3 and torch.allclose(other[1:], base[1:], atol=1e-5)
 
 
-def test_the_generators_conditional_is_softmax_of_its_logits(table_gpt):
+@pytest.mark.parametrize("prefix_codes", [False, True])
+def test_the_generators_conditional_is_softmax_of_its_logits(table_gpt, prefix_codes):
     """Fix the prefix noise eps_<i, redraw eps_i: the tokens at position i follow softmax(l_i) (push-forward of the
     flow map, method.md section 1), up to the sampling error of 40k draws."""
-    gen = FlowHeadGenerator.from_teacher(table_gpt).eval()
+    gen = _generator(table_gpt, prefix_codes)
     n, C = gen.noise_shape
     g = torch.Generator().manual_seed(1)
     N, i = 40000, 5
@@ -60,6 +70,31 @@ def test_the_generators_conditional_is_softmax_of_its_logits(table_gpt):
     freq = torch.bincount(ids, minlength=q.numel()).double() / N
     tv = 0.5 * (freq - q.double()).abs().sum().item()
     assert tv < 0.02, tv
+
+
+def test_prefix_codes_are_the_map_under_the_running_marginal(table_gpt):
+    """With prefix codes, row i also reads the teacher's embedding of the code DD1's map gives eps_j (j < i) under the
+    prior of the class at position j; a training forward moves the prior of each class in the batch toward the batch's
+    mean softmax(l) (an EMA), and leaves the other classes' prior as it was."""
+    gen = _generator(table_gpt, True)
+    n, C = gen.noise_shape
+    eps, labels = torch.randn(4, n, C, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 0, 1, 1])
+    assert torch.equal(gen.code_embed.weight, table_gpt.tok_embeddings.weight)  # initialised from the teacher's table
+    with torch.no_grad():
+        codes = ode_map(eps, gen.prior[labels].log(), gen.codebook(), gen.ode)
+        moved = eps.clone()
+        moved[:, 2] = gen.codebook()[codes[:, 2]] * 50  # deep inside code codes_2's cell: the same code
+        assert torch.equal(ode_map(moved, gen.prior[labels].log(), gen.codebook(), gen.ode), codes)
+        gen.code_embed.weight.add_(torch.randn(gen.code_embed.weight.shape, generator=torch.Generator().manual_seed(3)))
+        a, b = gen.log_probs(eps, labels), gen.log_probs(moved, labels)
+        assert torch.allclose(a[:, :3], b[:, :3], atol=1e-5) and (a[:, 3:] - b[:, 3:]).abs().max() > 1e-3
+        before = gen.prior.clone()
+        log_q = gen.train().log_probs(eps, labels)
+        d = gen.PRIOR_DECAY
+        for y in (0, 1):
+            want = d * before[y] + (1 - d) * log_q[labels == y].exp().mean(0)
+            assert torch.allclose(gen.prior[y], want, atol=1e-6)
+        assert torch.equal(gen.prior[2:], before[2:])
 
 
 def test_loss_is_the_kl_from_the_teachers_conditional_at_the_generated_prefix(table_gpt):
@@ -121,7 +156,7 @@ def test_config_checks():
 def test_flow_run_trains_resumes_and_samples(tmp_path):
     """`onestep dd2 flow` on a tiny trained teacher: a run that resumes (through `onestep dd2 train`, whose default
     recipe it is), refuses a changed config, and samples with 1 and 3 steps through the API (the same images as a
-    second load)."""
+    second load); the same with prefix codes."""
     import onestep
     from onestep.cli import main
     from tests.conftest import train_tiny_tokenizer_and_teacher
@@ -142,6 +177,15 @@ def test_flow_run_trains_resumes_and_samples(tmp_path):
     one, three = gen.sample([0, 1], steps=1, seed=0), gen.sample([0, 1], steps=3, seed=0)
     assert one.dtype == torch.uint8 and one.shape == three.shape
     assert torch.equal(one, onestep.load(run).sample([0, 1], steps=1, seed=0))
+    coded = tmp_path / "flow-codes"  # with prefix codes: the running marginal is saved and loaded with the weights
+    main(["dd2", "train", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(coded), "--preset", "tiny",
+          "--prefix-codes"])
+    from onestep.dd2.flowhead import load_flow
+
+    net = load_flow(coded)[0]
+    assert net.prefix_codes and not torch.allclose(net.prior, net.prior[..., :1])  # the marginal moved off uniform
+    gen = onestep.load(coded)
+    assert torch.equal(gen.sample([0, 1], steps=1, seed=0), onestep.load(coded).sample([0, 1], steps=1, seed=0))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -150,6 +194,7 @@ def test_flow_run_trains_resumes_and_samples(tmp_path):
     (["--recipe", "flow", "--tune", "B"], "--tune is the CSD recipe's input"),
     (["--tune", "B", "--teacher", "T"], "reads --tune"),
     (["--tune", "B", "--divergence", "reverse"], "--divergence is the flow recipe's flag"),
+    (["--tune", "B", "--prefix-codes"], "--prefix-codes is the flow recipe's flag"),
     (["--tune", "B", "--cfg-scale", "3"], "stage-1 run's sampling rule"),
 ])
 def test_train_recipe_is_flow_by_default_and_refuses_the_other_recipes_flags(tmp_path, capsys, argv, message):

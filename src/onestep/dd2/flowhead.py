@@ -59,6 +59,8 @@ class FlowConfig:
     ode_s_max: float | None = None  # of the tokens off a converged reference, at half the time of the 32 AB2 steps in
                                     # s over [0.05, 500] that put 3.3% off (benchmarks/results/ode-solvers.md)
     divergence: str = "forward"  # "forward": KL(p_T || q), "reverse": KL(q || p_T) (see the module docstring)
+    prefix_codes: bool = False   # row i also reads the code DD1's map gives eps_j (j < i) under the generator's
+                                 # running per-class marginal at position j (FlowHeadGenerator.prefix_codes)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 100
@@ -98,12 +100,25 @@ class FlowHeadGenerator(nn.Module):
     ``net`` is the family's DD2 backbone built from the teacher (``Family.backbone`` rebuilds it from its config): a
     LlamaGen teacher with a token table gets a continuous input (an MLP on the C-dim inputs, stage 0's layout) that
     reads the noise; a VAR teacher reads continuous inputs as it is. Its ``features`` row i sees eps at earlier AR
-    steps only; its ``head`` gives the logits."""
+    steps only; its ``head`` gives the logits.
 
-    def __init__(self, net: nn.Module, ode: ODEConfig, family: str = "llamagen"):
+    ``prefix_codes``: row i also reads, for each j < i, the teacher's embedding (``code_embed``, initialised from its
+    token table) of the code that DD1's map gives eps_j under ``prior[class, j]``, the generator's running marginal at
+    position j (an EMA of its training batches' softmax(l_j) per class, ``PRIOR_DECAY`` per step; under DDP the
+    buffer is rank 0's). At j = 0 that code is the token itself (row 0's logits depend on the class only); later it
+    is a guess that the backbone corrects. The conditional stays softmax(l_i) exactly: the codes are functions of
+    eps_<i. Costs one more ODE map per sample."""
+
+    PRIOR_DECAY = 0.98  # the running marginal's EMA decay per training step
+
+    def __init__(self, net: nn.Module, ode: ODEConfig, family: str = "llamagen", prefix_codes: bool = False):
         super().__init__()
-        self.net, self.ode, self.family = net, ode, family
+        self.net, self.ode, self.family, self.prefix_codes = net, ode, family, prefix_codes
         self.seq_len, self.code_dim, self.num_classes = net.seq_len, net.code_dim, net.num_classes
+        if prefix_codes:
+            V = net.codebook().shape[0]
+            self.code_embed = nn.Embedding(V, net.feature_dim)
+            self.register_buffer("prior", torch.full((self.num_classes, self.seq_len, V), 1.0 / V))
 
     @property
     def noise_shape(self) -> tuple[int, int]:
@@ -111,32 +126,54 @@ class FlowHeadGenerator(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, ode: ODEConfig | None = None,
-                     family: str = "llamagen") -> "FlowHeadGenerator":
+                     family: str = "llamagen", prefix_codes: bool = False) -> "FlowHeadGenerator":
         """A copy of the teacher's weights that reads the noise (the family's ``noise_reader``: a LlamaGen token table
         becomes an MLP on the C-dim inputs whose noise embeddings have the RMS of the teacher's token embeddings).
         ``ode``: the map's ODE (default: :class:`FlowConfig`'s, on the teacher codebook's grid)."""
         from onestep.families import family_named
 
+        if prefix_codes and getattr(teacher, "tok_embeddings", None) is None:
+            raise ValueError("prefix codes need a teacher with a token table (a LlamaGen teacher reading token ids); "
+                             "this teacher reads code vectors")
         net = family_named(family).noise_reader(teacher)
-        return cls(net.train().requires_grad_(True), ode or FlowConfig().ode(teacher.codebook()), family)
+        gen = cls(net.train().requires_grad_(True), ode or FlowConfig().ode(teacher.codebook()), family, prefix_codes)
+        if prefix_codes:
+            gen.code_embed.weight.data.copy_(teacher.tok_embeddings.weight.detach().float())
+        return gen
 
     def config(self) -> dict:
         return {"generator": "flow-head", "family": self.family, "net": self.net.args.to_dict(),
-                "ode": self.ode.to_dict()}
+                "ode": self.ode.to_dict(), "prefix_codes": self.prefix_codes}
 
     @classmethod
     def from_config(cls, cfg: dict, teacher: nn.Module) -> "FlowHeadGenerator":
         from onestep.families import family_of
 
         net = family_of(cfg).backbone(cfg["net"], teacher)
-        return cls(net, ODEConfig(**cfg["ode"]), cfg.get("family", "llamagen"))
+        return cls(net, ODEConfig(**cfg["ode"]), cfg.get("family", "llamagen"), cfg.get("prefix_codes", False))
 
     def codebook(self) -> Tensor:
         return self.net.codebook()
 
     def log_probs(self, eps: Tensor, labels: Tensor) -> Tensor:
         """log softmax(l_i) (B, n, V): the generator's conditional of token i given its prefix, in closed form."""
-        return torch.log_softmax(self.net.head(self.net.features(eps, labels)).float(), dim=-1)
+        extra = None
+        if self.prefix_codes:
+            with torch.no_grad():
+                codes = ode_map(eps, self.prior[labels].clamp_min(1e-12).log(), self.codebook(), self.ode)
+            emb = self.code_embed(codes[:, :-1])
+            extra = torch.cat([torch.zeros_like(emb[:, :1]), emb], 1)  # row i's input row holds eps_{i-1}
+        log_q = torch.log_softmax(self.net.head(self.net.features(eps, labels, extra)).float(), dim=-1)
+        if self.prefix_codes and self.training:
+            self._update_prior(log_q.detach().exp(), labels)
+        return log_q
+
+    @torch.no_grad()
+    def _update_prior(self, q: Tensor, labels: Tensor) -> None:
+        sums = torch.zeros_like(self.prior).index_add_(0, labels, q)
+        count = torch.bincount(labels, minlength=self.num_classes).to(q.dtype)[:, None, None]
+        ema = self.PRIOR_DECAY * self.prior + (1 - self.PRIOR_DECAY) * sums / count.clamp_min(1)
+        self.prior.copy_(torch.where(count > 0, ema, self.prior))  # a class absent from the batch keeps its prior
 
     @torch.no_grad()
     def sample_ids(self, eps: Tensor, labels: Tensor, ode_steps: int | None = None) -> Tensor:
@@ -205,8 +242,8 @@ def train_flow(run_dir: str | Path, teacher_dir: str | Path, cfg: FlowConfig, sa
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by world size {info.world_size}")
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     teacher.requires_grad_(False).eval()
-    generator = FlowHeadGenerator.from_teacher(teacher, cfg.ode(teacher.codebook()),
-                                               tconf.get("family", "llamagen")).to(info.device)
+    generator = FlowHeadGenerator.from_teacher(teacher, cfg.ode(teacher.codebook()), tconf.get("family", "llamagen"),
+                                               cfg.prefix_codes).to(info.device)
     config = {"kind": "dd2-generator", "stage": "dd2-flow", "recipe": "flow", "flow": cfg,
               "sampling": sampling.to_dict(), "teacher_dir": ref_to(teacher_dir, run_dir),
               "model": generator.config(), "data": tconf.get("data")}

@@ -34,11 +34,13 @@ class CausalMLPBackbone(nn.Module):
     (measured on the tabular run: TV 0.16 -> 0.12 at the same budget, see ``TabularRunConfig``).
     """
 
-    def __init__(self, seq_len: int, code_dim: int, num_classes: int = 1, width: int = 128, input_gain: float = 1.0):
+    def __init__(self, seq_len: int, code_dim: int, num_classes: int = 1, width: int = 128, input_gain: float = 1.0,
+                 include_current: bool = False):
         super().__init__()
         self.input_gain = input_gain
         self.seq_len, self.code_dim, self.feature_dim = seq_len, code_dim, width
-        self.register_buffer("mask", torch.ones(seq_len, seq_len).tril(-1), persistent=False)
+        # row i reads x_<i, or x_<=i with include_current (a DD1 generator: token i from eps_<=i)
+        self.register_buffer("mask", torch.ones(seq_len, seq_len).tril(0 if include_current else -1), persistent=False)
         self.label = nn.Embedding(num_classes + 1, width)
         self.net = nn.Sequential(nn.Linear(seq_len * code_dim + seq_len, width), nn.SiLU(),
                                  nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from onestep.dd1.flow_map import ODEConfig, map_noise_to_tokens, ode_map
-from onestep.dd2.flowhead import FlowConfig, FlowHeadGenerator, flow_loss, refine
+from onestep.dd2.flowhead import FLOW_PRESETS, FlowConfig, FlowHeadGenerator, flow_loss, refine
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
 
 SAMPLING = SamplingConfig(cfg_scale=2.0, top_k=8)
@@ -151,6 +151,10 @@ def test_config_checks():
     assert FlowConfig(ode_s_min=3.0).ode(cb).s_min == 3.0  # one end given, the other from the codebook
     with pytest.raises(ValueError, match="solver"):
         FlowConfig(ode_solver="rk4")
+    with pytest.raises(ValueError, match="needs prefix_codes"):
+        FlowConfig(prefix_ode_steps=4)
+    with pytest.raises(ValueError, match="at least 2"):
+        FlowConfig(prefix_codes=True, prefix_ode_steps=1)
 
 
 def test_flow_run_trains_resumes_and_samples(tmp_path):
@@ -179,11 +183,12 @@ def test_flow_run_trains_resumes_and_samples(tmp_path):
     assert torch.equal(one, onestep.load(run).sample([0, 1], steps=1, seed=0))
     coded = tmp_path / "flow-codes"  # with prefix codes: the running marginal is saved and loaded with the weights
     main(["dd2", "train", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(coded), "--preset", "tiny",
-          "--prefix-codes"])
+          "--prefix-codes", "--prefix-ode-steps", "3"])
     from onestep.dd2.flowhead import load_flow
 
     net = load_flow(coded)[0]
     assert net.prefix_codes and not torch.allclose(net.prior, net.prior[..., :1])  # the marginal moved off uniform
+    assert net.prefix_ode.n_steps == 3 and net.ode.n_steps == FLOW_PRESETS["tiny"].ode_steps == 4
     gen = onestep.load(coded)
     assert torch.equal(gen.sample([0, 1], steps=1, seed=0), onestep.load(coded).sample([0, 1], steps=1, seed=0))
 

@@ -52,6 +52,7 @@ def cmd_tune(args) -> None:
 PREFIX_CODES_HELP = ("flow recipe: each position also reads the teacher's embedding of the code DD1's map gives the "
                      "earlier positions' noise under the generator's running marginal (one more ODE map per sample; "
                      "default: the preset's, off)")
+PREFIX_ODE_HELP = "flow recipe: the ODE steps of the prefix codes' map (default: the map's own, 16)"
 
 # ``dd2 train``'s flags that only the CSD recipe reads
 CSD_FLAGS = ("guidance_batch_size", "guidance_lr", "guidance_steps", "m_noise", "align_at", "align_steps",
@@ -75,7 +76,7 @@ def train_recipe(args) -> str:
     else:
         if args.teacher or not args.tune:
             raise ValueError("the CSD recipe reads --tune (a stage-1 run, onestep dd2 tune), not --teacher")
-        for name in ("divergence", "prefix_codes"):
+        for name in ("divergence", "prefix_codes", "prefix_ode_steps"):
             if getattr(args, name, None) is not None:
                 raise ValueError(f"--{name.replace('_', '-')} is the flow recipe's flag; the CSD recipe does not read it")
         from onestep.samplers import sampling_config_from_args
@@ -122,7 +123,7 @@ def cmd_flow(args) -> None:
     from onestep.samplers import sampling_config_from_args
 
     cfg = override(FLOW_PRESETS[args.preset], **given(args, "steps", "batch_size", "lr", "divergence", "prefix_codes",
-                                                       "seed"))
+                                                       "prefix_ode_steps", "seed"))
     info = setup(args.device)
     final = train_flow(args.run_dir, args.teacher, cfg, sampling_config_from_args(args), info)
     if info.is_main:
@@ -189,6 +190,7 @@ def register(sub) -> None:
     r.add_argument("--divergence", choices=("forward", "reverse"), default=None,
                    help="flow recipe: forward KL(teacher || generator) per position (default) or reverse")
     r.add_argument("--prefix-codes", action=argparse.BooleanOptionalAction, default=None, help=PREFIX_CODES_HELP)
+    r.add_argument("--prefix-ode-steps", type=positive_int, default=None, help=PREFIX_ODE_HELP)
     r.add_argument("--guidance-lr", type=positive_float, default=None,
                    help="guidance network's learning rate (default: the preset's)")
     r.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
@@ -252,6 +254,7 @@ def register(sub) -> None:
                    help="forward: KL(teacher || generator) per position, mass-covering (default); reverse: "
                         "KL(generator || teacher), mode-seeking")
     f.add_argument("--prefix-codes", action=argparse.BooleanOptionalAction, default=None, help=PREFIX_CODES_HELP)
+    f.add_argument("--prefix-ode-steps", type=positive_int, default=None, help=PREFIX_ODE_HELP)
     add_sampling(f)
     add_common(f, seed=None)
     f.set_defaults(func=cmd_flow)

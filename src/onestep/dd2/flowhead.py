@@ -61,6 +61,7 @@ class FlowConfig:
     divergence: str = "forward"  # "forward": KL(p_T || q), "reverse": KL(q || p_T) (see the module docstring)
     prefix_codes: bool = False   # row i also reads the code DD1's map gives eps_j (j < i) under the generator's
                                  # running per-class marginal at position j (FlowHeadGenerator.prefix_codes)
+    prefix_ode_steps: int | None = None  # the steps of that map's ODE (None: ode_steps)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 100
@@ -68,8 +69,11 @@ class FlowConfig:
     def __post_init__(self):
         if self.divergence not in ("forward", "reverse"):
             raise ValueError(f"divergence must be 'forward' or 'reverse', got {self.divergence!r}")
-        if self.ode_steps < 2:
-            raise ValueError(f"ode_steps must be at least 2, got {self.ode_steps}")
+        if self.ode_steps < 2 or (self.prefix_ode_steps is not None and self.prefix_ode_steps < 2):
+            raise ValueError(f"ode_steps and prefix_ode_steps must be at least 2, got {self.ode_steps}, "
+                             f"{self.prefix_ode_steps}")
+        if self.prefix_ode_steps is not None and not self.prefix_codes:
+            raise ValueError("prefix_ode_steps sets the prefix codes' map: it needs prefix_codes")
         ODEConfig(solver=self.ode_solver, n_steps=self.ode_steps)  # validates the solver
         if any(v is not None and v <= 0 for v in (self.ode_s_min, self.ode_s_max)) or (
                 None not in (self.ode_s_min, self.ode_s_max) and self.ode_s_min >= self.ode_s_max):
@@ -111,9 +115,12 @@ class FlowHeadGenerator(nn.Module):
 
     PRIOR_DECAY = 0.98  # the running marginal's EMA decay per training step
 
-    def __init__(self, net: nn.Module, ode: ODEConfig, family: str = "llamagen", prefix_codes: bool = False):
+    def __init__(self, net: nn.Module, ode: ODEConfig, family: str = "llamagen", prefix_codes: bool = False,
+                 prefix_ode_steps: int | None = None):
         super().__init__()
         self.net, self.ode, self.family, self.prefix_codes = net, ode, family, prefix_codes
+        self.prefix_ode_steps = prefix_ode_steps
+        self.prefix_ode = ode if prefix_ode_steps is None else replace(ode, n_steps=prefix_ode_steps)
         self.seq_len, self.code_dim, self.num_classes = net.seq_len, net.code_dim, net.num_classes
         if prefix_codes:
             V = net.codebook().shape[0]
@@ -126,7 +133,8 @@ class FlowHeadGenerator(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, ode: ODEConfig | None = None,
-                     family: str = "llamagen", prefix_codes: bool = False) -> "FlowHeadGenerator":
+                     family: str = "llamagen", prefix_codes: bool = False,
+                     prefix_ode_steps: int | None = None) -> "FlowHeadGenerator":
         """A copy of the teacher's weights that reads the noise (the family's ``noise_reader``: a LlamaGen token table
         becomes an MLP on the C-dim inputs whose noise embeddings have the RMS of the teacher's token embeddings).
         ``ode``: the map's ODE (default: :class:`FlowConfig`'s, on the teacher codebook's grid)."""
@@ -136,21 +144,23 @@ class FlowHeadGenerator(nn.Module):
             raise ValueError("prefix codes need a teacher with a token table (a LlamaGen teacher reading token ids); "
                              "this teacher reads code vectors")
         net = family_named(family).noise_reader(teacher)
-        gen = cls(net.train().requires_grad_(True), ode or FlowConfig().ode(teacher.codebook()), family, prefix_codes)
+        gen = cls(net.train().requires_grad_(True), ode or FlowConfig().ode(teacher.codebook()), family, prefix_codes,
+                  prefix_ode_steps)
         if prefix_codes:
             gen.code_embed.weight.data.copy_(teacher.tok_embeddings.weight.detach().float())
         return gen
 
     def config(self) -> dict:
         return {"generator": "flow-head", "family": self.family, "net": self.net.args.to_dict(),
-                "ode": self.ode.to_dict(), "prefix_codes": self.prefix_codes}
+                "ode": self.ode.to_dict(), "prefix_codes": self.prefix_codes, "prefix_ode_steps": self.prefix_ode_steps}
 
     @classmethod
     def from_config(cls, cfg: dict, teacher: nn.Module) -> "FlowHeadGenerator":
         from onestep.families import family_of
 
         net = family_of(cfg).backbone(cfg["net"], teacher)
-        return cls(net, ODEConfig(**cfg["ode"]), cfg.get("family", "llamagen"), cfg.get("prefix_codes", False))
+        return cls(net, ODEConfig(**cfg["ode"]), cfg.get("family", "llamagen"), cfg.get("prefix_codes", False),
+                   cfg.get("prefix_ode_steps"))
 
     def codebook(self) -> Tensor:
         return self.net.codebook()
@@ -160,7 +170,7 @@ class FlowHeadGenerator(nn.Module):
         extra = None
         if self.prefix_codes:
             with torch.no_grad():
-                codes = ode_map(eps, self.prior[labels].clamp_min(1e-12).log(), self.codebook(), self.ode)
+                codes = ode_map(eps, self.prior[labels].clamp_min(1e-12).log(), self.codebook(), self.prefix_ode)
             emb = self.code_embed(codes[:, :-1])
             extra = torch.cat([torch.zeros_like(emb[:, :1]), emb], 1)  # row i's input row holds eps_{i-1}
         log_q = torch.log_softmax(self.net.head(self.net.features(eps, labels, extra)).float(), dim=-1)
@@ -243,7 +253,7 @@ def train_flow(run_dir: str | Path, teacher_dir: str | Path, cfg: FlowConfig, sa
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     teacher.requires_grad_(False).eval()
     generator = FlowHeadGenerator.from_teacher(teacher, cfg.ode(teacher.codebook()), tconf.get("family", "llamagen"),
-                                               cfg.prefix_codes).to(info.device)
+                                               cfg.prefix_codes, cfg.prefix_ode_steps).to(info.device)
     config = {"kind": "dd2-generator", "stage": "dd2-flow", "recipe": "flow", "flow": cfg,
               "sampling": sampling.to_dict(), "teacher_dir": ref_to(teacher_dir, run_dir),
               "model": generator.config(), "data": tconf.get("data")}

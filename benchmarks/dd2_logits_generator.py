@@ -10,7 +10,7 @@ softmax-expected code (``st``), or the softmax-expected code itself at temperatu
 stage 1 (GTS, as in TabularRunConfig), or is the teacher's closed form plus a zero-initialised residual. Prints one
 JSON line; benchmarks/results/dd2-logits-generator.{json,md} collect the single-mixture runs."""
 import argparse
-import copy, json, math, time
+import copy, dataclasses, json, math, time
 import torch
 from torch import nn
 from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule

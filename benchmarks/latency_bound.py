@@ -53,12 +53,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--dd2", default=str(root / "dd2"), help="a DD2 run or export (the flow recipe)")
     ap.add_argument("--dd2-csd", default=str(root / "dd2-csd"), help="a DD2 run or export trained by CSD")
     ap.add_argument("--teacher", default=str(root / "teacher"), help="the teacher run (the bound and the teacher row)")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=RUN",
+                    help="more one-step generators, each a row NAME (e.g. dd2-prefix-codes=runs/dd2-codes)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=str(results_dir() / "latency-bound"), help="output path without extension")
     a = ap.parse_args(argv)
+    if any("=" not in e for e in a.extra):
+        ap.error("--extra takes NAME=RUN pairs")
+    extra = dict(e.split("=", 1) for e in a.extra)
     torch.manual_seed(0)
     dd1 = onestep.load(a.dd1, device=a.device)
     dd2 = onestep.load(a.dd2, device=a.device)
@@ -77,17 +82,20 @@ def main(argv=None) -> dict:
            "dd1-1step": lambda b: s1.images(labels(b), g),
            "dd2-1step": lambda b: s2.images(labels(b), g),
            "dd2-csd-1step": lambda b: s3.images(labels(b), g)}
+    more = {name: onestep.load(run, device=a.device).sampler() for name, run in extra.items()}
+    fns.update({name: (lambda s: lambda b: s.images(labels(b), g))(s) for name, s in more.items()})
     res = measure(fns, batch_sizes=tuple(a.batch_sizes), warmup=a.warmup, repeats=a.repeats,
                   reference="teacher (CFG, KV cache)", device=a.device)
     params = {"one-forward bound": num_params(teacher, tokenizer), "teacher (CFG, KV cache)": num_params(teacher, tokenizer),
-              "dd1-1step": s1.params, "dd2-1step": s2.params, "dd2-csd-1step": s3.params}
+              "dd1-1step": s1.params, "dd2-1step": s2.params, "dd2-csd-1step": s3.params,
+              **{name: s.params for name, s in more.items()}}
     bound_row = next(r for r in res["rows"] if r["method"] == "one-forward bound")
     for r in res["rows"]:
         r["params"] = params[r["method"]]
         for b in a.batch_sizes:
             r[f"x_bound_b{b}"] = r[f"latency_b{b}_s"] / bound_row[f"latency_b{b}_s"]
     res.update(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-               commit=git_commit(), teacher=a.teacher, dd1=a.dd1, dd2=a.dd2, dd2_csd=a.dd2_csd, sampling=rule,
+               commit=git_commit(), teacher=a.teacher, dd1=a.dd1, dd2=a.dd2, dd2_csd=a.dd2_csd, extra=extra, sampling=rule,
                bound="one teacher-forcing pass over the whole sequence (backbone + logits, argmax) + the decoder")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +105,7 @@ def main(argv=None) -> dict:
              f"- command: `{res['command']}`", f"- commit: `{res['commit']}`",
              f"- machine: {json.dumps(res['machine'])}",
              f"- models: teacher `{a.teacher}` (the bound and the teacher row), DD1 `{a.dd1}`, DD2 `{a.dd2}`, "
-             f"DD2 by CSD `{a.dd2_csd}`; "
+             f"DD2 by CSD `{a.dd2_csd}`; " + "".join(f"{k} `{v}`; " for k, v in extra.items()) +
              f"teacher rule {rule}",
              f"- bound: {res['bound']}",
              f"- timing: {res['timing']}, {a.warmup} warm-up calls, {a.repeats} repeats, labels to uint8 images", "",

@@ -6,7 +6,8 @@ Inception FID on the first 2,000 of them.
 Rows: the teacher (49 AR steps), DD1 in 1 and 2 steps, DD2 by the flow recipe (``assets/fashion-mnist/dd2``) in 1, 2
 and 3 steps (k - 1 teacher passes re-mapping every position, ``onestep.dd2.flowhead.refine``), and DD2 by CSD from the
 map start (``assets/fashion-mnist/dd2-csd``) in 1 and 3 steps (paper Alg. 4: the one-step sample, then the teacher
-re-samples its last 2 AR steps), all from ``assets/fashion-mnist``, the same balanced labels and seed. Each
+re-samples its last 2 AR steps), all from ``assets/fashion-mnist``, the same balanced labels and seed (``--extra``
+adds rows of other runs). Each
 row is one ``onestep.load(...)`` generator; its evaluation goes to benchmarks/results/shipped-multistep/<row>.json
 and the table to benchmarks/results/shipped-multistep.{json,md}.
 """
@@ -28,8 +29,6 @@ KEYS = ("fid_classifier", "fid_inception", "inception_score", "precision", "reca
 
 
 def main(argv=None) -> dict:
-    import torch
-
     import onestep
     from onestep.eval.evaluate import Evaluator
     from onestep.paths import assets_dir
@@ -40,22 +39,31 @@ def main(argv=None) -> dict:
     p.add_argument("--n-inception", type=int, default=2000, help="of which scored by Inception-v3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "shipped-multistep"), help="output path without extension")
+    p.add_argument("--extra", nargs="*", default=[], metavar="NAME=RUN:STEPS",
+                   help="more rows: a run or export sampled in STEPS steps (e.g. dd2-codes-1step=runs/dd2-codes:1)")
     a = p.parse_args(argv)
+    try:
+        extra = [(name, run, int(steps)) for name, rest in (e.split("=", 1) for e in a.extra)
+                 for run, steps in [rest.rsplit(":", 1)]]
+    except ValueError:
+        p.error("--extra takes NAME=RUN:STEPS")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     root = assets_dir() / "fashion-mnist"
     ev = Evaluator()
     rows = []
-    for name, kind, steps in ROWS:
+    for name, kind, steps in [*ROWS, *extra]:
         path = out / f"{name}.json"
-        gen = onestep.load(root / kind)
+        run = root / kind if (name, kind, steps) in ROWS else Path(kind)
+        gen = onestep.load(run)
         if not path.exists():
             labels = class_labels(a.n, gen.num_classes)
             t0 = time.time()
             images = gen.sample(labels, steps=steps, seed=a.seed, batch_size=250)
             sample_s = time.time() - t0
             res = ev.evaluate(images, labels, n_inception=a.n_inception)
-            res.update(row=name, run=f"assets/fashion-mnist/{kind}", steps=steps, sample_s=round(sample_s, 1),
+            res.update(row=name, run=f"assets/fashion-mnist/{kind}" if run != Path(kind) else kind, steps=steps,
+                       sample_s=round(sample_s, 1),
                        **provenance())
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=2) + "\n")
@@ -66,8 +74,8 @@ def main(argv=None) -> dict:
         rows.append(row)
     floor = ev.data_floor(n_inception=a.n_inception, n_test=a.n)
     res = {**provenance(), "n": a.n, "n_inception": a.n_inception, "seed": a.seed, "data_floor": floor,
-           "rows": [{"row": r["row"], "steps": r["network_calls"], **{k: r.get(k) for k in KEYS}, "commit": r["commit"]}
-                    for r in rows]}
+           "rows": [{"row": r["row"], "run": r.get("run"), "steps": r["network_calls"], **{k: r.get(k) for k in KEYS},
+                     "commit": r["commit"]} for r in rows]}
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     md = ["# The shipped models in one and several steps", "", f"- command: `{res['command']}`",
@@ -76,8 +84,9 @@ def main(argv=None) -> dict:
           f"on the first {a.n_inception}; balanced labels, seed {a.seed}",
           f"- data floor (test split against the train reference, same sizes): classifier FID "
           f"{fmt(floor.get('fid_classifier'))}, Inception FID {fmt(floor.get('fid_inception'))}", "",
-          "| row | steps | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
-    md += [f"| {r['row']} | {r['steps']} | " + " | ".join(fmt(r.get(k)) for k in KEYS) + " |" for r in res["rows"]]
+          "| row | run | steps | " + " | ".join(KEYS) + " |", "|---|---|---|" + "---|" * len(KEYS)]
+    md += [f"| {r['row']} | `{r['run']}` | {r['steps']} | " + " | ".join(fmt(r.get(k)) for k in KEYS) + " |"
+           for r in res["rows"]]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return res

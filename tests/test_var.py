@@ -521,3 +521,5 @@ def test_flow_generator_of_a_var_teacher_reads_the_noise_of_earlier_scales_only(
                 assert (out[:, b:] - base[:, b:]).abs().max() > 1e-4, k
     ids = gen.sample_ids(eps, labels, ode_steps=8)
     assert ids.shape == (2, n) and int(ids.max()) < tiny_var.vocab_size
+    with pytest.raises(ValueError, match="token table"):  # prefix codes embed ids through the teacher's token table
+        FlowHeadGenerator.from_teacher(tiny_var, family="var", prefix_codes=True)

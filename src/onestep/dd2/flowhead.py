@@ -173,7 +173,8 @@ class FlowHeadGenerator(nn.Module):
                 codes = ode_map(eps, self.prior[labels].clamp_min(1e-12).log(), self.codebook(), self.prefix_ode)
             emb = self.code_embed(codes[:, :-1])
             extra = torch.cat([torch.zeros_like(emb[:, :1]), emb], 1)  # row i's input row holds eps_{i-1}
-        log_q = torch.log_softmax(self.net.head(self.net.features(eps, labels, extra)).float(), dim=-1)
+        h = self.net.features(eps, labels) if extra is None else self.net.features(eps, labels, extra)
+        log_q = torch.log_softmax(self.net.head(h).float(), dim=-1)
         if self.prefix_codes and self.training:
             self._update_prior(log_q.detach().exp(), labels)
         return log_q

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance, write_results  # noqa: E402
-from dd2_guidance_estimates import N_EVAL, flow_row  # noqa: E402
+from dd2_guidance_estimates import N_EVAL, flow_row, ladder_lr  # noqa: E402
 from dd2_ladder import make_teacher  # noqa: E402
 
 from onestep.dd1.flow_map import map_noise_to_tokens  # noqa: E402
@@ -74,7 +73,7 @@ def dd1_row(rung: str, steps: int, lr: float, n_pairs: int = 200_000, batch: int
     labels = torch.zeros(batch, dtype=torch.long)
     for step in range(steps):
         for grp in opt.param_groups:
-            grp["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            grp["lr"] = ladder_lr(step, steps, lr)
         idx = torch.randint(0, n_pairs, (batch,), generator=g)
         loss = F.cross_entropy(head(backbone.features(eps_p[idx], labels)).reshape(-1, V), ids_p[idx].reshape(-1))
         opt.zero_grad()

@@ -79,7 +79,8 @@ class _TabularFlow(torch.nn.Module):
     def codes(self, eps: torch.Tensor) -> torch.Tensor:
         """(B, n, V) the one-hot (soft for "soft-laguerre") code of every position from its own noise."""
         V, mode = self.cb.shape[0], self.prefix_codes
-        cells = eps @ self.cb.T - 0.5 * (self.cb * self.cb).sum(-1)  # (B, n, V): eps.c_k - |c_k|^2 / 2
+        if mode.endswith("laguerre"):
+            cells = eps @ self.cb.T - 0.5 * (self.cb * self.cb).sum(-1)  # (B, n, V): eps.c_k - |c_k|^2 / 2
         if mode == "soft-laguerre":
             return torch.softmax(self.alpha * cells + self.bias, -1)
         with torch.no_grad():
@@ -96,10 +97,15 @@ class _TabularFlow(torch.nn.Module):
         if self.prefix_codes:
             x = torch.cat([eps, self.codes(eps) / self.backbone.input_gain], -1)
         log_q = torch.log_softmax(self.head(self.backbone.features(x, labels)), -1)
-        if self.training:
+        if self.training and self.prefix_codes in ("map", "map-4", "laguerre"):  # the modes that read the marginal
             with torch.no_grad():
                 self.prior.mul_(self.DECAY).add_((1 - self.DECAY) * log_q.exp().mean(0))
         return log_q
+
+
+def ladder_lr(step: int, steps: int, lr: float) -> float:
+    """The tabular runs' LR at ``step``: a 20-step linear ramp times a cosine from ``lr`` to 0 over all steps."""
+    return lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, width: int | None = None,
@@ -122,7 +128,7 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, w
     g, labels, t0 = torch.Generator().manual_seed(1), torch.zeros(batch, dtype=torch.long), time.process_time()
     for step in range(steps):
         for grp in opt.param_groups:
-            grp["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            grp["lr"] = ladder_lr(step, steps, lr)
         loss, _ = flow_loss(gen, teacher, sampling, torch.randn(batch, n, C, generator=g), labels, ode)
         opt.zero_grad()
         loss.backward()

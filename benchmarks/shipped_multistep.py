@@ -52,9 +52,10 @@ def main(argv=None) -> dict:
     root = assets_dir() / "fashion-mnist"
     ev = Evaluator()
     rows = []
-    for name, kind, steps in [*ROWS, *extra]:
+    runs = [(name, root / kind, f"assets/fashion-mnist/{kind}", steps) for name, kind, steps in ROWS]
+    runs += [(name, Path(run), run, steps) for name, run, steps in extra]
+    for name, run, shown, steps in runs:
         path = out / f"{name}.json"
-        run = root / kind if (name, kind, steps) in ROWS else Path(kind)
         gen = onestep.load(run)
         if not path.exists():
             labels = class_labels(a.n, gen.num_classes)
@@ -62,8 +63,7 @@ def main(argv=None) -> dict:
             images = gen.sample(labels, steps=steps, seed=a.seed, batch_size=250)
             sample_s = time.time() - t0
             res = ev.evaluate(images, labels, n_inception=a.n_inception)
-            res.update(row=name, run=f"assets/fashion-mnist/{kind}" if run != Path(kind) else kind, steps=steps,
-                       sample_s=round(sample_s, 1),
+            res.update(row=name, run=shown, steps=steps, sample_s=round(sample_s, 1),
                        **provenance())
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=2) + "\n")

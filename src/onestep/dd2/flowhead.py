@@ -119,7 +119,6 @@ class FlowHeadGenerator(nn.Module):
                  prefix_ode_steps: int | None = None):
         super().__init__()
         self.net, self.ode, self.family, self.prefix_codes = net, ode, family, prefix_codes
-        self.prefix_ode_steps = prefix_ode_steps
         self.prefix_ode = ode if prefix_ode_steps is None else replace(ode, n_steps=prefix_ode_steps)
         self.seq_len, self.code_dim, self.num_classes = net.seq_len, net.code_dim, net.num_classes
         if prefix_codes:
@@ -152,7 +151,8 @@ class FlowHeadGenerator(nn.Module):
 
     def config(self) -> dict:
         return {"generator": "flow-head", "family": self.family, "net": self.net.args.to_dict(),
-                "ode": self.ode.to_dict(), "prefix_codes": self.prefix_codes, "prefix_ode_steps": self.prefix_ode_steps}
+                "ode": self.ode.to_dict(), "prefix_codes": self.prefix_codes,
+                "prefix_ode_steps": None if self.prefix_ode is self.ode else self.prefix_ode.n_steps}
 
     @classmethod
     def from_config(cls, cfg: dict, teacher: nn.Module) -> "FlowHeadGenerator":

@@ -13,6 +13,9 @@ teacher's own 200k samples); the ladder's goal is at most 2x the floor. ``train_
   at 24000 steps;
 - ``prefix_codes``: the generator that also reads the code of each earlier position under its running marginal
   (``_TabularFlow``), at 12000 steps;
+- ``staged``: the generator in two stages in one pass (``_TabularFlow`` "staged": a first network reads the prefix
+  codes and gives logits l^A; the second reads the codes DD1's map gives each earlier noise under softmax(l^A)), at
+  12000 steps; on v6-n5 with a 4x wider backbone at LR 3e-3;
 - ``dd1``: DD1's generator on the same backbone (reading eps_<=i, cross-entropy on 200k pairs of the exact map,
   argmax; ``dd1_row``) at the same budgets: what a one-step network of this size reaches by DD1's training.
 """
@@ -41,13 +44,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUNGS = ("v4-n1-c2-random", "v4-n2-c2-random", "v4-n3-c2-random", "v6-n3-c3-random", "v6-n5-c3-random")
 BUDGETS = ((1500, 3e-3), (6000, 1e-2), (12000, 1e-2))
 VARIANTS = (("v4-n2-c2-random", {"width": 256}), ("v4-n2-c2-random", {"batch": 1024}))
-PARTS = ("rows", "variants", "prefix_codes", "dd1")
+PARTS = ("rows", "variants", "prefix_codes", "staged", "dd1")
 LONGER = (("v4-n3-c2-random", 24000, 1e-2), ("v6-n3-c3-random", 24000, 1e-2))  # twice the last budget
 
 
-def row(rung: str, ladder: dict, steps: int, lr: float, **kw) -> dict:
-    r = flow_row(rung, steps=steps, lr=lr, **kw)
-    out = {"rung": rung, "steps": steps, "lr": lr, "batch": kw.get("batch", 256), "width": kw.get("width", "default"),
+def row(rung: str, ladder: dict, steps: int, lr: float, width: int | None = None, **kw) -> dict:
+    r = flow_row(rung, steps=steps, lr=lr, width=width, **kw)
+    out = {"rung": rung, "steps": steps, "lr": lr, "batch": kw.get("batch", 256), "width": width or "default",
            "prefix_codes": kw.get("prefix_codes") or "-", "tv": r["tv"], "floor": r["floor"],
            "tv_over_floor": round(r["tv"] / r["floor"], 2),
            "train_s": r["train_s"], "dd1_train_s": ladder.get(rung, {}).get("dd1_train_s")}
@@ -104,6 +107,8 @@ def main(argv=None) -> dict:
                                 + [row(rung, ladder, steps, lr) for rung, steps, lr in LONGER]),
            "prefix_codes": lambda: [row(rung, ladder, steps, lr, prefix_codes="map") for rung in RUNGS
                                     for steps, lr in BUDGETS[2:]],
+           "staged": lambda: [row(rung, ladder, 12000, *((3e-3, 256) if rung == RUNGS[-1] else (1e-2, None)),
+                                  prefix_codes="staged") for rung in RUNGS],
            "dd1": lambda: [dd1_row(rung, steps, lr) for rung in RUNGS for steps, lr in BUDGETS[2:]]}
     for part in a.parts:
         parts[part] = run[part]()

@@ -29,7 +29,7 @@ from dd2_ladder import make_teacher  # noqa: E402
 from onestep.dd1.flow_map import ode_map  # noqa: E402
 from onestep.dd2.flowhead import FlowConfig, flow_loss  # noqa: E402
 from onestep.dd2.tabular import CausalMLPBackbone, TabularRunConfig, fit_tabular, tv_of_ids  # noqa: E402
-from onestep.teacher.sampling import SamplingConfig, sample_tokens  # noqa: E402
+from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_EVAL = 200_000
@@ -44,7 +44,8 @@ def csd_row(rung: str, resample: int) -> dict:
             "floor": round(out["tv_teacher_samples"], 4), "train_s": round(out["tune_time_s"] + out["csd_time_s"], 1)}
 
 
-PREFIX_CODES = ("map", "map-uniform", "map-4", "laguerre", "soft-laguerre")
+PREFIX_CODES = ("map", "map-uniform", "map-4", "laguerre", "soft-laguerre", "tokens", "map+1", "map+2", "staged")
+MARGINAL_READERS = ("map", "map-4", "laguerre", "map+1", "map+2", "staged")  # the modes whose codes use the marginal
 
 
 class _TabularFlow(torch.nn.Module):
@@ -56,8 +57,12 @@ class _TabularFlow(torch.nn.Module):
     running marginal at position j (an EMA of its batches' softmax(l_j) while training; exact at j = 0, whose l is a
     constant). Controls: "map-uniform" (under the uniform prior), "map-4" (a 4-step ODE), "laguerre" (the Laguerre
     cell argmax_k a eps_j.c_k - a |c_k|^2 / 2 + log m_jk under the running marginal m, a = 4), "soft-laguerre" (its
-    softmax with a and the biases learnt, from a = 4 and zero). The codes enter the backbone beside the gained noise at
-    unit scale."""
+    softmax with a and the biases learnt, from a = 4 and zero), "tokens" (an oracle, not a one-step generator: the
+    generator's own tokens at j, found by n - 1 passes without gradient, pass r fixing position r - 1), "map+K" ("map",
+    then K passes without gradient that re-map each eps_j under the generator's own logits, so a K + 1-pass generator),
+    "staged" (one pass through two networks: a first backbone reads the "map" codes and gives logits l^A, trained on the
+    same conditionals; the codes the map gives eps_j under softmax(l^A_j) are the second backbone's prefix codes).
+    The codes enter the backbone beside the gained noise at unit scale."""
 
     DECAY = 0.95
     ALPHA = 4.0
@@ -70,6 +75,11 @@ class _TabularFlow(torch.nn.Module):
         self.backbone, self.head, self.cb, self.ode, self.prefix_codes = backbone, head, codebook, ode, prefix_codes
         n, V = backbone.seq_len, codebook.shape[0]
         self.register_buffer("prior", torch.full((n, V), 1.0 / V))
+        self.stage_a = None
+        if prefix_codes == "staged":
+            self.stage_a = torch.nn.ModuleList([CausalMLPBackbone(n, backbone.code_dim, 1, backbone.feature_dim,
+                                                                  backbone.input_gain),
+                                                torch.nn.Linear(backbone.feature_dim, V)])
         if prefix_codes == "soft-laguerre":
             self.alpha, self.bias = torch.nn.Parameter(torch.tensor(self.ALPHA)), torch.nn.Parameter(torch.zeros(n, V))
 
@@ -79,6 +89,7 @@ class _TabularFlow(torch.nn.Module):
     def codes(self, eps: torch.Tensor) -> torch.Tensor:
         """(B, n, V) the one-hot (soft for "soft-laguerre") code of every position from its own noise."""
         V, mode = self.cb.shape[0], self.prefix_codes
+        mode = "map" if mode.startswith("map+") or mode == "staged" else mode
         if mode.endswith("laguerre"):
             cells = eps @ self.cb.T - 0.5 * (self.cb * self.cb).sum(-1)  # (B, n, V): eps.c_k - |c_k|^2 / 2
         if mode == "soft-laguerre":
@@ -92,15 +103,52 @@ class _TabularFlow(torch.nn.Module):
                 ids = ode_map(eps, torch.zeros_like(log_m) if mode == "map-uniform" else log_m, self.cb, ode)
             return torch.nn.functional.one_hot(ids, V).to(eps.dtype)
 
+    def _log_q(self, eps: torch.Tensor, codes: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        x = eps if codes is None else torch.cat([eps, codes / self.backbone.input_gain], -1)
+        return torch.log_softmax(self.head(self.backbone.features(x, labels)), -1)
+
+    def own_tokens(self, eps: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor | None = None,
+                   passes: int | None = None) -> torch.Tensor:
+        """(B, n, V) one-hot: the generator's own tokens, by n - 1 passes from any ``codes`` (row i reads codes at
+        j < i only); fewer ``passes`` leave the later positions a guess."""
+        V = self.cb.shape[0]
+        codes = torch.zeros(*eps.shape[:2], V, dtype=eps.dtype) if codes is None else codes
+        with torch.no_grad():
+            for _ in range(eps.shape[1] - 1 if passes is None else passes):
+                codes = torch.nn.functional.one_hot(ode_map(eps, self._log_q(eps, codes, labels), self.cb, self.ode),
+                                                    V).to(eps.dtype)
+        return codes
+
     def forward(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = eps
-        if self.prefix_codes:
-            x = torch.cat([eps, self.codes(eps) / self.backbone.input_gain], -1)
-        log_q = torch.log_softmax(self.head(self.backbone.features(x, labels)), -1)
-        if self.training and self.prefix_codes in ("map", "map-4", "laguerre"):  # the modes that read the marginal
+        codes = None
+        if self.prefix_codes == "tokens":
+            codes = self.own_tokens(eps, labels)
+        elif self.prefix_codes == "staged":
+            backbone_a, head_a = self.stage_a
+            x = torch.cat([eps, self.codes(eps) / backbone_a.input_gain], -1)
+            self.log_q_a = torch.log_softmax(head_a(backbone_a.features(x, labels)), -1)
+            codes = torch.nn.functional.one_hot(ode_map(eps, self.log_q_a.detach(), self.cb, self.ode),
+                                                self.cb.shape[0]).to(eps.dtype)
+        elif self.prefix_codes and self.prefix_codes.startswith("map+"):
+            codes = self.own_tokens(eps, labels, self.codes(eps), int(self.prefix_codes[4:]))
+        elif self.prefix_codes:
+            codes = self.codes(eps)
+        log_q = self._log_q(eps, codes, labels)
+        if self.training and self.prefix_codes in MARGINAL_READERS:
             with torch.no_grad():
                 self.prior.mul_(self.DECAY).add_((1 - self.DECAY) * log_q.exp().mean(0))
         return log_q
+
+
+def prefix_tvs(teacher, ids: torch.Tensor) -> list[float]:
+    """TV of the joint of the first k positions against the teacher's, for k = 1..n (the last is the full TV)."""
+    V, n = teacher.vocab_size, teacher.seq_len
+    joint, out = teacher.exact_joint().double().cpu(), []
+    for k in range(1, n + 1):
+        flat = (ids[:, :k].cpu() * V ** torch.arange(k - 1, -1, -1)).sum(-1)
+        emp = torch.bincount(flat, minlength=V ** k).double() / len(flat)
+        out.append(round(0.5 * (emp - joint.reshape(V ** k, -1).sum(1)).abs().sum().item(), 4))
+    return out
 
 
 def ladder_lr(step: int, steps: int, lr: float) -> float:
@@ -125,11 +173,22 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, w
     ode = FlowConfig().ode(cb)
 
     gen = _TabularFlow(backbone, head, cb, ode, prefix_codes)
+    if gen.stage_a is not None:
+        opt.add_param_group({"params": list(gen.stage_a.parameters())})
     g, labels, t0 = torch.Generator().manual_seed(1), torch.zeros(batch, dtype=torch.long), time.process_time()
     for step in range(steps):
         for grp in opt.param_groups:
             grp["lr"] = ladder_lr(step, steps, lr)
-        loss, _ = flow_loss(gen, teacher, sampling, torch.randn(batch, n, C, generator=g), labels, ode)
+        eps = torch.randn(batch, n, C, generator=g)
+        if gen.stage_a is None:
+            loss, _ = flow_loss(gen, teacher, sampling, eps, labels, ode)
+        else:  # flow_loss's forward KL, at the generated tokens, of both stages' logits
+            log_q = gen(eps, labels)
+            with torch.no_grad():
+                log_p = teacher_log_probs(teacher, ode_map(eps, log_q.detach(), cb, ode), labels, sampling).float()
+            p = log_p.exp()
+            loss = sum(torch.where(p > 0, p * (log_p - lq), torch.zeros_like(p)).sum(-1).mean()
+                       for lq in (log_q, gen.log_q_a))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -137,10 +196,10 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, w
     eps = torch.randn(N_EVAL, n, C, generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
         ids = ode_map(eps, gen.eval()(eps, torch.zeros(N_EVAL, dtype=torch.long)), cb, ode)
-    floor = tv_of_ids(teacher, sample_tokens(teacher, torch.zeros(N_EVAL, dtype=torch.long), sampling,
-                                             torch.Generator().manual_seed(7)))
+    floor_ids = sample_tokens(teacher, torch.zeros(N_EVAL, dtype=torch.long), sampling, torch.Generator().manual_seed(7))
     return {"rung": rung, "estimate": "flow recipe (closed-form conditional)", "tv": round(tv_of_ids(teacher, ids), 4),
-            "tv_ema": None, "floor": round(floor, 4), "train_s": round(train_s, 1)}
+            "tv_ema": None, "floor": round(tv_of_ids(teacher, floor_ids), 4), "train_s": round(train_s, 1),
+            "tv_prefix": prefix_tvs(teacher, ids), "floor_prefix": prefix_tvs(teacher, floor_ids)}
 
 
 def main() -> dict:

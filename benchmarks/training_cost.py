@@ -7,8 +7,9 @@ different times. This script measures each recipe's cost per unit of work in one
 other, on the shipped teacher with the `small` presets, and scales it to the presets' lengths:
 
 - DD1's pairs: ``onestep dd1 pairs -n 1024`` (CPU per pair from its manifest) x 12000 pairs;
-- DD1's training: ``onestep dd1 train`` grown from 5 to 35 steps (CPU of the 30 steps, ``metrics.json``) x 900;
-- DD2's flow recipe: ``onestep dd2 train --teacher`` grown from 5 to 35 steps x 600.
+- DD1's training: ``onestep dd1 train`` grown from 5 to 65 steps (CPU of the 60 steps, ``metrics.json``) x 900;
+- DD2's flow recipe: ``onestep dd2 train --teacher`` grown from 5 to 65 steps x 600;
+- the same with prefix codes (``--prefix-codes``, their map at 16 and at 4 ODE steps) x 600.
 
 The first 5 steps (start-up, first allocations) are left out of the per-step figure.
 """
@@ -26,7 +27,7 @@ from _common import provenance, write_results  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "assets/fashion-mnist/teacher"
-FIRST, LAST = 5, 35
+FIRST, LAST = 5, 65
 
 
 def onestep(*args: str) -> None:
@@ -52,11 +53,16 @@ def main() -> dict:
         pair_s = json.loads((tmp / "pairs" / "manifest.json").read_text())["cpu_s"] / 1024
         dd1_step = per_step(["dd1", "train", "--teacher", TEACHER, "--pairs", str(tmp / "pairs")], tmp / "dd1")
         flow_step = per_step(["dd2", "train", "--teacher", TEACHER], tmp / "flow")
+        prefix = {k: per_step(["dd2", "train", "--teacher", TEACHER, "--prefix-codes", "--prefix-ode-steps", str(k)],
+                              tmp / f"prefix{k}") for k in (16, 4)}
     rows = [{"item": "DD1 pairs", "unit": "pair", "cpu_s_per_unit": pair_s, "units": 12000, "cpu_s": pair_s * 12000},
             {"item": "DD1 training", "unit": "step", "cpu_s_per_unit": dd1_step, "units": 900, "cpu_s": dd1_step * 900},
             {"item": "DD2 flow recipe", "unit": "step", "cpu_s_per_unit": flow_step, "units": 600,
              "cpu_s": flow_step * 600}]
-    totals = {"dd1_pairs_plus_training_cpu_s": rows[0]["cpu_s"] + rows[1]["cpu_s"], "dd2_flow_cpu_s": rows[2]["cpu_s"]}
+    rows += [{"item": f"DD2 flow recipe + prefix codes ({k}-step map)", "unit": "step", "cpu_s_per_unit": v,
+              "units": 600, "cpu_s": v * 600} for k, v in prefix.items()]
+    totals = {"dd1_pairs_plus_training_cpu_s": rows[0]["cpu_s"] + rows[1]["cpu_s"], "dd2_flow_cpu_s": rows[2]["cpu_s"],
+              **{f"dd2_flow_prefix_codes_{k}_cpu_s": v * 600 for k, v in prefix.items()}}
     for r in rows:
         print(r, flush=True)
     result = {**provenance(), "teacher": TEACHER, "threads": 1, "rows": rows, "totals": totals}

@@ -16,6 +16,8 @@ teacher's own 200k samples); the ladder's goal is at most 2x the floor. ``train_
 - ``staged``: the generator in two stages in one pass (``_TabularFlow`` "staged": a first network reads the prefix
   codes and gives logits l^A; the second reads the codes DD1's map gives each earlier noise under softmax(l^A)), at
   12000 steps; on v6-n5 with a 4x wider backbone at LR 3e-3;
+- ``staged_more``: the same on the ladder's other rungs (near-deterministic tables, 8 codes in 4-D), the
+  five-position ones with the wider backbone;
 - ``dd1``: DD1's generator on the same backbone (reading eps_<=i, cross-entropy on 200k pairs of the exact map,
   argmax; ``dd1_row``) at the same budgets: what a one-step network of this size reaches by DD1's training.
 """
@@ -44,8 +46,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUNGS = ("v4-n1-c2-random", "v4-n2-c2-random", "v4-n3-c2-random", "v6-n3-c3-random", "v6-n5-c3-random")
 BUDGETS = ((1500, 3e-3), (6000, 1e-2), (12000, 1e-2))
 VARIANTS = (("v4-n2-c2-random", {"width": 256}), ("v4-n2-c2-random", {"batch": 1024}))
-PARTS = ("rows", "variants", "prefix_codes", "staged", "dd1")
+MORE_RUNGS = ("v4-n1-c2-peaked", "v6-n5-c3-peaked", "v8-n5-c4-random")
+PARTS = ("rows", "variants", "prefix_codes", "staged", "staged_more", "dd1")
 LONGER = (("v4-n3-c2-random", 24000, 1e-2), ("v6-n3-c3-random", 24000, 1e-2))  # twice the last budget
+
+
+def staged_lr_width(rung: str) -> tuple[float, int | None]:
+    """The staged generator's LR and width: 4x wider at LR 3e-3 on five positions, the default width at 1e-2 below."""
+    return (3e-3, 256) if "-n5-" in rung else (1e-2, None)
 
 
 def row(rung: str, ladder: dict, steps: int, lr: float, width: int | None = None, **kw) -> dict:
@@ -107,8 +115,9 @@ def main(argv=None) -> dict:
                                 + [row(rung, ladder, steps, lr) for rung, steps, lr in LONGER]),
            "prefix_codes": lambda: [row(rung, ladder, steps, lr, prefix_codes="map") for rung in RUNGS
                                     for steps, lr in BUDGETS[2:]],
-           "staged": lambda: [row(rung, ladder, 12000, *((3e-3, 256) if rung == RUNGS[-1] else (1e-2, None)),
-                                  prefix_codes="staged") for rung in RUNGS],
+           "staged": lambda: [row(rung, ladder, 12000, *staged_lr_width(rung), prefix_codes="staged") for rung in RUNGS],
+           "staged_more": lambda: [row(rung, ladder, 12000, *staged_lr_width(rung), prefix_codes="staged")
+                                   for rung in MORE_RUNGS],
            "dd1": lambda: [dd1_row(rung, steps, lr) for rung in RUNGS for steps, lr in BUDGETS[2:]]}
     for part in a.parts:
         parts[part] = run[part]()

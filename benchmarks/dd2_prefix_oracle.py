@@ -7,7 +7,8 @@ of the same prefix (200k samples each), on the ladder's five-position rungs (ran
 rows the last results hold are kept, so the command resumes). Rows (``_TabularFlow.prefix_codes``):
 - "map": the one-step prefix codes (DD1's map under the running marginal);
 - "staged": one pass through two networks, the second reading the codes the map gives under the first one's logits;
-- "map+1": two passes of the same network, the second reading the codes the map gives under the first pass's logits;
+- "map+1", "map+2": two or three passes of the same network, each reading the codes the map gives under the previous
+  pass's logits;
 - "tokens": an oracle, not a one-step generator: the backbone reads the generator's own tokens at the earlier
   positions (found by n - 1 passes without gradient).
 If the oracle reaches the floor at this width and budget, the remaining gap of the one-step rows is the quality of
@@ -28,7 +29,8 @@ from dd2_guidance_estimates import N_EVAL, flow_row  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("map", "staged", "map+1", "tokens")
 ROWS = [("v6-n5-c3-random", {"prefix_codes": m, "width": 256, "lr": 3e-3}) for m in MODES]  # flow_row's keywords
-ROWS += [("v6-n5-c3-peaked", {"prefix_codes": m, "width": 256, "lr": 3e-3}) for m in ("staged", "tokens")]
+ROWS += [("v6-n5-c3-peaked", {"prefix_codes": m, "width": 256, "lr": 3e-3})
+         for m in ("staged", "map+1", "map+2", "tokens")]
 STEPS = 6000
 
 

@@ -18,6 +18,8 @@ teacher's own 200k samples); the ladder's goal is at most 2x the floor. ``train_
   12000 steps; on v6-n5 with a 4x wider backbone at LR 3e-3;
 - ``staged_more``: the same on the ladder's other rungs (near-deterministic tables, 8 codes in 4-D), the
   five-position ones with the wider backbone;
+- ``staged3``: three networks (each reading the codes under the one before's logits) on the near-deterministic
+  five-position rung;
 - ``dd1``: DD1's generator on the same backbone (reading eps_<=i, cross-entropy on 200k pairs of the exact map,
   argmax; ``dd1_row``) at the same budgets: what a one-step network of this size reaches by DD1's training.
 """
@@ -47,7 +49,7 @@ RUNGS = ("v4-n1-c2-random", "v4-n2-c2-random", "v4-n3-c2-random", "v6-n3-c3-rand
 BUDGETS = ((1500, 3e-3), (6000, 1e-2), (12000, 1e-2))
 VARIANTS = (("v4-n2-c2-random", {"width": 256}), ("v4-n2-c2-random", {"batch": 1024}))
 MORE_RUNGS = ("v4-n1-c2-peaked", "v6-n5-c3-peaked", "v8-n5-c4-random")
-PARTS = ("rows", "variants", "prefix_codes", "staged", "staged_more", "dd1")
+PARTS = ("rows", "variants", "prefix_codes", "staged", "staged_more", "staged3", "dd1")
 LONGER = (("v4-n3-c2-random", 24000, 1e-2), ("v6-n3-c3-random", 24000, 1e-2))  # twice the last budget
 
 
@@ -118,6 +120,7 @@ def main(argv=None) -> dict:
            "staged": lambda: [row(rung, ladder, 12000, *staged_lr_width(rung), prefix_codes="staged") for rung in RUNGS],
            "staged_more": lambda: [row(rung, ladder, 12000, *staged_lr_width(rung), prefix_codes="staged")
                                    for rung in MORE_RUNGS],
+           "staged3": lambda: [row("v6-n5-c3-peaked", ladder, 12000, *staged_lr_width("v6-n5"), prefix_codes="staged3")],
            "dd1": lambda: [dd1_row(rung, steps, lr) for rung in RUNGS for steps, lr in BUDGETS[2:]]}
     for part in a.parts:
         parts[part] = run[part]()

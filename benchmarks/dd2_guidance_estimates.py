@@ -44,8 +44,9 @@ def csd_row(rung: str, resample: int) -> dict:
             "floor": round(out["tv_teacher_samples"], 4), "train_s": round(out["tune_time_s"] + out["csd_time_s"], 1)}
 
 
-PREFIX_CODES = ("map", "map-uniform", "map-4", "laguerre", "soft-laguerre", "tokens", "map+1", "map+2", "staged")
-MARGINAL_READERS = ("map", "map-4", "laguerre", "map+1", "map+2", "staged")  # the modes whose codes use the marginal
+STAGES = {"staged": 1, "staged3": 2}  # the networks before the last one
+PREFIX_CODES = ("map", "map-uniform", "map-4", "laguerre", "soft-laguerre", "tokens", "map+1", "map+2", *STAGES)
+MARGINAL_READERS = ("map", "map-4", "laguerre", "map+1", "map+2", *STAGES)  # the modes whose codes use the marginal
 
 
 class _TabularFlow(torch.nn.Module):
@@ -61,7 +62,8 @@ class _TabularFlow(torch.nn.Module):
     generator's own tokens at j, found by n - 1 passes without gradient, pass r fixing position r - 1), "map+K" ("map",
     then K passes without gradient that re-map each eps_j under the generator's own logits, so a K + 1-pass generator),
     "staged" (one pass through two networks: a first backbone reads the "map" codes and gives logits l^A, trained on the
-    same conditionals; the codes the map gives eps_j under softmax(l^A_j) are the second backbone's prefix codes).
+    same conditionals; the codes the map gives eps_j under softmax(l^A_j) are the second backbone's prefix codes),
+    "staged3" (the same with three networks, each reading the codes under the one before's logits).
     The codes enter the backbone beside the gained noise at unit scale."""
 
     DECAY = 0.95
@@ -75,11 +77,12 @@ class _TabularFlow(torch.nn.Module):
         self.backbone, self.head, self.cb, self.ode, self.prefix_codes = backbone, head, codebook, ode, prefix_codes
         n, V = backbone.seq_len, codebook.shape[0]
         self.register_buffer("prior", torch.full((n, V), 1.0 / V))
-        self.stage_a = None
-        if prefix_codes == "staged":
-            self.stage_a = torch.nn.ModuleList([CausalMLPBackbone(n, backbone.code_dim, 1, backbone.feature_dim,
-                                                                  backbone.input_gain),
-                                                torch.nn.Linear(backbone.feature_dim, V)])
+        self.stages, self.log_q_stages = None, []
+        if prefix_codes in STAGES:
+            width = backbone.feature_dim
+            self.stages = torch.nn.ModuleList(
+                torch.nn.ModuleList([CausalMLPBackbone(n, backbone.code_dim, 1, width, backbone.input_gain),
+                                     torch.nn.Linear(width, V)]) for _ in range(STAGES[prefix_codes]))
         if prefix_codes == "soft-laguerre":
             self.alpha, self.bias = torch.nn.Parameter(torch.tensor(self.ALPHA)), torch.nn.Parameter(torch.zeros(n, V))
 
@@ -89,7 +92,7 @@ class _TabularFlow(torch.nn.Module):
     def codes(self, eps: torch.Tensor) -> torch.Tensor:
         """(B, n, V) the one-hot (soft for "soft-laguerre") code of every position from its own noise."""
         V, mode = self.cb.shape[0], self.prefix_codes
-        mode = "map" if mode.startswith("map+") or mode == "staged" else mode
+        mode = "map" if mode.startswith("map+") or mode in STAGES else mode
         if mode.endswith("laguerre"):
             cells = eps @ self.cb.T - 0.5 * (self.cb * self.cb).sum(-1)  # (B, n, V): eps.c_k - |c_k|^2 / 2
         if mode == "soft-laguerre":
@@ -123,12 +126,13 @@ class _TabularFlow(torch.nn.Module):
         codes = None
         if self.prefix_codes == "tokens":
             codes = self.own_tokens(eps, labels)
-        elif self.prefix_codes == "staged":
-            backbone_a, head_a = self.stage_a
-            x = torch.cat([eps, self.codes(eps) / backbone_a.input_gain], -1)
-            self.log_q_a = torch.log_softmax(head_a(backbone_a.features(x, labels)), -1)
-            codes = torch.nn.functional.one_hot(ode_map(eps, self.log_q_a.detach(), self.cb, self.ode),
-                                                self.cb.shape[0]).to(eps.dtype)
+        elif self.prefix_codes in STAGES:
+            codes, self.log_q_stages = self.codes(eps), []
+            for backbone_s, head_s in self.stages:
+                x = torch.cat([eps, codes / backbone_s.input_gain], -1)
+                self.log_q_stages.append(torch.log_softmax(head_s(backbone_s.features(x, labels)), -1))
+                codes = torch.nn.functional.one_hot(ode_map(eps, self.log_q_stages[-1].detach(), self.cb, self.ode),
+                                                    self.cb.shape[0]).to(eps.dtype)
         elif self.prefix_codes and self.prefix_codes.startswith("map+"):
             codes = self.own_tokens(eps, labels, self.codes(eps), int(self.prefix_codes[4:]))
         elif self.prefix_codes:
@@ -173,22 +177,22 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, w
     ode = FlowConfig().ode(cb)
 
     gen = _TabularFlow(backbone, head, cb, ode, prefix_codes)
-    if gen.stage_a is not None:
-        opt.add_param_group({"params": list(gen.stage_a.parameters())})
+    if gen.stages is not None:
+        opt.add_param_group({"params": list(gen.stages.parameters())})
     g, labels, t0 = torch.Generator().manual_seed(1), torch.zeros(batch, dtype=torch.long), time.process_time()
     for step in range(steps):
         for grp in opt.param_groups:
             grp["lr"] = ladder_lr(step, steps, lr)
         eps = torch.randn(batch, n, C, generator=g)
-        if gen.stage_a is None:
+        if gen.stages is None:
             loss, _ = flow_loss(gen, teacher, sampling, eps, labels, ode)
-        else:  # flow_loss's forward KL, at the generated tokens, of both stages' logits
+        else:  # flow_loss's forward KL, at the generated tokens, of every stage's logits
             log_q = gen(eps, labels)
             with torch.no_grad():
                 log_p = teacher_log_probs(teacher, ode_map(eps, log_q.detach(), cb, ode), labels, sampling).float()
             p = log_p.exp()
             loss = sum(torch.where(p > 0, p * (log_p - lq), torch.zeros_like(p)).sum(-1).mean()
-                       for lq in (log_q, gen.log_q_a))
+                       for lq in (log_q, *gen.log_q_stages))
         opt.zero_grad()
         loss.backward()
         opt.step()

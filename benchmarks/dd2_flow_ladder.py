@@ -117,10 +117,12 @@ def main(argv=None) -> dict:
                                 + [row(rung, ladder, steps, lr) for rung, steps, lr in LONGER]),
            "prefix_codes": lambda: [row(rung, ladder, steps, lr, prefix_codes="map") for rung in RUNGS
                                     for steps, lr in BUDGETS[2:]],
-           "staged": lambda: [row(rung, ladder, 12000, *staged_lr_width(rung), prefix_codes="staged") for rung in RUNGS],
+           "staged": lambda: [row(rung, ladder, 12000, *staged_lr_width(rung), prefix_codes="staged")
+                              for rung in RUNGS],
            "staged_more": lambda: [row(rung, ladder, 12000, *staged_lr_width(rung), prefix_codes="staged")
                                    for rung in MORE_RUNGS],
-           "staged3": lambda: [row("v6-n5-c3-peaked", ladder, 12000, *staged_lr_width("v6-n5"), prefix_codes="staged3")],
+           "staged3": lambda: [row(rung, ladder, 12000, *staged_lr_width(rung), prefix_codes="staged3")
+                               for rung in MORE_RUNGS[1:2]],
            "dd1": lambda: [dd1_row(rung, steps, lr) for rung in RUNGS for steps, lr in BUDGETS[2:]]}
     for part in a.parts:
         parts[part] = run[part]()

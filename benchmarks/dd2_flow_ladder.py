@@ -20,6 +20,11 @@ teacher's own 200k samples); the ladder's goal is at most 2x the floor. ``train_
   five-position ones with the wider backbone;
 - ``staged3``: three networks (each reading the codes under the one before's logits) on the near-deterministic
   five-position rung;
+- ``passes``: on every rung, the generator in passes of one network (``_TabularFlow`` "map+K": the first reads the
+  prefix codes, each later one the codes DD1's map gives each earlier noise under the pass before's logits; the loss
+  on the last): K + 1 = max(1, min(n - 1, 4)) passes (one pass is exact at n <= 2: position 0's code is its token),
+  at 12000 steps; the five-position rungs at width 128
+  and LR 3e-3 (about the FLOPs per sample of one pass at width 256), the others at the default width and LR 1e-2;
 - ``dd1``: DD1's generator on the same backbone (reading eps_<=i, cross-entropy on 200k pairs of the exact map,
   argmax; ``dd1_row``) at the same budgets: what a one-step network of this size reaches by DD1's training.
 """
@@ -49,13 +54,21 @@ RUNGS = ("v4-n1-c2-random", "v4-n2-c2-random", "v4-n3-c2-random", "v6-n3-c3-rand
 BUDGETS = ((1500, 3e-3), (6000, 1e-2), (12000, 1e-2))
 VARIANTS = (("v4-n2-c2-random", {"width": 256}), ("v4-n2-c2-random", {"batch": 1024}))
 MORE_RUNGS = ("v4-n1-c2-peaked", "v6-n5-c3-peaked", "v8-n5-c4-random")
-PARTS = ("rows", "variants", "prefix_codes", "staged", "staged_more", "staged3", "dd1")
+PARTS = ("rows", "variants", "prefix_codes", "staged", "staged_more", "staged3", "passes", "dd1")
 LONGER = (("v4-n3-c2-random", 24000, 1e-2), ("v6-n3-c3-random", 24000, 1e-2))  # twice the last budget
 
 
 def staged_lr_width(rung: str) -> tuple[float, int | None]:
     """The staged generator's LR and width: 4x wider at LR 3e-3 on five positions, the default width at 1e-2 below."""
     return (3e-3, 256) if "-n5-" in rung else (1e-2, None)
+
+
+def passes_row(rung: str, ladder: dict) -> dict:
+    """The ``passes`` part's row: max(1, min(n - 1, 4)) passes, see the module docstring."""
+    n = int(rung.split("-")[1][1:])
+    lr, width = (3e-3, 128) if n >= 5 else (1e-2, None)
+    passes = max(1, min(n - 1, 4))
+    return row(rung, ladder, 12000, lr, width, prefix_codes="map" if passes == 1 else f"map+{passes - 1}")
 
 
 def row(rung: str, ladder: dict, steps: int, lr: float, width: int | None = None, **kw) -> dict:
@@ -123,6 +136,7 @@ def main(argv=None) -> dict:
                                    for rung in MORE_RUNGS],
            "staged3": lambda: [row(rung, ladder, 12000, *staged_lr_width(rung), prefix_codes="staged3")
                                for rung in MORE_RUNGS[1:2]],
+           "passes": lambda: [passes_row(rung, ladder) for rung in (*RUNGS, *MORE_RUNGS)],
            "dd1": lambda: [dd1_row(rung, steps, lr) for rung in RUNGS for steps, lr in BUDGETS[2:]]}
     for part in a.parts:
         parts[part] = run[part]()

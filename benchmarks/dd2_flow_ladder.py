@@ -54,7 +54,8 @@ RUNGS = ("v4-n1-c2-random", "v4-n2-c2-random", "v4-n3-c2-random", "v6-n3-c3-rand
 BUDGETS = ((1500, 3e-3), (6000, 1e-2), (12000, 1e-2))
 VARIANTS = (("v4-n2-c2-random", {"width": 256}), ("v4-n2-c2-random", {"batch": 1024}))
 MORE_RUNGS = ("v4-n1-c2-peaked", "v6-n5-c3-peaked", "v8-n5-c4-random")
-PARTS = ("rows", "variants", "prefix_codes", "staged", "staged_more", "staged3", "passes", "dd1")
+FIVE = ("v6-n5-c3-random", "v6-n5-c3-peaked", "v8-n5-c4-random")
+PARTS = ("rows", "variants", "prefix_codes", "staged", "staged_more", "staged3", "passes", "passes_budgets", "dd1")
 LONGER = (("v4-n3-c2-random", 24000, 1e-2), ("v6-n3-c3-random", 24000, 1e-2))  # twice the last budget
 
 
@@ -63,12 +64,12 @@ def staged_lr_width(rung: str) -> tuple[float, int | None]:
     return (3e-3, 256) if "-n5-" in rung else (1e-2, None)
 
 
-def passes_row(rung: str, ladder: dict) -> dict:
+def passes_row(rung: str, ladder: dict, steps: int = 12000) -> dict:
     """The ``passes`` part's row: max(1, min(n - 1, 4)) passes, see the module docstring."""
     n = int(rung.split("-")[1][1:])
     lr, width = (3e-3, 128) if n >= 5 else (1e-2, None)
     passes = max(1, min(n - 1, 4))
-    return row(rung, ladder, 12000, lr, width, prefix_codes="map" if passes == 1 else f"map+{passes - 1}")
+    return row(rung, ladder, steps, lr, width, prefix_codes="map" if passes == 1 else f"map+{passes - 1}")
 
 
 def row(rung: str, ladder: dict, steps: int, lr: float, width: int | None = None, **kw) -> dict:
@@ -137,6 +138,7 @@ def main(argv=None) -> dict:
            "staged3": lambda: [row(rung, ladder, 12000, *staged_lr_width(rung), prefix_codes="staged3")
                                for rung in MORE_RUNGS[1:2]],
            "passes": lambda: [passes_row(rung, ladder) for rung in (*RUNGS, *MORE_RUNGS)],
+           "passes_budgets": lambda: [passes_row(rung, ladder, steps) for rung in FIVE for steps in (1500, 3000, 6000)],
            "dd1": lambda: [dd1_row(rung, steps, lr) for rung in RUNGS for steps, lr in BUDGETS[2:]]}
     for part in a.parts:
         parts[part] = run[part]()

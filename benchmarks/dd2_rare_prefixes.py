@@ -11,12 +11,14 @@ steps unless named; TV against the exact joint on 200k samples (floor 0.0041: th
 - "diagnosis": the one-step generator with prefix codes (width 256). Its conditional at position i is "misread" on a
   sample when its TV to the teacher's conditional at the sample's own prefix exceeds 0.2. The table gives, by the
   prefix's probability p_T(x_<i), the prefix mass and the misread rate; and the share of misread samples whose prefix
-  changes when the noise eps_<i moves by 0.05 (a misread at a cell boundary) against that share among all samples.
+  changes when the noise eps_<i moves by 0.05 (a misread at a cell boundary) against that share among all samples;
+  beside it, the teacher's own prefixes by probability (how many, their mass, training samples each).
 - The controls (each changes one thing of that row, ``flow_row``'s keywords): width 1024; 4 residual blocks; a wider
   noise law for half of each batch; an auxiliary loss decoding the prefix's tokens from each row; the KL weighted
   towards rare prefixes; two other exact token maps (probability-sorted inverse CDF, Gumbel-max of 6-D noise);
   the generator run in K + 1 passes of one network ("map+K", each pass reading the codes the map gives under the pass
-  before's logits; at width 128, about the FLOPs per sample of one pass at width 256).
+  before's logits; at width 128, about the FLOPs per sample of one pass at width 256; two and three passes at width
+  256 are in ``dd2_prefix_oracle.py``).
 Rows are kept as they finish (a killed run resumes at the next row); ``--rows`` runs those (default: all missing).
 """
 from __future__ import annotations
@@ -48,11 +50,8 @@ ROWS = {  # name: flow_row's keywords over BASE
     "Gumbel-max map": {"token_map": "gumbel"},
     "no prefix codes": {"prefix_codes": None},
     "no prefix codes, sorted inverse-CDF map": {"prefix_codes": None, "token_map": "sorted"},
-    "2 passes": {"prefix_codes": "map+1"},
-    "3 passes": {"prefix_codes": "map+2"},
     "3 passes, width 128": {"prefix_codes": "map+2", "width": 128},
     "4 passes, width 128": {"prefix_codes": "map+3", "width": 128},
-    "3 passes, width 128, 12000 steps": {"prefix_codes": "map+2", "width": 128, "steps": 12000},
 }
 BINS = ((0.1, 1.0), (0.01, 0.1), (0.001, 0.01), (0.0, 0.001))
 
@@ -88,6 +87,24 @@ def diagnose(gen, teacher, delta: float = 0.05, misread: float = 0.2) -> list[di
     return rows
 
 
+def teacher_prefixes(batch: int = 256) -> list[dict]:
+    """The teacher's prefixes of the last two positions by probability: how many, their mass, and how many training
+    samples each gets over the diagnosis row's steps at that mass."""
+    from dd2_ladder import make_teacher
+
+    teacher = make_teacher(RUNG)
+    V, n = teacher.vocab_size, teacher.seq_len
+    joint, rows = teacher.exact_joint().double().cpu(), []
+    for i in (n - 2, n - 1):
+        prefix_p = joint.reshape(V ** i, -1).sum(1)
+        for lo, hi in BINS:
+            m = (prefix_p > lo) & (prefix_p <= hi) & (prefix_p > 0)
+            count, mass = int(m.sum()), prefix_p[m].sum().item()
+            rows.append({"position": i, "prefix_prob": f"({lo}, {hi}]", "prefixes": count, "mass": round(mass, 4),
+                         "train_samples_each": round(STEPS * batch * mass / count) if count else None})
+    return rows
+
+
 def run_row(name: str) -> dict:
     kw = {**BASE, "steps": STEPS, "lr": LR, **ROWS[name]}
     r = flow_row(RUNG, keep_generator=name == "diagnosis", **kw)
@@ -118,7 +135,8 @@ def main(argv=None) -> dict:
     cols = ("row", "prefix_codes", "width", "steps", "tv", "floor", "tv_over_floor", "tv_prefix", "train_s", "commit")
     result = {**provenance(), "rung": RUNG, "n_eval": N_EVAL,
               "rows": [{k: d.get(k) for k in cols} for d in done],
-              "misreads": next((d["misreads"] for d in done if d["row"] == "diagnosis"), [])}
+              "misreads": next((d["misreads"] for d in done if d["row"] == "diagnosis"), []),
+              "teacher_prefixes": teacher_prefixes()}
     write_results(RESULTS / "dd2-rare-prefixes", result, "The near-deterministic five-position rung: rare prefixes")
     return result
 

@@ -55,7 +55,8 @@ BUDGETS = ((1500, 3e-3), (6000, 1e-2), (12000, 1e-2))
 VARIANTS = (("v4-n2-c2-random", {"width": 256}), ("v4-n2-c2-random", {"batch": 1024}))
 MORE_RUNGS = ("v4-n1-c2-peaked", "v6-n5-c3-peaked", "v8-n5-c4-random")
 FIVE = ("v6-n5-c3-random", "v6-n5-c3-peaked", "v8-n5-c4-random")
-PARTS = ("rows", "variants", "prefix_codes", "staged", "staged_more", "staged3", "passes", "passes_budgets", "dd1")
+PARTS = ("rows", "variants", "prefix_codes", "staged", "staged_more", "staged3", "passes", "passes_budgets",
+         "passes_budgets_small", "dd1")
 LONGER = (("v4-n3-c2-random", 24000, 1e-2), ("v6-n3-c3-random", 24000, 1e-2))  # twice the last budget
 
 
@@ -139,6 +140,8 @@ def main(argv=None) -> dict:
                                for rung in MORE_RUNGS[1:2]],
            "passes": lambda: [passes_row(rung, ladder) for rung in (*RUNGS, *MORE_RUNGS)],
            "passes_budgets": lambda: [passes_row(rung, ladder, steps) for rung in FIVE for steps in (1500, 3000, 6000)],
+           "passes_budgets_small": lambda: [passes_row(rung, ladder, steps) for rung in (*RUNGS[:4], MORE_RUNGS[0])
+                                            for steps in (1500, 3000, 6000)],
            "dd1": lambda: [dd1_row(rung, steps, lr) for rung in RUNGS for steps, lr in BUDGETS[2:]]}
     for part in a.parts:
         parts[part] = run[part]()

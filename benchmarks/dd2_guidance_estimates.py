@@ -78,7 +78,7 @@ class _Residual(torch.nn.Module):
 
 
 def deepen(backbone: CausalMLPBackbone, depth: int) -> CausalMLPBackbone:
-    """The ladder's backbone with ``depth`` residual blocks between its first layer and a normalised last one."""
+    """The ladder's backbone with its hidden layers replaced by ``depth`` residual blocks and a normalised last layer."""
     if depth:
         w = backbone.feature_dim
         backbone.net = torch.nn.Sequential(backbone.net[0], torch.nn.SiLU(), *(_Residual(w) for _ in range(depth)),
@@ -219,8 +219,8 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, w
     ``prefix_codes``: see :class:`_TabularFlow`. Controls (the loss's minimiser, every conditional equal to the
     teacher's at the generator's own prefix, is pointwise in the noise and keeps under each of them):
     - ``train_noise``: the training batches' second half draws its noise from N(0, train_noise^2 I) (a wider law
-      visits rare prefixes more often);
-    - ``depth``: residual blocks (LayerNorm, two linear layers) added to the backbone;
+      visits rare prefixes more often; the prefix codes' running marginal then averages both halves);
+    - ``depth``: that many residual blocks (LayerNorm, two linear layers) in place of the backbone's hidden layers;
     - ``token_map``: "sorted" replaces the ODE map by the inverse CDF of softmax(l_i), codes in decreasing probability,
       at u = Phi(eps_i[0]) (:func:`sorted_icdf_map`); "gumbel" by the Gumbel-max map of V-dim noise
       (:func:`gumbel_max_map`);

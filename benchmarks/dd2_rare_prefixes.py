@@ -11,7 +11,8 @@ steps unless named; TV against the exact joint on 200k samples (floor 0.0041: th
 - "diagnosis": the one-step generator with prefix codes (width 256). Its conditional at position i is "misread" on a
   sample when its TV to the teacher's conditional at the sample's own prefix exceeds 0.2. The table gives, by the
   prefix's probability p_T(x_<i), the prefix mass and the misread rate; and the share of misread samples whose prefix
-  changes when the noise eps_<i moves by 0.05 (a misread at a cell boundary) against that share among all samples;
+  changes when noise of standard deviation 0.05 is added to eps (a misread at a cell boundary) against that share
+  among all samples;
   beside it, the teacher's own prefixes by probability (how many, their mass, training samples each).
 - The controls (each changes one thing of that row, ``flow_row``'s keywords): width 1024; 4 residual blocks; a wider
   noise law for half of each batch; an auxiliary loss decoding the prefix's tokens from each row; the KL weighted
@@ -32,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance, write_results  # noqa: E402
-from dd2_guidance_estimates import N_EVAL, flow_row  # noqa: E402
+from dd2_guidance_estimates import N_EVAL, flow_row, gumbel_max_map  # noqa: E402
 
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs  # noqa: E402
 
@@ -59,7 +60,8 @@ BINS = ((0.1, 1.0), (0.01, 0.1), (0.001, 0.01), (0.0, 0.001))
 @torch.no_grad()
 def diagnose(gen, teacher, delta: float = 0.05, misread: float = 0.2) -> list[dict]:
     """Misreads by prefix probability at the last two positions, and their share at a cell boundary."""
-    n, C = teacher.seq_len, gen.cb.shape[1]
+    n = teacher.seq_len
+    C = teacher.vocab_size if gen.token_map is gumbel_max_map else teacher.code_dim  # the noise's dimension
     eps = torch.randn(N_EVAL, n, C, generator=torch.Generator().manual_seed(99))
     labels = torch.zeros(N_EVAL, dtype=torch.long)
     log_q = gen.eval()(eps, labels)

@@ -5,8 +5,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 
 def machine() -> dict:
     from onestep.eval.speed import machine_info

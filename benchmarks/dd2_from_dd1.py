@@ -10,11 +10,10 @@ at temperature ``--tau`` (``--mode soft``). psi is the teacher's closed-form den
 residual head on a copy of the teacher's backbone. Prefix conditions are snapped to codes, which the table-input
 teacher reads as ids, so neither stage 0 nor stage 1 is needed. OUT/final is written as a DD1 run (the same
 architecture), so that ``onestep eval --method dd1`` scores it by its argmax codes."""
-import argparse, copy, json, sys, time
+import argparse, copy, json, time
 from pathlib import Path
 import torch
 from torch import nn
-import torch.nn.functional as F
 from onestep import checkpoint as ckpt
 from onestep.dd1.stages import load_dd1
 from onestep.dd1.model import clean_mask

@@ -20,8 +20,6 @@ from _common import provenance, write_results  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    import torch
-
     from onestep import checkpoint as ckpt
     from onestep.dd2.sampling import ardiffusion_sampler
     from onestep.dd2.tune import load_ardiffusion

@@ -12,7 +12,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 import onestep  # noqa: E402
 from onestep.paths import assets_dir  # noqa: E402

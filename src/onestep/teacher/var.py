@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onestep.teacher.base import ARTeacher, nearest_code
+from onestep.teacher.base import ARTeacher
 from onestep.tokenizer.quant import (OFFICIAL_PATCH_NUMS, OFFICIAL_PHI_INDEX, MultiScaleQuantizer,  # noqa: F401
                                    downsample, multiscale_inputs, phi_apply, phi_index_for, phi_params,
                                    scale_steps, to_grid, upsample)

@@ -57,11 +57,7 @@ def sorted_icdf_map(eps: torch.Tensor, log_q: torch.Tensor, codebook=None, ode=N
 def gumbel_max_map(eps: torch.Tensor, log_q: torch.Tensor, codebook=None, ode=None) -> torch.Tensor:
     """(B, n) a token map with the law softmax(log_q) exactly, from V-dim noise: argmax_k log_q_k + G(eps_k), G the
     Gumbel quantile of Phi(eps_k) (the cells are half-spaces in G: a row reads an earlier token by comparisons)."""
-    return (log_q + gumbel(eps)).argmax(-1)
-
-
-def gumbel(eps: torch.Tensor) -> torch.Tensor:
-    return -torch.log(-torch.log(torch.special.ndtr(eps).clamp(1e-12, 1 - 1e-7)))
+    return (log_q - torch.log(-torch.log(torch.special.ndtr(eps).clamp(1e-12, 1 - 1e-7)))).argmax(-1)
 
 
 TOKEN_MAPS = {"ode": ode_map, "sorted": sorted_icdf_map, "gumbel": gumbel_max_map}
@@ -120,6 +116,7 @@ class _TabularFlow(torch.nn.Module):
             raise ValueError(f"token_map must be one of {tuple(TOKEN_MAPS)}, got {token_map!r}")
         self.backbone, self.head, self.cb, self.ode, self.prefix_codes = backbone, head, codebook, ode, prefix_codes
         self.token_map, self.features_ = TOKEN_MAPS[token_map], None
+        self.noise_dim = codebook.shape[0] if token_map == "gumbel" else codebook.shape[1]  # per position
         n, V = backbone.seq_len, codebook.shape[0]
         self.register_buffer("prior", torch.full((n, V), 1.0 / V))
         self.stages, self.log_q_stages = None, []
@@ -230,8 +227,8 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, w
     ``keep_generator``: the row also holds the trained generator and teacher (keys "generator", "teacher")."""
     teacher = make_teacher(rung)
     n, V = teacher.seq_len, teacher.vocab_size
-    C = V if token_map == "gumbel" else teacher.code_dim  # the noise's dimension per position
     cb, sampling, base = teacher.codebook(), SamplingConfig(), TabularRunConfig()
+    C = V if token_map == "gumbel" else teacher.code_dim  # the noise's dimension per position (_TabularFlow.noise_dim)
     torch.manual_seed(0)
     width = width or base.width
     backbone = deepen(CausalMLPBackbone(n, C + V * bool(prefix_codes), 1, width, input_gain or base.backbone_gain),
@@ -259,9 +256,11 @@ def flow_row(rung: str, steps: int = 1500, batch: int = 256, lr: float = 3e-3, w
             with torch.no_grad():
                 ids = gen.tokens(eps, log_q.detach())
                 log_p = teacher_log_probs(teacher, ids, labels, sampling).float()
-                log_px = log_p.gather(-1, ids[..., None])[..., 0]
-                w = torch.exp(-rarity * (torch.cumsum(log_px, 1) - log_px))  # p_T(x_<i)^-rarity
-                w = w / w.mean(0, keepdim=True)
+                w = 1.0
+                if rarity:
+                    log_px = log_p.gather(-1, ids[..., None])[..., 0]
+                    w = torch.exp(-rarity * (torch.cumsum(log_px, 1) - log_px))  # p_T(x_<i)^-rarity
+                    w = w / w.mean(0, keepdim=True)
             p = log_p.exp()
             loss = sum((w * torch.where(p > 0, p * (log_p - lq), torch.zeros_like(p)).sum(-1)).mean()
                        for lq in (log_q, *gen.log_q_stages))

@@ -14,7 +14,8 @@ steps unless named; TV against the exact joint on 200k samples (floor 0.0041: th
   changes when noise of standard deviation 0.05 is added to eps (a misread at a cell boundary) against that share
   among all samples;
   beside it, the teacher's own prefixes by probability (how many, their mass, training samples each).
-- The controls (each changes one thing of that row, ``flow_row``'s keywords): width 1024; 4 residual blocks; a wider
+- The controls (each changes that row in one respect, ``flow_row``'s keywords): width 1024; 4 residual blocks in
+  place of the hidden layers; a wider
   noise law for half of each batch; an auxiliary loss decoding the prefix's tokens from each row; the KL weighted
   towards rare prefixes; two other exact token maps (probability-sorted inverse CDF, Gumbel-max of 6-D noise);
   the generator run in K + 1 passes of one network ("map+K", each pass reading the codes the map gives under the pass
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance, write_results  # noqa: E402
-from dd2_guidance_estimates import N_EVAL, flow_row, gumbel_max_map  # noqa: E402
+from dd2_guidance_estimates import N_EVAL, flow_row  # noqa: E402
 
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs  # noqa: E402
 
@@ -61,8 +62,7 @@ BINS = ((0.1, 1.0), (0.01, 0.1), (0.001, 0.01), (0.0, 0.001))
 def diagnose(gen, teacher, delta: float = 0.05, misread: float = 0.2) -> list[dict]:
     """Misreads by prefix probability at the last two positions, and their share at a cell boundary."""
     n = teacher.seq_len
-    C = teacher.vocab_size if gen.token_map is gumbel_max_map else teacher.code_dim  # the noise's dimension
-    eps = torch.randn(N_EVAL, n, C, generator=torch.Generator().manual_seed(99))
+    eps = torch.randn(N_EVAL, n, gen.noise_dim, generator=torch.Generator().manual_seed(99))
     labels = torch.zeros(N_EVAL, dtype=torch.long)
     log_q = gen.eval()(eps, labels)
     ids = gen.tokens(eps, log_q)

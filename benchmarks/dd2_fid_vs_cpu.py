@@ -7,12 +7,12 @@ its recipe spent, summed over every stage it needs:
 
 - DD1: pairs (12k, the bench's count) + training, at 150, 300 and 900 steps; and the bench's own 900-step run. The
   pairs' CPU (``cpu.json``'s ``dd1_pairs_12k``) is that of the set re-made with the fused ODE posterior
-  (``onestep.dd1.flow_map``): 317 CPU-s where the first set took 698, with the same tokens up to 25 of 588k (float
+  (``onestep.flow_map``): 317 CPU-s where the first set took 698, with the same tokens up to 25 of 588k (float
   rounding at cell boundaries), so the generators trained on the first set keep their FIDs.
 - DD2, paper recipe (``gts``): stage 0 + stage 1 + CSD (the bench's 250-step run and its continuation; the CPU time
   of a checkpoint inside a run segment is the segment's measured CPU time per step times the steps done).
 - DD2, map start (``map``): pairs + stage 0 + stage 1 + the regression onto the pairs (900 steps) + CSD.
-- CSD from DD1's generator (``benchmarks/dd2_from_dd1.py``): pairs + DD1 (300 steps) + CSD.
+- CSD from DD1's generator (``lab/studies/dd2_from_dd1.py``): pairs + DD1 (300 steps) + CSD.
 - DD2, flow recipe (``onestep dd2 train --teacher``): its one stage, from the teacher (no stage 0 or 1, no pairs), at
   150, 300 and 600 steps (separate runs, each with its own cosine; ``cpu.json``'s ``flow_<steps>`` from each run's
   metrics.json). The runs shared the 2 cores with one to three other jobs, which inflates CPU seconds; the same

@@ -34,7 +34,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     from onestep import rng
     from onestep.eval.evaluate import Evaluator
-    from onestep.samplers import build_sampler, class_labels
+    from onestep.methods import build_sampler
+    from onestep.samplers import class_labels
 
     ev = Evaluator("fashion-mnist")
     floor = [{"n_test": n, **{k: round(v, 3) for k, v in ev.data_floor(n_inception=0, n_test=n).items() if k in KEYS}}

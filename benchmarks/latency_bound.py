@@ -2,13 +2,13 @@
 
 The bound is what no one-step generator built on the teacher's transformer can beat: ONE parallel pass of the teacher
 over the whole sequence (teacher forcing on a token sequence: backbone + logits head, argmax), plus the tokenizer's
-decoder. The rows are that bound, the teacher (CFG + KV cache, its AR steps), DD1 in one step, DD2 in one step (the
-flow recipe: one pass and the ODE map of every position) and DD2 by CSD in one step (the MLP head),
+decoder. The rows are that bound, the teacher (CFG + KV cache, its AR steps), DD1 in one step, MapKD in one step (one
+pass and the ODE map of every position) and DD2 (the paper's CSD) in one step (the MLP head),
 each the full path from labels to uint8 images, at batch 1 and 64 (``onestep.eval.speed.measure``: round-robin
 repeats, median seconds per call). A generator's ratio to the bound is its overhead over one teacher pass.
 
     OMP_NUM_THREADS=2 python benchmarks/latency_bound.py       # the shipped Fashion-MNIST models
-    python benchmarks/latency_bound.py --dd1 runs/dd1 --dd2 runs/dd2-flow --dd2-csd runs/dd2 --repeats 20
+    python benchmarks/latency_bound.py --dd1 runs/dd1 --mapkd runs/mapkd --dd2 runs/dd2 --repeats 20
 
 Writes benchmarks/results/latency-bound.{json,md}.
 """
@@ -50,11 +50,11 @@ def main(argv=None) -> dict:
     root = shown(assets_dir() / "fashion-mnist")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dd1", default=str(root / "dd1"), help="a DD1 run or export")
-    ap.add_argument("--dd2", default=str(root / "dd2"), help="a DD2 run or export (the flow recipe)")
-    ap.add_argument("--dd2-csd", default=str(root / "dd2-csd"), help="a DD2 run or export trained by CSD")
+    ap.add_argument("--mapkd", default=str(root / "mapkd"), help="a MapKD run or export")
+    ap.add_argument("--dd2", default=str(root / "dd2"), help="a DD2 run or export (the paper's CSD)")
     ap.add_argument("--teacher", default=str(root / "teacher"), help="the teacher run (the bound and the teacher row)")
     ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=RUN",
-                    help="more one-step generators, each a row NAME (e.g. dd2-prefix-codes=runs/dd2-codes)")
+                    help="more one-step generators, each a row NAME (e.g. mapkd-prefix-codes=runs/mapkd-codes)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--repeats", type=int, default=10)
@@ -66,28 +66,28 @@ def main(argv=None) -> dict:
     extra = dict(e.split("=", 1) for e in a.extra)
     torch.manual_seed(0)
     dd1 = onestep.load(a.dd1, device=a.device)
+    mapkd = onestep.load(a.mapkd, device=a.device)
     dd2 = onestep.load(a.dd2, device=a.device)
-    dd2_csd = onestep.load(a.dd2_csd, device=a.device)
     teacher, _, tokenizer = load_teacher(a.teacher, a.device)
-    rule = {k: getattr(dd2.spec, k) for k in RULE_FIELDS}  # the rule DD2 was distilled under (CFG) for the teacher row
+    rule = {k: getattr(mapkd.spec, k) for k in RULE_FIELDS}  # the rule MapKD was distilled under (CFG): the teacher row
     t_sampler = teacher_sampler(teacher, tokenizer, SamplingConfig(**rule))
     s1 = dd1.sampler()
-    s2 = dd2.sampler()
-    s3 = dd2_csd.sampler()
+    s2 = mapkd.sampler()
+    s3 = dd2.sampler()
     g = torch.Generator(device=a.device).manual_seed(0)
     labels = lambda b: torch.arange(b, device=a.device) % teacher.num_classes  # noqa: E731
     bound = bound_sampler(teacher, tokenizer, a.device)
     fns = {"one-forward bound": lambda b: bound(labels(b), g),
            "teacher (CFG, KV cache)": lambda b: t_sampler.images(labels(b), g),
            "dd1-1step": lambda b: s1.images(labels(b), g),
-           "dd2-1step": lambda b: s2.images(labels(b), g),
-           "dd2-csd-1step": lambda b: s3.images(labels(b), g)}
+           "mapkd-1step": lambda b: s2.images(labels(b), g),
+           "dd2-1step": lambda b: s3.images(labels(b), g)}
     more = {name: onestep.load(run, device=a.device).sampler() for name, run in extra.items()}
     fns.update({name: (lambda s: lambda b: s.images(labels(b), g))(s) for name, s in more.items()})
     res = measure(fns, batch_sizes=tuple(a.batch_sizes), warmup=a.warmup, repeats=a.repeats,
                   reference="teacher (CFG, KV cache)", device=a.device)
     params = {"one-forward bound": num_params(teacher, tokenizer), "teacher (CFG, KV cache)": num_params(teacher, tokenizer),
-              "dd1-1step": s1.params, "dd2-1step": s2.params, "dd2-csd-1step": s3.params,
+              "dd1-1step": s1.params, "mapkd-1step": s2.params, "dd2-1step": s3.params,
               **{name: s.params for name, s in more.items()}}
     bound_row = next(r for r in res["rows"] if r["method"] == "one-forward bound")
     for r in res["rows"]:
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
         for b in a.batch_sizes:
             r[f"x_bound_b{b}"] = r[f"latency_b{b}_s"] / bound_row[f"latency_b{b}_s"]
     res.update(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-               commit=git_commit(), teacher=a.teacher, dd1=a.dd1, dd2=a.dd2, dd2_csd=a.dd2_csd, extra=extra, sampling=rule,
+               commit=git_commit(), teacher=a.teacher, dd1=a.dd1, mapkd=a.mapkd, dd2=a.dd2, extra=extra, sampling=rule,
                bound="one teacher-forcing pass over the whole sequence (backbone + logits, argmax) + the decoder")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

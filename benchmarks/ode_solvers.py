@@ -1,13 +1,13 @@
 """Accuracy and cost of the noise-to-token ODE map's solvers on the shipped models' conditionals.
 
-The flow recipe's generator maps every position's noise through ``onestep.dd1.flow_map.ode_map`` in training and in
+MapKD's generator maps every position's noise through ``onestep.flow_map.ode_map`` in training and in
 sampling, so the ODE's step count is part of its one-step latency, and the map's accuracy is part of its exactness
 (the push-forward of N(0, I) is softmax(l) only for the exact ODE). For each solver configuration this script
 reports the fraction of tokens that differ from a converged reference (AB2, 1024 steps, float64), an upper bound on
 the per-token total variation of the push-forward, and the median time of the map alone at batch 1 and 64 (n = 49
 positions of 512 codes each), on two sets of conditionals:
 
-- ``generator``: the shipped flow generator's softmax(l_i) at its own noise (what the flow recipe maps);
+- ``generator``: the shipped MapKD generator's softmax(l_i) at its own noise (what MapKD maps);
 - ``teacher``: the teacher's CFG conditionals teacher-forced on those samples (what DD1's map follows).
 
     OMP_NUM_THREADS=2 python benchmarks/ode_solvers.py            # benchmarks/results/ode-solvers.{json,md}
@@ -24,14 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance, write_results  # noqa: E402
 
-from onestep.dd1.flow_map import ODEConfig, codebook_grid, ode_map  # noqa: E402
-from onestep.dd2.flowhead import load_flow  # noqa: E402
+from onestep.flow_map import ODEConfig, codebook_grid, ode_map  # noqa: E402
+from onestep.mapkd.sampling import load_mapkd  # noqa: E402
 from onestep.paths import assets_dir, results_dir  # noqa: E402
 from onestep.teacher.sampling import teacher_log_probs  # noqa: E402
 
 def configs(codebook) -> dict:
-    """The solvers compared: ``ab2`` on the default grid (DD1's), ``ab2log`` on the codebook's grid (the flow
-    recipe's), and both at equal step counts on either grid."""
+    """The solvers compared: ``ab2`` on the default grid (DD1's), ``ab2log`` on the codebook's grid (MapKD's), and both at equal step counts on either grid."""
     s_min, s_max = codebook_grid(codebook)
     grid = f"[{s_min:.2f}, {s_max:.1f}]"
     rows = {"ab2-200 [0.05, 500] (DD1's pairs)": ODEConfig(),
@@ -41,7 +40,7 @@ def configs(codebook) -> dict:
     rows[f"ab2-16 {grid}"] = ODEConfig(n_steps=16, s_min=s_min, s_max=s_max)
     rows["ab2log-16 [0.05, 500]"] = ODEConfig(solver="ab2log", n_steps=16)
     for n in (32, 24, 16, 12, 8):
-        rows[f"ab2log-{n} {grid}" + (" (the flow recipe's)" if n == 16 else "")] = ODEConfig(
+        rows[f"ab2log-{n} {grid}" + (" (MapKD's)" if n == 16 else "")] = ODEConfig(
             solver="ab2log", n_steps=n, s_min=s_min, s_max=s_max)
     return rows
 
@@ -59,13 +58,13 @@ def median_ms(fn, repeats: int) -> float:
 @torch.no_grad()
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dd2", default=str(assets_dir() / "fashion-mnist" / "dd2"), help="a flow-recipe run or export")
+    ap.add_argument("--mapkd", default=str(assets_dir() / "fashion-mnist" / "mapkd"), help="a MapKD run or export")
     ap.add_argument("--sequences", type=int, default=256, help="sequences whose tokens are compared")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(results_dir() / "ode-solvers"))
     a = ap.parse_args(argv)
-    gen, teacher, _, sampling = load_flow(a.dd2)
+    gen, teacher, _, sampling = load_mapkd(a.mapkd)
     g = torch.Generator().manual_seed(a.seed)
     eps = torch.randn(a.sequences, *gen.noise_shape, generator=g)
     labels = torch.arange(a.sequences) % teacher.num_classes

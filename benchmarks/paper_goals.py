@@ -4,7 +4,7 @@
     python benchmarks/paper_goals.py --metrics runs/bench/metrics.json --out /tmp/goals
 
 Reads the rows and the training cost that ``onestep bench`` / ``onestep demo`` write into metrics.json, and Table 4
-from benchmarks/results/dd2-init-ablation.json (``benchmarks/dd2_init_ablation.py``, on the tabular teacher). Writes
+from lab/results/dd2-init-ablation.json (``lab/studies/dd2_init_ablation.py``, on the tabular teacher). Writes
 ``OUT.json`` and ``OUT.md`` (default benchmarks/results/paper-goals).
 """
 from __future__ import annotations
@@ -20,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance  # noqa: E402
 
 
-# the DD2 recipes of a pipeline: row prefix, the cost keys of its total training time in wall and in CPU seconds
-# (None: not recorded; stage 0 records no CPU time), against DD1's pairs + training
-RECIPES = {"csd": ("dd2", ("dd2_total_s",), None), "flow": ("dd2-flow", ("dd2_flow_s",), ("dd2_flow_cpu_s",))}
+# the distilled methods of a pipeline, each against DD1: its 1-step row, its 3-step row (its default multi-step
+# sampler), and the cost keys of its total training time in wall and in CPU seconds (None: not recorded; stage 0
+# records no CPU time), against DD1's pairs + training
+METHODS = {"DD2 (paper recipe)": ("dd2-1step", "dd2-alg4-3step", ("dd2_total_s",), None),
+           "MapKD": ("mapkd-1step", "mapkd-jacobi-3step", ("mapkd_s",), ("mapkd_cpu_s",))}
 DD1_COST = {"wall": ("dd1_total_s",), "cpu": ("dd1_pairs_cpu_s", "dd1_train_cpu_s")}
 # the papers' gap ratios, DD2's gap to the teacher over DD1's (classifier FID): LlamaGen-L raster, VAR-d20
 PAPER_GAP_RATIOS = {"raster": 0.62, "var": 0.33}
@@ -34,12 +36,12 @@ def _fid(row: dict) -> float:
 
 
 def goals(by: dict[str, dict], cost: dict) -> dict:
-    """The papers' claims checked on the rows (by method) and the cost, for each DD2 recipe of the pipeline (the
-    paper's CSD: rows dd2-<k>step; the flow recipe: dd2-flow-<k>step): each goal's figures and whether it holds."""
+    """The papers' claims checked on the rows (by method) and the cost, for each distilled method of the pipeline
+    (:data:`METHODS`): each goal's figures and whether it holds."""
     out = {}
     t, d1, d1_2 = by.get("teacher"), by.get("dd1-1step"), by.get("dd1-2step")
-    for recipe, (prefix, wall_keys, cpu_keys) in RECIPES.items():
-        d2, d2_3 = by.get(f"{prefix}-1step"), by.get(f"{prefix}-3step")
+    for recipe, (one, three, wall_keys, cpu_keys) in METHODS.items():
+        d2, d2_3 = by.get(one), by.get(three)
         if t and d1 and d2:
             gap1, gap2 = _fid(d1) - _fid(t), _fid(d2) - _fid(t)
             ratio = gap2 / gap1 if gap1 else None

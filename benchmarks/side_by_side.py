@@ -1,6 +1,6 @@
-"""The README's side-by-side grid from the shipped models: the teacher, DD1 in one step, DD2 (the flow recipe) in one
-and three steps, and DD2 by CSD (the map start) in one step, one class per column, the same labels and seed in every
-row.
+"""The README's side-by-side grid from the shipped models: the teacher, DD1 in one step, MapKD in one step and in three
+(Jacobi), and DD2 (CSD from the map-start variant) in one step, one class per column, the same labels and seed in
+every row.
 
     python benchmarks/side_by_side.py          # writes docs/side-by-side.png
 """
@@ -16,13 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import onestep  # noqa: E402
 from onestep.paths import assets_dir  # noqa: E402
 
-ROWS = [("teacher", "teacher (49 AR steps)", 1), ("dd1", "DD1, 1 step", 1), ("dd2", "DD2 (flow recipe), 1 step", 1),
-        ("dd2", "DD2 (flow recipe), 3 steps", 3), ("dd2-csd", "DD2 (CSD, map start), 1 step", 1)]
+ROWS = [("teacher", "teacher (49 AR steps)", 1), ("dd1", "DD1, 1 step", 1), ("mapkd", "MapKD (own method), 1 step", 1),
+        ("mapkd", "MapKD, 3 steps (Jacobi)", 3), ("dd2", "DD2 (paper recipe, CSD from the map-start variant), 1 step", 1)]
 
 
 def main(out: str = "docs/side-by-side.png", per_class: int = 2, seed: int = 0) -> Path:
     root = assets_dir() / "fashion-mnist"
-    gens = {k: onestep.load(root / k) for k in ("teacher", "dd1", "dd2", "dd2-csd")}
+    gens = {k: onestep.load(root / k) for k in ("teacher", "dd1", "mapkd", "dd2")}
     n = gens["teacher"].num_classes
     labels = [c for _ in range(per_class) for c in range(n)]
     fig, axes = plt.subplots(len(ROWS), 1, figsize=(n * 0.9, len(ROWS) * per_class * 0.95 + 0.3))

@@ -67,7 +67,8 @@ def main(argv=None) -> dict:
                      "recall": m.get("recall"), "class_accuracy": m.get("class_accuracy")})
     # speed side by side in this process (1 and 64 samples per call)
     from onestep.eval.speed import measure
-    from onestep.samplers import build_sampler, class_labels
+    from onestep.methods import build_sampler
+    from onestep.samplers import class_labels
 
     args = argparse.Namespace(cfg_scale=float(a.cfg_scale), cfg_schedule="linear", temperature=1.0, top_k=0,
                               top_p=1.0, steps=1, continuous=False)

@@ -62,6 +62,20 @@ def test_load_infers_method_and_samples_uint8(runs, run, method):
 
 
 @needs_data
+def test_image_helpers_give_pil_images_and_a_grid(runs, tmp_path):
+    from PIL import Image
+
+    images = onestep.load(runs / "teacher").sample([0, 1, 2, 3], seed=0)
+    pil = onestep.to_pil(images)
+    assert len(pil) == 4 and pil[0].mode == "L" and pil[0].size == (28, 28)
+    assert torch.equal(torch.from_numpy(__import__("numpy").asarray(pil[2]))[None], images[2])
+    path = onestep.save_grid(images, tmp_path / "grid.png", nrow=2)
+    assert Image.open(path).size[0] > 2 * 28
+    with pytest.raises(ValueError, match="uint8"):
+        onestep.to_pil(images.float())
+
+
+@needs_data
 def test_api_matches_onestep_sample(runs):
     out = runs / "cli-samples"
     main(["sample", "--run", str(runs / "teacher"), "-n", "4", "--labels", "3,7", "--seed", "5", "--out", str(out)])

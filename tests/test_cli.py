@@ -81,8 +81,7 @@ def test_preset_choices_are_the_librarys_presets():
     from onestep.cli.flags import PRESETS
     from onestep.dd1.stages import DD1_PRESETS
     from onestep.dd2.adapt import ADAPT_PRESETS
-    from onestep.dd2.mapstart import MAP_FIT_PRESETS
-    from onestep.dd2.flowhead import FLOW_PRESETS
+    from onestep.mapkd.train import MAPKD_PRESETS
     from onestep.dd2.train import TRAIN_PRESETS
     from onestep.dd2.tune import TUNE_PRESETS
     from onestep.pipeline import PIPELINE_PRESETS
@@ -90,8 +89,8 @@ def test_preset_choices_are_the_librarys_presets():
     from onestep.tokenizer.train import VQ_TRAIN_PRESETS
 
     tables = {"train-tokenizer": VQ_TRAIN_PRESETS, "train-teacher": TEACHER_TRAIN_PRESETS, "dd1": DD1_PRESETS,
-              "dd2 adapt": ADAPT_PRESETS, "dd2 tune": TUNE_PRESETS, "dd2 train": TRAIN_PRESETS, "dd2 flow": FLOW_PRESETS,
-              "dd2 fit-map": MAP_FIT_PRESETS, "pipeline": PIPELINE_PRESETS}
+              "dd2 adapt": ADAPT_PRESETS, "dd2 tune": TUNE_PRESETS, "dd2 train": TRAIN_PRESETS, "mapkd train": MAPKD_PRESETS,
+              "pipeline": PIPELINE_PRESETS}
     assert set(PRESETS) == set(tables)
     for command, table in tables.items():
         assert set(PRESETS[command]) == set(table), command
@@ -349,7 +348,8 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     rows = {r["method"]: r for r in m["rows"]}
     assert m["rows"][0]["method"] == "teacher"
     for name in ("teacher", "skip-20", "onestep*", "dd1-1step", "dd1-2step", "dd1-teacher-involved", "teacher-stage0",
-                 "dd2-stage1-euler10", "dd2-1step", "dd2-2step", "dd2-1step-align", "dd2-flow-1step", "dd2-flow-2step"):
+                 "dd2-stage1-euler10", "dd2-1step", "dd2-alg4-2step", "dd2-1step-align", "mapkd-1step",
+                 "mapkd-jacobi-2step"):
         keys = {"method", "steps", "params", "fid_classifier", "fid_inception", "inception_score", "precision", "recall"}
         assert keys <= set(rows[name]), name
         if name != "dd2-stage1-euler10":
@@ -357,8 +357,8 @@ def test_pipeline_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     assert rows["teacher"]["speedup_b1"] == 1.0 and rows["dd2-1step"]["steps"] == 1
     assert {"data_floor_fid", "command", "commit", "machine", "cost", "ppl"} <= set(m)
     assert m["data_floor_fid"]["n"] == rows["teacher"]["n"]  # the floor on the rows' sample size
-    assert m["cost"]["dd2_total_s"] > 0 and m["cost"]["dd1_total_s"] > 0 and m["cost"]["dd2_flow_cpu_s"] > 0
-    assert rows["dd2-flow-1step"]["steps"] == 1 and m["ppl"]["dd2_flow_quantised"] >= 0
+    assert m["cost"]["dd2_total_s"] > 0 and m["cost"]["dd1_total_s"] > 0 and m["cost"]["mapkd_cpu_s"] > 0
+    assert rows["mapkd-1step"]["steps"] == 1 and m["ppl"]["mapkd_quantised"] >= 0
     # the alignment run was branched off the plain run's checkpoint at align_at (2 tiny steps: align_at = 1), and its
     # cost includes that shared prefix
     branch = json.loads((tmp_path / "demo" / "dd2-align" / "branched_from.json").read_text())
@@ -416,7 +416,7 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     for steps, extra in ((1, []), (3, []), (1, ["--continuous"])):
         out = tiny_runs / f"dd2-samples-{steps}{len(extra)}"
         main(["sample", "--method", "dd2", "--run", str(d), "--sampling-steps", str(steps), "-n", "4", "--out", str(out), *extra])
-        name = f"dd2-{steps}step" + ("-continuous" if extra else "")
+        name = ("dd2-1step" if steps == 1 else f"dd2-alg4-{steps}step") + ("-continuous" if extra else "")
         with np.load(out / f"{name}.npz") as f:
             assert f["images"].shape[0] == 4
             assert f["tokens"].ndim == (3 if extra else 2)
@@ -463,22 +463,22 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     assert cfg["csd"]["condition_on_codes"] is True
     assert cfg["csd"]["lr_schedule"] == "cosine" and cfg["csd"]["final_lr_ratio"] == 0.1
     assert load_dd2(tiny_runs / "dd2-gt")[0].generator_t == 0.5
-    # the map-start recipe: fit-map regresses the stage-1 model onto DD1 pairs made with the same sampling rule, and
-    # dd2 train --generator-init starts CSD from it (psi from stage 1), recording the recipe
+    # the map-start variant (lab/mapstart.py): the map fit regresses the stage-1 model onto DD1 pairs made with the
+    # same sampling rule, and dd2 train --generator-init starts CSD from it (psi from stage 1), recording the recipe
+    from lab.mapstart import MAP_FIT_PRESETS, MapFitAblation, fit_map
+
     main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--out", str(tiny_runs / "pairs8"),
           "--top-k", "8"])
-    main(["dd2", "fit-map", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--pairs", str(tiny_runs / "pairs8"),
-          "--run-dir", str(tiny_runs / "map"), "--steps", "6", "--lr", "3e-3"])
+    fit_map(tiny_runs / "map", tiny_runs / "tune", tiny_runs / "pairs8", replace(MAP_FIT_PRESETS["tiny"], steps=6, lr=3e-3))
     fit_logs = [json.loads(x) for x in (tiny_runs / "map" / "log.jsonl").read_text().splitlines()]
     assert len(fit_logs) == 6 and all(np.isfinite(r["regression"]) for r in fit_logs)
     mcfg = json.loads((tiny_runs / "map" / "final" / "config.json").read_text())
     assert mcfg["kind"] == "dd2-generator" and mcfg["stage"] == "dd2-fit-map" and mcfg["weights"] == "map-fit generator"
     main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--out", str(tiny_runs / "pairs-k0")])
     capsys.readouterr()
-    with pytest.raises(SystemExit):  # pairs of another sampling rule are refused, before anything is written
-        main(["dd2", "fit-map", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--pairs",
-              str(tiny_runs / "pairs-k0"), "--run-dir", str(tiny_runs / "map-other")])
-    assert "sampling" in capsys.readouterr().err and not (tiny_runs / "map-other").exists()
+    with pytest.raises(ValueError, match="sampling"):  # pairs of another sampling rule are refused, before anything
+        fit_map(tiny_runs / "map-other", tiny_runs / "tune", tiny_runs / "pairs-k0", MAP_FIT_PRESETS["tiny"])
+    assert not (tiny_runs / "map-other").exists()
     with pytest.raises(SystemExit):
         main(["dd2", "train", "--preset", "tiny", "--tune", str(tiny_runs / "tune"), "--run-dir", str(tiny_runs / "dd2-m0"),
               "--generator-init", str(tiny_runs / "map"), "--generator-t", "0.5"])
@@ -487,8 +487,7 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
           "--generator-init", str(tiny_runs / "map"), "--guidance-warmup", "1"])
     dcfg = json.loads((tiny_runs / "dd2-map" / "final" / "config.json").read_text())
     assert dcfg["recipe"] == "map" and dcfg["csd"]["guidance_warmup"] == 1
-    # the map fit's ablations (library only): a generator with a noise stream keeps it through CSD
-    from onestep.dd2.mapstart import MAP_FIT_PRESETS, MapFitAblation, fit_map
+    # the map fit's ablations: a generator with a noise stream keeps it through CSD
 
     fit_map(tiny_runs / "map-ns", tiny_runs / "tune", tiny_runs / "pairs8", replace(MAP_FIT_PRESETS["tiny"], steps=3),
             ablation=MapFitAblation(noise_stream=True))
@@ -533,14 +532,14 @@ def test_var_family_through_the_cli(tmp_path, capsys, monkeypatch):
         out = tmp_path / f"dd2-{steps}-{len(extra)}"
         main(["sample", "--method", "dd2", "--run", str(tmp_path / "dd2"), "--sampling-steps", str(steps), "-n", "3",
               "--out", str(out), *extra])
-        name = f"dd2-{steps}step" + ("-continuous" if extra else "")
+        name = ("dd2-1step" if steps == 1 else f"dd2-alg4-{steps}step") + ("-continuous" if extra else "")
         with np.load(out / f"{name}.npz") as f:
             assert f["images"].shape == (3, 1, 28, 28)
     _tiny_classifier(monkeypatch, tmp_path)  # onestep eval takes the same sampler flags as onestep sample
     main(["eval", "--run", str(tmp_path / "dd2"), "--method", "dd2", "--sampling-steps", "2", "-n", "16", "--n-inception", "0",
           "--n-ref-classifier", "200", "--out", str(tmp_path / "ev.json")])
     ev = json.loads((tmp_path / "ev.json").read_text())
-    assert ev["method"] == "dd2-2step" and ev["steps"] == 2 and ev["fid_classifier"] > 0
+    assert ev["method"] == "dd2-alg4-2step" and ev["steps"] == 2 and ev["fid_classifier"] > 0
     main(["dd1", "pairs", "--preset", "tiny", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "pairs"),
           "-n", "48"])
     main(["dd1", "train", "--preset", "tiny", "--teacher", str(tmp_path / "teacher"), "--pairs", str(tmp_path / "pairs"),

@@ -13,7 +13,7 @@ import torch
 from scipy.stats import chisquare
 
 from onestep.dd1 import baselines, pairs, sampling
-from onestep.dd1.flow_map import ODEConfig, codebook_grid, map_noise_to_tokens, ode_map, time_grid
+from onestep.flow_map import ODEConfig, codebook_grid, map_noise_to_tokens, ode_map, time_grid
 from onestep.dd1.model import DD1Generator, clean_mask
 from onestep.dd1.train import TrajectoryConfig, TrajectorySampler, dd1_loss, fit
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
@@ -104,7 +104,7 @@ def test_ab2log_map_on_the_codebook_grid_pushes_forward_to_p(C, V, kind):
 
 def test_first_step_slope_is_the_derivative_of_the_denoiser_at_zero():
     """x0_hat'(0) = Cov_p(c) y (the ab2log solver's Taylor step from s = 0), against a central difference."""
-    from onestep.dd1.flow_map import _Posterior
+    from onestep.flow_map import _Posterior
 
     cb = _codebook(7, 3, seed=5).double()
     log_p = torch.log_softmax(torch.randn(20, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64), -1)
@@ -508,7 +508,7 @@ def test_sampler_builder_dd1_and_baselines(dd1_cli_run):
     from types import SimpleNamespace
 
     from onestep.dd1.baselines import baseline_samplers
-    from onestep.samplers import build_sampler
+    from onestep.methods import build_sampler
 
     run, teacher_dir = dd1_cli_run / "dd1", dd1_cli_run / "teacher"
 
@@ -700,7 +700,7 @@ def test_import_dd1_of_released_llamagen_dd_and_var_dd_files(tmp_path, capsys):
     # the release's output rule, recorded by --conti-from (LlamaGen-DD's default 80 needs n > 80), used by sampling
     main(["import-dd1", "--dd1", str(tmp_path / "llamagen-dd.pt"), "--teacher", str(tmp_path / "lg" / "teacher"),
           "--run-dir", str(tmp_path / "lg" / "dd1-conti"), "--conti-from", "0"])
-    from onestep.samplers import build_sampler
+    from onestep.methods import build_sampler
 
     smp = build_sampler("dd1", str(tmp_path / "lg" / "dd1-conti"))
     out = smp.sample(torch.tensor([1, 2]), torch.Generator().manual_seed(0))

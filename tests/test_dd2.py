@@ -7,7 +7,7 @@ from onestep import flow
 from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule, ema_rate
 from onestep.dd2.losses import csd_generator_loss, dsm_loss, gts_loss
 from onestep.dd2.model import ARDiffusion, MLPHead
-from onestep.dd2.tabular import CausalMLPBackbone
+from lab.tabular import CausalMLPBackbone
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
 from onestep.teacher.tabular import TabularTeacher
 
@@ -203,7 +203,7 @@ def test_residual_guidance_starts_as_the_teacher_and_its_dsm_target_is_the_same(
 def test_map_fit_losses_are_the_squared_error_and_the_cells_cross_entropy():
     """regression_loss: the mean squared distance to the map's code vectors; with a cells temperature tau, the
     cross-entropy of the map's token under logits -|x - c_j|^2 / tau; fit_to_map lowers it."""
-    from onestep.dd2.mapstart import fit_to_map, regression_loss
+    from lab.mapstart import fit_to_map, regression_loss
 
     T = TabularTeacher(4, 3, 2, seed=2)
     gen = _model(seed=0)
@@ -370,7 +370,7 @@ def test_ema_rate_and_alignment_schedule():
 import pytest  # noqa: E402
 
 
-from onestep.dd2.tabular import TabularRunConfig, fit_tabular  # noqa: E402
+from lab.tabular import TabularRunConfig, fit_tabular  # noqa: E402
 
 EXACTNESS_TV = 0.05  # acceptance bound on TV(generator's quantised joint, teacher's exact joint); not to be loosened
 
@@ -378,8 +378,8 @@ EXACTNESS_TV = 0.05  # acceptance bound on TV(generator's quantised joint, teach
 @pytest.fixture(scope="module")
 def tabular_run():
     """The paper's recipe (stage-1 GTS tuning, then pure CSD; the default TabularRunConfig, 1200 CSD steps) on the
-    lowest rung of the ladder, v4-n1-c2-random: one position, 4 codes in 2-D (benchmarks/dd2_ladder.py), 1 thread,
-    20k evaluation samples. The ladder's 2-position rung needs more than this budget (docs/dd2-convergence.md)."""
+    lowest rung of the ladder, v4-n1-c2-random: one position, 4 codes in 2-D (lab/studies/dd2_ladder.py), 1 thread,
+    20k evaluation samples. The ladder's 2-position rung needs more than this budget (lab/dd2-convergence.md)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield fit_tabular(TabularTeacher(4, 1, 2, seed=1), TabularRunConfig(seed=0))
@@ -435,7 +435,7 @@ def test_csd_dmd_form_gradient_is_the_denoiser_difference():
 
 def test_conditional_errors_locates_a_wrong_conditional():
     """The per-prefix diagnostic: ~0 on the teacher's own samples, large where a conditional is replaced."""
-    from onestep.dd2.tabular import conditional_errors
+    from lab.tabular import conditional_errors
     from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
     T = TabularTeacher(4, 3, 2, seed=6)

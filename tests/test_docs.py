@@ -3,9 +3,13 @@
 - Every citation of the method reference in the code ("method.md section N", "method.md sections N and M",
   "method.md N.M", wrapped over lines or not) under src/, tests/, benchmarks/ and examples/ must name a section
   that docs/method.md has a heading for ("## N." or "### N.M ...").
-- Every relative link in README.md and docs/*.md (inline ``[text](target)``, images, reference definitions) must
-  point at a file or folder of the repository. http(s)/mailto links and anchor-only links are not checked, and a
-  "#anchor" suffix is ignored. Links inside fenced code blocks are not links.
+- Every relative link in README.md, docs/*.md, benchmarks/README.md and lab/*.md (inline ``[text](target)``, images,
+  reference definitions) must point at a file or folder of the repository. http(s)/mailto links and anchor-only
+  links are not checked, and a "#anchor" suffix is ignored. Links inside fenced code blocks are not links.
+- Every repository path that the code and the docs cite by name (``docs/...``, ``benchmarks/...``, ``lab/...``,
+  ``tests/...``, ``src/onestep/...``, ``assets/...`` ending in a file suffix) exists: a moved or renamed file leaves
+  no stale citation behind. Paths with placeholders (``<row>``, ``*``, ``{json,md}``) name families of files and are
+  checked up to the placeholder.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = ROOT / "docs" / "method.md"
-CITING_DIRS = ("src", "tests", "benchmarks", "examples")
+CITING_DIRS = ("src", "tests", "benchmarks", "lab")
 CITING_SUFFIXES = {".py", ".md", ".txt", ".toml", ".cfg", ".sh"}
 
 SECTION_NUMBER = r"\d+(?:\.\d+)*"
@@ -77,7 +81,36 @@ def relative_links(md: Path) -> list[tuple[int, str]]:
 
 
 def _markdown_pages() -> list[Path]:
-    return [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+    return ([ROOT / "README.md", ROOT / "benchmarks" / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+            + sorted((ROOT / "lab").glob("*.md")))
+
+
+# a repository path cited in prose or code: a known top folder, then path characters, ending in a file suffix
+CITED_PATH = re.compile(r"(?<![\w./-])((?:docs|benchmarks|lab|tests|src/onestep|assets)/[\w./-]*?\.(?:md|py|json|png))"
+                        r"(?![\w])")
+
+
+def cited_paths() -> dict[str, list[str]]:
+    """{path: ["file:line", ...]} of the repository paths named in src/, tests/, benchmarks/*.py, lab/*.py and the
+    markdown pages (results files and run records, which quote the commands of their own time, are not read)."""
+    files = [p for d in ("src", "tests") for p in sorted((ROOT / d).rglob("*.py"))]
+    files += sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "lab").rglob("*.py")) + _markdown_pages()
+    out: dict[str, list[str]] = {}
+    for path in files:
+        if "__pycache__" in path.parts or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for m in CITED_PATH.finditer(text):
+            out.setdefault(m.group(1), []).append(f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}")
+    return out
+
+
+def test_cited_repository_paths_exist():
+    paths = cited_paths()
+    assert len(paths) >= 20, f"expected many cited paths, found {len(paths)}"
+    missing = {p: s for p, s in paths.items() if not (ROOT / p).exists()}
+    assert not missing, "cited paths that do not exist: " + "; ".join(
+        f"{p} ({', '.join(s[:2])})" for p, s in sorted(missing.items()))
 
 
 def test_citation_pattern_reads_every_form():

@@ -39,14 +39,16 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The shipped teacher, a tiny DD1 run and (with Fashion-MNIST installed: stage 0 fine-tunes on it) a tiny DD2 run."""
+    """The shipped teacher, tiny DD1 and MapKD runs and (with Fashion-MNIST installed: stage 0 fine-tunes on it) a tiny
+    DD2 run."""
     if not (TEACHER / "final" / "config.json").exists():
         pytest.skip(f"the shipped teacher is not at {TEACHER}")
     root = tmp_path_factory.mktemp("serve")
     main(["dd1", "pairs", "--teacher", str(TEACHER), "--out", str(root / "pairs"), "--preset", "tiny", "--seed", "3"])
     main(["dd1", "train", "--pairs", str(root / "pairs"), "--teacher", str(TEACHER), "--run-dir", str(root / "dd1"),
           "--preset", "tiny"])
-    out = {"teacher": TEACHER, "dd1": root / "dd1", "dd2": None}
+    main(["mapkd", "train", "--teacher", str(TEACHER), "--run-dir", str(root / "mapkd"), "--preset", "tiny"])
+    out = {"teacher": TEACHER, "dd1": root / "dd1", "mapkd": root / "mapkd", "dd2": None}
     if FASHION.exists():
         from onestep.dd2.adapt import ADAPT_PRESETS, adapt_teacher
 
@@ -153,13 +155,13 @@ def test_default_runs_and_resolve_runs(runs, tmp_path, monkeypatch):
 
     (tmp_path / "fashion-mnist").mkdir()
     monkeypatch.setenv("ONESTEP_ASSETS", str(tmp_path))
-    assert default_runs() == {"teacher": None, "dd1": None, "dd2": None}
+    assert default_runs() == {"teacher": None, "dd1": None, "mapkd": None, "dd2": None}
     import shutil
 
     shutil.copytree(runs["dd1"], tmp_path / "fashion-mnist" / "dd1")
     assert default_runs()["dd1"] == tmp_path / "fashion-mnist" / "dd1"
-    got = resolve_runs([str(runs["dd1"])], defaults={"teacher": TEACHER, "dd1": None, "dd2": None})
-    assert got == {"teacher": TEACHER, "dd1": runs["dd1"], "dd2": None}
+    got = resolve_runs([str(runs["dd1"])], defaults={"teacher": TEACHER, "dd1": None, "mapkd": None, "dd2": None})
+    assert got == {"teacher": TEACHER, "dd1": runs["dd1"], "mapkd": None, "dd2": None}
     with pytest.raises(ValueError, match="both dd1 runs"):
         resolve_runs([str(runs["dd1"]), str(runs["dd1"])], defaults={})
     with pytest.raises(ValueError):
@@ -169,18 +171,18 @@ def test_default_runs_and_resolve_runs(runs, tmp_path, monkeypatch):
 # ---- the HTTP API ----------------------------------------------------------------------------------------
 def test_generate_streams_the_teacher_and_matches_the_api(server, runs):
     url, models = server
-    k = 2 if runs["dd2"] else 0
+    k = 2
     ev = events(url, {"class": 3, "seed": 11, **({"k": k} if k else {})})
     kinds = [e["type"] for e in ev]
     assert kinds[0] == "start" and kinds[-1] == "done" and "error" not in kinds
-    assert ev[0]["class"] == 3 and ev[0]["class_name"] == "Dress" and ev[0]["missing"] == ([] if k else ["dd2"])
+    assert ev[0]["class"] == 3 and ev[0]["class_name"] == "Dress" and ev[0]["missing"] == ([] if runs["dd2"] else ["dd2"])
     # the one-step images come first, then the teacher's frames, one per AR step, then its image
     frames = [e for e in ev if e["type"] == "frame"]
     K = models.teacher_steps
     assert [f["step"] for f in frames] == list(range(1, K + 1))
     assert kinds.index("frame") > max(i for i, e in enumerate(ev) if e["type"] == "image" and e["key"] != "teacher")
     imgs = {e["key"]: e for e in ev if e["type"] == "image"}
-    assert set(imgs) == {"teacher", "dd1"} | ({"dd2", "dd2-k"} if k else set())
+    assert set(imgs) == {"teacher", "dd1", "mapkd", "mapkd-k"} | ({"dd2"} if runs["dd2"] else set())
     partial = [png_decode(f["image"]) for f in frames]
     assert len({p.numpy().tobytes() for p in partial}) > K // 2  # the picture changes as the tokens arrive
     final = png_decode(imgs["teacher"]["image"])
@@ -188,11 +190,13 @@ def test_generate_streams_the_teacher_and_matches_the_api(server, runs):
     # the same images as the Python API for the same run, label and seed
     assert torch.equal(final, onestep.load(TEACHER).sample([3], seed=11)[0])
     assert torch.equal(png_decode(imgs["dd1"]["image"]), onestep.load(runs["dd1"]).sample([3], seed=11)[0])
-    if k:
+    mapkd = onestep.load(runs["mapkd"])  # the k-step panel is MapKD's, under its default sampler (Jacobi)
+    assert torch.equal(png_decode(imgs["mapkd"]["image"]), mapkd.sample([3], seed=11)[0])
+    assert torch.equal(png_decode(imgs["mapkd-k"]["image"]), mapkd.sample([3], steps=1 + k, seed=11)[0])
+    assert imgs["mapkd-k"]["steps"] == 1 + k
+    if runs["dd2"]:
         dd2 = onestep.load(runs["dd2"])
         assert torch.equal(png_decode(imgs["dd2"]["image"]), dd2.sample([3], seed=11)[0])
-        assert torch.equal(png_decode(imgs["dd2-k"]["image"]), dd2.sample([3], steps=1 + k, seed=11)[0])
-        assert imgs["dd2-k"]["steps"] == 1 + k
     done = ev[-1]
     for key, e in imgs.items():
         assert e["latency_s"] > 0 and done["latency_s"][key] == e["latency_s"]
@@ -273,7 +277,7 @@ def test_throughput_rows(server, runs):
     _, models = server
     res = models.throughput(k=1, batch_sizes=(1, 4), repeats=1)
     keys = [r["key"] for r in res["rows"]]
-    assert keys == ["teacher", "dd1"] + (["dd2", "dd2-k"] if runs["dd2"] else [])
+    assert keys == ["teacher", "dd1", "mapkd", "mapkd-k"] + (["dd2"] if runs["dd2"] else [])
     for r in res["rows"]:
         assert r["throughput_b1"] > 0 and r["throughput_b4"] > 0 and r["speedup_b4"] > 0
     assert res["rows"][0]["speedup_b1"] == 1.0
@@ -330,7 +334,7 @@ def test_cli_serves_and_names_the_missing_runs(runs, tmp_path):
         url = lines[-1].split()[2]
         assert url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(url + "api/info", timeout=30) as r:
-            assert json.loads(r.read())["missing"] == ["dd1", "dd2"]
+            assert json.loads(r.read())["missing"] == ["dd1", "mapkd", "dd2"]
     finally:
         proc.terminate()
         proc.wait(20)
@@ -347,7 +351,7 @@ def test_page_in_headless_chromium(server, runs, tmp_path):
     shot = tmp_path / "serve.png"
     res = drive(url + "/", shot, label=3, seed=7, browser=found[0], driver=found[1], timeout=60)
     panels = res["panels"]
-    assert set(panels) == {"teacher", "dd1"} | ({"dd2", "dd2-k"} if runs["dd2"] else set())
+    assert set(panels) == {"teacher", "dd1", "mapkd", "mapkd-k"} | ({"dd2"} if runs["dd2"] else set())
     assert all(p["done"] and p["src"].startswith("data:image/png") for p in panels.values())
     # the teacher's image went through intermediate states before its final one
     assert panels["teacher"]["frames"] == models.teacher_steps + 1 and panels["teacher"]["distinct"] > 2

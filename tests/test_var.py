@@ -357,7 +357,7 @@ def test_var_dd_trains_on_the_var_flow_map_and_samples_at_scale_boundaries(tiny_
     import numpy as np
 
     from onestep.dd1 import pairs, sampling
-    from onestep.dd1.flow_map import ODEConfig
+    from onestep.flow_map import ODEConfig
     from onestep.dd1.train import TrajectoryConfig, TrajectorySampler, fit
     from onestep.dd1.var_model import VARDD1Generator
 
@@ -453,7 +453,7 @@ def test_grouped_tabular_teacher_sampling_and_the_dd1_map_are_exact():
     independent given position 0): its exact joint is the product of the tables; KV-cache sampling equals
     full teacher forcing; the empirical joints of 20k ancestral samples and of 20k DD1 flow-map outputs (each AR
     step's positions mapped jointly from their own noise) match the exact joint."""
-    from onestep.dd1.flow_map import map_noise_to_tokens
+    from onestep.flow_map import map_noise_to_tokens
     from onestep.teacher.tabular import TabularTeacher, empirical_joint, total_variation
 
     T = TabularTeacher(4, 3, 2, seed=3, step_sizes=(1, 2))
@@ -500,13 +500,13 @@ def test_vqvae_ddp_ranks_keep_one_codebook(tmp_path):
         assert torch.equal(a["state"][k], b["state"][k]), k
 
 
-def test_flow_generator_of_a_var_teacher_reads_the_noise_of_earlier_scales_only(tiny_var):
-    """DD2's flow recipe on a next-scale teacher (families' ``noise_reader``: VAR reads noise as code vectors): the
+def test_mapkd_generator_of_a_var_teacher_reads_the_noise_of_earlier_scales_only(tiny_var):
+    """MapKD on a next-scale teacher (families' ``noise_reader``: VAR reads noise as code vectors): the
     logits of scale k do not move with the noise of scale k or later, and do with the noise of earlier scales."""
-    from onestep.dd2.flowhead import FlowHeadGenerator
+    from onestep.mapkd.generator import MapKDGenerator
 
     tiny_var = tiny_var[0]
-    gen = FlowHeadGenerator.from_teacher(tiny_var, family="var").eval()
+    gen = MapKDGenerator.from_teacher(tiny_var, family="var").eval()
     n, C = gen.noise_shape
     eps, labels = torch.randn(2, n, C, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1])
     steps = tiny_var.ar_steps()
@@ -522,4 +522,4 @@ def test_flow_generator_of_a_var_teacher_reads_the_noise_of_earlier_scales_only(
     ids = gen.sample_ids(eps, labels, ode_steps=8)
     assert ids.shape == (2, n) and int(ids.max()) < tiny_var.vocab_size
     with pytest.raises(ValueError, match="token table"):  # prefix codes embed ids through the teacher's token table
-        FlowHeadGenerator.from_teacher(tiny_var, family="var", prefix_codes=True)
+        MapKDGenerator.from_teacher(tiny_var, family="var", prefix_codes=True)

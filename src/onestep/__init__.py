@@ -1,12 +1,13 @@
-"""onestep: distil image autoregressive models into one-step generators (DD2, with DD1 as baseline).
+"""onestep: distil image autoregressive models into one-step generators (MapKD, DD2, and DD1 as the baseline).
 
 The Python API (:mod:`onestep.api`): ``onestep.load(run_dir, device="cpu")`` gives a generator whose
 ``sample(labels, steps=1, seed=0, **settings)`` returns uint8 images (N, C, H, W); ``onestep.SampleSpec`` holds the
-sampling settings. They are imported on first use, so ``import onestep`` stays cheap.
+sampling settings; ``onestep.to_pil(images)`` and ``onestep.save_grid(images, path)`` turn images into PIL images or
+one PNG. They are imported on first use, so ``import onestep`` stays cheap.
 """
 
 __version__ = "0.1.0"
-__all__ = ["load", "SampleSpec", "Generator"]
+__all__ = ["load", "SampleSpec", "Generator", "to_pil", "save_grid"]
 
 
 def __getattr__(name):

@@ -1,7 +1,7 @@
-"""The Python API: load any run (teacher, DD1, DD2) and sample images from it.
+"""The Python API: load any run (teacher, DD1, DD2, MapKD) and sample images from it.
 
     import onestep
-    gen = onestep.load("runs/dd2", device="cpu")        # the method follows the run's recorded kind
+    gen = onestep.load("runs/mapkd", device="cpu")      # the method follows the run's recorded kind
     images = gen.sample([0, 1, 2], steps=1, seed=0)     # uint8 (N, C, H, W)
 
 Sampling goes through the same samplers and per-batch seeds as ``onestep sample``, so the same run, labels, seed,
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-METHODS = ("teacher", "teacher-nocache", "dd1", "dd2")
+METHODS = ("teacher", "teacher-nocache", "dd1", "dd2", "mapkd")  # onestep.methods.METHODS, without importing torch
 # the teacher's sampling rule when a teacher run is sampled without settings: the defaults of ``onestep sample``
 TEACHER_DEFAULTS = {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 RULE_FIELDS = tuple(TEACHER_DEFAULTS)
@@ -22,20 +22,24 @@ RULE_FIELDS = tuple(TEACHER_DEFAULTS)
 class SampleSpec:
     """How a run is sampled.
 
-    method: "teacher" (KV cache), "teacher-nocache", "dd1" or "dd2".
-    steps: sequential network calls; 1 = one step, more = the method's multi-step rule (DD1: 2 = two-step,
-        K >= 3 = teacher-involved; DD2: one step, then the teacher re-samples its last K - 1 AR steps).
+    method: "teacher" (KV cache), "teacher-nocache", "dd1", "dd2" or "mapkd".
+    steps: sequential network calls; 1 = one step, more = one step refined by the teacher under ``multistep``.
+    multistep: the multi-step sampler (:mod:`onestep.multistep`; None = the method's default): "alg4" (the teacher
+        re-samples its last K - 1 AR steps; DD2's default), "jacobi" (K - 1 parallel teacher passes re-mapping the same
+        noise; MapKD's default), or for DD1 "dd1" (its own rule, the default: 2 = two-step, K >= 3 =
+        teacher-involved).
     continuous: DD2 one-step only: decode the generator's continuous vectors instead of their nearest codes.
     cfg_scale, cfg_schedule, temperature, top_k, top_p: the teacher's sampling rule
         (:class:`onestep.teacher.sampling.SamplingConfig`); None takes the default: for a teacher run the defaults of
-        ``onestep sample`` (``TEACHER_DEFAULTS``), for a DD1 / DD2 run the rule the run was distilled under (a DD1 /
-        DD2 run samples under that rule only, so another value is refused).
+        ``onestep sample`` (``TEACHER_DEFAULTS``), for a distilled run (DD1, DD2, MapKD) the rule it was distilled
+        under (it samples under that rule only, so another value is refused).
 
     The samplers read these attributes by name (the same names as the options of ``onestep sample``).
     """
 
     method: str = "teacher"
     steps: int = 1
+    multistep: str | None = None
     continuous: bool = False
     cfg_scale: float | None = None
     cfg_schedule: str | None = None
@@ -49,25 +53,11 @@ def _fail(msg: str) -> None:
 
 
 def run_kind(run_dir: str | Path) -> str:
-    """The method a run directory samples with: "teacher", "dd1" or "dd2", read from its recorded kind
-    (``final/config.json``); ValueError for a directory that holds no finished run or a run that is not sampled."""
-    from onestep import checkpoint as ckpt
-    from onestep.runs import final_dir
+    """The method a run directory samples with ("teacher", "dd1", "dd2" or "mapkd"): :func:`onestep.methods.run_kind`
+    (imported here on use, so that ``import onestep`` stays light)."""
+    from onestep.methods import run_kind as kind
 
-    try:
-        config = ckpt.read_json(final_dir(run_dir) / "config.json")
-    except ckpt.CheckpointError as e:
-        raise ValueError(str(e)) from None
-    kind = config.get("kind")
-    if kind == "teacher":
-        return "teacher"
-    if kind == "dd1":
-        return "dd1"
-    if kind == "dd2-generator":  # `dd2 flow`, `dd2 train` and `dd2 fit-map` runs
-        return "dd2"
-    if kind == "dd2-ardiffusion":
-        _fail(f"{run_dir} is a DD2 stage-1 (dd2 tune) run: load a `dd2 train` or `dd2 fit-map` run")
-    _fail(f"{run_dir} is a {kind!r} run: load a teacher, DD1 or DD2 run")
+    return kind(run_dir)
 
 
 def _recorded_rule(run_dir: str | Path) -> dict:
@@ -96,7 +86,7 @@ class Generator:
         if (method.startswith("teacher") and kind != "teacher") or (not method.startswith("teacher") and method != kind):
             _fail(f"{run_dir} is a {kind} run; method {method!r} does not apply to it")
         self.method = method
-        self._rule = _recorded_rule(run_dir) if kind in ("dd1", "dd2") else dict(TEACHER_DEFAULTS)
+        self._rule = _recorded_rule(run_dir) if kind in ("dd1", "dd2", "mapkd") else dict(TEACHER_DEFAULTS)
         self._samplers: dict = {}
         self.spec = self._resolve(SampleSpec(method=method), settings)
         sampler = self._sampler(self.spec)
@@ -118,7 +108,7 @@ class Generator:
         if isinstance(spec.steps, bool) or not isinstance(spec.steps, int) or spec.steps < 1:
             _fail(f"steps must be an integer >= 1, got {spec.steps!r}")
         filled = {k: self._rule[k] if getattr(spec, k) is None else getattr(spec, k) for k in RULE_FIELDS}
-        if self.method in ("dd1", "dd2"):
+        if self.method in ("dd1", "dd2", "mapkd"):
             for k in RULE_FIELDS:
                 if filled[k] != self._rule[k]:
                     _fail(f"this {self.method} run samples under the rule it was distilled with ({k}={self._rule[k]!r}), "
@@ -131,7 +121,7 @@ class Generator:
     def _sampler(self, spec: SampleSpec):
         """The :class:`~onestep.samplers.Sampler` for a resolved spec (built once per spec)."""
         from onestep import checkpoint as ckpt
-        from onestep.samplers import build_sampler
+        from onestep.methods import build_sampler
 
         if spec not in self._samplers:
             try:
@@ -183,8 +173,37 @@ class Generator:
 
 
 def load(run_dir: str | Path, device="cpu", method: str | None = None, **settings) -> Generator:
-    """A :class:`Generator` for a run directory: a teacher run ("teacher"), a DD1 run ("dd1") or a DD2 generator run
-    (``dd2 flow``, ``dd2 train`` or ``dd2 fit-map``: "dd2"), the method read from the run's recorded kind unless ``method`` names
+    """A :class:`Generator` for a run directory: a teacher run ("teacher"), a DD1 run ("dd1"), a DD2 run (``dd2
+    train``: "dd2") or a MapKD run (``mapkd train``: "mapkd"), the method read from the run's recorded kind unless ``method`` names
     it ("teacher-nocache": the teacher without its KV cache). ``settings`` (:class:`SampleSpec` fields) set the
     generator's default spec. ValueError with one line for a directory that holds no such run."""
     return Generator(run_dir, device=device, method=method, **settings)
+
+
+def to_pil(images) -> list:
+    """uint8 images (N, C, H, W) (what :meth:`Generator.sample` returns) as a list of ``PIL.Image`` (mode "L" for one
+    channel, "RGB" for three)."""
+    from PIL import Image
+
+    _check_images(images)
+    arr = images.permute(0, 2, 3, 1).contiguous().numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def save_grid(images, path: str | Path, nrow: int | None = None, labels=None, class_names=None) -> Path:
+    """uint8 images (N, C, H, W) tiled into one PNG at ``path`` (``nrow`` per row; None: one column per class when
+    ``labels`` are given, else a near-square grid); with ``labels`` and ``class_names`` the classes are captioned.
+    Returns the path."""
+    from onestep.eval.report import save_grid as _save
+
+    _check_images(images)
+    return _save(images, path, nrow=nrow, labels=labels, class_names=class_names)
+
+
+def _check_images(images) -> None:
+    import torch
+
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or \
+            images.shape[1] not in (1, 3):
+        _fail("images must be a uint8 tensor (N, C, H, W) with C = 1 or 3 (what Generator.sample returns), got "
+              f"{type(images).__name__} {getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}")

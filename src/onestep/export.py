@@ -5,7 +5,7 @@
 
 Layout of ``OUT`` (every model directory is safetensors + its JSON config, as in a run)::
 
-    OUT/final/        the run's final weights: the generator (DD1, DD2) or the teacher
+    OUT/final/        the run's final weights: the generator (DD1, DD2, MapKD) or the teacher
     OUT/teacher/final the teacher the generator samples with (DD2: the stage-0 continuous-input teacher)
     OUT/tokenizer/final
     OUT/export.json   what was exported: method, components (bytes, parameters, SHA-256), the run's measured figures
@@ -39,20 +39,20 @@ FORMAT = "onestep-export/1"
 REF_KEYS = ("teacher_dir", "tokenizer_dir", "tune_dir", "pairs_dir", "pairs_manifest", "generator_init")
 # per model kind: the references sampling follows, and the component each one becomes
 NEEDED = {"tokenizer": {}, "teacher": {"tokenizer_dir": "tokenizer"}, "dd1": {"teacher_dir": "teacher"},
-          "dd2-generator": {"teacher_dir": "teacher"}}
+          "dd2-generator": {"teacher_dir": "teacher"}, "mapkd": {"teacher_dir": "teacher"}}
 # where each component goes in OUT (its run directory; the weights are in <run>/final)
 PLACES = {"final": ".", "teacher": "teacher", "tokenizer": "tokenizer"}
 
 
 def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path:
-    """Export ``run_dir`` (a teacher, DD1 or DD2 generator run) to ``out`` (see the module docstring); returns ``out``.
+    """Export ``run_dir`` (a teacher, DD1, DD2 or MapKD generator run) to ``out`` (see the module docstring); returns ``out``.
     ValueError (one line) for an ``out`` that exists and is not an empty folder, or a run that is not sampled."""
-    from onestep.api import run_kind
+    from onestep.methods import run_kind
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not empty: export into a new folder")
-    method = run_kind(run_dir)  # ValueError for a directory that holds no teacher, DD1 or DD2 run
+    method = run_kind(run_dir)  # ValueError for a directory that holds no sampled run
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -93,7 +93,7 @@ def _copy_components(run_dir: Path, tmp: Path, half: bool = False) -> dict:
         kind = config.get("kind")
         needed = NEEDED.get(kind)
         if needed is None:
-            raise ValueError(f"{src} is a {kind!r} model: export exports teacher, DD1 and DD2 generator runs")
+            raise ValueError(f"{src} is a {kind!r} model: export exports teacher, DD1, DD2 and MapKD generator runs")
         dst = tmp / PLACES[name] / "final"
         dst.mkdir(parents=True, exist_ok=True)
         new = _clean(config, path=())
@@ -182,8 +182,8 @@ def _load_check(folder: Path):
 # ---- the model card --------------------------------------------------------------------------------
 # the pipeline's evaluation rows (ROOT/evals/<row>.json, ROOT/metrics.json) of the run directories it names
 _PIPELINE_ROWS = {"dd1": lambda m: m.startswith("dd1-"),
-                  "dd2-flow": lambda m: m.startswith("dd2-flow-"),
-                  "dd2": lambda m: m.startswith("dd2-") and m[4:5].isdigit() and "align" not in m,
+                  "mapkd": lambda m: m.startswith("mapkd-"),
+                  "dd2": lambda m: m == "dd2-1step" or m.startswith(("dd2-alg4-", "dd2-jacobi-")),
                   "dd2-align": lambda m: m == "dd2-1step-align",
                   "teacher": lambda m: m == "teacher"}
 ROW_KEYS = ("method", "steps", "n", "fid_classifier", "fid_classifier_10000", "fid_inception", "inception_score",
@@ -217,7 +217,7 @@ def _pipeline_name(root: Path) -> str:
 
 UPSTREAM = ("stage 1 (not exported)", "the teacher before stage 0 (not exported)")
 # the training section of each kind of model's config (the stage's recipe)
-_SECTIONS = ("train", "adapt", "tune", "csd", "map_fit", "flow")
+_SECTIONS = ("train", "adapt", "tune", "csd", "map_fit", "mapkd", "flow")  # flow: MapKD runs under the older name
 _FIGURES = ("eval", "metrics", "wall_time_s")  # what a model's config records about its training
 
 
@@ -288,7 +288,8 @@ def _kv(d: dict) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in d.items() if not isinstance(v, (dict, list)))
 
 
-_WHAT = {"teacher": "the AR teacher", "dd1": "a DD1 one-step generator", "dd2": "a DD2 one-step generator"}
+_WHAT = {"teacher": "the AR teacher", "dd1": "a DD1 one-step generator", "dd2": "a DD2 (paper recipe, CSD) one-step generator",
+         "mapkd": "a MapKD one-step generator (the project's own method)"}
 
 
 def model_card(card: dict, source: str) -> str:

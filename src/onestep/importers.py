@@ -177,7 +177,7 @@ def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, s
     argmax codes before that position and the continuous head's tokens from it on. Default for LlamaGen-DD: 80, the
     release's sampler default (kept only when the teacher has more positions); VAR-DD: none (its split is a
     sampling argument of the release; pass the position of a scale boundary). Negative: argmax codes everywhere."""
-    from onestep.dd1.flow_map import ODEConfig
+    from onestep.flow_map import ODEConfig
     from onestep.dd1.model import DD1Generator
     from onestep.dd1.var_model import VARDD1Generator
     from onestep.runs import load_teacher, ref_to

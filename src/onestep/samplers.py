@@ -2,7 +2,7 @@
 
 A :class:`Sampler` maps (labels, torch.Generator) to token ids and decodes them with the tokenizer, so
 evaluation, the speed harness, ``onestep sample`` and the report treat all methods alike (same labels,
-same seeds).
+same seeds). Which sampler a run gives: the registry of :mod:`onestep.methods`.
 """
 from __future__ import annotations
 
@@ -88,18 +88,9 @@ def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256,
     return {"images": torch.cat(imgs), "labels": labels.cpu(), "tokens": torch.cat(toks) if keep_tokens else None}
 
 
-# method name -> "module:function"; each builder is ``fn(run_dir, device, args) -> Sampler``. ``args`` is the
-# parsed command line of ``onestep sample`` or an :class:`onestep.api.SampleSpec` (both carry the sampling rule,
-# ``steps`` and ``continuous`` under the same names; ``conti_from`` when present), or None for defaults.
-SAMPLER_BUILDERS = {
-    "teacher": "onestep.samplers:_build_teacher",
-    "teacher-nocache": "onestep.samplers:_build_teacher",
-    "dd1": "onestep.dd1.sampling:build_sampler",
-    "dd2": "onestep.dd2.sampling:build_sampler",
-}
-
-
-def _build_teacher(method: str, run_dir: str, device="cpu", args=None) -> Sampler:
+def build_teacher_sampler(method: str, run_dir: str, device="cpu", args=None) -> Sampler:
+    """The teacher of a teacher run: "teacher" (KV cache) or "teacher-nocache" (the registry's builder,
+    :mod:`onestep.methods`)."""
     from onestep.runs import load_teacher
 
     teacher, _, tokenizer = load_teacher(run_dir, device)
@@ -107,22 +98,3 @@ def _build_teacher(method: str, run_dir: str, device="cpu", args=None) -> Sample
     s = teacher_sampler(teacher, tokenizer, cfg, use_cache=method == "teacher", name=method)
     s.info["num_classes"] = teacher.num_classes
     return s
-
-
-def build_sampler(method: str, run_dir: str, device="cpu", args=None) -> Sampler:
-    """A :class:`Sampler` by method name (see ``SAMPLER_BUILDERS``) from a run directory.
-
-    ``teacher`` / ``teacher-nocache`` read a teacher run; ``dd1`` and ``dd2`` read their training runs
-    (which record the teacher they were distilled from). The sampler's ``info["num_classes"]`` is set.
-    """
-    import importlib
-
-    if method not in SAMPLER_BUILDERS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(SAMPLER_BUILDERS)}")
-    if getattr(args, "conti_from", None) is not None and method != "dd1":
-        raise ValueError(f"--conti-from selects DD1's released output rule; it does not apply to --method {method}")
-    if getattr(args, "continuous", False) and method != "dd2":
-        raise ValueError(f"--continuous decodes DD2's continuous vectors; it does not apply to --method {method} "
-                         "(for a released DD1 generator's continuous head see --conti-from)")
-    mod, fn = SAMPLER_BUILDERS[method].split(":")
-    return getattr(importlib.import_module(mod), fn)(method, run_dir, device, args)

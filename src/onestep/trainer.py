@@ -111,7 +111,7 @@ def autocast(device: torch.device, enabled: bool):
 
 # The one config change a run with checkpoints accepts: a larger step count of its training section (the section
 # holding the stage's config dataclass: ``train`` for the tokenizer, the teacher and DD1, ``adapt``, ``tune``, ``csd``
-# (dd2 train), ``map_fit``, ``flow``). What follows the step count, and so changes with it for the steps still to train:
+# (dd2 train), ``map_fit``, ``mapkd``). What follows the step count, and so changes with it for the steps still to train:
 #   - the LR schedule's horizon: ``warmup_cosine(step, steps, ...)`` of every stage, and CSD's cosine span
 #     (``dd2.csd.lr_decay``, ``--lr-schedule cosine``): the grown run's LR at step k >= N is the new schedule's, so a
 #     run grown from N to M steps is not the run trained for M steps from the start wherever the LR decays (the
@@ -119,7 +119,7 @@ def autocast(device: torch.device, enabled: bool):
 #   - CSD's ``total_steps`` (guidance warm-up + steps + alignment steps): the loop's last step;
 #   - the last checkpoint and ``final/``, written at the new last step.
 # Nothing else is derived from the step count; every other field keeps the value it had.
-GROWABLE_STEPS = tuple(f"{section}.steps" for section in ("train", "adapt", "tune", "csd", "map_fit", "flow"))
+GROWABLE_STEPS = tuple(f"{section}.steps" for section in ("train", "adapt", "tune", "csd", "map_fit", "mapkd"))
 
 
 def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = None,

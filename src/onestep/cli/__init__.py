@@ -1,11 +1,11 @@
-"""The ``onestep`` command line: train a tokenizer and a teacher, distil them (DD1, DD2), sample, evaluate.
+"""The ``onestep`` command line: train a tokenizer and a teacher, distil them (MapKD, DD1, DD2), sample, evaluate.
 
 Every command that trains writes a run directory (config.json, log.jsonl, checkpoints/, final/) and
 resumes from it when re-run with the same arguments. ``--device`` and ``--seed`` are flags everywhere;
 multi-process training: ``torchrun --nproc_per_node N -m onestep train-teacher ...``.
 
 Each command group is a module of this package with a ``register(sub)`` that adds its sub-parsers (train, sample,
-eval, dd1, dd2, pipeline, importers, serve, export); the flags they share are in :mod:`onestep.cli.flags`. The
+eval, mapkd, dd1, dd2, pipeline, importers, serve, export); the flags they share are in :mod:`onestep.cli.flags`. The
 library modules hold no parser code: a command turns its flags into plain values and calls them.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ import argparse
 import sys
 
 from onestep.argtypes import OnestepArgumentParser
-from onestep.cli import dd1, dd2, eval, export, importers, pipeline, sample, serve, train
+from onestep.cli import dd1, dd2, eval, export, importers, mapkd, pipeline, sample, serve, train
 
 # the order of ``onestep --help``
-COMMANDS = (train, sample, eval, dd1, dd2, pipeline, importers, serve, export)
+COMMANDS = (train, sample, eval, mapkd, dd1, dd2, pipeline, importers, serve, export)
 
 
 def _torch_threads(args) -> None:
@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OnestepArgumentParser(
         prog="onestep",
-        description="Turn an image autoregressive model into a one-step generator with Distilled Decoding 2 "
-                    "(conditional score distillation), with Distilled Decoding 1 as the baseline.")
+        description="Turn an image autoregressive model into a one-step generator: MapKD (the project's own "
+                    "method), Distilled Decoding 2 (the paper's conditional score distillation) and Distilled "
+                    "Decoding 1 (the baseline).")
     parser.add_argument("--version", action="version", version=f"onestep {__version__}",
                         help="print onestep's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if os.environ.get("ONESTEP_DEBUG"):
             raise
-        stage = getattr(args, f"{args.command}_command", None)  # onestep dd1 STAGE / dd2 STAGE
+        stage = getattr(args, f"{args.command}_command", None)  # onestep dd1 / dd2 / mapkd STAGE
         msg = describe_os_error(e) if isinstance(e, OSError) else e
         print(f"onestep {args.command}{' ' + stage if stage else ''}: error: {msg}", file=sys.stderr)
         sys.exit(2)

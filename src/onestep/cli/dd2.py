@@ -1,18 +1,15 @@
-"""``onestep dd2 adapt | tune | fit-map | train | flow``: DD2's stages as resumable commands (method.md section 3).
+"""``onestep dd2 adapt | tune | train``: DD2, the paper's recipe, as resumable commands (method.md section 3).
 
-    # the flow recipe (onestep.dd2.flowhead, the default): the generator's conditional in closed form, one stage
-    onestep dd2 train --teacher T --run-dir F    # = onestep dd2 flow --teacher T --run-dir F
-    onestep sample --run F --sampling-steps K
-
-    # the paper's recipe (--recipe csd, implied by --tune)
     onestep dd2 adapt --teacher T  --run-dir A   # stage 0: continuous-input teacher
     onestep dd2 tune  --teacher A  --run-dir B   # stage 1: AR-diffusion tuning (GTS loss)
     onestep dd2 train --tune B     --run-dir C   # stage 2: CSD (+ optional performance alignment)
+    onestep sample --run C --sampling-steps K    # one step, or K steps (--multistep alg4 | jacobi)
 
-    # the map-start recipe (onestep.dd2.mapstart): the generator regressed onto DD1's pairs, then CSD
-    onestep dd2 fit-map --tune B --pairs P --run-dir M
-    onestep dd2 train   --tune B --generator-init M --guidance-warmup 50 --lr 2e-5 --lr-schedule cosine --run-dir C
-    onestep sample --method dd2 --run C --sampling-steps K
+    # a variant (not the paper's, lab/mapstart.py): the generator first regressed onto DD1's pairs, then CSD
+    python lab/mapstart.py --tune B --pairs P --run-dir M
+    onestep dd2 train --tune B --generator-init M --guidance-warmup 50 --lr 2e-5 --lr-schedule cosine --run-dir C
+
+The project's own method, MapKD, has its own group: ``onestep mapkd train`` (:mod:`onestep.cli.mapkd`).
 """
 from __future__ import annotations
 
@@ -49,48 +46,7 @@ def cmd_tune(args) -> None:
     cleanup(info)
 
 
-PREFIX_CODES_HELP = ("flow recipe: each position also reads the teacher's embedding of the code DD1's map gives the "
-                     "earlier positions' noise under the generator's running marginal (one more ODE map per sample; "
-                     "default: the preset's, off)")
-PREFIX_ODE_HELP = "flow recipe: the ODE steps of the prefix codes' map (default: the map's own, 16)"
-
-# ``dd2 train``'s flags that only the CSD recipe reads
-CSD_FLAGS = ("guidance_batch_size", "guidance_lr", "guidance_steps", "m_noise", "align_at", "align_steps",
-             "generator_t", "condition_on_codes", "lr_schedule", "final_lr_ratio", "guidance_warmup", "generator_init")
-
-
-def train_recipe(args) -> str:
-    """``dd2 train``'s recipe: ``--recipe``, else csd when ``--tune`` is given, else flow; checks the inputs."""
-    recipe = args.recipe or ("csd" if args.tune else "flow")
-    flag = lambda n: "--" + n.replace("_", "-")  # noqa: E731
-    if recipe == "flow":
-        if args.tune:
-            raise ValueError("--tune is the CSD recipe's input (a stage-1 run); the flow recipe reads --teacher")
-        if not args.teacher:
-            raise ValueError("dd2 train needs --teacher (a teacher run: the flow recipe) or --tune (a stage-1 run: "
-                             "the CSD recipe)")
-        extra = [flag(n) for n, v in given(args, *CSD_FLAGS).items() if v is not None]
-        if extra:
-            raise ValueError(f"{', '.join(extra)}: the CSD recipe's flags (--recipe csd --tune RUN); the flow recipe "
-                             f"does not read them")
-    else:
-        if args.teacher or not args.tune:
-            raise ValueError("the CSD recipe reads --tune (a stage-1 run, onestep dd2 tune), not --teacher")
-        for name in ("divergence", "prefix_codes", "prefix_ode_steps"):
-            if getattr(args, name, None) is not None:
-                raise ValueError(f"--{name.replace('_', '-')} is the flow recipe's flag; the CSD recipe does not read it")
-        from onestep.samplers import sampling_config_from_args
-        from onestep.teacher.sampling import SamplingConfig
-
-        if sampling_config_from_args(args) != SamplingConfig(cfg_scale=DEFAULT_CFG_SCALE):  # a rule flag was given
-            raise ValueError("the CSD recipe distils under its stage-1 run's sampling rule; set --cfg-scale and the "
-                             "other rule flags on onestep dd2 tune")
-    return recipe
-
-
 def cmd_train(args) -> None:
-    if train_recipe(args) == "flow":
-        return cmd_flow(args)
     from onestep.dd2.train import TRAIN_PRESETS, train
     from onestep.distributed import cleanup, setup
 
@@ -105,35 +61,8 @@ def cmd_train(args) -> None:
     cleanup(info)
 
 
-def cmd_fit_map(args) -> None:
-    from onestep.dd2.mapstart import MAP_FIT_PRESETS, fit_map
-    from onestep.distributed import cleanup, setup
-
-    cfg = override(MAP_FIT_PRESETS[args.preset], **given(args, "steps", "batch_size", "lr", "generator_t", "seed"))
-    info = setup(args.device)
-    final = fit_map(args.run_dir, args.tune, args.pairs, cfg, info)
-    if info.is_main:
-        print(f"map-fit generator written to {final}")
-    cleanup(info)
-
-
-def cmd_flow(args) -> None:
-    from onestep.dd2.flowhead import FLOW_PRESETS, train_flow
-    from onestep.distributed import cleanup, setup
-    from onestep.samplers import sampling_config_from_args
-
-    cfg = override(FLOW_PRESETS[args.preset], **given(args, "steps", "batch_size", "lr", "divergence", "prefix_codes",
-                                                       "prefix_ode_steps", "seed"))
-    info = setup(args.device)
-    final = train_flow(args.run_dir, args.teacher, cfg, sampling_config_from_args(args), info)
-    if info.is_main:
-        print(f"DD2 flow-head generator written to {final}")
-    cleanup(info)
-
-
 def register(sub) -> None:
-    p = sub.add_parser("dd2", help="DD2: adapt (stage 0), tune (stage 1), train (stage 2, CSD); flow (the flow-head "
-                                   "recipe)",
+    p = sub.add_parser("dd2", help="DD2, the paper's recipe: adapt (stage 0), tune (stage 1), train (stage 2, CSD)",
                        description="Distilled Decoding 2: conditional score distillation of an AR teacher into a "
                                    "one-step generator. Each stage writes a run directory and resumes when re-run.")
     s = p.add_subparsers(dest="dd2_command", required=True, metavar="STAGE")
@@ -169,28 +98,19 @@ def register(sub) -> None:
     add_common(t, seed=None)
     t.set_defaults(func=cmd_tune)
 
-    r = s.add_parser("train", help="the one-step generator: the flow recipe (default, from --teacher) or CSD (stage 2, "
-                                   "from --tune)",
-                     description="The DD2 generator. Flow recipe (default; --teacher T): as `onestep dd2 flow`. CSD "
-                                 "recipe (--recipe csd, implied by --tune B; the paper's stage 2): generator and "
-                                 "guidance network start from the stage-1 model; K guidance (DSM) updates per "
-                                 "generator (SiD-form CSD) update; EMA generator; optional performance alignment "
-                                 "(--align-at, --align-steps).")
-    r.add_argument("--recipe", choices=("flow", "csd"), default=None,
-                   help="flow: the flow-head generator on the teacher's conditionals; csd: conditional score "
-                        "distillation from a stage-1 run (default: csd with --tune, else flow)")
-    r.add_argument("--teacher", default=None, help="teacher run directory (the flow recipe)")
-    r.add_argument("--tune", default=None, help="stage-1 run, onestep dd2 tune (the CSD recipe)")
+    r = s.add_parser("train", help="stage 2: conditional score distillation (CSD) from a stage-1 run",
+                     description="Stage 2: generator and guidance network start from the stage-1 model; K guidance "
+                                 "(DSM) updates per generator (SiD-form CSD) update; EMA generator; optional "
+                                 "performance alignment (--align-at, --align-steps). Distils under the stage-1 run's "
+                                 "sampling rule.")
+    r.add_argument("--tune", required=True, help="stage-1 run (onestep dd2 tune)")
     add_run_dir(r, "runs/dd2")
-    add_preset(r, PRESETS["dd2 train"], "small", "flow-recipe or stage-2")
-    r.add_argument("--steps", type=positive_int, default=None, help="training steps (CSD: generator updates)")
+    add_preset(r, PRESETS["dd2 train"], "small", "stage-2")
+    r.add_argument("--steps", type=positive_int, default=None, help="generator updates (default: the preset's)")
     r.add_argument("--batch-size", type=positive_int, default=None,
-                   help="generated sequences per (generator) update (default: the preset's)")
-    r.add_argument("--lr", type=positive_float, default=None, help="(generator) learning rate (after warm-up)")
-    r.add_argument("--divergence", choices=("forward", "reverse"), default=None,
-                   help="flow recipe: forward KL(teacher || generator) per position (default) or reverse")
-    r.add_argument("--prefix-codes", action=argparse.BooleanOptionalAction, default=None, help=PREFIX_CODES_HELP)
-    r.add_argument("--prefix-ode-steps", type=positive_int, default=None, help=PREFIX_ODE_HELP)
+                   help="generated sequences per generator update (default: the preset's)")
+    r.add_argument("--lr", type=positive_float, default=None,
+                   help="generator learning rate after the warm-up (default: the preset's)")
     r.add_argument("--guidance-lr", type=positive_float, default=None,
                    help="guidance network's learning rate (default: the preset's)")
     r.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
@@ -215,46 +135,8 @@ def register(sub) -> None:
                    help="performance alignment at this generator step (0 = off)")
     r.add_argument("--align-steps", type=nonneg_int, default=None, help="guidance-only steps of the alignment")
     r.add_argument("--guidance-warmup", type=nonneg_int, default=None,
-                   help="guidance-only steps before the first generator step (the map-start recipe)")
+                   help="guidance-only steps before the first generator step (the map-start variant)")
     r.add_argument("--generator-init", default=None,
-                   help="map-fit run (onestep dd2 fit-map) to start the generator from: the map-start recipe")
-    add_sampling(r)  # the flow recipe's; the CSD recipe's rule is its stage-1 run's
+                   help="a run whose generator CSD starts from instead of stage 1's (the map-start variant of lab/mapstart.py; default: none, the paper's start)")
     add_common(r, seed=None)
     r.set_defaults(func=cmd_train)
-
-    m = s.add_parser("fit-map", help="map-start recipe, phase 1: regress the generator onto DD1's pairs",
-                     description="Regress a copy of the stage-1 model, used as the one-step generator, onto DD1's "
-                                 "noise-to-token pairs (onestep dd1 pairs, same teacher sampling rule); then "
-                                 "`onestep dd2 train --generator-init RUN` refines it by CSD.")
-    m.add_argument("--tune", required=True, help="stage-1 run (onestep dd2 tune)")
-    m.add_argument("--pairs", required=True, help="DD1 pairs directory (onestep dd1 pairs)")
-    add_run_dir(m, "runs/dd2-map")
-    add_preset(m, PRESETS["dd2 fit-map"], "small", "map-fit")
-    m.add_argument("--steps", type=positive_int, default=None, help="regression steps (default: the preset's)")
-    m.add_argument("--batch-size", type=positive_int, default=None, help="pairs per step (default: the preset's)")
-    m.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
-    m.add_argument("--generator-t", type=unit_interval, default=None,
-                   help="time s in (0, 1] at which the generator's head reads the noise (default: the preset's; small: 0.5, as dd2 train's small preset)")
-    add_common(m, seed=None)
-    m.set_defaults(func=cmd_fit_map)
-
-    f = s.add_parser("flow", help="the flow recipe: a flow-head generator trained on the teacher's conditionals",
-                     description="DD2 with a flow head: a copy of the teacher reads the noise of the earlier positions "
-                                 "and gives each position's logits; the position's token is the closed-form ODE map of "
-                                 "its own noise under them, so the generator's conditional is known exactly and CSD's "
-                                 "guidance network is not needed. Trained on its own samples against the teacher's "
-                                 "conditionals (one teacher pass per batch); needs no stage 0, stage 1 or DD1 pairs.")
-    f.add_argument("--teacher", required=True, help="teacher run directory")
-    add_run_dir(f, "runs/dd2-flow")
-    add_preset(f, PRESETS["dd2 flow"], "small", "flow-recipe")
-    f.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
-    f.add_argument("--batch-size", type=positive_int, default=None, help="generated sequences per step (default: the preset's)")
-    f.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
-    f.add_argument("--divergence", choices=("forward", "reverse"), default=None,
-                   help="forward: KL(teacher || generator) per position, mass-covering (default); reverse: "
-                        "KL(generator || teacher), mode-seeking")
-    f.add_argument("--prefix-codes", action=argparse.BooleanOptionalAction, default=None, help=PREFIX_CODES_HELP)
-    f.add_argument("--prefix-ode-steps", type=positive_int, default=None, help=PREFIX_ODE_HELP)
-    add_sampling(f)
-    add_common(f, seed=None)
-    f.set_defaults(func=cmd_flow)

@@ -30,7 +30,7 @@ def cmd_eval(args) -> None:
         images = match_channels(images, train.image_shape[0], f"the images of {args.images}")
         shape, what, names = tuple(images.shape[1:]), f"the images of {args.images}", train.class_names
     else:
-        from onestep.samplers import build_sampler
+        from onestep.methods import build_sampler
 
         sampler = build_sampler(run_method(args), args.run, device=args.device, args=args)
         data, data_root = stage_data(args.data, args.data_root, recorded_data(args.run))

@@ -19,7 +19,7 @@ def register(sub) -> None:
                                    "tokenizer it samples with, into one folder whose configs refer only to paths "
                                    "inside it, with a model card (README.md) and export.json. The folder loads with "
                                    "onestep.load(OUT) or onestep sample --run OUT from any location.")
-    p.add_argument("run", help="run directory: a teacher, DD1 (dd1 train) or DD2 (dd2 train / fit-map) run")
+    p.add_argument("run", help="run directory: a teacher, DD1 (dd1 train), DD2 (dd2 train) or MapKD (mapkd train) run")
     p.add_argument("out", help="the folder to write (must not exist, or be empty)")
     p.add_argument("--half", action="store_true",
                    help="store float32 weights as float16 (half the size; loaded back into float32)")

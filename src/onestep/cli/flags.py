@@ -21,7 +21,7 @@ __all__ = ["add_device", "add_common", "add_data", "add_run_dir", "add_preset", 
 DATA_SETS = ["fashion-mnist", "mnist", "folder"]
 
 # the presets each command offers (the keys of the library's tables: VQ_TRAIN_PRESETS, TEACHER_TRAIN_PRESETS,
-# DD1_PRESETS, ADAPT_PRESETS, TUNE_PRESETS, TRAIN_PRESETS, MAP_FIT_PRESETS, PIPELINE_PRESETS)
+# DD1_PRESETS, ADAPT_PRESETS, TUNE_PRESETS, TRAIN_PRESETS, MAPKD_PRESETS, PIPELINE_PRESETS)
 PRESETS = {
     "train-tokenizer": ("tiny", "small", "default", "var-tiny", "var-small"),
     "train-teacher": ("tiny", "small"),
@@ -29,8 +29,7 @@ PRESETS = {
     "dd2 adapt": ("tiny", "small"),
     "dd2 tune": ("tiny", "small"),
     "dd2 train": ("tiny", "small"),
-    "dd2 fit-map": ("tiny", "small"),
-    "dd2 flow": ("tiny", "small"),
+    "mapkd train": ("tiny", "small"),
     "pipeline": ("quick", "full", "tiny"),
 }
 
@@ -69,15 +68,21 @@ def add_preset(p: argparse.ArgumentParser, names, default: str, what: str) -> No
 
 def add_method(p: argparse.ArgumentParser) -> None:
     """Which sampler a run directory gives (``onestep sample`` and ``onestep eval``). ``--sampling-steps`` is stored
-    as ``args.steps`` (what :func:`onestep.samplers.build_sampler` reads); ``--steps`` is a training command's."""
-    p.add_argument("--method", default=None, choices=["teacher", "teacher-nocache", "dd1", "dd2"],
-                   help="teacher (KV cache), teacher-nocache, dd1 or dd2 (default: the run's recorded kind)")
+    as ``args.steps`` (what :func:`onestep.methods.build_sampler` reads); ``--steps`` is a training command's."""
+    p.add_argument("--method", default=None, choices=["teacher", "teacher-nocache", "dd1", "dd2", "mapkd"],
+                   help="teacher (KV cache), teacher-nocache, dd1, dd2 (the paper's recipe) or mapkd (the own method) "
+                        "(default: the run's recorded kind)")
     p.add_argument("--sampling-steps", dest="steps", type=positive_int, default=1, metavar="K",
-                   help="dd1 / dd2: number of sampling steps (dd2: 1 step + the teacher re-samples the last k-1 AR "
-                        "steps, paper Alg. 4; dd1: 1 = one step, 2 = two-step, K >= 3 = teacher-involved with K "
-                        "sequential calls)")
+                   help="sequential network calls: 1 = one step; K > 1 = one step, then K - 1 teacher calls of the "
+                        "--multistep sampler (default: 1)")
+    p.add_argument("--multistep", choices=["alg4", "jacobi", "dd1"], default=None,
+                   help="the multi-step sampler: alg4 (DD2 paper's Algorithm 4: the teacher re-samples the last K - 1 "
+                        "AR steps), jacobi (K - 1 parallel teacher passes re-mapping the same noise by DD1's map), dd1 "
+                        "(DD1's own: K = 2 two-step, K >= 3 teacher-involved); default: the method's (dd1: dd1, dd2: "
+                        "alg4, mapkd: jacobi)")
     p.add_argument("--continuous", action="store_true",
-                   help="dd2: decode the generator's continuous vectors instead of quantising to the nearest code")
+                   help="dd2: decode the generator's continuous vectors instead of quantising to the nearest code "
+                        "(default: off)")
     p.add_argument("--conti-from", type=conti_from, default=None, metavar="S",
                    help="dd1, released generators (onestep import-dd1): their output rule, the argmax codes before "
                         "position S and the continuous head's tokens from S on, decoded as vectors (default: the "
@@ -86,8 +91,8 @@ def add_method(p: argparse.ArgumentParser) -> None:
 
 
 def run_method(args: argparse.Namespace) -> str:
-    """``--method``, or the method the run's recorded kind samples with (``onestep.api.run_kind``)."""
-    from onestep.api import run_kind
+    """``--method``, or the method the run's recorded kind samples with (``onestep.methods.run_kind``)."""
+    from onestep.methods import run_kind
 
     return args.method or run_kind(args.run)
 

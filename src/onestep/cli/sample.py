@@ -15,7 +15,8 @@ def cmd_sample(args) -> None:
     from onestep.distributed import resolve_device
     from onestep.eval.evaluate import save_images
     from onestep.eval.report import save_grid
-    from onestep.samplers import build_sampler, class_labels, generate
+    from onestep.methods import build_sampler
+    from onestep.samplers import class_labels, generate
 
     device = resolve_device(args.device)
     sampler = build_sampler(run_method(args), args.run, device=device, args=args)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from onestep.dd1.flow_map import ODEConfig, map_noise_to_tokens
+from onestep.flow_map import ODEConfig, map_noise_to_tokens
 from onestep.teacher.base import ARTeacher
 from onestep.teacher.sampling import SamplingConfig
 

@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from onestep import rng
-from onestep.dd1.flow_map import ODEConfig, map_noise_to_tokens
 from onestep.dd1.model import clean_mask
+from onestep.flow_map import ODEConfig, map_noise_to_tokens
+from onestep.samplers import sampling_config_from_args
 from onestep.teacher.base import ARTeacher, nearest_code
 from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
@@ -243,12 +244,14 @@ def conti_from_of(config: dict, override: int | None = None) -> int | None:
 
 
 def build_sampler(method: str, run_dir, device="cpu", args=None):
-    """``onestep sample --method dd1 --run RUN --sampling-steps K`` (the ``SAMPLER_BUILDERS`` entry).
+    """``onestep sample --method dd1 --run RUN --sampling-steps K`` (its builder in :mod:`onestep.methods`).
 
-    K = 1: one step; K = 2: two steps (keep s = round(n * 80 / 256) tokens, same noise); K >= 3:
-    teacher-involved with K sequential calls (:func:`teacher_window`; the teacher samples ancestrally under
-    the run's sampling rule). ``args`` may be None (one step). The teacher's sampling flags in ``args``
-    matter only for K >= 3 and must then equal the rule the run was distilled with.
+    ``multistep`` (``--multistep``) "dd1" (the default, DD1's own rule): K = 1: one step; K = 2: two steps (keep
+    s = round(n * 80 / 256) tokens, same noise); K >= 3: teacher-involved with K sequential calls
+    (:func:`teacher_window`; the teacher samples ancestrally under the run's sampling rule). "alg4" or "jacobi": the
+    one-step sample refined by the shared multi-step sampler of that name (:mod:`onestep.multistep`). ``args`` may be
+    None (one step). The teacher's sampling flags in ``args`` matter only for K >= 2 under the teacher's rules, and
+    must then equal the rule the run was distilled with.
     """
     from onestep.dd1.load import load_dd1
 
@@ -260,17 +263,38 @@ def build_sampler(method: str, run_dir, device="cpu", args=None):
         raise ValueError(f"--steps must be >= 1, got {steps}")
     model, config, teacher, tokenizer = load_dd1(run_dir, device)
     conti_from = conti_from_of(config, getattr(args, "conti_from", None))
-    if steps <= 2:
+    rule = getattr(args, "multistep", None) or "dd1"
+    if rule != "dd1" and steps > 1:
+        smp = dd1_refined(model, teacher, tokenizer, config, steps, rule, conti_from,
+                          args_rule=sampling_config_from_args(args) if args is not None else None)
+    elif steps <= 2:
         smp = dd1_sampler(model, tokenizer, "1step" if steps == 1 else "2step", conti_from=conti_from)
     else:
-        from onestep.samplers import sampling_config_from_args
-
         cfg = _sampling_of_run(config, sampling_config_from_args(args) if args is not None else None, "dd1 sampling")
         smp = dd1_sampler(model, tokenizer, "teacher", teacher=teacher, cfg=cfg, window=teacher_window(teacher, steps),
                           ode=ODEConfig(**config["ode"]), conti_from=conti_from)
     smp.info["num_classes"] = teacher.num_classes
     smp.info["run"] = str(run_dir)
     return smp
+
+
+def dd1_refined(model, teacher, tokenizer, config: dict, steps: int, rule: str, conti_from: int | None = None,
+                args_rule: SamplingConfig | None = None):
+    """DD1's one step refined by the shared multi-step sampler ``rule`` ("alg4" or "jacobi", :mod:`onestep.multistep`)
+    under the run's sampling rule: ``steps`` sequential calls in all."""
+    from onestep.multistep import refined
+    from onestep.samplers import Sampler, num_params
+
+    cfg = _sampling_of_run(config, args_rule, "dd1 sampling")
+
+    def first(labels: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        eps = draw_noise(model, labels.shape[0], g, labels.device)
+        return one_step(model, eps, labels, conti_from), eps
+
+    return Sampler(name=f"dd1-{rule}-{steps}step", steps=steps, params=num_params(model, teacher), tokenizer=tokenizer,
+                   sample=refined(first, teacher, cfg, steps, rule),
+                   info={"mode": rule, "multistep": rule, "num_classes": teacher.num_classes, "sampling": cfg.to_dict(),
+                         "conti_from": conti_from})
 
 
 def dd1_samplers(run_dir, device="cpu", sampling_cfg: SamplingConfig | None = None,

@@ -75,7 +75,7 @@ class DD1Config:
         return asdict(self)
 
     def ode(self):
-        from onestep.dd1.flow_map import ODEConfig
+        from onestep.flow_map import ODEConfig
 
         return ODEConfig(n_steps=self.ode_steps)
 

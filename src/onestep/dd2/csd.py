@@ -31,7 +31,7 @@ class CSDConfig:
     guidance_batch_size: int | None = None  # generated sequences per guidance update (None = batch_size; the paper
                                             # is silent). The K guidance turns are most of an outer step's cost; on
                                             # the tabular teacher, turns of a quarter of the batch keep psi up at
-                                            # ~40% of a turn's cost (benchmarks/results/dd2-tabular.notes.md)
+                                            # ~40% of a turn's cost (lab/results/dd2-tabular.notes.md)
     m_noise: int = 4             # noise draws per generated sequence for the guidance DSM loss
     warmup_steps: int = 100      # generator LR: linear 1e-6 -> lr
     lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" (generator AND guidance LR follow a
@@ -74,7 +74,7 @@ class CSDConfig:
 
 @dataclass(frozen=True)
 class CSDAblation:
-    """Variants of CSD that the benchmarks measure against the method (docs/dd2-convergence.md). The defaults are the
+    """Variants of CSD that the benchmarks measure against the method (lab/dd2-convergence.md). The defaults are the
     paper's loss; ``onestep dd2 train`` always runs them, and a run records a non-default ablation in its config.
 
     m_noise_gen: (t, eps) draws per generated sequence in the generator's loss (1 = the paper's).

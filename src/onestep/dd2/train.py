@@ -27,10 +27,10 @@ TRAIN_PRESETS = {
     "tiny": CSDConfig(steps=2, batch_size=4, guidance_steps=1, m_noise=2, warmup_steps=1, log_every=1, ckpt_every=1),
     # sized for ~25 min on one CPU thread: few outer steps, so higher LRs than the paper's GPU runs, with the
     # generator 5x slower than the guidance network and K = 5 (two time-scales: with equal LRs CSD drifts away
-    # from the teacher, benchmarks/results/dd2-first-position.md), and the head reading the noise at s = 0.5
+    # from the teacher, lab/results/dd2-first-position.md), and the head reading the noise at s = 0.5
     # (generator_t: at s = 1 the stage-1 head returns each position's mean whatever eps_i is); the prefix
     # conditions read the generated prefix snapped to the codes (condition_on_codes: classifier FID 300 against 375
-    # after 250 steps, 432-436 against 476-480 after 80 steps on two seeds, benchmarks/results/dd2-image-csd-codes.md)
+    # after 250 steps, 432-436 against 476-480 after 80 steps on two seeds, lab/results/dd2-image-csd-codes.md)
     "small": CSDConfig(steps=250, batch_size=32, lr=2e-4, guidance_lr=1e-3, guidance_steps=5, m_noise=2,
                        warmup_steps=20, generator_t=0.5, condition_on_codes=True, log_every=10, ckpt_every=50),
 }
@@ -41,8 +41,7 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
           ablation: CSDAblation | None = None) -> Path:
     """Stage 2 end to end from a finished stage-1 run; returns ``RUN/final`` (the EMA generator).
 
-    ``generator_init``: a map-fit run (``onestep dd2 fit-map``, the map-start recipe of
-    :mod:`onestep.dd2.mapstart`) whose generator replaces stage 1's as CSD's starting point; psi still starts
+    ``generator_init``: a map-fit run (the map-start variant, ``lab/mapstart.py`` in the checkout) whose generator replaces stage 1's as CSD's starting point; psi still starts
     from stage 1. Its parameterisation (``generator_t``) is the map fit's.
 
     ``ablation``: a variant of CSD that a benchmark measures (:class:`~onestep.dd2.csd.CSDAblation`; None = the

@@ -43,16 +43,16 @@ class PipelineConfig:
     dd1_pairs: int | None = None   # override the DD1 preset's number of pairs ...
     dd1_steps: int | None = None   # ... and training steps
     dd2_multi: tuple = (2, 3, 4)
-    flow: bool = True           # also DD2's flow recipe (onestep dd2 flow): rows dd2-flow-<k>step
-    flow_preset: str = "small"
-    flow_steps: int | None = None
-    flow_multi: tuple = (2, 3)
+    mapkd: bool = True          # also MapKD (onestep mapkd train): rows mapkd-1step, mapkd-jacobi-<k>step
+    mapkd_preset: str = "small"
+    mapkd_steps: int | None = None
+    mapkd_multi: tuple = (2, 3)
     # evaluation
     n_grid: int = 50
     n_eval: int = 1000        # samples per method scored with the classifier features (every row)
     headline_methods: tuple = ("teacher", "dd1-1step", "dd1-2step", "dd1-teacher-involved", "dd2-1step",
-                               "dd2-2step", "dd2-3step", "dd2-4step", "dd2-flow-1step", "dd2-flow-2step",
-                               "dd2-flow-3step")  # these rows also get ...
+                               "dd2-alg4-2step", "dd2-alg4-3step", "dd2-alg4-4step", "mapkd-1step",
+                               "mapkd-jacobi-2step", "mapkd-jacobi-3step")  # these rows also get ...
     n_eval_headline: int = 0  # ... the classifier FID on this many samples (0 = off) and ...
     n_inception: int = 0      # ... the Inception FID on this many (slow on a CPU: 0.12-0.25 s per image)
     n_inception_floor: int = 0  # test images in the data floor's Inception FID (0 = classifier floor only)
@@ -79,7 +79,7 @@ PIPELINE_PRESETS = {
     # the README's main command: every stage at a small budget (<= 20 min on 2 cores); CSD with K = 5 guidance
     # updates per generator step (the small preset): 40 + 12 steps cost what 60 + 20 did at K = 3
     "quick": PipelineConfig(name="quick", adapt_steps=40, adapt_max_items=10000, tune_steps=150, tune_pool=2048,
-                            train_steps=40, align_steps=12, dd1_pairs=2048, dd1_steps=150, flow_steps=150, n_eval=1000,
+                            train_steps=40, align_steps=12, dd1_pairs=2048, dd1_steps=150, mapkd_steps=150, n_eval=1000,
                             speed_repeats=3, n_ppl=100),
     # `onestep bench`: the figures of benchmarks/results (stage budgets of the commands' "small" presets)
     # the evaluation protocol of the DD1 / DD2 rows and the teacher: classifier FID on 10k samples, Inception FID on
@@ -88,7 +88,7 @@ PIPELINE_PRESETS = {
     "tiny": PipelineConfig(name="tiny", tokenizer_preset="tiny", teacher_preset="tiny", use_assets=False, n_grid=10,
                            n_eval=100, n_ref_classifier=1000, adapt_preset="tiny", adapt_steps=2, tune_preset="tiny",
                            tune_steps=None, train_preset="tiny", train_steps=None, align_steps=1, dd1_preset="tiny",
-                           dd2_multi=(2,), flow_preset="tiny", flow_multi=(2,), n_ppl=8, speed_repeats=1),
+                           dd2_multi=(2,), mapkd_preset="tiny", mapkd_multi=(2,), n_ppl=8, speed_repeats=1),
 }
 
 
@@ -99,7 +99,7 @@ def _shortened(stage_cfg, steps: int, phase: str):
 
 
 def stage_config(cfg: PipelineConfig, stage: str, seed: int):
-    """The training config of ``stage`` (tokenizer, teacher, dd2_adapt, dd2_tune, dd2_train, dd2_flow, dd1): the preset of its
+    """The training config of ``stage`` (tokenizer, teacher, dd2_adapt, dd2_tune, dd2_train, mapkd, dd1): the preset of its
     command that ``cfg`` names, with the pipeline's ``seed`` and, where ``cfg`` sets them, its step counts (and for
     stage 1 its pool, stage 0 its image count, DD1 its pair count). A stage given a step count also shortens what is
     counted in steps (:data:`SHORT_PHASE_DIVISOR`) and stage 0 its batch (:data:`SHORT_ADAPT_BATCH`)."""
@@ -132,11 +132,11 @@ def stage_config(cfg: PipelineConfig, stage: str, seed: int):
 
         out = replace(TRAIN_PRESETS[cfg.train_preset], seed=seed)
         return _shortened(out, cfg.train_steps, "warmup_steps") if cfg.train_steps else out
-    if stage == "dd2_flow":
-        from onestep.dd2.flowhead import FLOW_PRESETS
+    if stage == "mapkd":
+        from onestep.mapkd.train import MAPKD_PRESETS
 
-        out = replace(FLOW_PRESETS[cfg.flow_preset], seed=seed)
-        return _shortened(out, cfg.flow_steps, "warmup_steps") if cfg.flow_steps else out
+        out = replace(MAPKD_PRESETS[cfg.mapkd_preset], seed=seed)
+        return _shortened(out, cfg.mapkd_steps, "warmup_steps") if cfg.mapkd_steps else out
     if stage == "dd1":
         from onestep.dd1.stages import DD1_PRESETS
 

@@ -57,10 +57,13 @@ class Rows:
         if "dd2_adapt" in runs:  # stage 0's continuous-input teacher, sampled like the teacher (FID after stage 0)
             adapted, _, _ = load_teacher(runs["dd2_adapt"], self.device, with_tokenizer=False)
             out["teacher-stage0"] = teacher_sampler(adapted, tok, sampling, name="teacher-stage0")
-        if "dd2_flow" in runs:  # DD2's flow recipe: one pass + the ODE map, then k - 1 teacher passes
-            gen, flow_teacher, _, samp = load_dd2(runs["dd2_flow"], self.device)
-            for k in (1, *self.cfg.flow_multi):
-                out[f"dd2-flow-{k}step"] = dd2_sampler(gen, flow_teacher, tok, samp, k, name=f"dd2-flow-{k}step")
+        if "mapkd" in runs:  # MapKD: one pass + the ODE map, then k - 1 Jacobi teacher passes
+            from onestep.mapkd.sampling import load_mapkd, mapkd_sampler
+
+            gen, mapkd_teacher, _, samp = load_mapkd(runs["mapkd"], self.device)
+            for k in (1, *self.cfg.mapkd_multi):
+                smp = mapkd_sampler(gen, mapkd_teacher, tok, samp, k, "jacobi")
+                out[smp.name] = smp
         if "dd2" in runs:
             stage1, _ = load_ardiffusion(runs["dd2_tune"], self.device)
             out["dd2-stage1-euler10"] = ardiffusion_sampler(stage1, tok, 10)
@@ -72,7 +75,8 @@ class Rows:
                 if key == "dd2":
                     out["dd2-1step-continuous"] = dd2_sampler(gen, dd2_teacher, tok, samp, 1, continuous=True)
                     for k in self.cfg.dd2_multi:
-                        out[f"dd2-{k}step"] = dd2_sampler(gen, dd2_teacher, tok, samp, k)
+                        smp = dd2_sampler(gen, dd2_teacher, tok, samp, k, multistep="alg4")
+                        out[smp.name] = smp
         return out
 
     def teacher_tokens(self, runs: dict[str, Path]) -> torch.Tensor:
@@ -195,11 +199,13 @@ class Rows:
                 out["dd1_quantised"] = perceptual_path_length(
                     lambda z, y: tok.decode_ids(one_step(model, z, y)), shape, labels, clf.features)
                 out["dd1_continuous"] = perceptual_path_length(dd1_soft, shape, labels, clf.features)
-        if "dd2_flow" in runs:  # the flow recipe's tokens are codes: its one map is the quantised one
-            flow_gen = load_dd2(runs["dd2_flow"], self.device)[0]
+        if "mapkd" in runs:  # MapKD's tokens are codes: its one map is the quantised one
+            from onestep.mapkd.sampling import load_mapkd
+
+            mapkd_gen = load_mapkd(runs["mapkd"], self.device)[0]
             with torch.no_grad():
-                out["dd2_flow_quantised"] = perceptual_path_length(
-                    lambda z, y: tok.decode_ids(flow_gen.sample_ids(z, y)), shape, labels, clf.features)
+                out["mapkd_quantised"] = perceptual_path_length(
+                    lambda z, y: tok.decode_ids(mapkd_gen.sample_ids(z, y)), shape, labels, clf.features)
         out["note"] = ("quantised: decoded nearest codes (piecewise constant in the noise: the mean is set by the rare "
                        "pairs that cross a code boundary); continuous: DD2's output vectors / DD1's softmax-expected "
                        "code vectors (smooth)")
@@ -223,12 +229,12 @@ class Rows:
         from onestep.dd1.baselines import skip_counts
 
         skips = [f"skip-{n}" for n in skip_counts(self.teacher_facts(teacher_dir)["ar_steps"])]
-        dd2 = [f"dd2-{k}step" for k in sorted(self.cfg.dd2_multi, reverse=True)]
+        dd2 = [f"dd2-alg4-{k}step" for k in sorted(self.cfg.dd2_multi, reverse=True)]
         dd2 += ["dd2-stage1-euler10", "teacher-stage0", *skips, "dd2-1step", "dd2-1step-continuous",
                 "onestep*"] + (["dd2-1step-align"] if self.cfg.align else [])
-        flow = [f"dd2-flow-{k}step" for k in (*sorted(self.cfg.flow_multi, reverse=True), 1)] if self.cfg.flow else []
+        mapkd = [f"mapkd-jacobi-{k}step" for k in sorted(self.cfg.mapkd_multi, reverse=True)] + ["mapkd-1step"]
         return {"teacher": ["teacher"], "dd1": ["dd1-teacher-involved", "dd1-2step", "dd1-1step"], "dd2": dd2,
-                "flow": flow}
+                "mapkd": mapkd if self.cfg.mapkd else []}
 
     def side_by_side(self, methods: list[str]) -> Path | None:
         """One PNG: for each method a block of its first two grid rows (and the class captions), stacked vertically

@@ -17,7 +17,7 @@ from onestep.pipeline.tables import cost, publish, tables, write_tables_md
 
 # run directory (under ROOT) of each trained stage, by its key in ``runs``
 RUN_DIRS = {"dd2_adapt": "dd2-adapt", "dd2_tune": "dd2-tune", "dd2": "dd2", "dd2_align": "dd2-align", "dd1": "dd1",
-            "dd2_flow": "dd2-flow"}
+            "mapkd": "mapkd"}
 
 
 class Pipeline(Rows):
@@ -146,13 +146,13 @@ class Pipeline(Rows):
             runs["dd2_align"] = self.dd2_train(runs["dd2_tune"], align=True)
         return runs
 
-    def dd2_flow(self, teacher_dir: Path) -> Path:
-        """DD2's flow recipe (:mod:`onestep.dd2.flowhead`): from the teacher alone."""
-        from onestep.dd2.flowhead import train_flow
+    def mapkd(self, teacher_dir: Path) -> Path:
+        """MapKD (:mod:`onestep.mapkd`): from the teacher alone."""
+        from onestep.mapkd.train import train_mapkd
 
-        run = self.root / RUN_DIRS["dd2_flow"]
-        cfg = stage_config(self.cfg, "dd2_flow", self.seed)
-        self._stage("dd2_flow", run / "final", lambda: train_flow(run, teacher_dir, cfg, self.cfg.sampling(), self._info()))
+        run = self.root / RUN_DIRS["mapkd"]
+        cfg = stage_config(self.cfg, "mapkd", self.seed)
+        self._stage("mapkd", run / "final", lambda: train_mapkd(run, teacher_dir, cfg, self.cfg.sampling(), self._info()))
         return run
 
     # ---- DD1 ------------------------------------------------------------------------------------
@@ -180,8 +180,8 @@ class Pipeline(Rows):
         if self.cfg.distill:
             runs.update(self.dd2_branch(teacher))
             runs["dd1"] = self.dd1(teacher)
-            if self.cfg.flow:
-                runs["dd2_flow"] = self.dd2_flow(teacher)
+            if self.cfg.mapkd:
+                runs["mapkd"] = self.mapkd(teacher)
         samplers = self.samplers(teacher, runs)
         rows = self.evaluate(samplers)
         ev = self.evaluator()
@@ -191,7 +191,7 @@ class Pipeline(Rows):
         table = tables(rows, speed, ppl, cost(runs), floor, self.cfg, self.command)
         ckpt.write_json(self.root / "metrics.json", table)
         write_tables_md(self.root / "paper-table.md", table)
-        grid = self.side_by_side(["teacher", "dd1-1step", "dd1-2step", "dd2-flow-1step", "dd2-flow-3step", "dd2-1step"])
+        grid = self.side_by_side(["teacher", "dd1-1step", "dd1-2step", "mapkd-1step", "mapkd-jacobi-3step", "dd2-1step"])
         from onestep.eval.report import write_report
 
         report = write_report([self.root], self.root / "report", title=f"onestep {self.cfg.name}: {self.cfg.data}")
@@ -223,8 +223,8 @@ class Pipeline(Rows):
         with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as ex:
             branch = {ex.submit(_pipeline_task, args, threads, "dd2"): "dd2",
                       ex.submit(_pipeline_task, args, threads, "dd1"): "dd1"}
-            if self.cfg.flow:  # queued: starts when a branch frees its worker
-                branch[ex.submit(_pipeline_task, args, threads, "flow")] = "flow"
+            if self.cfg.mapkd:  # queued: starts when a branch frees its worker
+                branch[ex.submit(_pipeline_task, args, threads, "mapkd")] = "mapkd"
             evals = [ex.submit(_pipeline_task, args, threads, "eval", tuple(names["teacher"]))]
             try:
                 while branch:
@@ -241,7 +241,7 @@ class Pipeline(Rows):
 
 
 def _pipeline_task(args: tuple, threads: int, task: str, rows: tuple = ()):
-    """One worker-process task of :meth:`Pipeline.run_parallel`: a training branch ("dd2", "dd1", "flow") or the
+    """One worker-process task of :meth:`Pipeline.run_parallel`: a training branch ("dd2", "dd1", "mapkd") or the
     evaluation of some rows ("eval")."""
     torch.set_num_threads(threads)
     root, cfg, device, seed, data_root, command = args
@@ -251,8 +251,8 @@ def _pipeline_task(args: tuple, threads: int, task: str, rows: tuple = ()):
         p.dd2_branch(teacher)
     elif task == "dd1":
         p.dd1(teacher)
-    elif task == "flow":
-        p.dd2_flow(teacher)
+    elif task == "mapkd":
+        p.mapkd(teacher)
     elif task == "eval":
         runs = {k: p.root / d for k, d in RUN_DIRS.items() if ckpt.is_model_dir(p.root / d / "final")}
         samplers = {k: v for k, v in p.samplers(teacher, runs).items() if k in rows}

@@ -32,8 +32,8 @@ def cost(runs: dict[str, Path]) -> dict:
             c["dd2_stage2_csd_with_alignment_s"] = wall(runs["dd2_align"]) + branch_prefix_s(runs["dd2_align"])
         parts = [c["dd2_stage0_adapt_s"], c["dd2_stage1_tune_s"], c["dd2_stage2_csd_s"]]
         c["dd2_total_s"] = round(sum(parts), 2) if None not in parts else None
-    if "dd2_flow" in runs:  # the flow recipe: one stage from the teacher
-        c["dd2_flow_s"] = wall(runs["dd2_flow"])
+    if "mapkd" in runs:  # MapKD: one stage from the teacher
+        c["mapkd_s"] = wall(runs["mapkd"])
     if "dd1" in runs:
         c["dd1_pairs_s"] = wall(runs["dd1"], "pairs_wall_time_s")
         c["dd1_train_s"] = wall(runs["dd1"], "train_wall_time_s")
@@ -41,13 +41,13 @@ def cost(runs: dict[str, Path]) -> dict:
     cpu = {}  # process CPU seconds where the run recorded them (on a shared machine they measure the work)
     if "dd2" in runs:
         cpu.update(dd2_stage1_tune_cpu_s=wall(runs["dd2_tune"], "cpu_time_s"), dd2_stage2_csd_cpu_s=wall(runs["dd2"], "cpu_time_s"))
-    if "dd2_flow" in runs:
-        cpu["dd2_flow_cpu_s"] = wall(runs["dd2_flow"], "cpu_time_s")
+    if "mapkd" in runs:
+        cpu["mapkd_cpu_s"] = wall(runs["mapkd"], "cpu_time_s")
     if "dd1" in runs:
         cpu.update(dd1_pairs_cpu_s=wall(runs["dd1"], "pairs_cpu_time_s"), dd1_train_cpu_s=wall(runs["dd1"], "train_cpu_time_s"))
     c.update({k: round(v, 2) for k, v in cpu.items() if v is not None})
     c["note"] = ("*_s: wall seconds on this machine (see machine), *_cpu_s: process CPU seconds where recorded; "
-                 "DD2 total = stages 0 + 1 + 2 (without alignment); dd2_flow: DD2's flow recipe, its one stage")
+                 "DD2 total = stages 0 + 1 + 2 (without alignment); mapkd: MapKD, its one stage")
     return c
 
 
@@ -79,7 +79,7 @@ def write_tables_md(path: Path, table: dict) -> Path:
     from onestep.eval.report import markdown_table
 
     rows = table["rows"]
-    multi = [r for r in rows if r["method"].startswith(("teacher", "dd1", "dd2"))]
+    multi = [r for r in rows if r["method"].startswith(("teacher", "dd1", "dd2", "mapkd"))]
     md = [f"# onestep: the papers' tables at small scale ({table['pipeline']['name']} preset)", "",
           f"- command: `{table['command']}`", f"- commit: `{table['commit']}`", f"- machine: {json.dumps(table['machine'])}",
           f"- teacher sampling: {json.dumps(table['sampling'])}",
@@ -99,12 +99,12 @@ def write_tables_md(path: Path, table: dict) -> Path:
 
 
 def publish(table: dict, preset: str) -> None:
-    """benchmarks/results/paper-table.{json,md} and the per-method views dd1-<preset>, dd2-<preset>."""
+    """benchmarks/results/paper-table.{json,md} and the per-method views dd1-, dd2-, mapkd-<preset>."""
     results = results_dir()
     results.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(results / "paper-table.json", table)
     write_tables_md(results / "paper-table.md", table)
-    for fam in ("dd1", "dd2"):
+    for fam in ("dd1", "dd2", "mapkd"):
         sub = {**table, "rows": [r for r in table["rows"] if r["method"].startswith((fam, "teacher", "skip", "onestep"))]}
         ckpt.write_json(results / f"{fam}-{preset}.json", sub)
         write_tables_md(results / f"{fam}-{preset}.md", sub)

@@ -8,7 +8,7 @@ Routes:
   (``application/x-ndjson``): ``start``; one ``image`` per one-step panel (DD1 1 step, DD2 1 step, DD2 1 step + k
   teacher steps); the teacher's ``frame`` after each AR step (a partial decode), then its ``image``; ``done`` with
   every latency and speed-up against the teacher, all measured on the server in this request.
-- ``POST /api/walk`` ``{"method": "dd1" | "dd2", "class": int, "seed_a": int, "seed_b": int, "t": 0..1}``: one
+- ``POST /api/walk`` ``{"method": "dd1" | "mapkd" | "dd2", "class": int, "seed_a": int, "seed_b": int, "t": 0..1}``: one
   image of the latent walk between two noise seeds.
 - ``POST /api/throughput`` ``{"k": int}``: images per second at batch 1 and 64 of every panel, timed side by side.
 

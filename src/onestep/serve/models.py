@@ -20,14 +20,19 @@ from typing import Callable
 
 import torch
 
-KINDS = ("teacher", "dd1", "dd2")
+KINDS = ("teacher", "dd1", "mapkd", "dd2")
+ONE_STEP = ("dd1", "mapkd", "dd2")  # the one-step methods, in the order of the page
+# the method whose k-step panel the page shows (the first served), with its multi-step sampler and its label
+MULTI = {"mapkd": ("jacobi", "MapKD, 1 step + {k} Jacobi teacher pass{es}"),
+         "dd2": ("alg4", "DD2, 1 step + {k} teacher step{s} (Alg. 4)")}
+LABELS = {"dd1": "DD1, 1 step", "mapkd": "MapKD, 1 step", "dd2": "DD2 (paper recipe), 1 step"}
 SEED_MAX = 2 ** 31 - 1
 THROUGHPUT_BATCHES = (1, 64)
 UNFILLED = 48  # gray level of the token cells the teacher has not generated yet in a partial decode
 
 
 def default_runs() -> dict[str, Path | None]:
-    """The shipped runs of the default preset: {"teacher", "dd1", "dd2"} -> run directory under
+    """The shipped runs of the default preset: {"teacher", "dd1", "mapkd", "dd2"} -> run directory under
     ``assets/fashion-mnist/`` (``ONESTEP_ASSETS`` overrides the assets folder), or None where it is not shipped."""
     from onestep.paths import assets_dir
 
@@ -40,10 +45,10 @@ def default_runs() -> dict[str, Path | None]:
 
 
 def resolve_runs(runs: list[str] | None, defaults: dict[str, Path | None] | None = None) -> dict[str, Path | None]:
-    """The runs to serve: each ``--run`` directory under its recorded kind (teacher, dd1 or dd2); a kind no ``--run``
-    gives comes from :func:`default_runs`. ValueError (one line) for two runs of one kind or a directory that holds
-    no teacher, DD1 or DD2 run."""
-    from onestep.api import run_kind
+    """The runs to serve: each ``--run`` directory under its recorded kind (teacher, dd1, mapkd or dd2); a kind no
+    ``--run`` gives comes from :func:`default_runs`. ValueError (one line) for two runs of one kind or a directory
+    that holds no sampled run."""
+    from onestep.methods import run_kind
 
     out = dict(default_runs() if defaults is None else defaults)
     given: dict[str, str] = {}
@@ -89,7 +94,7 @@ def class_names(data: str | None, num_classes: int) -> list[str]:
 
 def bench_fids(path: Path | None = None) -> dict:
     """The bench's FIDs of the served methods' rows (``benchmarks/results/paper-table.json``: teacher, dd1-1step,
-    dd2-Nstep): {"source", "commit", "rows": [{method, steps, fid_classifier, fid_classifier_10000,
+    mapkd-*, dd2-*): {"source", "commit", "rows": [{method, steps, fid_classifier, fid_classifier_10000,
     fid_inception}]}; no rows when the file is absent."""
     from onestep.paths import results_dir
 
@@ -98,7 +103,7 @@ def bench_fids(path: Path | None = None) -> dict:
         table = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {"source": str(path), "commit": None, "rows": []}
-    keep = lambda m: m in ("teacher", "dd1-1step") or (m.startswith("dd2-") and m.endswith("step"))  # noqa: E731
+    keep = lambda m: m in ("teacher", "dd1-1step") or (m.startswith(("dd2-", "mapkd-")) and m.endswith("step"))  # noqa: E731
     rows = [{k: r.get(k) for k in ("method", "steps", "fid_classifier", "fid_classifier_10000", "fid_inception")}
             for r in table.get("rows", []) if keep(str(r.get("method")))]
     from onestep.paths import checkout
@@ -112,7 +117,8 @@ def bench_fids(path: Path | None = None) -> dict:
 
 @dataclass
 class Served:
-    """One served panel: ``key`` ("teacher", "dd1", "dd2", "dd2-k"), its method and step count."""
+    """One served panel: ``key`` ("teacher", "dd1", "mapkd", "dd2", or "<method>-k" for the k-step panel), its method
+    and step count."""
 
     key: str
     method: str
@@ -137,7 +143,7 @@ class _OneStep:
 class Models:
     """The served runs (see :func:`resolve_runs`), loaded once on ``device``.
 
-    ``teacher`` / ``dd1`` / ``dd2``: :class:`onestep.api.Generator` or None when not served; ``missing`` names the
+    ``gens``: kind -> :class:`onestep.api.Generator` of the served runs; ``missing`` names the
     kinds that are absent. The teacher's default sampling rule is the one ``onestep sample`` uses
     (``onestep.api.TEACHER_DEFAULTS``), so its images equal ``onestep.load(teacher).sample(...)``'s.
     """
@@ -152,7 +158,7 @@ class Models:
         self.runs = {k: (None if v is None else str(v)) for k, v in runs.items()}
         self.missing = [k for k in KINDS if self.runs.get(k) is None]
         if len(self.missing) == len(KINDS):
-            raise ValueError("nothing to serve: no teacher, DD1 or DD2 run was given and none is shipped in "
+            raise ValueError("nothing to serve: no teacher, DD1, MapKD or DD2 run was given and none is shipped in "
                              "assets/fashion-mnist")
         self.lock = threading.Lock()
         self.gens: dict[str, onestep.Generator] = {}
@@ -176,8 +182,9 @@ class Models:
             self.teacher_steps = len(self.teacher.ar_steps())
             data = tconfig.get("data")
         self._walkers: dict[str, _OneStep] = {}
-        self._dd2_samplers: dict = {}
-        self.dd2_ar_steps = self._walker("dd2").ar_steps if "dd2" in self.gens else 0
+        self._samplers: dict = {}
+        self.multi = next((k for k in MULTI if k in self.gens), None)  # the method of the k-step panel
+        self.multi_ar_steps = self._walker(self.multi).ar_steps if self.multi else 0
         if data is None:
             from onestep import checkpoint as ckpt
             from onestep.runs import final_dir
@@ -189,13 +196,13 @@ class Models:
     # ---- what is served --------------------------------------------------------------------------------
     @property
     def one_step_keys(self) -> list[str]:
-        return [k for k in ("dd1", "dd2") if k in self.gens]
+        return [k for k in ONE_STEP if k in self.gens]
 
     @property
     def k_max(self) -> int:
-        """The largest k of "DD2 + k teacher steps": the teacher re-samples at most its last K - 1 AR steps (k = K
-        would discard the generator's sample)."""
-        return max(0, self.dd2_ar_steps - 1)
+        """The largest k of the k-step panel (1 step + k teacher calls): at most K - 1 for a teacher of K AR steps
+        (Alg. 4 with k = K would discard the generator's sample)."""
+        return max(0, self.multi_ar_steps - 1)
 
     def panels(self, k: int) -> list[Served]:
         out = []
@@ -204,18 +211,20 @@ class Models:
                               self.runs["teacher"]))
         if "dd1" in self.gens:
             out.append(Served("dd1", "dd1", 1, "DD1, 1 step", self.runs["dd1"]))
-        if "dd2" in self.gens:
-            out.append(Served("dd2", "dd2", 1, "DD2, 1 step", self.runs["dd2"]))
-            if k >= 1:
-                out.append(Served("dd2-k", "dd2", 1 + k, f"DD2, 1 step + {k} teacher step{'s' if k > 1 else ''}",
-                                  self.runs["dd2"]))
+        for m in ("mapkd", "dd2"):
+            if m in self.gens:
+                out.append(Served(m, m, 1, LABELS[m], self.runs[m]))
+                if k >= 1 and m == self.multi:
+                    label = MULTI[m][1].format(k=k, s="s" if k > 1 else "", es="es" if k > 1 else "")
+                    out.append(Served(f"{m}-k", m, 1 + k, label, self.runs[m]))
         return out
 
     def info(self) -> dict:
         from onestep.eval.speed import machine_info
 
         return {"classes": self.classes, "num_classes": self.num_classes, "image_shape": list(self.image_shape),
-                "runs": self.runs, "missing": self.missing, "one_step": self.one_step_keys,
+                "runs": self.runs, "missing": self.missing, "one_step": self.one_step_keys, "labels": LABELS,
+                "multi": self.multi, "multi_row": f"{self.multi}-{MULTI[self.multi][0]}-" if self.multi else None,
                 "teacher_steps": self.teacher_steps, "k_max": self.k_max, "k_default": min(3, self.k_max),
                 "seed_max": SEED_MAX, "fids": self.fids, "machine": machine_info(),
                 "panels": [p.__dict__ for p in self.panels(min(3, self.k_max))]}
@@ -225,22 +234,26 @@ class Models:
         return torch.tensor([label], device=self.device)
 
     def _sampler(self, panel: Served):
-        """The sampler of a DD2 panel at its step count: built once per count from the DD2 run loaded at start (the
-        same :func:`onestep.dd2.sampling.dd2_sampler` ``onestep.load(dd2)`` builds, without reading the run again)."""
+        """The sampler of a MapKD or DD2 panel at its step count: built once per (method, count) from the run loaded
+        at start (the sampler ``onestep.load(run)`` builds, with the method's default multi-step sampler, without
+        reading the run again)."""
         from onestep.dd2.sampling import dd2_sampler
+        from onestep.mapkd.sampling import mapkd_sampler
 
-        if panel.steps not in self._dd2_samplers:
-            w = self._walker("dd2")
-            self._dd2_samplers[panel.steps] = dd2_sampler(*w.parts, steps=panel.steps)
-        return self._dd2_samplers[panel.steps]
+        key = (panel.method, panel.steps)
+        if key not in self._samplers:
+            w = self._walker(panel.method)
+            build = mapkd_sampler if panel.method == "mapkd" else dd2_sampler
+            self._samplers[key] = build(*w.parts, steps=panel.steps)
+        return self._samplers[key]
 
     def sample(self, panel: Served, labels: list[int], seed: int, batch_size: int = 1) -> torch.Tensor:
         """uint8 images (N, C, H, W) of ``panel`` for ``labels``: the images ``onestep.load(run).sample(labels,
         steps=panel.steps, seed=seed, batch_size=batch_size)`` gives."""
-        if panel.method == "dd2":
+        if panel.method in MULTI:
             from onestep.samplers import generate
 
-            lab = self.gens["dd2"].labels_tensor(labels)
+            lab = self.gens[panel.method].labels_tensor(labels)
             return generate(self._sampler(panel), lab, seed, batch_size=batch_size, progress=False,
                             keep_tokens=False)["images"]
         return self.gens[panel.method].sample(labels, steps=panel.steps if panel.method != "teacher" else None,
@@ -248,8 +261,8 @@ class Models:
 
     @torch.inference_mode()
     def one_step(self, panel: Served, label: int, seed: int) -> tuple[torch.Tensor, float]:
-        """(uint8 image (C, H, W), seconds) of a DD1 / DD2 panel, timed under the lock."""
-        if panel.method == "dd2":
+        """(uint8 image (C, H, W), seconds) of a one-step panel, timed under the lock."""
+        if panel.method in MULTI:
             self._sampler(panel)  # built outside the timing
         with self.lock:
             t0 = time.perf_counter()
@@ -320,6 +333,12 @@ class Models:
                 cf = conti_from_of(config)
                 fn = lambda eps, lab: one_step(model, eps, lab, cf)  # noqa: E731
                 shape = (model.seq_len, model.code_dim)
+            elif key == "mapkd":
+                from onestep.mapkd.sampling import load_mapkd
+
+                parts = gen, teacher, tok, _ = load_mapkd(self.runs["mapkd"], self.device)
+                fn = gen.sample_ids
+                shape = gen.noise_shape
             else:
                 from onestep.dd2.sampling import load_dd2
 
@@ -368,7 +387,7 @@ class Models:
         fns = {}
         labels = list(range(self.num_classes))
         for p in self.panels(k):
-            if p.method == "dd2":
+            if p.method in MULTI:
                 self._sampler(p)
 
             def fn(b, p=p):

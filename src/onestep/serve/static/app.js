@@ -47,15 +47,16 @@ function buildPanels(panels) {
 
 function renderFids() {
   const k = Number($("k").value || 0);
-  const want = ["teacher", "dd1-1step", "dd2-1step"];
-  if (k > 0) want.push(`dd2-${k + 1}step`);
+  const want = ["teacher", "dd1-1step", "mapkd-1step", "dd2-1step"];
+  const multi = INFO.multi_row ? `${INFO.multi_row}${k + 1}step` : null;
+  if (k > 0 && multi) want.push(multi);
   const rows = INFO.fids.rows.filter((r) => want.includes(r.method));
   const body = $("fids").querySelector("tbody");
   body.replaceChildren(...rows.map((r) => el("tr", {},
     el("td", { text: r.method }), el("td", { text: r.steps }), el("td", { text: fmt(r.fid_classifier) }),
     el("td", { text: fmt(r.fid_classifier_10000) }), el("td", { text: fmt(r.fid_inception) }))));
-  if (k > 0 && !rows.some((r) => r.method === `dd2-${k + 1}step`)) {
-    body.append(el("tr", {}, el("td", { text: `dd2-${k + 1}step` }), el("td", { text: k + 1 }),
+  if (k > 0 && multi && !rows.some((r) => r.method === multi)) {
+    body.append(el("tr", {}, el("td", { text: multi }), el("td", { text: k + 1 }),
       el("td", { text: "not in the bench", colspan: "3" })));
   }
   $("fid-source").textContent = rows.length
@@ -150,7 +151,7 @@ function buildWalks() {
   for (const key of INFO.one_step) {
     const seed = Number($("seed").value);
     const w = el("div", { class: "walk", id: `walk-${key}` },
-      el("h3", { text: key === "dd1" ? "DD1, 1 step" : "DD2, 1 step" }),
+      el("h3", { text: INFO.labels[key] || key }),
       el("img", { class: "pix", id: `walk-img-${key}`, alt: `${key} latent walk`, "data-draws": "0" }),
       el("input", { type: "range", id: `slider-${key}`, min: "0", max: "100", value: "0", step: "1" }),
       el("div", { class: "small" }, "seed A ", el("input", { type: "number", id: `walk-a-${key}`, min: "0",

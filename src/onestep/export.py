@@ -63,7 +63,7 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path
         gen = _load_check(tmp)
         card = run_card(run_dir, method, components, gen)
         ckpt.write_json(tmp / "export.json", card)
-        (tmp / "README.md").write_text(model_card(card, str(run_dir)))
+        (tmp / "README.md").write_text(model_card(card, run_dir.resolve().name))
         problems = outside_references(tmp)  # export.json too
         if problems:
             raise ckpt.CheckpointError(f"the export of {run_dir} is not self-contained: {problems[0]}")
@@ -288,12 +288,13 @@ def _kv(d: dict) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in d.items() if not isinstance(v, (dict, list)))
 
 
-_WHAT = {"teacher": "the AR teacher", "dd1": "a DD1 one-step generator", "dd2": "a DD2 (paper recipe, CSD) one-step generator",
+_WHAT = {"teacher": "the AR teacher", "dd1": "a DD1 one-step generator", "dd2": "a DD2 (CSD) one-step generator",
          "mapkd": "a MapKD one-step generator (the project's own method)"}
 
 
 def model_card(card: dict, source: str) -> str:
-    """README.md of an export: how to load it, its contents, its recipe and its measured figures."""
+    """README.md of an export: how to load it, its contents, its recipe and its measured figures. ``source`` is the
+    name of the exported run directory (no path: a card says nothing about the machine that exported it)."""
     method, names = card["method"], card.get("class_names") or []
     c, h, w = card["image_shape"]
     lines = [f"# onestep export: {method} ({card['family']} family, {card['data'] or 'imported weights'})", "",
@@ -302,8 +303,8 @@ def model_card(card: dict, source: str) -> str:
              f"location.", "",
              "```python", "import onestep", "", 'gen = onestep.load("THIS_FOLDER")',
              f"images = gen.sample([0, 1, 2], seed=0)   # uint8 (N, {c}, {h}, {w})", "```", "",
-             f"The command line: `onestep sample --run THIS_FOLDER --method {method}`. Exported from `{source}` by "
-             f"`onestep export`.", "",
+             f"The command line: `onestep sample --run THIS_FOLDER --method {method}`. Exported by `onestep export` "
+             f"from a run directory named `{source}`.", "",
              f"- classes: {card['num_classes']}" + (f" ({', '.join(names)})" if names else ""),
              f"- images: {c} x {h} x {w}",
              f"- parameters used in one sampling call: {card['sampled_params']:,}"]

@@ -9,9 +9,14 @@ from onestep.cli.flags import DATA_SETS, PRESETS, add_common, override
 
 
 def _print_outputs(root: Path, outputs: dict) -> None:
+    import json
+
     print("\nDone. Everything is under", root.resolve())
     for k, v in outputs.items():
         print(f"  {k:>18}: {v}")
+    metrics = root / "metrics.json"
+    for note in json.loads(metrics.read_text()).get("notes", []) if metrics.exists() else []:
+        print(f"Note: {note}")
 
 
 def cmd_pipeline(args) -> None:

@@ -43,6 +43,8 @@ class PipelineConfig:
     dd1_pairs: int | None = None   # override the DD1 preset's number of pairs ...
     dd1_steps: int | None = None   # ... and training steps
     dd2_multi: tuple = (2, 3, 4)
+    shipped_dd2: bool = False   # also the row dd2-1step-shipped: the shipped DD2 generator (assets/fashion-mnist/dd2),
+                                # where the run's own CSD budget is too small for recognisable samples
     mapkd: bool = True          # also MapKD (onestep mapkd train): rows mapkd-1step, mapkd-jacobi-<k>step
     mapkd_preset: str = "small"
     mapkd_steps: int | None = None
@@ -80,6 +82,7 @@ PIPELINE_PRESETS = {
     # updates per generator step (the small preset): 40 + 12 steps cost what 60 + 20 did at K = 3
     "quick": PipelineConfig(name="quick", adapt_steps=40, adapt_max_items=10000, tune_steps=150, tune_pool=2048,
                             train_steps=40, align_steps=12, dd1_pairs=2048, dd1_steps=150, mapkd_steps=150, n_eval=1000,
+                            shipped_dd2=True,
                             speed_repeats=3, n_ppl=100),
     # `onestep bench`: the figures of benchmarks/results (stage budgets of the commands' "small" presets)
     # the evaluation protocol of the DD1 / DD2 rows and the teacher: classifier FID on 10k samples, Inception FID on

@@ -77,7 +77,19 @@ class Rows:
                     for k in self.cfg.dd2_multi:
                         smp = dd2_sampler(gen, dd2_teacher, tok, samp, k, multistep="alg4")
                         out[smp.name] = smp
+        shipped = self.shipped_dd2()
+        if shipped is not None:  # the shipped DD2 generator, beside the run's own short CSD
+            gen, dd2_teacher, _, samp = load_dd2(shipped, self.device)
+            out["dd2-1step-shipped"] = dd2_sampler(gen, dd2_teacher, tok, samp, 1, name="dd2-1step-shipped")
         return out
+
+    def shipped_dd2(self) -> Path | None:
+        """The shipped DD2 generator when the config asks for its row and the run uses the shipped teacher."""
+        from onestep.paths import assets_dir
+
+        path = assets_dir() / "fashion-mnist" / "dd2"
+        ok = self.cfg.shipped_dd2 and self.cfg.use_assets and self.cfg.data == "fashion-mnist"
+        return path if ok and (path / "final" / "config.json").exists() else None
 
     def teacher_tokens(self, runs: dict[str, Path]) -> torch.Tensor:
         """Teacher token samples (ids, labels) for the onestep* marginals: the stage-1 pool (same sampling rule)."""
@@ -233,7 +245,8 @@ class Rows:
         dd2 += ["dd2-stage1-euler10", "teacher-stage0", *skips, "dd2-1step", "dd2-1step-continuous",
                 "onestep*"] + (["dd2-1step-align"] if self.cfg.align else [])
         mapkd = [f"mapkd-jacobi-{k}step" for k in sorted(self.cfg.mapkd_multi, reverse=True)] + ["mapkd-1step"]
-        return {"teacher": ["teacher"], "dd1": ["dd1-teacher-involved", "dd1-2step", "dd1-1step"], "dd2": dd2,
+        teacher = ["teacher"] + (["dd2-1step-shipped"] if self.shipped_dd2() is not None else [])
+        return {"teacher": teacher, "dd1": ["dd1-teacher-involved", "dd1-2step", "dd1-1step"], "dd2": dd2,
                 "mapkd": mapkd if self.cfg.mapkd else []}
 
     def side_by_side(self, methods: list[str]) -> Path | None:

@@ -114,8 +114,6 @@ MAP_FIT_PRESETS = {
 }
 
 
-# the fields that left MapFitConfig for MapFitAblation, at the recipe's values (trainer.prepare_run_dir's ``retired``)
-RETIRED_MAP_FIT_FIELDS = {f"map_fit.{k}": v for k, v in asdict(MapFitAblation()).items()}
 
 
 def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cfg: MapFitConfig,
@@ -157,7 +155,7 @@ def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cf
               "pairs_dir": ref_to(pairs_dir, run_dir), "model": model_cfg}
     if ablation.changes():
         config["ablation"] = ablation.changes()
-    run_dir = prepare_run_dir(run_dir, config, info, retired=RETIRED_MAP_FIT_FIELDS)
+    run_dir = prepare_run_dir(run_dir, config, info)
     opt = make_optimizer(torch.optim.Adam, model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
     wrapped = wrap_ddp(_Regression(model, cb, ablation.cells_temperature), info)
     loop = TrainLoop(run_dir, LoopConfig(cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.ckpt_every),

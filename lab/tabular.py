@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from onestep.flow_map import map_noise_to_tokens
-from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule
+from lab.csd_variants import CSDAblation, VariantDD2
+from onestep.dd2.csd import CSDConfig, CSDSchedule
 from onestep.dd2.losses import dsm_loss, gts_loss
 from lab.mapstart import fit_to_map
 from onestep.dd2.model import ARDiffusion, MLPHead
@@ -213,7 +214,7 @@ def fit_tabular(teacher: TabularTeacher, cfg: TabularRunConfig = TabularRunConfi
         opt.step()
     out = {"recipe": cfg.recipe, "tune_time_s": round(time.time() - t0, 2), "gts_final_loss": loss.item()}
     csd = cfg.stage2
-    dd2 = DD2(copy.deepcopy(model), copy.deepcopy(model), teacher, sampling, csd, cfg.ablation)  # sets generator_t
+    dd2 = VariantDD2(copy.deepcopy(model), copy.deepcopy(model), teacher, sampling, csd, cfg.ablation)  # sets generator_t
     out["tv_gts_init"] = generator_tv(dd2.generator, teacher, cfg.n_eval, cfg.seed + 1)
     if cfg.recipe == "map":
         t0 = time.time()

@@ -68,7 +68,7 @@ def test_image_helpers_give_pil_images_and_a_grid(runs, tmp_path):
     images = onestep.load(runs / "teacher").sample([0, 1, 2, 3], seed=0)
     pil = onestep.to_pil(images)
     assert len(pil) == 4 and pil[0].mode == "L" and pil[0].size == (28, 28)
-    assert torch.equal(torch.from_numpy(__import__("numpy").asarray(pil[2]))[None], images[2])
+    assert torch.equal(torch.from_numpy(__import__("numpy").array(pil[2]))[None], images[2])
     path = onestep.save_grid(images, tmp_path / "grid.png", nrow=2)
     assert Image.open(path).size[0] > 2 * 28
     with pytest.raises(ValueError, match="uint8"):

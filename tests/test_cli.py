@@ -446,12 +446,13 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
           "--guidance-batch-size", "2"])
     cfg = json.loads((tiny_runs / "dd2-gt" / "final" / "config.json").read_text())
     assert "ablation" not in cfg  # the command line runs the paper's loss
-    # an ablation (set only through the library) is recorded; psi's checkpoint records psi's own head (stage 1's
-    # gain, not the generator's re-parameterised one) and loads as the network it holds
-    from onestep.dd2.csd import CSDAblation
+    # a study's variant (lab/csd_variants.py, through the library) is recorded; psi's checkpoint records psi's own
+    # head (stage 1's gain, not the generator's re-parameterised one) and loads as the network it holds
+    from lab.csd_variants import CSDAblation, variant
     from onestep.dd2.tune import load_ardiffusion
 
-    train(tiny_runs / "dd2-gain", tiny_runs / "tune", TRAIN_PRESETS["tiny"], ablation=CSDAblation(generator_head_gain=3.0))
+    train(tiny_runs / "dd2-gain", tiny_runs / "tune", TRAIN_PRESETS["tiny"],
+          wrapper=variant(CSDAblation(generator_head_gain=3.0)))
     gcfg = json.loads((tiny_runs / "dd2-gain" / "final" / "config.json").read_text())
     step_dir = sorted((tiny_runs / "dd2-gain" / "checkpoints").glob("step_*"))[-1]
     psi, psi_cfg = load_ardiffusion(step_dir / "guidance")
@@ -492,7 +493,7 @@ def test_dd2_tune_train_sample_smoke(tiny_runs, capsys):
     fit_map(tiny_runs / "map-ns", tiny_runs / "tune", tiny_runs / "pairs8", replace(MAP_FIT_PRESETS["tiny"], steps=3),
             ablation=MapFitAblation(noise_stream=True))
     train(tiny_runs / "dd2-ns", tiny_runs / "tune", replace(TRAIN_PRESETS["tiny"], guidance_warmup=1),
-          generator_init=tiny_runs / "map-ns", ablation=CSDAblation(guidance_residual=True))
+          generator_init=tiny_runs / "map-ns", wrapper=variant(CSDAblation(guidance_residual=True)))
     ncfg = json.loads((tiny_runs / "dd2-ns" / "final" / "config.json").read_text())
     assert ncfg["model"]["noise_stream"] and ncfg["ablation"] == {"guidance_residual": True}
     assert not mcfg["model"]["noise_stream"] and "ablation" not in mcfg

@@ -4,7 +4,10 @@ import copy
 import torch
 
 from onestep import flow
-from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule, ema_rate
+from lab.csd_variants import CSDAblation, VariantDD2, residual_denoise
+from lab.csd_variants import csd_generator_loss as variant_loss
+from lab.csd_variants import dsm_loss as variant_dsm
+from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule, ema_rate
 from onestep.dd2.losses import csd_generator_loss, dsm_loss, gts_loss
 from onestep.dd2.model import ARDiffusion, MLPHead
 from lab.tabular import CausalMLPBackbone
@@ -85,7 +88,7 @@ def test_dd2_applies_the_generator_parameterisation_of_its_config():
     gen, guid = _model(seed=0), _model(seed=1)
     eps, lab = torch.randn(4, 3, 2), torch.zeros(4, dtype=torch.long)
     before = gen.generate(eps, lab)
-    DD2(gen, guid, T, SamplingConfig(), CSDConfig(generator_t=0.5), CSDAblation(generator_head_gain=4.0))
+    VariantDD2(gen, guid, T, SamplingConfig(), CSDConfig(generator_t=0.5), CSDAblation(generator_head_gain=4.0))
     assert gen.head.input_gain == 4.0 and gen.generator_t == 0.5 and guid.generator_t == 1.0
     gen.generator_t = 1.0  # the input gain alone keeps the function
     torch.testing.assert_close(gen.generate(eps, lab), before, rtol=1e-5, atol=1e-6)
@@ -174,13 +177,11 @@ def test_residual_guidance_starts_as_the_teacher_and_its_dsm_target_is_the_same(
     """guidance_residual: x0_psi = x0_T - t v_res. With the residual head's output layer zeroed (what DD2 does at the
     start) psi IS the teacher's closed-form denoiser, so the score difference and the generator's gradient are
     exactly zero; the DSM loss of the residual form is the plain DSM loss of v_mix + v_res."""
-    from onestep.dd2.losses import residual_denoise
-
     T, guid, lab, x, log_p, f = _csd_inputs()
-    dd2 = DD2(_model(seed=3), guid, T, SamplingConfig(), CSDConfig(), CSDAblation(guidance_residual=True))
+    dd2 = VariantDD2(_model(seed=3), guid, T, SamplingConfig(), CSDConfig(), CSDAblation(guidance_residual=True))
     assert not guid.head.final.weight.any() and not guid.head.final.bias.any()
-    loss, logs = csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(0), m=3,
-                                    residual=True)
+    loss, logs = variant_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(0), m=3,
+                              residual=True)
     (grad,) = torch.autograd.grad(loss, x)
     assert logs["score_gap"] == 0.0 and not grad.any()
     t = torch.rand(5, 3)
@@ -189,7 +190,8 @@ def test_residual_guidance_starts_as_the_teacher_and_its_dsm_target_is_the_same(
     torch.testing.assert_close(residual_denoise(guid, q, t, f, x0_T), x0_T)
     # DSM in residual form = plain DSM of the summed velocity (same draws)
     torch.nn.init.normal_(guid.head.final.weight, std=0.3)
-    res, _ = dsm_loss(guid, x.detach(), lab, 2, torch.Generator().manual_seed(4), base=(log_p, T.codebook()))
+    res, _ = variant_dsm(guid, x.detach(), lab, 2, torch.Generator().manual_seed(4), 1e-3, 1.0, x.detach(),
+                         base=(log_p, T.codebook()))
     g = torch.Generator().manual_seed(4)
     from onestep.dd2.losses import sample_t
     tt = sample_t((2, 5, 3), g, "cpu", 1e-3, 1.0)
@@ -244,9 +246,9 @@ def test_csd_sid_loss_is_sids_formula_at_the_drawn_points():
     from onestep.dd2.losses import sample_t
 
     T, guid, lab, x, log_p, f = _csd_inputs()
-    for alpha in (1.0, 0.5):
-        loss, _ = csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(3), alpha=alpha,
-                                     m=2)
+    for alpha in (1.0, 0.5):  # m = 2 draws: the lab's variant, equal to the paper's loss at m = 1 (checked below)
+        loss, _ = variant_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(3), alpha=alpha,
+                               m=2)
         (grad,) = torch.autograd.grad(loss, x)
         g = torch.Generator().manual_seed(3)
         t = sample_t((2, 5, 3), g, "cpu", 0.02, 0.98)
@@ -280,7 +282,7 @@ def test_condition_on_codes_snaps_only_the_conditions():
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         xg = gen.generate(snap.noise(6, g, "cpu"), lab)
-    ref, _ = dsm_loss(guid, xg, lab, snap.cfg.m_noise, g, snap.ablation.dsm_t_min, t_max=snap.ablation.dsm_t_max,
+    ref, _ = dsm_loss(guid, xg, lab, snap.cfg.m_noise, g, DD2.DSM_T_RANGE[0], t_max=DD2.DSM_T_RANGE[1],
                       condition=T.codebook()[T.nearest_ids(xg)])
     torch.testing.assert_close(loss, ref)
     assert not torch.allclose(loss, plain(lab, "guidance", torch.Generator().manual_seed(3))[0])
@@ -291,7 +293,7 @@ def test_condition_on_codes_snaps_only_the_conditions():
     cond = T.codebook()[T.nearest_ids(xg.detach())]
     with torch.no_grad():
         log_p, f = teacher_log_probs(T, cond, lab, SamplingConfig()), guid.features(cond, lab)
-    ref, _ = csd_generator_loss(xg, lab, log_p, T.codebook(), guid, f, g, m=snap.ablation.m_noise_gen)
+    ref, _ = csd_generator_loss(xg, lab, log_p, T.codebook(), guid, f, g)
     torch.testing.assert_close(loss, ref)
     gen.zero_grad()
     loss.backward()
@@ -411,13 +413,34 @@ def test_csd_keeps_a_generator_fitted_to_the_exact_map(one_thread):
     assert r["tv_gts_init"] > 0.5  # the same network at stage 1's parameters is no generator at all
 
 
+def test_the_lab_variant_at_its_defaults_is_the_papers_loss_bit_for_bit():
+    """lab/csd_variants.VariantDD2 with the default CSDAblation draws and computes exactly what DD2 does, in both
+    turns, so a study's variant differs from the product only where its ablation says."""
+    T = TabularTeacher(4, 3, 2, seed=2)
+    gen, guid = _model(seed=0), _model(seed=1)
+    lab = torch.zeros(6, dtype=torch.long)
+    for cfg in (CSDConfig(), CSDConfig(condition_on_codes=True, generator_t=0.5)):
+        paper, variant = DD2(gen, guid, T, SamplingConfig(), cfg), VariantDD2(gen, guid, T, SamplingConfig(), cfg)
+        assert variant.record == {} and variant.guidance_turns() == paper.guidance_turns() == cfg.guidance_steps
+        for turn in ("guidance", "generator"):
+            a, _ = paper(lab, turn, torch.Generator().manual_seed(7))
+            b, _ = variant(lab, turn, torch.Generator().manual_seed(7))
+            assert torch.equal(a, b), turn
+    _, _, lab, x, log_p, f = _csd_inputs()
+    T2, guid2 = TabularTeacher(4, 3, 2, seed=2), _model(seed=1)
+    one, _ = csd_generator_loss(x, lab, log_p, T2.codebook(), guid2, f, torch.Generator().manual_seed(5))
+    ref, _ = variant_loss(x, lab, log_p, T2.codebook(), guid2, f, torch.Generator().manual_seed(5))
+    assert torch.equal(one, ref)
+    assert VariantDD2(gen, guid, T, SamplingConfig(), CSDConfig(), CSDAblation(alpha=1.2)).record == {
+        "ablation": {"alpha": 1.2}}
+
+
 def test_csd_dmd_form_gradient_is_the_denoiser_difference():
     """loss_form "dmd": the gradient on x_i is exactly -(x0_T - x0_psi) / norm at the drawn (t, eps), averaged."""
     from onestep.dd2.losses import sample_t
 
     T, guid, lab, x, log_p, f = _csd_inputs()
-    loss, _ = csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(3), m=2,
-                                 form="dmd")
+    loss, _ = variant_loss(x, lab, log_p, T.codebook(), guid, f, torch.Generator().manual_seed(3), m=2, form="dmd")
     (grad,) = torch.autograd.grad(loss, x)
     g = torch.Generator().manual_seed(3)
     t = sample_t((2, 5, 3), g, "cpu", 0.02, 0.98)
@@ -430,7 +453,7 @@ def test_csd_dmd_form_gradient_is_the_denoiser_difference():
     import pytest
 
     with pytest.raises(ValueError, match="form"):
-        csd_generator_loss(x, lab, log_p, T.codebook(), guid, f, form="other")
+        variant_loss(x, lab, log_p, T.codebook(), guid, f, form="other")
 
 
 def test_conditional_errors_locates_a_wrong_conditional():

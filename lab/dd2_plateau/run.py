@@ -23,14 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from onestep.dd2.csd import CSDConfig
+from onestep.dd2.train import TRAIN_PRESETS
 
 TEACHER = "assets/fashion-mnist/teacher"
-# the paper's recipe where it is known (method.md section 3): LR warm-up from 1e-6 over two thirds of the steps,
-# guidance LR twice the generator's, K = 5, EMA; kept deviations (each measured before, lab/dd2-convergence.md):
-# the head reads the noise at s = 0.5 and the prefix conditions read the prefix snapped to the codes
-PLATEAU = CSDConfig(steps=8000, batch_size=32, lr=2e-4, guidance_lr=4e-4, guidance_steps=5, m_noise=2,
-                    warmup_steps=5333, generator_t=0.5, condition_on_codes=True, log_every=50, ckpt_every=250)
+PLATEAU = TRAIN_PRESETS["paper"]  # the paper's LR schedule (see its comment), 8000 generator steps
 
 
 def onestep(*args: str) -> None:

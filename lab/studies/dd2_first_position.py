@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: lab.*
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # _common: provenance, write_results
@@ -80,7 +81,8 @@ def position0_tv(generator, teacher, sampling, n: int, seed: int) -> tuple[float
 
 
 def run(tune_dir: str, overrides: dict, steps: int, batch: int, n_eval: int, seed: int, every: int) -> dict:
-    from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule
+    from lab.csd_variants import CSDAblation, VariantDD2
+    from onestep.dd2.csd import CSDConfig, CSDSchedule
     from onestep.dd2.tune import load_ardiffusion
     from onestep.runs import final_dir, load_teacher, resolve_ref
     from onestep.teacher.sampling import SamplingConfig
@@ -93,7 +95,7 @@ def run(tune_dir: str, overrides: dict, steps: int, batch: int, n_eval: int, see
                   **{k: v for k, v in overrides.items() if k not in abl})
     generator, guidance = copy.deepcopy(init).train(), copy.deepcopy(init).train()
     torch.manual_seed(seed)
-    dd2 = DD2(generator, guidance, teacher, sampling, cfg, CSDAblation(**abl))
+    dd2 = VariantDD2(generator, guidance, teacher, sampling, cfg, CSDAblation(**abl))
     sched = CSDSchedule(dd2)
     g = torch.Generator().manual_seed(seed)
     labels = lambda n: torch.randint(teacher.num_classes, (n,), generator=g)  # noqa: E731

@@ -10,14 +10,16 @@ at temperature ``--tau`` (``--mode soft``). psi is the teacher's closed-form den
 residual head on a copy of the teacher's backbone. Prefix conditions are snapped to codes, which the table-input
 teacher reads as ids, so neither stage 0 nor stage 1 is needed. OUT/final is written as a DD1 run (the same
 architecture), so that ``onestep eval --method dd1`` scores it by its argmax codes."""
-import argparse, copy, json, time
+import argparse, copy, json, sys, time
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: lab.*
 import torch
 from torch import nn
 from onestep import checkpoint as ckpt
 from onestep.dd1.stages import load_dd1
 from onestep.dd1.model import clean_mask
-from onestep.dd2.csd import DD2, CSDAblation, CSDConfig, CSDSchedule
+from lab.csd_variants import CSDAblation, VariantDD2
+from onestep.dd2.csd import CSDConfig, CSDSchedule
 from onestep.dd2.model import ARDiffusion, MLPHead
 from onestep.teacher.sampling import SamplingConfig
 from tqdm import tqdm
@@ -66,7 +68,7 @@ def main():
     cfg = CSDConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, guidance_lr=a.glr, guidance_steps=a.K, m_noise=2,
                     warmup_steps=min(10, a.steps // 4), lr_schedule="cosine", guidance_warmup=a.warmup,
                     condition_on_codes=True, seed=a.seed)
-    dd2 = DD2(gen, psi, teacher, sampling, cfg, CSDAblation(guidance_residual=True))
+    dd2 = VariantDD2(gen, psi, teacher, sampling, cfg, CSDAblation(guidance_residual=True))
     gen.requires_grad_(True); psi.requires_grad_(True)
     sched = CSDSchedule(dd2)
     g = torch.Generator().manual_seed(a.seed)

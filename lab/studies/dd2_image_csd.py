@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: lab.*
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # _common: provenance, write_results
@@ -27,7 +28,8 @@ def main(argv=None) -> dict:
     import torch
 
     from onestep import checkpoint as ckpt
-    from onestep.dd2.csd import CSDAblation, CSDConfig
+    from lab.csd_variants import CSDAblation
+    from onestep.dd2.csd import CSDConfig
     from onestep.eval.evaluate import Evaluator
     from onestep.runs import final_dir
     from onestep.dd2.sampling import dd2_sampler, load_dd2

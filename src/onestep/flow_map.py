@@ -1,4 +1,4 @@
-"""DD1's deterministic noise-to-token map (method.md sections 1 and 2.1).
+"""The closed-form noise-to-token map (method.md sections 1 and 2.1): DD1's pairs and sampling, and MapKD's tokens.
 
 For one position with teacher probabilities p over the codes c_j, integrating the RectFlow ODE
 

@@ -122,8 +122,7 @@ def autocast(device: torch.device, enabled: bool):
 GROWABLE_STEPS = tuple(f"{section}.steps" for section in ("train", "adapt", "tune", "csd", "map_fit", "mapkd"))
 
 
-def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = None,
-                    retired: dict | None = None) -> Path:
+def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = None) -> Path:
     """Create the run directory and write ``config.json`` (rank 0). A resumed run must keep its config, with one
     exception: its step count (``GROWABLE_STEPS``) may grow, which continues a finished (or interrupted) run from its
     last checkpoint up to the new count (the fields that follow the count are listed above ``GROWABLE_STEPS``). A
@@ -132,8 +131,7 @@ def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = N
     Sections of ``config`` given as config dataclasses (e.g. ``{"csd": CSDConfig(...)}``) are replaced in place by
     their dicts, and their class defaults make the resume check tolerant of runs older than a field: a field the
     saved config lacks is no change when the new value is its default, since a field is only ever added with a
-    default that keeps the old behaviour. ``retired`` ({"section.field": value}) names fields that left a section
-    (for an ablation config) with the value that was the method's: a saved config holding that value is no change."""
+    default that keeps the old behaviour."""
     run_dir = Path(run_dir)
     info = info or DistInfo()
     defaults = {}
@@ -148,8 +146,7 @@ def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = N
             new = json.loads(json.dumps(config, default=ckpt._json_default))
             leaves = _diff_leaves({k: v for k, v in old.items() if k not in _VOLATILE},
                                   {k: v for k, v in new.items() if k not in _VOLATILE},
-                                  defaults=json.loads(json.dumps(defaults, default=ckpt._json_default)),
-                                  retired=retired)
+                                  defaults=json.loads(json.dumps(defaults, default=ckpt._json_default)))
             if leaves and ckpt.latest_checkpoint(run_dir) is not None:
                 check_resumable_change(run_dir, leaves)
         ckpt.write_json(cfg_path, config)
@@ -179,19 +176,15 @@ _ABSENT = object()
 
 
 
-def _diff_leaves(old: dict, new: dict, prefix: str = "", defaults: dict | None = None,
-                 retired: dict | None = None) -> list[tuple]:
+def _diff_leaves(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[tuple]:
     """Every leaf where two JSON configs differ, as ``(dotted path, old, new)`` (``_ABSENT`` for a missing key). A
-    leaf absent from ``old`` whose new value equals its entry in ``defaults`` (same nesting) is not a difference, nor
-    is a ``retired`` leaf absent from ``new`` whose old value is the one ``retired`` gives."""
-    out, defaults, retired = [], defaults or {}, retired or {}
+    leaf absent from ``old`` whose new value equals its entry in ``defaults`` (same nesting) is not a difference."""
+    out, defaults = [], defaults or {}
     for k in sorted(set(old) | set(new)):
         a, b, d = old.get(k, _ABSENT), new.get(k, _ABSENT), defaults.get(k, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff_leaves(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None, retired)
+            out += _diff_leaves(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None)
         elif a is _ABSENT and b == d:
-            continue
-        elif b is _ABSENT and f"{prefix}{k}" in retired and a == retired[f"{prefix}{k}"]:
             continue
         elif a != b:
             out.append((f"{prefix}{k}", a, b))

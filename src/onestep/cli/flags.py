@@ -23,12 +23,12 @@ DATA_SETS = ["fashion-mnist", "mnist", "folder"]
 # the presets each command offers (the keys of the library's tables: VQ_TRAIN_PRESETS, TEACHER_TRAIN_PRESETS,
 # DD1_PRESETS, ADAPT_PRESETS, TUNE_PRESETS, TRAIN_PRESETS, MAPKD_PRESETS, PIPELINE_PRESETS)
 PRESETS = {
-    "train-tokenizer": ("tiny", "small", "default", "var-tiny", "var-small"),
+    "train-tokenizer": ("tiny", "small", "default", "ds2", "var-tiny", "var-small"),
     "train-teacher": ("tiny", "small"),
     "dd1": ("tiny", "small"),
     "dd2 adapt": ("tiny", "small"),
     "dd2 tune": ("tiny", "small"),
-    "dd2 train": ("tiny", "small"),
+    "dd2 train": ("tiny", "small", "paper"),
     "mapkd train": ("tiny", "small"),
     "pipeline": ("quick", "full", "tiny"),
 }

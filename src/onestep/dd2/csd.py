@@ -72,78 +72,29 @@ class CSDConfig:
         return self.guidance_warmup + self.steps + (self.align_steps if self.align_at > 0 else 0)
 
 
-@dataclass(frozen=True)
-class CSDAblation:
-    """Variants of CSD that the benchmarks measure against the method (lab/dd2-convergence.md). The defaults are the
-    paper's loss; ``onestep dd2 train`` always runs them, and a run records a non-default ablation in its config.
-
-    m_noise_gen: (t, eps) draws per generated sequence in the generator's loss (1 = the paper's).
-    alpha: SiD's alpha (the DD2 paper: 1.0; SiD's own default is 1.2).
-    loss_form: "sid" (the paper's) or "dmd" (no Jacobian of the denoisers).
-    t_min, t_max: the generator turn's t range; dsm_t_min, dsm_t_max: the guidance turn's (DSM) t range.
-    generator_head_gain: the generator's head re-parameterised to this input gain at the start of CSD
-        (function-preserving, :meth:`MLPHead.set_input_gain`; None = the gain stage 1 trained with).
-    guidance_residual: psi in residual form around the teacher's closed-form denoiser (:func:`losses.residual_denoise`),
-        its output layer zeroed at the start, so that psi is the teacher exactly until it learns the generator's
-        deviation.
-    guidance_resample: M > 0 replaces psi (and the guidance turns) by M fresh draws of eps_i per position with the
-        prefix noise kept: exact samples of the generator's conditional given its own prefix
-        (:meth:`ARDiffusion.generate_and_resample`), whose uniform mixture's closed-form denoiser stands in for
-        x0_psi (:func:`flow.mixture_denoise`).
-    """
-
-    m_noise_gen: int = 1
-    alpha: float = 1.0
-    loss_form: str = "sid"
-    t_min: float = 0.02
-    t_max: float = 0.98
-    dsm_t_min: float = 1e-3
-    dsm_t_max: float = 1.0
-    generator_head_gain: float | None = None
-    guidance_residual: bool = False
-    guidance_resample: int = 0
-
-    def __post_init__(self):
-        if self.loss_form not in ("sid", "dmd"):
-            raise ValueError(f"loss_form must be 'sid' or 'dmd', got {self.loss_form!r}")
-        if self.guidance_resample == 1 or self.guidance_resample < 0:
-            raise ValueError(f"guidance_resample must be 0 (psi) or at least 2 draws, got {self.guidance_resample}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def changes(self) -> dict:
-        """The fields that differ from the method (empty for the paper's loss)."""
-        return {k: v for k, v in asdict(self).items() if v != getattr(CSDAblation, k)}
-
-
-# the fields that left CSDConfig for CSDAblation, at the method's values: a run that recorded them resumes
-# (trainer.prepare_run_dir's ``retired``)
-RETIRED_CSD_FIELDS = {f"csd.{k}": v for k, v in asdict(CSDAblation()).items()}
-
-
 class DD2(nn.Module):
-    """Generator theta, guidance psi, frozen teacher; forward(labels, turn) -> (loss, logs).
+    """Generator theta, guidance psi, frozen teacher; forward(labels, turn) -> (loss, logs): the paper's loss.
 
-    ``ablation``: a :class:`CSDAblation` (None: the paper's loss)."""
+    The studies' variants of the loss subclass it (``lab/csd_variants.py``); ``record`` is what such a variant adds
+    to its run's config (nothing here)."""
+
+    ALPHA = 1.0                 # SiD's alpha (the DD2 paper's; SiD's own default 1.2 diverges, method.md section 5)
+    T_RANGE = (0.02, 0.98)      # the generator turn's t range (a project choice)
+    DSM_T_RANGE = (1e-3, 1.0)   # the guidance turn's (DSM) t range
 
     def __init__(self, generator: ARDiffusion, guidance: ARDiffusion, teacher: nn.Module, sampling: SamplingConfig,
-                 cfg: CSDConfig, ablation: CSDAblation | None = None):
+                 cfg: CSDConfig):
         super().__init__()
         self.generator, self.guidance, self.teacher = generator, guidance, teacher
         self.sampling, self.cfg = sampling, cfg
-        self.ablation = ab = ablation or CSDAblation()
-        # the generator's parameterisation (both no-ops at their defaults): the head's input gain (function-preserving)
-        # and the time at which the head reads the noise
-        if ab.generator_head_gain is not None and ab.generator_head_gain != generator.head.input_gain:
-            generator.head.set_input_gain(ab.generator_head_gain)
-        generator.generator_t = cfg.generator_t
-        if ab.guidance_residual:  # psi starts as the teacher itself: a zero residual
-            with torch.no_grad():
-                guidance.head.final.weight.zero_()
-                guidance.head.final.bias.zero_()
+        self.record: dict = {}
+        generator.generator_t = cfg.generator_t  # the time at which the generator's head reads the noise
         self.teacher.requires_grad_(False).eval()
         self.seq_len, self.code_dim = teacher.seq_len, teacher.code_dim
+
+    def guidance_turns(self) -> int:
+        """Guidance updates per outer step (K)."""
+        return self.cfg.guidance_steps
 
     def noise(self, batch: int, generator: torch.Generator | None, device) -> Tensor:
         return rng.randn((batch, self.seq_len, self.code_dim), generator, device)
@@ -160,31 +111,23 @@ class DD2(nn.Module):
         return self.teacher.ids_to_codes(self.teacher.nearest_ids(x)).to(x)
 
     def forward(self, labels: Tensor, turn: str, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        cfg, ab = self.cfg, self.ablation
+        cfg = self.cfg
         eps = self.noise(labels.shape[0], generator, labels.device)
         if turn == "guidance":
             with torch.no_grad():
                 x = self.generator.generate(eps, labels)
                 cond = self.condition(x)
-                base = (teacher_log_probs(self.teacher, cond, labels, self.sampling), self.teacher.codebook()) \
-                    if ab.guidance_residual else None
-            return dsm_loss(self.guidance, x, labels, cfg.m_noise, generator, ab.dsm_t_min, t_max=ab.dsm_t_max,
-                            condition=cond, base=base)
+            return dsm_loss(self.guidance, x, labels, cfg.m_noise, generator, self.DSM_T_RANGE[0],
+                            t_max=self.DSM_T_RANGE[1], condition=cond)
         if turn != "generator":
             raise ValueError(f"turn must be 'generator' or 'guidance', got {turn!r}")
-        if ab.guidance_resample:
-            x, samples = self.generator.generate_and_resample(eps, labels, ab.guidance_resample, generator)
-            with torch.no_grad():
-                log_p = teacher_log_probs(self.teacher, self.condition(x), labels, self.sampling)
-            return csd_generator_loss(x, labels, log_p, self.teacher.codebook(), None, None, generator, ab.alpha,
-                                      ab.t_min, ab.t_max, ab.m_noise_gen, ab.loss_form, samples=samples)
         x = self.generator.generate(eps, labels)
         x_sg = self.condition(x)
         with torch.no_grad():  # prefix conditions: no graph over the teacher's or psi's backbone
             log_p = teacher_log_probs(self.teacher, x_sg, labels, self.sampling)
             f_psi = self.guidance.features(x_sg, labels)
         return csd_generator_loss(x, labels, log_p, self.teacher.codebook(), self.guidance, f_psi, generator,
-                                  ab.alpha, ab.t_min, ab.t_max, ab.m_noise_gen, ab.loss_form, ab.guidance_residual)
+                                  self.ALPHA, *self.T_RANGE)
 
 
 def lr_decay(cfg: CSDConfig, gen_step: int) -> float:
@@ -260,7 +203,7 @@ class CSDSchedule:
         dd2.guidance.train()
         # set every step, also at a constant LR: a resumed optimiser's state_dict brings back the LR it was saved with
         set_lr(self.opt_guid, self.guidance_lr(gen_step))
-        for _ in range(0 if dd2.ablation.guidance_resample else cfg.guidance_steps):
+        for _ in range(dd2.guidance_turns()):
             loss, lg = self.wrapped(sample_labels(cfg.guidance_batch), "guidance", generator)
             bad |= not guarded_step(loss, self.opt_guid, dd2.guidance.parameters(), cfg.grad_clip)
         logs.update(lg)

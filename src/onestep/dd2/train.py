@@ -19,33 +19,39 @@ from pathlib import Path
 import torch
 
 from onestep import checkpoint as ckpt
-from onestep.dd2.csd import DD2, RETIRED_CSD_FIELDS, CSDAblation, CSDConfig, CSDSchedule
+from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
 from onestep.distributed import DistInfo, wrap_ddp
 from onestep.trainer import LoopConfig, TrainLoop, add_run_time, prepare_run_dir
 
 TRAIN_PRESETS = {
     "tiny": CSDConfig(steps=2, batch_size=4, guidance_steps=1, m_noise=2, warmup_steps=1, log_every=1, ckpt_every=1),
-    # sized for ~25 min on one CPU thread: few outer steps, so higher LRs than the paper's GPU runs, with the
-    # generator 5x slower than the guidance network and K = 5 (two time-scales: with equal LRs CSD drifts away
-    # from the teacher, lab/results/dd2-first-position.md), and the head reading the noise at s = 0.5
-    # (generator_t: at s = 1 the stage-1 head returns each position's mean whatever eps_i is); the prefix
-    # conditions read the generated prefix snapped to the codes (condition_on_codes: classifier FID 300 against 375
-    # after 250 steps, 432-436 against 476-480 after 80 steps on two seeds, lab/results/dd2-image-csd-codes.md)
+    # the bench's CPU budget (250 generator steps at batch 32). Its deviations from the paper, each measured
+    # (lab/results/): a short LR warm-up (20 steps, where the paper warms up over about two thirds of training) and
+    # a guidance LR 5x the generator's (the paper's: 2x), for two time-scales in few steps (with equal LRs CSD drifts
+    # away from the teacher, dd2-first-position.md); the head reads the noise at s = 0.5 (at s = 1 the stage-1 head
+    # returns each position's mean whatever eps_i is); the prefix conditions read the prefix snapped to the codes
+    # (classifier FID 300 against 375 after 250 steps, dd2-image-csd-codes.md)
     "small": CSDConfig(steps=250, batch_size=32, lr=2e-4, guidance_lr=1e-3, guidance_steps=5, m_noise=2,
                        warmup_steps=20, generator_t=0.5, condition_on_codes=True, log_every=10, ckpt_every=50),
+    # the paper's schedule: the generator's LR warmed up linearly from 1e-6 over two thirds of the generator steps,
+    # the guidance LR twice the generator's, K = 5, at 8000 generator steps (32x the bench's budget; the lab's
+    # plateau run, lab/dd2_plateau/run.py); the noise at s = 0.5 and the prefix snapped to codes as in `small`
+    "paper": CSDConfig(steps=8000, batch_size=32, lr=2e-4, guidance_lr=4e-4, guidance_steps=5, m_noise=2,
+                       warmup_steps=5333, generator_t=0.5, condition_on_codes=True, log_every=50, ckpt_every=250),
 }
 
 
 def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistInfo | None = None,
           save_at: tuple = (), on_checkpoint=None, generator_init: str | Path | None = None,
-          ablation: CSDAblation | None = None) -> Path:
+          wrapper=DD2) -> Path:
     """Stage 2 end to end from a finished stage-1 run; returns ``RUN/final`` (the EMA generator).
 
     ``generator_init``: a map-fit run (the map-start variant, ``lab/mapstart.py`` in the checkout) whose generator replaces stage 1's as CSD's starting point; psi still starts
     from stage 1. Its parameterisation (``generator_t``) is the map fit's.
 
-    ``ablation``: a variant of CSD that a benchmark measures (:class:`~onestep.dd2.csd.CSDAblation`; None = the
-    paper's loss), recorded in the run's config when it is not the default.
+    ``wrapper``: what builds the generator/guidance wrapper from (generator, guidance, teacher, sampling, cfg):
+    :class:`~onestep.dd2.csd.DD2` (the paper's loss), or a study's variant of it (``lab/csd_variants.py``), whose
+    ``record`` goes into the run's config.
 
     ``save_at``: extra checkpoint steps; ``on_checkpoint(step)`` is called after each checkpoint (the pipeline
     branches the alignment run off the plain run's checkpoint at ``align_at`` this way)."""
@@ -73,7 +79,7 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
             raise ValueError(f"the map fit reads the noise at generator_t {fitted.generator_t}, the CSD config at "
                              f"{cfg.generator_t}: pass --generator-t {fitted.generator_t}")
         generator = fitted.train()
-    dd2 = DD2(generator, guidance, teacher, sampling, cfg, ablation)  # applies the head gain and generator_t
+    dd2 = wrapper(generator, guidance, teacher, sampling, cfg)  # sets generator_t
     model_cfg = {**tune_cfg["model"], "head": generator.head.config(), "generator_t": cfg.generator_t,
                  "noise_stream": generator.noise_stream is not None}
     config = {"kind": "dd2-generator", "stage": "dd2-train", "csd": cfg, "sampling": tune_cfg["sampling"],
@@ -81,13 +87,12 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
               "model": model_cfg, "recipe": "gts" if generator_init is None else "map"}
     if generator_init is not None:
         config["generator_init"] = ref_to(generator_init, run_dir)
-    if dd2.ablation.changes():
-        config["ablation"] = dd2.ablation.changes()
+    config.update(dd2.record)
     # psi keeps stage 1's parameterisation (the head gain and generator_t are the generator's): its checkpoint
     # directories record its own head, so that they load as what they hold
     guidance_config = {**config, "model": {**tune_cfg["model"], "head": guidance.head.config()},
                        "weights": "guidance network"}
-    run_dir = prepare_run_dir(run_dir, config, info, retired=RETIRED_CSD_FIELDS)
+    run_dir = prepare_run_dir(run_dir, config, info)
     generator.requires_grad_(True)
     guidance.requires_grad_(True)
     wrapped = wrap_ddp(dd2, info, find_unused_parameters=True)

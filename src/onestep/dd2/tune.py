@@ -170,7 +170,7 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
               "teacher_dir": ref_to(teacher_dir, run_dir), "model": ardiffusion_config(tconf, model.head)}
     if loss != "gts":
         config["ablation"] = {"loss": loss}
-    run_dir = prepare_run_dir(run_dir, config, info, retired={"tune.loss": "gts"})  # the loss left TuneConfig
+    run_dir = prepare_run_dir(run_dir, config, info)
     t0, c0 = time.time(), time.process_time()
     ids, labels = teacher_pool(Path(run_dir) / "pool.npz", teacher, cfg.n_pool, teacher.num_classes, sampling, cfg.seed)
     if info.is_main:

@@ -51,6 +51,7 @@ VQ_TRAIN_PRESETS: dict[str, VQTrainConfig] = {
     "tiny": VQTrainConfig(preset="tiny", steps=20, batch_size=16, warmup_steps=2, log_every=5, ckpt_every=10),
     "small": VQTrainConfig(preset="small", steps=2000),
     "default": VQTrainConfig(preset="default", steps=1500),
+    "ds2": VQTrainConfig(preset="ds2", steps=1500),  # 2x downsampling: 14x14 tokens on 28x28
     # VAR's multi-scale residual VQ (tokenizer/msvq.py)
     "var-tiny": VQTrainConfig(preset="var-tiny", steps=20, batch_size=16, warmup_steps=2, log_every=5, ckpt_every=10),
     "var-small": VQTrainConfig(preset="var-small", steps=2000),

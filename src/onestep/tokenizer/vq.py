@@ -94,6 +94,8 @@ VQ_PRESETS: dict[str, VQConfig] = {
     "small": VQConfig(base_channels=16, channel_mult=(1, 2, 2), norm_groups=4, z_channels=32, codebook_size=256),
     # 28x28 -> 7x7 tokens (downsample 4), 512 codes of dim 8; sized for a 2-core CPU
     "default": VQConfig(),
+    # 28x28 -> 14x14 tokens (downsample 2: 196 AR steps for a raster teacher; 32x32 -> 16x16), 512 codes of dim 8
+    "ds2": VQConfig(channel_mult=(1, 2)),
     # LlamaGen's published VQ-16 (vq_ds16_c2i.pt): 256x256 RGB -> 16x16 tokens, 16384 codes of dim 8, 71.9M
     # parameters; its state_dict is the published one key for key (tests/test_tokenizer.py)
     "vq-16": VQConfig(image_size=256, in_channels=3, base_channels=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,

@@ -709,22 +709,23 @@ def test_bad_values_are_refused_with_one_line_before_anything_is_written(command
 
 
 def test_a_finished_run_continues_to_more_steps_and_refuses_other_changes(tmp_path, capsys, one_thread):
-    """--steps grown on a finished run resumes from its last checkpoint: the log goes on from N, the last checkpoint
-    and final/ are at 2N. Another changed field, or fewer steps, is refused with one line."""
+    """--steps grown on a finished run with --extend resumes from its last checkpoint: the log goes on from N, the last
+    checkpoint and final/ are at 2N. Another changed field, or fewer steps, is refused with one line."""
     run, data = tmp_path / "tok", _image_folder(tmp_path / "images", classes=2, per_class=10, size=16, rgb=True)
     base = ["train-tokenizer", "--preset", "tiny", "--data", "folder", "--data-root", str(data), "--run-dir", str(run)]
     main(base + ["--steps", "10"])
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [5, 10]
     capsys.readouterr()
-    main(base + ["--steps", "20"])
+    main(base + ["--steps", "20", "--extend"])
     out = capsys.readouterr().out
     assert "train.steps grows from 10 to 20" in out and "resumed from" in out and "step_00000010" in out
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [5, 10, 15, 20]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000020"
     assert json.loads((run / "final" / "config.json").read_text())["train"]["steps"] == 20
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 20
-    for extra, what in ((["--steps", "30", "--lr", "0.01"], "different config (train.lr: "),
-                        (["--steps", "15"], "a run grows but does not shrink")):
+    for extra, what in ((["--steps", "30", "--lr", "0.01", "--extend"], "different config (train.lr: "),
+                        (["--steps", "15", "--extend"], "a run grows but does not shrink"),
+                        (["--steps", "30"], "continuing it to 30 steps replaces its final/: pass --extend")):
         with pytest.raises(SystemExit) as e:
             main(base + extra)
         err = capsys.readouterr().err

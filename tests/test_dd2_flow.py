@@ -172,7 +172,7 @@ def test_flow_run_trains_resumes_and_samples(tmp_path):
     assert cfg["kind"] == "dd2-generator" and cfg["recipe"] == "flow" and cfg["model"]["generator"] == "flow-head"
     assert json.loads((run / "metrics.json").read_text())["cpu_time_s"] > 0
     main(["dd2", "train", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(run), "--preset", "tiny",
-          "--steps", "3"])  # grows the run by one step
+          "--steps", "3", "--extend"])  # grows the run by one step
     assert json.loads((run / "final" / "config.json").read_text())["flow"]["steps"] == 3
     with pytest.raises(SystemExit):  # the CLI's one-line error: "... holds a run with a different config (flow.lr ...)"
         main(["dd2", "flow", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(run), "--preset", "tiny",

@@ -236,10 +236,9 @@ def load_flow(run_dir: str | Path, device="cpu"):
     from onestep.runs import final_dir, load_teacher, resolve_ref
 
     d = final_dir(run_dir)
-    config = ckpt.read_json(d / "config.json")
+    config = ckpt.read_config(d)
     teacher, _, tokenizer = load_teacher(resolve_ref(config["teacher_dir"], d), device)
-    generator = FlowHeadGenerator.from_config(config["model"], teacher)
-    ckpt.load_model_weights(d, generator)
+    generator = ckpt.load_model(d, lambda: FlowHeadGenerator.from_config(config["model"], teacher), config)
     return generator.to(device).eval(), teacher, tokenizer, SamplingConfig(**config["sampling"])
 
 
@@ -249,6 +248,7 @@ def train_flow(run_dir: str | Path, teacher_dir: str | Path, cfg: FlowConfig, sa
     from onestep.runs import load_teacher, ref_to
 
     info = info or DistInfo()
+    rng.seed_everything(cfg.seed)
     if cfg.batch_size % info.world_size:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by world size {info.world_size}")
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)

@@ -872,7 +872,8 @@ def test_sample_refuses_what_cannot_fit_or_another_rule_with_one_line(tmp_path, 
 def test_eval_refuses_another_data_set_than_the_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SystemExit) as e:
-        main(["eval", "--run", str(SHIPPED / "teacher"), "--data", "mnist", "-n", "10", "--out", str(tmp_path / "m.json")])
+        main(["eval", "--run", str(SHIPPED / "teacher"), "--data", "mnist", "-n", "10", "--out",
+              str(tmp_path / "m.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
     assert "argument --data: " in err[0] and "was trained on fashion-mnist, not mnist" in err[0]

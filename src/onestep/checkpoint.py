@@ -461,7 +461,8 @@ def load_model_weights(directory: str | os.PathLike, module: nn.Module) -> dict:
     load_state_dict_strict(module, upgrade(sd) if upgrade is not None else sd, source=str(directory))
     bad = nonfinite_tensors({directory.name: module})
     if bad:
-        raise NonFiniteError(f"refusing {directory / 'model.safetensors'}: non-finite values in {describe_nonfinite(bad)}")
+        raise NonFiniteError(f"refusing {directory / 'model.safetensors'}: non-finite values in "
+                             f"{describe_nonfinite(bad)}")
     return config
 
 

@@ -88,8 +88,9 @@ def check_batch_size(sampler: Sampler, batch_size: int, device) -> None:
     have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else memory_available()
     need = batch_bytes(sampler, batch_size)
     if have is not None and need > have:
-        raise ValueError(f"argument --batch-size: a batch of {batch_size} needs about {need / 2 ** 30:.3g} GiB of memory "
-                         f"on {device}, more than the {have / 2 ** 30:.3g} GiB available; pass a smaller --batch-size")
+        raise ValueError(f"argument --batch-size: a batch of {batch_size} needs about {need / 2 ** 30:.3g} GiB of "
+                         f"memory on {device}, more than the {have / 2 ** 30:.3g} GiB available; pass a smaller "
+                         f"--batch-size")
 
 
 @torch.no_grad()

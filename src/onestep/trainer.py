@@ -73,7 +73,8 @@ class BatchSchedule:
     def indices(self, step: int) -> torch.Tensor:
         epoch, j = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed * 100003 + epoch)))
+            g = torch.Generator().manual_seed(derived_seed(self.seed * 100003 + epoch))
+            self._perm = torch.randperm(self.n, generator=g)
             self._epoch = epoch
         glob = self._perm[j * self.B:(j + 1) * self.B]
         per = self.B // self.info.world_size
@@ -166,6 +167,8 @@ def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = N
         cfg_path = run_dir / "config.json"
         if cfg_path.exists():
             old = ckpt.read_json(cfg_path)
+            if not isinstance(old, dict):
+                raise ckpt.CheckpointError(f"{cfg_path} is not a JSON object: delete it, or use a new --run-dir")
             new = json.loads(json.dumps(config, default=ckpt._json_default))
             leaves = _diff_leaves({k: v for k, v in old.items() if k not in _VOLATILE},
                                   {k: v for k, v in new.items() if k not in _VOLATILE},

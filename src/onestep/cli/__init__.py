@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"onestep {args.command}{' ' + stage if stage else ''}: error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        hint = "; re-run the same command to resume from the last checkpoint" if getattr(args, "resumable", False) else ""
+        resumable = getattr(args, "resumable", False)  # a training command (its run resumes); not serve, sample...
+        hint = "; re-run the same command to resume from the last checkpoint" if resumable else ""
         print(f"onestep {args.command}: interrupted{hint}", file=sys.stderr)
         sys.exit(130)
     finally:

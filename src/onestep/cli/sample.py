@@ -42,7 +42,8 @@ def cmd_sample(args) -> None:
     pattern = torch.tensor(args.labels or range(sampler.info["num_classes"]), device=device)
     check_batch_size(sampler, min(args.batch_size, args.n), device)
     c, h, w = tokenizer_image_shape(sampler.tokenizer)
-    tokens = sampler.sample(pattern[:1], torch.Generator(device=device).manual_seed(0))  # one sample's tokens
+    with torch.inference_mode():  # one sample's tokens, for their size
+        tokens = sampler.sample(pattern[:1], torch.Generator(device=device).manual_seed(0))
     row = c * h * w + 8 + tokens.element_size() * tokens.numel() if args.npz_format == "onestep" else 3 * h * w + 8
     out_dir = Path(args.out)
     need, have = 2 * row * args.n, free_disk(out_dir)  # the arrays, then the .npz packed from them
@@ -52,11 +53,15 @@ def cmd_sample(args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = NpzWriter(out_dir / f"{sampler.name}.npz", args.n, args.npz_format, seed=args.seed)
     shown, shown_labels = [], []
-    for images, labels, tokens in sample_batches(sampler, pattern, args.seed, args.batch_size, n=args.n):
-        writer.write(images, labels, tokens)
-        if writer.done - len(images) < args.grid:
-            shown.append(images[: args.grid - (writer.done - len(images))])
-            shown_labels.append(labels[: len(shown[-1])])
+    try:
+        for images, labels, tokens in sample_batches(sampler, pattern, args.seed, args.batch_size, n=args.n):
+            writer.write(images, labels, tokens)
+            if writer.done - len(images) < args.grid:
+                shown.append(images[: args.grid - (writer.done - len(images))])
+                shown_labels.append(labels[: len(shown[-1])])
+    except BaseException:  # an interruption or a fault: no partial arrays left behind
+        writer.discard()
+        raise
     npz = writer.close()
     shown, shown_labels = torch.cat(shown), torch.cat(shown_labels)
     grid = save_grid(shown, out_dir / f"{sampler.name}.png",

@@ -20,7 +20,6 @@ def load_dd1(run_dir: str | Path, device: str | torch.device = "cpu"):
     if config.get("kind") != "dd1":
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a DD1 run (kind 'dd1')")
     teacher, _, tokenizer = load_teacher(resolve_ref(config["teacher_dir"], d), device)
-    codebook = teacher.codebook().detach().cpu()
-    model = ckpt.load_model(d, lambda: family_of(config["model"]).dd1_generator().from_config(config["model"], codebook),
-                            config)
+    codebook, generator = teacher.codebook().detach().cpu(), family_of(config["model"]).dd1_generator()
+    model = ckpt.load_model(d, lambda: generator.from_config(config["model"], codebook), config)
     return model.to(device).eval(), config, teacher, tokenizer

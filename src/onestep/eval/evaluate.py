@@ -180,10 +180,14 @@ class NpzWriter:
                         np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
             os.replace(tmp, self.path)
         finally:
-            self.parts.clear()  # unmaps the arrays
-            for part in self.path.parent.glob(f".{self.path.name}.*"):
-                part.unlink()
+            self.discard()
         return self.path
+
+    def discard(self) -> None:
+        """Remove the arrays written so far (and a partial ``.npz``); ``path`` is left as it was."""
+        self.parts.clear()  # unmaps the arrays
+        for part in self.path.parent.glob(f".{self.path.name}.*"):
+            part.unlink()
 
 
 def match_channels(images: torch.Tensor, channels: int, what: str) -> torch.Tensor:

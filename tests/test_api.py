@@ -249,6 +249,10 @@ def test_an_export_is_verified_before_it_loads(tmp_path, capsys):
 
     from safetensors.torch import load_file, save_file
 
+    import os
+
+    from onestep.paths import assets_dir
+
     out = _shipped_export(tmp_path)
     assert onestep.load(out).sample([0], seed=0).shape == (1, 1, 28, 28)
     weights = out / "final" / "model.safetensors"
@@ -266,7 +270,8 @@ def test_an_export_is_verified_before_it_loads(tmp_path, capsys):
     weights.write_bytes(original)
     cfg_path = out / "final" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**cfg, "teacher_dir": str(out / "teacher")}))  # absolute: leads out when moved
+    elsewhere = os.path.relpath(assets_dir() / "fashion-mnist" / "teacher", out)  # a teacher run outside the folder
+    cfg_path.write_text(json.dumps({**cfg, "teacher_dir": elsewhere}))
     with pytest.raises(ValueError, match="configs reach outside it") as e:
         onestep.load(out)
     cfg_path.write_text(json.dumps(cfg))

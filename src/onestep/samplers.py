@@ -71,12 +71,14 @@ def class_labels(n: int, num_classes: int, device="cpu") -> Tensor:
 
 def batch_bytes(sampler: Sampler, batch_size: int) -> int:
     """An estimate of the memory one batch of ``batch_size`` takes while it is decoded, low rather than high: two
-    float32 activations of the tokenizer's widest layer at the image's full resolution per sample."""
+    float32 activations per sample at the image's full resolution, as wide as the decoder's last layer reads (the
+    widest input of a convolution that outputs the image's channels)."""
     from onestep.runs import tokenizer_image_shape
 
     c, h, w = tokenizer_image_shape(sampler.tokenizer)
-    widest = max([c, *(m.out_channels for m in sampler.tokenizer.modules() if isinstance(m, torch.nn.Conv2d))])
-    return batch_size * 2 * 4 * h * w * widest
+    width = max([c, *(m.in_channels for m in sampler.tokenizer.modules()
+                      if isinstance(m, torch.nn.Conv2d) and m.out_channels == c)])
+    return batch_size * 2 * 4 * h * w * width
 
 
 def check_batch_size(sampler: Sampler, batch_size: int, device) -> None:

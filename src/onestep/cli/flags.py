@@ -107,7 +107,7 @@ def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = DEFAULT_CFG_SCAL
     resolves (:func:`onestep.api.sampling_rule`): a teacher run's defaults, or the rule a DD1 / DD2 run records (a
     different value given for one is refused)."""
     g = p.add_argument_group("teacher sampling rule (also defines p for DD1's map and DD2's teacher score)")
-    run = "; a DD1 / DD2 run: the rule it was distilled under (another value is refused)" if recorded else ""
+    run = "; a DD1 / DD2 run: the rule it was distilled under, no other" if recorded else ""
     g.add_argument("--cfg-scale", type=nonneg_float, default=None if recorded else cfg_scale,
                    help=f"classifier-free guidance (default {cfg_scale}{run}; 1 = off)")
     g.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None if recorded else "constant",

@@ -35,7 +35,8 @@ def cmd_eval(args) -> None:
         from onestep.samplers import build_sampler
 
         recorded = recorded_data(args.run)
-        if args.data is not None and recorded[0] is not None and args.data != recorded[0]:
+        named = {args.data, recorded[0]} - {None, "folder"}  # (a folder of images: checked by its image shape below)
+        if len(named) == 2:
             raise ValueError(f"argument --data: {args.run} was trained on {recorded[0]}, not {args.data}: its images "
                              f"are scored against the data set it learnt (leave --data out)")
         method = run_method(args)

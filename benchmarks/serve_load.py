@@ -1,7 +1,7 @@
 """``onestep serve`` under load: N concurrent clients generate for T seconds against 127.0.0.1; p50 / p95 latency per
-method. Writes benchmarks/results/serve-load.{json,md}.
+method; and the latency of a request after A abandoned ones. Writes benchmarks/results/serve-load.{json,md}.
 
-    python benchmarks/serve_load.py [--run DIR ...] [--clients 8] [--duration 30] [--k 3]
+    python benchmarks/serve_load.py [--run DIR ...] [--clients 8] [--duration 30] [--k 3] [--abandon 40]
 
 The server is ``onestep serve`` in its own process on a free port of 127.0.0.1 (the same runs as ``--run`` gives
 it; without ``--run`` the shipped ones). Each client loops for ``--duration`` seconds: POST /api/generate with a
@@ -14,6 +14,11 @@ random class and seed, read the whole stream. Two latencies per method:
 
 Errors (a non-200 answer, an "error" event, a stream without "done", a connection failure) are counted; the run
 checks that the server process is still alive at the end.
+
+Abandoned requests (before the load): the end-to-end latency of one whole request (the median of 3), then
+``--abandon`` generate requests whose client reads the first line and hangs up, then the latency of the next request
+(the median of 3). The server cancels the work of a client that went away, so the two match; a server that finished
+every abandoned request first would make the next one wait for all of them (one teacher stream each).
 """
 from __future__ import annotations
 
@@ -85,12 +90,38 @@ def one_request(url: str, body: dict) -> dict:
     return {"e2e_s": time.perf_counter() - t0, "first_image_s": first, "latency_s": last["latency_s"]}
 
 
+def abandon(url: str, body: dict) -> None:
+    """POST /api/generate, read the stream's first line, hang up."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+    conn.getresponse().readline()
+    conn.close()
+
+
+def abandoned_requests(url: str, body: dict, n: int, repeats: int = 3) -> dict:
+    """End-to-end latency of a whole request before and right after ``n`` abandoned ones (medians of ``repeats``)."""
+    before = statistics.median(one_request(url, body)["e2e_s"] for _ in range(repeats))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        abandon(url, body)
+    abandon_s = time.perf_counter() - t0
+    after = [one_request(url, body)["e2e_s"] for _ in range(repeats)]
+    return {"abandoned": n, "request_before_ms": 1000 * before, "next_request_after_ms": 1000 * after[0],
+            "median_after_ms": 1000 * statistics.median(after), "abandoning_s": abandon_s}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", default=[], metavar="DIR", help="passed to onestep serve (repeatable)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds each client keeps generating")
     ap.add_argument("--k", type=int, default=3, help="DD2's teacher steps in the DD2 + k panel")
+    ap.add_argument("--abandon", type=int, default=40, help="generate requests abandoned after their first line "
+                    "before the next request is timed (0 = skip)")
     ap.add_argument("--out", default=str(HERE / "results" / "serve-load"))
     args = ap.parse_args()
 
@@ -98,6 +129,7 @@ def main() -> None:
     with urllib.request.urlopen(url + "/api/info", timeout=30) as r:
         info = json.loads(r.read())
     body_k = {"k": args.k} if info["k_max"] else {}
+    abandoned = abandoned_requests(url, {"class": 0, "seed": 0, **body_k}, args.abandon) if args.abandon else None
     results, errors = [], []
     lock = threading.Lock()
     t_end = time.time() + args.duration
@@ -152,15 +184,18 @@ def main() -> None:
               "error_samples": errors[:10], "server_alive_after": alive and still_serving,
               "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": load_after,
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "runs": info["runs"], "missing": info["missing"], "k": args.k if body_k else None,
-              "server_latency": rows, "client_latency": client_rows, "server_log": log[:10],
+              "server_latency": rows, "client_latency": client_rows,
+              "abandoned_requests": [abandoned] if abandoned else [], "server_log": log[:10],
               "protocol": "server latency: measured around each method's own work under the server's model lock "
-                          "(what the page shows); client latency: end to end, queueing for that lock included"}
+                          "(what the page shows); client latency: end to end, queueing for that lock included; "
+                          "abandoned requests: one whole request end to end (median of 3) before and right after "
+                          "--abandon requests whose client hung up after the first line"}
     result["summary"] = {k: result[k] for k in ("clients", "duration_s", "requests", "requests_per_s", "errors",
                                                  "server_alive_after", "omp_num_threads",
                                                  "load_average_1_5_15_before", "load_average_1_5_15_after")}
     write_results(args.out, result, f"onestep serve under load: {args.clients} clients for {args.duration:g} s")
     print(json.dumps({k: result[k] for k in ("requests", "errors", "server_alive_after", "server_latency",
-                                             "client_latency")}, indent=1))
+                                             "client_latency", "abandoned_requests")}, indent=1))
     if errors or not result["server_alive_after"]:
         sys.exit(1)
 

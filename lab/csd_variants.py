@@ -83,7 +83,8 @@ def dsm_loss(model: ARDiffusion, x0: Tensor, labels: Tensor, m: int, generator, 
     q_t = (1 - t[..., None]) * x0 + t[..., None] * eps
     v = model.velocity(q_t, t, f.expand(m, *f.shape))
     with torch.no_grad():
-        v = v + flow.velocity(q_t, t, base[0].expand(m, *base[0].shape), base[1])
+        v_mix = flow.velocity(q_t, t, base[0].expand(m, *base[0].shape), base[1])
+    v = v + v_mix
     loss = (v - (eps - x0)).pow(2).sum(-1).mean()
     return loss, {"dsm": loss.item()}
 

@@ -129,10 +129,12 @@ def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cf
     from onestep.dd1.pairs import load_pairs, read_manifest
     from onestep.dd2.tune import load_ardiffusion
     from onestep.distributed import DistInfo, wrap_ddp
+    from onestep.rng import seed_everything
     from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
     from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, add_run_time, prepare_run_dir
 
     info = info or DistInfo()
+    seed_everything(cfg.seed)
     model, tune_cfg = load_ardiffusion(tune_dir, info.device)
     teacher_dir = resolve_ref(tune_cfg["teacher_dir"], final_dir(tune_dir))
     teacher, _, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)

@@ -144,20 +144,20 @@ def test_errors_are_value_errors(runs, tmp_path):
 
 
 def test_a_finished_dd2_run_continues_to_twice_its_steps(runs, capsys):
-    """dd2 train --steps 4 on a finished 2-step run trains steps 3-4 from its last checkpoint (CSD's loop end follows
-    the step count); a changed learning rate is still refused."""
+    """dd2 train --steps 4 --extend on a finished 2-step run trains steps 3-4 from its last checkpoint (CSD's loop end
+    follows the step count); a changed learning rate is still refused."""
     run = runs / "dd2-grow"
     base = ["dd2", "train", "--preset", "tiny", "--tune", str(runs / "tune"), "--run-dir", str(run)]
     main(base)
     capsys.readouterr()
-    main(base + ["--steps", "4"])
+    main(base + ["--steps", "4", "--extend"])
     assert "csd.steps grows from 2 to 4" in capsys.readouterr().out
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert json.loads((run / "final" / "config.json").read_text())["csd"]["steps"] == 4
     onestep.load(run).sample([0], seed=0)
     with pytest.raises(SystemExit):
-        main(base + ["--steps", "6", "--lr", "1e-3"])
+        main(base + ["--steps", "6", "--lr", "1e-3", "--extend"])
     assert "different config (csd.lr: " in capsys.readouterr().err
 
 
@@ -240,3 +240,71 @@ def test_export_refuses_a_nonempty_folder_and_a_stage_one_run_with_one_line(runs
     (tmp_path / "empty").mkdir()
     main(["export", str(runs / "dd1"), str(tmp_path / "empty")])
     assert onestep.load(tmp_path / "empty").method == "dd1"  # an empty folder is filled
+
+
+def _shipped_export(tmp_path, name="dd1"):
+    """A copy of a shipped export folder (assets/fashion-mnist/NAME), or a skip."""
+    import shutil
+
+    from onestep.paths import assets_dir
+
+    src = assets_dir() / "fashion-mnist" / name
+    if not (src / "export.json").exists():
+        pytest.skip(f"the shipped {name} export is not there")
+    shutil.copytree(src, tmp_path / name)
+    return tmp_path / name
+
+
+def test_an_export_is_verified_before_it_loads(tmp_path, capsys):
+    """onestep.load and onestep sample check an export first: weights whose SHA-256 is not the one export.json
+    records, a config that points outside the folder, and (an export made of them) non-finite weights are each
+    refused with one line."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    import os
+
+    from onestep.paths import assets_dir
+
+    out = _shipped_export(tmp_path)
+    assert onestep.load(out).sample([0], seed=0).shape == (1, 1, 28, 28)
+    weights = out / "final" / "model.safetensors"
+    original = weights.read_bytes()
+    changed = bytearray(original)
+    changed[-3] ^= 0x40  # one bit of the last weight
+    weights.write_bytes(bytes(changed))
+    with pytest.raises(ValueError, match="does not match the SHA-256 that .*export.json records") as e:
+        onestep.load(out)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--run", str(out), "-n", "2", "--out", str(tmp_path / "samples")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "SHA-256" in err[0], err
+    weights.write_bytes(original)
+    cfg_path = out / "final" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    elsewhere = os.path.relpath(assets_dir() / "fashion-mnist" / "teacher", out)  # a teacher run outside the folder
+    cfg_path.write_text(json.dumps({**cfg, "teacher_dir": elsewhere}))
+    with pytest.raises(ValueError, match="configs reach outside it") as e:
+        onestep.load(out)
+    cfg_path.write_text(json.dumps(cfg))
+    sd = load_file(weights)
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[key].view(-1)[0] = float("nan")
+    save_file(sd, weights)
+    card = json.loads((out / "export.json").read_text())
+    card["components"]["final"]["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (out / "export.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=f"non-finite values in final: {key} ") as e:
+        onestep.load(out)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "samples").exists()
+
+
+def test_seeds_outside_0_to_2_63_minus_1_are_refused(tmp_path):
+    gen = onestep.load(_shipped_export(tmp_path))
+    for seed in (-1, 2 ** 70, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer in 0..2"):
+            gen.sample([0], seed=seed)
+    assert gen.sample([0], seed=2 ** 63 - 1).shape == (1, 1, 28, 28)

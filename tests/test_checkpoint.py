@@ -224,3 +224,87 @@ def test_rotation_keeps_the_checkpoint_before_latest(tmp_path):
     assert sorted(d.name for d in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000005"]
     latest = ckpt.latest_checkpoint(tmp_path)
     assert latest.name == "step_00000005" and ckpt.previous_checkpoint(latest).name == "step_00000004"
+
+
+# ---- weights checked before use ---------------------------------------------------------------------------------
+def _shipped_teacher_copy(tmp_path):
+    """A copy of the shipped teacher run and its tokenizer (tmp/teacher, tmp/tokenizer), or a skip."""
+    import shutil
+
+    from onestep.paths import assets_dir
+
+    src = assets_dir() / "fashion-mnist"
+    if not (src / "teacher" / "final" / "config.json").exists():
+        pytest.skip("the shipped teacher is not there")
+    for name in ("teacher", "tokenizer"):
+        shutil.copytree(src / name / "final", tmp_path / name / "final")
+    return tmp_path / "teacher"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dim", -8, "model.dim must be an integer in 1..1048576, got -8"),
+    ("n_layer", "2", 'model.n_layer must be an integer in 1..1024, got "2"'),
+    ("dim", 1e9, "model.dim must be an integer in 1..1048576, got 1000000000.0"),
+    ("n_layer", 10 ** 9, "model.n_layer must be an integer in 1..1024, got 1000000000"),
+    ("dim", 98304, "does not fit the model"),  # a real build: ~3 TB of weights; the header says otherwise
+    ("n_layer", 3, "does not fit the model"),
+    (None, [1, 2], "is not a JSON object (it holds a list)"),
+], ids=["dim -8", "n_layer str", "dim float", "n_layer 1e9", "dim 98304", "n_layer 3", "a list"])
+def test_a_configs_sizes_are_checked_before_any_tensor_is_allocated(tmp_path, monkeypatch, field, value, message):
+    """config.json's sizes are integers in bounds, and the model they describe, built on the meta device, has the
+    keys and shapes of the weight file's header: a config that does not describe its weights is refused without
+    building the model for real (today's raw TypeError / AttributeError / unbounded allocation)."""
+    import json
+
+    from onestep.runs import load_teacher
+    from onestep.teacher import llamagen
+
+    teacher = _shipped_teacher_copy(tmp_path)
+    cfg_path = teacher / "final" / "config.json"
+    config = json.loads(cfg_path.read_text())
+    if field is None:
+        config = value
+    else:
+        config["model"][field] = value
+    cfg_path.write_text(json.dumps(config))
+    built, init = [], llamagen.GPT.__init__
+
+    def spy(self, *a, **k):
+        built.append(torch.empty(0).device.type)
+        init(self, *a, **k)
+
+    monkeypatch.setattr(llamagen.GPT, "__init__", spy)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        load_teacher(teacher)
+    assert message in str(e.value)
+    assert "cpu" not in built  # never built for real (the meta device allocates nothing)
+    if "does not fit" not in message:  # (a mismatch lists every key, one per line)
+        assert "\n" not in str(e.value)
+
+
+def test_a_truncated_weight_file_is_refused_from_its_header(tmp_path):
+    teacher = _shipped_teacher_copy(tmp_path)
+    weights = teacher / "final" / "model.safetensors"
+    assert ckpt.read_header(weights)["tok_embeddings.weight"] == (512, 192)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"\(truncated or not a safetensors file\): tensor .tok_"):
+        ckpt.read_header(weights)
+
+
+def test_a_nan_in_a_teachers_weights_is_a_one_line_error_of_sample(tmp_path, capsys):
+    """A NaN in final/model.safetensors is refused when the weights load, with one line (not a traceback from the
+    sampler's multinomial)."""
+    from safetensors.torch import load_file, save_file
+
+    from onestep.cli import main
+
+    teacher = _shipped_teacher_copy(tmp_path)
+    sd = load_file(teacher / "final" / "model.safetensors")
+    sd["layers.0.attention.wqkv.weight"][3, 4] = float("nan")
+    save_file(sd, teacher / "final" / "model.safetensors")
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--run", str(teacher), "-n", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "non-finite values in final: layers.0.attention.wqkv.weight (parameter, 1 NaN of" in err[0]
+    assert not (tmp_path / "out").exists()

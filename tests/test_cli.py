@@ -677,7 +677,7 @@ BAD_VALUES = [  # (command line, bad arguments, the flag the message names)
         (["--labels", "1,x"], "--labels"), (["--method", "dd2", "--sampling-steps", "0"], "--sampling-steps"),
         (["--batch-size", "0"], "--batch-size"), (["--device", "banana"], "--device"),
         (["--device", _NO_CUDA], "--device"), (["--temperature", "0"], "--temperature"),
-        (["--top-p", "1.5"], "--top-p"))],
+        (["--top-p", "1.5"], "--top-p"), (["--seed=-1"], "--seed"), (["--seed", str(2 ** 70)], "--seed"))],
     *[(_PAIRS, bad, flag) for bad, flag in (
         (["--cfg-scale", "-1"], "--cfg-scale"), (["-n", "0"], "-n/--n"), (["--preset", "huge"], "--preset"),
         (["--device", "tpu"], "--device"))],
@@ -709,22 +709,23 @@ def test_bad_values_are_refused_with_one_line_before_anything_is_written(command
 
 
 def test_a_finished_run_continues_to_more_steps_and_refuses_other_changes(tmp_path, capsys, one_thread):
-    """--steps grown on a finished run resumes from its last checkpoint: the log goes on from N, the last checkpoint
-    and final/ are at 2N. Another changed field, or fewer steps, is refused with one line."""
+    """--steps grown on a finished run with --extend resumes from its last checkpoint: the log goes on from N, the last
+    checkpoint and final/ are at 2N. Another changed field, or fewer steps, is refused with one line."""
     run, data = tmp_path / "tok", _image_folder(tmp_path / "images", classes=2, per_class=10, size=16, rgb=True)
     base = ["train-tokenizer", "--preset", "tiny", "--data", "folder", "--data-root", str(data), "--run-dir", str(run)]
     main(base + ["--steps", "10"])
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [5, 10]
     capsys.readouterr()
-    main(base + ["--steps", "20"])
+    main(base + ["--steps", "20", "--extend"])
     out = capsys.readouterr().out
     assert "train.steps grows from 10 to 20" in out and "resumed from" in out and "step_00000010" in out
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [5, 10, 15, 20]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000020"
     assert json.loads((run / "final" / "config.json").read_text())["train"]["steps"] == 20
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 20
-    for extra, what in ((["--steps", "30", "--lr", "0.01"], "different config (train.lr: "),
-                        (["--steps", "15"], "a run grows but does not shrink")):
+    for extra, what in ((["--steps", "30", "--lr", "0.01", "--extend"], "different config (train.lr: "),
+                        (["--steps", "15", "--extend"], "a run grows but does not shrink"),
+                        (["--steps", "30"], "continuing it to 30 steps replaces its final/: pass --extend")):
         with pytest.raises(SystemExit) as e:
             main(base + extra)
         err = capsys.readouterr().err
@@ -822,3 +823,58 @@ def test_mnist_runs_train_and_evaluate_on_mnist_by_default(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "3x16x16" in err and "1x28x28" in err, err
     assert not (tmp_path / "ev-rgb.json").exists()
+
+
+# ---- sampling within bounds -------------------------------------------------------------------------------------
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "fashion-mnist"
+needs_shipped = pytest.mark.skipif(not (SHIPPED / "dd2-csd" / "export.json").exists(), reason="no shipped models")
+
+
+@needs_shipped
+def test_sample_streams_its_batches_to_disk(tmp_path, monkeypatch, capsys, one_thread):
+    """`sample -n 7 --batch-size 3` writes the .npz batch by batch (3, 3, 1; memory holds one batch, not the -n
+    images): the file holds the images the API gives for the same labels, seed and batch size."""
+    import onestep
+    from onestep.eval import evaluate
+
+    seen, write = [], evaluate.NpzWriter.write
+    monkeypatch.setattr(evaluate.NpzWriter, "write", lambda self, images, *a: seen.append(len(images)) or
+                        write(self, images, *a))
+    main(["sample", "--run", str(SHIPPED / "dd1"), "-n", "7", "--batch-size", "3", "--grid", "5", "--seed", "4",
+          "--labels", "2,5", "--out", str(tmp_path)])
+    assert seen == [3, 3, 1]
+    with np.load(tmp_path / "dd1-1step.npz") as f:
+        assert list(f["labels"]) == [2, 5, 2, 5, 2, 5, 2] and f["tokens"].shape == (7, 49) and int(f["seed"]) == 4
+        want = onestep.load(SHIPPED / "dd1").sample([2, 5, 2, 5, 2, 5, 2], seed=4, batch_size=3)
+        assert np.array_equal(f["images"], want.numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dd1-1step.npz", "dd1-1step.png"]  # no part left
+
+
+@needs_shipped
+@pytest.mark.parametrize("argv, message", [
+    (["-n", str(10 ** 12)], "argument -n/--n: 1000000000000 samples take about"),
+    (["-n", str(10 ** 8), "--batch-size", str(10 ** 8)], "argument --batch-size: a batch of 100000000 needs about"),
+    (["--cfg-scale", "3"], "this dd2 run samples under the rule it was distilled with (cfg_scale=2.0), not "
+                           "cfg_scale=3.0"),
+    (["--top-k", "5"], "(top_k=0), not top_k=5"),
+], ids=["n beyond the disk", "batch beyond the memory", "another cfg scale", "another top-k"])
+def test_sample_refuses_what_cannot_fit_or_another_rule_with_one_line(tmp_path, capsys, argv, message):
+    """Before anything is written: an -n whose file cannot fit on the disk, a batch whose memory cannot fit, and a
+    sampling rule other than the one a DD2 (CSD) run was distilled under (as the Python API refuses it)."""
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--run", str(SHIPPED / "dd2-csd"), "--out", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@needs_shipped
+def test_eval_refuses_another_data_set_than_the_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--run", str(SHIPPED / "teacher"), "--data", "mnist", "-n", "10", "--out",
+              str(tmp_path / "m.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "argument --data: " in err[0] and "was trained on fashion-mnist, not mnist" in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -460,6 +460,34 @@ def test_cli_pairs_train_sample_smoke(dd1_cli_run, capsys):
     assert np.array_equal(one["tokens"][:, :s], two["tokens"][:, :s]) and list(one["labels"][:3]) == [0, 1, 2]
 
 
+def test_a_truncated_pairs_shard_is_one_line_and_dd1_pairs_writes_it_again(dd1_cli_run, tmp_path, capsys):
+    """A shard cut short (a full disk, a copy stopped half-way) is reported with one line naming it, not a
+    zipfile.BadZipFile traceback; re-running `onestep dd1 pairs` with the same arguments writes it again (the same
+    noise, tokens and labels)."""
+    import shutil
+
+    from onestep.cli import main
+
+    for name in ("tok", "teacher", "pairs"):  # (the pairs record their teacher as ../teacher)
+        shutil.copytree(dd1_cli_run / name, tmp_path / name)
+    root, out = tmp_path, tmp_path / "pairs"
+    shard = out / "shard_00001.npz"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["dd1", "train", "--pairs", str(out), "--teacher", str(root / "teacher"), "--run-dir",
+              str(tmp_path / "dd1"), "--preset", "tiny"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert f"cannot read the DD1 pairs shard {shard} (truncated or corrupt" in err[0] and "dd1 pairs" in err[0]
+    main(["dd1", "pairs", "--teacher", str(root / "teacher"), "--out", str(out), "--preset", "tiny", "--seed", "3"])
+    assert "shard_00001.npz" in capsys.readouterr().out  # named as it is written again
+    again = pairs.read_shard(shard)
+    shard.write_bytes(whole)
+    assert all(np.array_equal(again[k], v) for k, v in pairs.read_shard(shard).items() if "_s" not in k)  # (times)
+
+
 def test_cli_pairs_resume_after_interruption_and_resize(tmp_path, monkeypatch, capsys):
     from onestep.cli import main
     from onestep.dd1.stages import check_pairs

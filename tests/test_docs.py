@@ -113,6 +113,20 @@ def test_cited_repository_paths_exist():
         f"{p} ({', '.join(s[:2])})" for p, s in sorted(missing.items()))
 
 
+CITED_TEST = re.compile(r"(tests/test_\w+\.py)::(test_\w+)")
+
+
+def test_every_test_the_docs_name_exists():
+    """A test named in the docs as ``tests/<file>.py::NAME`` (the fault table of runs-and-checkpoints.md) is a test
+    function of that file."""
+    cited = {(m.group(1), m.group(2)) for page in _markdown_pages() if page.is_file()
+             for m in CITED_TEST.finditer(page.read_text(encoding="utf-8"))}
+    assert len(cited) >= 40, sorted(cited)
+    missing = [f"{f}::{name}" for f, name in sorted(cited)
+               if not (ROOT / f).is_file() or not re.search(rf"^def {name}\(", (ROOT / f).read_text(), re.MULTILINE)]
+    assert not missing, f"the docs name tests that do not exist: {missing}"
+
+
 def test_citation_pattern_reads_every_form():
     text = ("(method.md section 1; ...) method.md sections 1 and 2.1 (method.md 2.3) "
             "method.md section 3, \"Stages\" 4 (method.md, 1-based k) method.md\n    section 2.5")

@@ -189,7 +189,7 @@ def test_mapkd_run_trains_resumes_and_samples(tmp_path):
     assert cfg["kind"] == "mapkd" and cfg["model"]["generator"] == "mapkd" and cfg["mapkd"]["steps"] == 2
     assert json.loads((run / "metrics.json").read_text())["cpu_time_s"] > 0
     main(["mapkd", "train", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(run), "--preset", "tiny",
-          "--steps", "3"])  # grows the run by one step
+          "--steps", "3", "--extend"])  # grows the run by one step
     assert json.loads((run / "final" / "config.json").read_text())["mapkd"]["steps"] == 3
     with pytest.raises(SystemExit):  # the CLI's one-line error: "... holds a run with a different config (mapkd.lr ...)"
         main(["mapkd", "train", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(run), "--preset", "tiny",

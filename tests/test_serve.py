@@ -5,6 +5,7 @@ The server runs the shipped teacher beside a tiny DD1 run and a tiny DD2 run dis
 each), in this process on a free port of 127.0.0.1.
 """
 import json
+import signal
 import socket
 import struct
 import subprocess
@@ -71,13 +72,15 @@ def server(runs):
     models = Models(runs)
     models.warm_up()
     sock = open_socket("127.0.0.1", 0)
-    srv = uvicorn.Server(uvicorn.Config(build_app(models), log_level="warning", access_log=False, lifespan="on"))
+    app = build_app(models, host="127.0.0.1", port=sock.getsockname()[1])
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
     th = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     th.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started, "the server did not start"
+    models.app = app  # (its counts of abandoned requests)
     yield f"http://127.0.0.1:{sock.getsockname()[1]}", models
     srv.should_exit = True
     th.join(10)
@@ -237,6 +240,9 @@ def test_walk_interpolates_between_the_seeds_images(server, runs):
     ("/api/generate", {"steps": 3}, "unknown field 'steps'"),
     ("/api/generate", b"{not json", "malformed JSON"),
     ("/api/generate", b"[1, 2]", "expected a JSON object"),
+    ("/api/generate", b"[" * 30000, "malformed JSON: nested too deeply"),
+    ("/api/walk", b'{"t": ' * 5000 + b"1" + b"}" * 5000, "malformed JSON: nested too deeply"),
+    ("/api/generate", b"\xff\xfe{}", "malformed JSON"),
     ("/api/walk", {"method": "teacher", "class": 1, "seed_a": 0, "seed_b": 1, "t": 0.5}, "unknown method"),
     ("/api/walk", {"method": "dd1", "class": "random", "seed_a": 0, "seed_b": 1, "t": 0.5}, "unknown class"),
     ("/api/walk", {"method": "dd1", "class": 1, "seed_a": 0, "seed_b": 1, "t": 1.5}, "t must be a number in [0, 1]"),
@@ -249,6 +255,70 @@ def test_bad_input_is_400_and_the_server_keeps_serving(server, path, body, messa
     assert status == 400
     assert message in json.loads(data)["error"]
     assert events(url, {"class": 1, "seed": 0})[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize("host, status", [
+    ("127.0.0.1:{port}", 200), ("localhost:{port}", 200), ("[::1]:{port}", 200), ("LOCALHOST:{port}", 200),
+    ("evil.example:{port}", 403), ("127.0.0.1.nip.io:{port}", 403), ("localhost:1", 403), ("127.0.0.1", 403),
+    ("10.0.0.7:{port}", 403),
+])
+def test_a_request_for_another_host_is_refused(server, host, status):
+    """DNS rebinding: a page of another site whose name now resolves to 127.0.0.1 sends its own name as Host; only the
+    server's own addresses with its port are served."""
+    import http.client
+
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("GET", "/api/info", skip_host=True)
+    conn.putheader("Host", host.format(port=port))
+    conn.endheaders()
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    assert r.status == status, body
+    if status == 403:
+        assert "is not this server's address" in json.loads(body)["error"]
+
+
+def test_the_work_of_an_abandoned_generate_request_is_cancelled(server, monkeypatch):
+    """Clients that read the first line of a generate stream and hang up leave no work behind: their one-step panels
+    stop at the next one and the teacher is never streamed for them, so the next request does not wait for them. The
+    work is held at a gate until the server has seen every hang-up (no timing is involved)."""
+    import http.client
+
+    url, models = server
+    port = int(url.rsplit(":", 1)[1])
+    counts = models.app.state.counts
+    before = dict(counts)
+    gate, streamed = threading.Event(), []
+    one_step, teacher_stream = models.one_step, models.teacher_stream
+
+    def gated(*a, **k):
+        gate.wait(60)
+        return one_step(*a, **k)
+
+    def counted(*a, **k):
+        streamed.append(a)
+        return teacher_stream(*a, **k)
+
+    monkeypatch.setattr(models, "one_step", gated)
+    monkeypatch.setattr(models, "teacher_stream", counted)
+    for seed in range(5):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/api/generate", json.dumps({"class": 1, "seed": seed}),
+                     {"Content-Type": "application/json"})
+        assert json.loads(conn.getresponse().readline())["type"] == "start"
+        conn.close()
+    deadline = time.time() + 60
+    while counts["abandoned"] < before["abandoned"] + 5 and time.time() < deadline:
+        time.sleep(0.02)
+    assert counts["abandoned"] == before["abandoned"] + 5
+    gate.set()
+    while counts["cancelled"] < before["cancelled"] + 5 and time.time() < deadline:
+        time.sleep(0.02)
+    assert counts["cancelled"] == before["cancelled"] + 5 and streamed == []
+    assert events(url, {"class": 2, "seed": 0})[-1]["type"] == "done" and len(streamed) == 1
 
 
 def test_eight_concurrent_clients(server):
@@ -335,8 +405,12 @@ def test_cli_serves_and_names_the_missing_runs(runs, tmp_path):
         assert url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(url + "api/info", timeout=30) as r:
             assert json.loads(r.read())["missing"] == ["dd1", "mapkd", "dd2"]
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the server stops; it has nothing to resume
+        rest = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0, rest
+        assert rest.strip().splitlines()[-1] == "onestep serve: stopped" and "resume" not in rest, rest
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(20)
 
 

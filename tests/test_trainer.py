@@ -178,7 +178,7 @@ def test_only_a_grown_step_count_passes_the_resume_check(tmp_path):
     import pytest
 
     from onestep import checkpoint as ckpt
-    from onestep.trainer import GROWABLE_STEPS, prepare_run_dir
+    from onestep.trainer import GROWABLE_STEPS, extending, prepare_run_dir
 
     run = tmp_path / "run"
     ckpt.write_json(run / "config.json", {"train": {"steps": 10, "lr": 1e-3}, "seed": 0})
@@ -192,7 +192,11 @@ def test_only_a_grown_step_count_passes_the_resume_check(tmp_path):
     ckpt.write_json(run / "config.json", {"train": {"steps": 10, "lr": 1e-3}, "model": {"steps": 3}, "seed": 0})
     with pytest.raises(ValueError, match=r"different config \(model.steps: 3 -> 4\)"):  # not a training section's
         prepare_run_dir(run, {"train": {"steps": 10, "lr": 1e-3}, "model": {"steps": 4}, "seed": 0})
-    prepare_run_dir(run, {"train": {"steps": 20, "lr": 1e-3}, "model": {"steps": 3}, "seed": 0})
+    with pytest.raises(ValueError, match=r"run of 10 steps \(train.steps\); continuing it to 20 steps replaces its "
+                                         r"final/: pass --extend"):
+        prepare_run_dir(run, {"train": {"steps": 20, "lr": 1e-3}, "model": {"steps": 3}, "seed": 0})
+    with extending():
+        prepare_run_dir(run, {"train": {"steps": 20, "lr": 1e-3}, "model": {"steps": 3}, "seed": 0})
     assert ckpt.read_json(run / "config.json")["train"]["steps"] == 20
     assert set(GROWABLE_STEPS) == {"train.steps", "adapt.steps", "tune.steps", "csd.steps", "map_fit.steps",
                                    "mapkd.steps"}

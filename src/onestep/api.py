@@ -67,6 +67,24 @@ def _recorded_rule(run_dir: str | Path) -> dict:
     return dict(ckpt.read_json(final_dir(run_dir) / "config.json")["sampling"])
 
 
+def sampling_rule(method: str, run_dir: str | Path, given: dict, rule: dict | None = None) -> dict:
+    """The teacher's sampling rule (``RULE_FIELDS``) ``method`` samples ``run_dir`` under, from ``given`` (None: not
+    given): for the teacher, ``TEACHER_DEFAULTS`` with the given values; for a DD1 / DD2 run, the rule it was
+    distilled under (``rule``, by default read from the run), where another given value is refused with one line
+    (a ValueError). An invalid rule is refused too."""
+    from onestep.teacher.sampling import SamplingConfig
+
+    base = TEACHER_DEFAULTS if method.startswith("teacher") else (rule or _recorded_rule(run_dir))
+    filled = {k: base[k] if given.get(k) is None else given[k] for k in RULE_FIELDS}
+    if not method.startswith("teacher"):
+        for k in RULE_FIELDS:
+            if filled[k] != base[k]:
+                _fail(f"this {method} run samples under the rule it was distilled with ({k}={base[k]!r}), "
+                      f"not {k}={filled[k]!r}")
+    SamplingConfig(**filled)  # ValueError for an invalid rule
+    return filled
+
+
 class Generator:
     """A loaded run that samples images: ``sample(labels, steps=None, seed=0, **settings)``.
 
@@ -107,15 +125,7 @@ class Generator:
         spec = replace(spec, **settings)
         if isinstance(spec.steps, bool) or not isinstance(spec.steps, int) or spec.steps < 1:
             _fail(f"steps must be an integer >= 1, got {spec.steps!r}")
-        filled = {k: self._rule[k] if getattr(spec, k) is None else getattr(spec, k) for k in RULE_FIELDS}
-        if self.method in ("dd1", "dd2", "mapkd"):
-            for k in RULE_FIELDS:
-                if filled[k] != self._rule[k]:
-                    _fail(f"this {self.method} run samples under the rule it was distilled with ({k}={self._rule[k]!r}), "
-                          f"not {k}={filled[k]!r}")
-        from onestep.teacher.sampling import SamplingConfig
-
-        SamplingConfig(**filled)  # ValueError for an invalid rule
+        filled = sampling_rule(self.method, self.run_dir, {k: getattr(spec, k) for k in RULE_FIELDS}, self._rule)
         return replace(spec, **filled)
 
     def _sampler(self, spec: SampleSpec):
@@ -160,6 +170,7 @@ class Generator:
         spec for this call. Batch b of ``batch_size`` labels draws its noise from a stream of ``seed`` (as
         ``onestep sample``), so the same seed and batch size give the same images.
         """
+        from onestep.rng import SEED_MAX
         from onestep.samplers import generate
 
         if steps is not None:
@@ -167,6 +178,8 @@ class Generator:
         spec = self._resolve(self.spec, settings)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             _fail(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(seed, bool) or not hasattr(seed, "__index__") or not 0 <= seed.__index__() <= SEED_MAX:
+            _fail(f"seed must be an integer in 0..2**63-1, got {seed!r}")
         t = self.labels_tensor(labels)
         out = generate(self._sampler(spec), t, int(seed), batch_size=batch_size, progress=False, keep_tokens=False)
         return out["images"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "unit_interval", "conti_from",
+__all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "unit_interval", "seed_int", "conti_from",
            "label_list", "check_labels", "device", "port", "DefaultsHelpFormatter",
            "OnestepArgumentParser"]
 
@@ -93,6 +93,14 @@ def unit_interval(text: str) -> float:
     v = _finite(text)
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return v
+
+
+def seed_int(text: str) -> int:
+    """A random seed: an integer in 0..2**63-1 (every seed a command takes gives its own streams)."""
+    v = _number(text, int)
+    if not 0 <= v <= 2 ** 63 - 1:
+        raise argparse.ArgumentTypeError(f"a seed lies in 0..2**63-1, got {text}")
     return v
 
 

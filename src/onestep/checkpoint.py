@@ -19,6 +19,8 @@ import os
 import pickle
 import re
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +46,10 @@ class NonFiniteError(CheckpointError):
     """A module to be saved holds NaN (or, in a parameter, an infinity): nothing of it is written."""
 
 
+class RunLockedError(CheckpointError):
+    """Another process is writing the run directory (it holds ``RUN/.lock``)."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """Raised by :func:`load_state_dict_strict`; the message lists every mismatched key with shapes."""
 
@@ -63,11 +69,83 @@ class CheckpointMismatchError(CheckpointError):
         super().__init__("\n".join(lines))
 
 
+# ---- one writer per run directory ---------------------------------------------------------------------
+_LOCKS: dict[str, int] = {}  # run directory (resolved) -> the open RUN/.lock this process holds
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> None:
+    """Make this process the one writer of ``run_dir``: an exclusive ``fcntl.flock`` on ``RUN/.lock``, taken without
+    waiting, with this process's pid, host and command written into the file. A directory another process holds is
+    refused with :class:`RunLockedError` naming that process. The OS drops the lock when its holder ends, however it
+    ends (SIGKILL included), so a file left behind holds nothing. Held until :func:`release_run_locks` (the command
+    line calls it when a command ends) or the process exits; taking it again in the same process changes nothing."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _LOCKS:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(run_dir / ".lock")) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise RunLockedError(f"{run_dir} is being written by another process ({holder}); wait for it to end or stop "
+                             f"it, or use another directory") from None
+    os.ftruncate(fd, 0)
+    argv = ["onestep", *sys.argv[1:]] if "onestep" in Path(sys.argv[0] if sys.argv else "").parts else sys.argv
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "argv": argv}).encode())
+    _LOCKS[key] = fd
+
+
+def _lock_holder(fd: int) -> str:
+    """"pid P on HOST: COMMAND" from a lock file (what its holder wrote), as far as it can be read."""
+    import shlex
+
+    try:
+        info = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+        command = shlex.join(str(a) for a in info.get("argv", []))
+        return f"pid {info['pid']} on {info['host']}: {command[:300]}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "its pid is not recorded yet"
+
+
+def release_run_locks() -> None:
+    """Drop every run-directory lock this process holds (:func:`lock_run_dir`)."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])
+
+
 # ---- atomic file writing ----------------------------------------------------------------------------
+def umask() -> int:
+    """The process's umask, read without changing it where the system says it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory, so atomic). A failed write
-    leaves ``path`` as it was and no temporary file; an I/O failure (a full device, a read-only or forbidden
-    directory) is raised as an ``OSError`` with its errno and ``path`` as the file name (:func:`write_error`)."""
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory, so atomic). The file
+    gets the mode of an ordinary new file (0666 less the umask: 0644 under the usual 0022), not the temporary file's
+    0600. A failed write leaves ``path`` as it was and no temporary file; an I/O failure (a full device, a read-only or
+    forbidden directory) is raised as an ``OSError`` with its errno and ``path`` as the file name
+    (:func:`write_error`)."""
     path = Path(path)
     tmp = None
     try:
@@ -77,6 +155,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except Exception as e:
         err = write_error(e, path)
@@ -146,8 +225,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"missing file {path}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({_first_line(e)})") from None
 
 
 # ---- tensors ------------------------------------------------------------------------------------------
@@ -166,16 +245,155 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CorruptCheckpointError(f"cannot read {path}: {e}") from None
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "") -> None:
-    """Load with every key and shape checked; raise :class:`CheckpointMismatchError` listing all problems."""
-    own = module.state_dict()
-    missing = {k: tuple(v.shape) for k, v in own.items() if k not in state_dict}
-    unexpected = {k: tuple(v.shape) for k, v in state_dict.items() if k not in own}
-    mismatched = {k: (tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
-                  if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)}
+def check_shapes(own: dict[str, tuple], saved: dict[str, tuple], source: str = "") -> None:
+    """Raise :class:`CheckpointMismatchError` listing every key of the model (``own``: key -> shape) missing from the
+    saved ones, every saved key the model lacks, and every shape that differs."""
+    missing = {k: s for k, s in own.items() if k not in saved}
+    unexpected = {k: s for k, s in saved.items() if k not in own}
+    mismatched = {k: (saved[k], s) for k, s in own.items() if k in saved and saved[k] != s}
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(missing, unexpected, mismatched, source)
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "") -> None:
+    """Load with every key and shape checked; raise :class:`CheckpointMismatchError` listing all problems."""
+    check_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                 {k: tuple(v.shape) for k, v in state_dict.items()}, source)
     module.load_state_dict(state_dict, strict=True)
+
+
+# the bytes per element of safetensors' dtypes
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_header(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a safetensors file, read from its header alone (no tensor is read or allocated). The header is
+    checked against the file: every tensor's bytes lie inside it and fit its dtype and shape; a truncated or foreign
+    file raises :class:`CorruptCheckpointError` with one line."""
+    import math
+    import struct
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    size = path.stat().st_size
+
+    def bad(why: str):
+        return CorruptCheckpointError(f"cannot read {path} (truncated or not a safetensors file): {why}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes")
+        n = struct.unpack("<Q", head)[0]
+        if n > min(size - 8, 100 << 20):
+            raise bad(f"a header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:
+            raise bad(f"its header is not JSON ({_first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    data, out = size - 8 - n, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape, (a, b) = tuple(entry["shape"]), entry["data_offsets"]
+            ok = (all(type(s) is int and s >= 0 for s in shape) and type(a) is int and type(b) is int
+                  and 0 <= a <= b <= data and b - a == math.prod(shape) * _DTYPE_BYTES[entry["dtype"]])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"tensor {name!r} does not fit the file ({json.dumps(entry)[:200]}, {data} bytes of data)")
+        out[name] = shape
+    return out
+
+
+# the keys of a model config (``config["model"]``, at any depth) that count modules, and those that size tensors: each
+# an integer in 1..bound, checked before a model is built
+COUNT_KEYS = frozenset({"n_layer", "depth", "n_head", "num_heads", "num_res_blocks", "decoder_res_blocks", "num_phi",
+                        "n_steps", "prefix_ode_steps"})
+SIZE_KEYS = frozenset({"dim", "multiple_of", "num_classes", "vocab_size", "grid_h", "grid_w", "code_dim", "image_size",
+                       "in_channels", "base_channels", "norm_groups", "z_channels", "codebook_size", "embed_dim", "ch",
+                       "width", "time_dim", "feature_dim", "channel_mult", "ch_mult", "patch_nums"})
+MAX_COUNT, MAX_SIZE = 1024, 1 << 20
+
+
+def check_model_config(config: Any, where: str | os.PathLike) -> dict:
+    """``config`` (a model directory's ``config.json``), refused with one line unless it is a JSON object whose model
+    section gives every count (``COUNT_KEYS``) and size (``SIZE_KEYS``, lists of them included) as an integer in
+    1..``MAX_COUNT`` / 1..``MAX_SIZE`` (a count may be null where the model has a default)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where} is not a JSON object (it holds a {type(config).__name__})")
+
+    def walk(v, key: str, at: str):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, k, f"{at}.{k}")
+        elif key in SIZE_KEYS and isinstance(v, list) and len(v) <= MAX_COUNT:
+            for i, x in enumerate(v):
+                walk(x, key, f"{at}[{i}]")
+        elif key in COUNT_KEYS or key in SIZE_KEYS:
+            bound = MAX_COUNT if key in COUNT_KEYS else MAX_SIZE
+            if not (v is None and key in COUNT_KEYS) and (type(v) is not int or not 1 <= v <= bound):
+                raise CheckpointError(f"{where}: {at} must be an integer in 1..{bound}, got {json.dumps(v)[:50]}")
+
+    walk(config.get("model"), "model", "model")
+    return config
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """``DIR/config.json`` of a model directory, checked by :func:`check_model_config`."""
+    path = Path(directory) / "config.json"
+    return check_model_config(read_json(path), path)
+
+
+def memory_available() -> int | None:
+    """Bytes of memory this process can still take (``MemAvailable`` of ``/proc/meminfo``), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(need: int, what: str) -> None:
+    """ValueError with one line when ``need`` bytes exceed the memory available (nothing is checked where unknown)."""
+    have = memory_available()
+    if have is not None and need > have:
+        raise ValueError(f"{what} needs {need / 2 ** 30:.3g} GiB of memory, more than the {have / 2 ** 30:.3g} GiB "
+                         f"available")
+
+
+def load_model(directory: str | os.PathLike, build: Callable[[], nn.Module], config: dict | None = None) -> nn.Module:
+    """The module ``build()`` makes, with the weights of ``directory`` loaded (:func:`load_model_weights`), checked
+    before any of its tensors is allocated: the config's sizes (:func:`check_model_config`; ``config``: the directory's
+    config.json as already read), then the module built on the meta device against the weight file's header (every
+    key and shape, :func:`read_header`) and the memory it takes against the memory available. ``build`` reads the
+    config; it is called twice (on the meta device, then for real)."""
+    directory = Path(directory)
+    check_model_config(read_json(directory / "config.json") if config is None else config, directory / "config.json")
+    saved = read_header(directory / "model.safetensors")
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{directory / 'config.json'} does not describe a model this version builds: "
+                              f"{_first_line(e)}") from None
+    upgrade = getattr(skeleton, "upgrade_state_dict", None)
+    check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()},
+                 upgrade(saved) if upgrade is not None else saved, str(directory))
+    check_memory(sum(t.numel() * t.element_size() for t in [*skeleton.parameters(), *skeleton.buffers()]),
+                 f"the model in {directory}")
+    del skeleton
+    module = build()
+    load_model_weights(directory, module)
+    return module
 
 
 def nonfinite_tensors(modules: dict[str, nn.Module]) -> list[str]:
@@ -233,12 +451,18 @@ def _write_model(directory: Path, module: nn.Module, config: dict) -> Path:
 
 def load_model_weights(directory: str | os.PathLike, module: nn.Module) -> dict:
     """Strictly load ``directory/model.safetensors`` into ``module``; returns the config dict. A module class that
-    renamed its keys provides ``upgrade_state_dict(sd) -> sd``, an explicit rename of the old names (then strict)."""
+    renamed its keys provides ``upgrade_state_dict(sd) -> sd``, an explicit rename of the old names (then strict).
+    Weights holding a NaN (or a parameter an infinity, :func:`nonfinite_tensors`) are refused with
+    :class:`NonFiniteError`: such a model would only sample garbage."""
     directory = Path(directory)
     config = read_json(directory / "config.json")
     sd = load_tensors(directory / "model.safetensors")
     upgrade = getattr(module, "upgrade_state_dict", None)
     load_state_dict_strict(module, upgrade(sd) if upgrade is not None else sd, source=str(directory))
+    bad = nonfinite_tensors({directory.name: module})
+    if bad:
+        raise NonFiniteError(f"refusing {directory / 'model.safetensors'}: non-finite values in "
+                             f"{describe_nonfinite(bad)}")
     return config
 
 

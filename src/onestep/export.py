@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 
 from onestep import checkpoint as ckpt
+from onestep.runs import REF_KEYS  # the config keys naming other runs: those sampling follows are rewritten
 
 FORMAT = "onestep-export/1"
-# a component's config keys that name other runs: the ones sampling follows are rewritten, the others dropped
-REF_KEYS = ("teacher_dir", "tokenizer_dir", "tune_dir", "pairs_dir", "pairs_manifest", "generator_init")
 # per model kind: the references sampling follows, and the component each one becomes
 NEEDED = {"tokenizer": {}, "teacher": {"tokenizer_dir": "tokenizer"}, "dd1": {"teacher_dir": "teacher"},
           "dd2-generator": {"teacher_dir": "teacher"}, "mapkd": {"teacher_dir": "teacher"}}
@@ -97,7 +96,7 @@ def _copy_components(run_dir: Path, tmp: Path, half: bool = False) -> dict:
         dst = tmp / PLACES[name] / "final"
         dst.mkdir(parents=True, exist_ok=True)
         new = _clean(config, path=())
-        for key in REF_KEYS:
+        for key in (*REF_KEYS, "location"):
             new.pop(key, None)
         for key, comp in needed.items():
             target = resolve_ref(config[key], src)
@@ -130,8 +129,7 @@ def _clean(value, path: tuple):
 
 def _permissions(root: Path) -> None:
     """The modes of ordinary new files and folders (the temporary folder and atomic writes are private)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = ckpt.umask()
     for p in [root, *root.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
@@ -170,6 +168,31 @@ def outside_references(root: str | Path) -> list[str]:
 
         walk(json.loads(cfg_path.read_text()))
     return out
+
+
+def verify_export(folder: str | Path) -> None:
+    """Check an export before it is loaded (nothing is checked for a folder without ``export.json``, a run): every
+    component's weights have the SHA-256 that ``export.json`` records, and no config reaches outside the folder
+    (:func:`outside_references`). A mismatch is a one-line :class:`~onestep.checkpoint.CheckpointError`."""
+    folder = Path(folder)
+    if not (folder / "export.json").is_file():
+        return
+    card = ckpt.read_json(folder / "export.json")
+    components = card.get("components") if isinstance(card, dict) else None
+    if not isinstance(components, dict) or not components:
+        raise ckpt.CheckpointError(f"{folder / 'export.json'} lists no components: export the run again")
+    for name, comp in components.items():
+        path = folder / str(comp.get("path", "")) / "model.safetensors" if isinstance(comp, dict) else None
+        if path is None or not path.resolve().is_relative_to(folder.resolve()) or not path.is_file():
+            raise ckpt.CheckpointError(f"{folder}: the {name} weights that export.json lists are missing")
+        got = _sha256(path)
+        if got != comp.get("sha256"):
+            raise ckpt.CheckpointError(f"{path} does not match the SHA-256 that {folder / 'export.json'} records "
+                                       f"({got[:16]}... against {str(comp.get('sha256'))[:16]}...): the file changed "
+                                       f"after the export; export the run again")
+    problems = outside_references(folder)
+    if problems:
+        raise ckpt.CheckpointError(f"{folder} is an export whose configs reach outside it ({problems[0]}): refused")
 
 
 def _load_check(folder: Path):

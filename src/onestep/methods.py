@@ -61,7 +61,7 @@ def run_kind(run_dir: str | Path) -> str:
     from onestep.runs import final_dir
 
     try:
-        config = ckpt.read_json(final_dir(run_dir) / "config.json")
+        config = ckpt.read_config(final_dir(run_dir))
     except ckpt.CheckpointError as e:
         raise ValueError(str(e)) from None
     method = method_of_config(config)
@@ -87,4 +87,7 @@ def build_sampler(method: str, run_dir: str | Path, device="cpu", args=None) -> 
     if getattr(args, "continuous", False) and method != "dd2":
         raise ValueError(f"--continuous decodes DD2's continuous vectors; it does not apply to --method {method} "
                          "(for a released DD1 generator's continuous head see --conti-from)")
+    from onestep.export import verify_export
+
+    verify_export(run_dir)  # an export's weights match its recorded SHA-256 and its configs stay inside it
     return m.build(method, str(run_dir), device, args)

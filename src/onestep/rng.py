@@ -41,3 +41,25 @@ def stream_seed(seed: int, index: int, namespace: str = "eval") -> int:
     all but one batch. A hashed seed coincides with neither."""
     digest = hashlib.sha256(f"onestep/{namespace}/{seed}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+SEED_MAX = 2 ** 63 - 1  # the largest seed a command takes (a seed is an integer in 0..SEED_MAX)
+
+
+def derived_seed(value: int) -> int:
+    """A seed derived from a run's seed (``seed * 1000 + rank``, ``seed + shard``, ...) as a ``torch.Generator`` takes
+    it: modulo 2**64, so that every seed up to :data:`SEED_MAX` works (small values are unchanged)."""
+    return int(value) % 2 ** 64
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global torch, numpy and python RNGs from a run's seed. Every training entry point calls it first,
+    before any model is built: layers created from the global RNG (a new head, an MLP, a copy's fresh embedding) then
+    start from the same weights in every run of the same command and seed."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(derived_seed(seed))
+    random.seed(seed)
+    np.random.seed(derived_seed(seed) % 2 ** 32)

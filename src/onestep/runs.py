@@ -8,11 +8,15 @@ Every command writes into a run directory holding ``config.json`` (the full conf
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from onestep import checkpoint as ckpt
+
+# the config keys that name other runs (paths relative to the run directory)
+REF_KEYS = ("teacher_dir", "tokenizer_dir", "tune_dir", "pairs_dir", "pairs_manifest", "generator_init")
 
 
 def final_dir(run_dir: str | Path) -> Path:
@@ -38,11 +42,11 @@ def load_tokenizer(run_dir: str | Path, device: str | torch.device = "cpu"):
     from onestep.families import family_of
 
     d = final_dir(run_dir)
-    config = ckpt.read_json(d / "config.json")
+    config = ckpt.read_config(d)
     if config.get("kind") != "tokenizer":
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a tokenizer")
-    model = family_of(config).tokenizer(config["model"])
-    ckpt.load_model_weights(d, model)  # (VQModel.upgrade_state_dict renames keys saved before LlamaGen's names)
+    # (VQModel.upgrade_state_dict renames keys saved before LlamaGen's names)
+    model = ckpt.load_model(d, lambda: family_of(config).tokenizer(config["model"]), config)
     return model.to(device).eval(), config
 
 
@@ -52,25 +56,23 @@ def load_teacher(run_dir: str | Path, device: str | torch.device = "cpu", with_t
     from onestep.families import family_of
 
     d = final_dir(run_dir)
-    config = ckpt.read_json(d / "config.json")
+    config = ckpt.read_config(d)
     if config.get("kind") != "teacher":
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a teacher")
     tokenizer, _ = load_tokenizer(resolve_ref(config["tokenizer_dir"], d), device)
-    model = family_of(config).teacher(config["model"], tokenizer)
-    ckpt.load_model_weights(d, model)
+    model = ckpt.load_model(d, lambda: family_of(config).teacher(config["model"], tokenizer), config)
     return model.to(device).eval(), config, (tokenizer if with_tokenizer else None)
 
 
 def ref_to(target: str | Path, run_dir: str | Path) -> str:
     """How a run records another run: a path relative to its own directory, so run trees can move."""
-    import os
-
     return os.path.relpath(Path(target).resolve(), Path(run_dir).resolve())
 
 
 def resolve_ref(path: str, model_dir: Path) -> Path:
     """Inverse of :func:`ref_to` for a model directory of a run: ``RUN/final``, ``RUN/raw`` or a training
-    checkpoint's ``RUN/checkpoints/step_N/<module>`` (also accepts absolute paths)."""
+    checkpoint's ``RUN/checkpoints/step_N/<module>`` (also accepts absolute paths). A run moved away from the runs it
+    refers to still finds them from where it was made (the ``location`` its config records)."""
     p = Path(path)
     model_dir = Path(model_dir)
     if model_dir.name in ("final", "raw"):
@@ -82,6 +84,13 @@ def resolve_ref(path: str, model_dir: Path) -> Path:
     for cand in (run_dir / p, p):
         if cand.exists():
             return cand
+    try:
+        location = ckpt.read_json(model_dir / "config.json").get("location")
+    except (ckpt.CheckpointError, AttributeError):
+        location = None
+    there = Path(os.path.normpath(Path(location) / p)) if isinstance(location, str) else None  # (location may be gone)
+    if there is not None and there.exists():
+        return there
     raise ckpt.CheckpointError(f"referenced run {path} not found (looked next to {run_dir})")
 
 

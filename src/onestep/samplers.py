@@ -69,22 +69,61 @@ def class_labels(n: int, num_classes: int, device="cpu") -> Tensor:
     return (torch.arange(n) % num_classes).to(device)
 
 
+def batch_bytes(sampler: Sampler, batch_size: int) -> int:
+    """An estimate of the memory one batch of ``batch_size`` takes while it is decoded, low rather than high: two
+    float32 activations per sample at the image's full resolution, as wide as the decoder's last layer reads (the
+    widest input of a convolution that outputs the image's channels)."""
+    from onestep.runs import tokenizer_image_shape
+
+    c, h, w = tokenizer_image_shape(sampler.tokenizer)
+    width = max([c, *(m.in_channels for m in sampler.tokenizer.modules()
+                      if isinstance(m, torch.nn.Conv2d) and m.out_channels == c)])
+    return batch_size * 2 * 4 * h * w * width
+
+
+def check_batch_size(sampler: Sampler, batch_size: int, device) -> None:
+    """ValueError (one line naming ``--batch-size``) when a batch's estimated memory (:func:`batch_bytes`) exceeds
+    the memory available on ``device``."""
+    from onestep.checkpoint import memory_available
+
+    device = torch.device(device)
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else memory_available()
+    need = batch_bytes(sampler, batch_size)
+    if have is not None and need > have:
+        raise ValueError(f"argument --batch-size: a batch of {batch_size} needs about {need / 2 ** 30:.3g} GiB of "
+                         f"memory on {device}, more than the {have / 2 ** 30:.3g} GiB available; pass a smaller "
+                         f"--batch-size")
+
+
 @torch.no_grad()
-def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256, progress: bool = True,
-             keep_tokens: bool = True) -> dict:
-    """Images (uint8) and tokens for ``labels`` in batches; batch b draws from ``rng.stream_seed(seed, b)``: noise
-    that no training stream drew (DD1's pairs included), and that two evaluation seeds do not share."""
+def sample_batches(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256, n: int | None = None,
+                   progress: bool = True):
+    """Yield (uint8 images (b, C, H, W), labels (b,), tokens) on the CPU, one batch at a time, for ``n`` samples
+    (default ``len(labels)``): sample i has label ``labels[i % len(labels)]``, and batch b draws from
+    ``rng.stream_seed(seed, b)``: noise that no training stream drew (DD1's pairs included), and that two evaluation
+    seeds do not share. A batch whose estimated memory exceeds what is available is refused first
+    (:func:`check_batch_size`)."""
     from tqdm.auto import tqdm
 
-    imgs, toks = [], []
-    nb = (len(labels) + batch_size - 1) // batch_size
-    for b in tqdm(range(nb), desc=f"sample {sampler.name}", disable=not progress, dynamic_ncols=True):
+    n = len(labels) if n is None else n
+    check_batch_size(sampler, min(batch_size, n), labels.device)
+    for b in tqdm(range((n + batch_size - 1) // batch_size), desc=f"sample {sampler.name}", disable=not progress,
+                  dynamic_ncols=True):
         g = torch.Generator(device=labels.device).manual_seed(rng.stream_seed(seed, b))
-        lab = labels[b * batch_size:(b + 1) * batch_size]
+        lab = labels[torch.arange(b * batch_size, min(n, (b + 1) * batch_size), device=labels.device) % len(labels)]
         out = sampler.sample(lab, g)
-        imgs.append(sampler.decode(out))
+        yield sampler.decode(out), lab.cpu(), out.cpu()
+
+
+def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256, progress: bool = True,
+             keep_tokens: bool = True) -> dict:
+    """Images (uint8) and tokens for ``labels``, in memory (:func:`sample_batches`; ``onestep sample`` streams its
+    batches to disk instead)."""
+    imgs, toks = [], []
+    for images, _, tokens in sample_batches(sampler, labels, seed, batch_size, progress=progress):
+        imgs.append(images)
         if keep_tokens:
-            toks.append(out.cpu())
+            toks.append(tokens)
     return {"images": torch.cat(imgs), "labels": labels.cpu(), "tokens": torch.cat(toks) if keep_tokens else None}
 
 

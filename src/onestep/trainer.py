@@ -20,6 +20,8 @@ that does one optimisation step. What the loop does:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import sys
@@ -37,6 +39,7 @@ from tqdm.auto import tqdm
 
 from onestep import checkpoint as ckpt
 from onestep.distributed import DistInfo, all_gather_object, unwrap
+from onestep.rng import derived_seed
 
 
 @dataclass
@@ -70,7 +73,8 @@ class BatchSchedule:
     def indices(self, step: int) -> torch.Tensor:
         epoch, j = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            g = torch.Generator().manual_seed(derived_seed(self.seed * 100003 + epoch))
+            self._perm = torch.randperm(self.n, generator=g)
             self._epoch = epoch
         glob = self._perm[j * self.B:(j + 1) * self.B]
         per = self.B // self.info.world_size
@@ -122,11 +126,28 @@ def autocast(device: torch.device, enabled: bool):
 GROWABLE_STEPS = tuple(f"{section}.steps" for section in ("train", "adapt", "tune", "csd", "map_fit", "mapkd"))
 
 
+_EXTEND: contextvars.ContextVar[bool] = contextvars.ContextVar("onestep_extend", default=False)
+
+
+@contextlib.contextmanager
+def extending(on: bool = True):
+    """Within this context a training run may grow its step count (``--extend``): see :func:`prepare_run_dir`."""
+    token = _EXTEND.set(on)
+    try:
+        yield
+    finally:
+        _EXTEND.reset(token)
+
+
 def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = None) -> Path:
-    """Create the run directory and write ``config.json`` (rank 0). A resumed run must keep its config, with one
-    exception: its step count (``GROWABLE_STEPS``) may grow, which continues a finished (or interrupted) run from its
-    last checkpoint up to the new count (the fields that follow the count are listed above ``GROWABLE_STEPS``). A
-    smaller step count is refused, and so is any other change, naming every changed field.
+    """Take the run directory for this process (rank 0; :func:`onestep.checkpoint.lock_run_dir`: a directory another
+    process is writing is refused, naming it), create it and write ``config.json`` with the directory's absolute
+    ``location``. A resumed run must keep its config, with one exception: inside :func:`extending` (``--extend``) its
+    step count (``GROWABLE_STEPS``) may grow, which continues a finished (or interrupted) run from its last checkpoint
+    up to the new count and replaces its ``final/`` (the fields that follow the count are listed above
+    ``GROWABLE_STEPS``). A grown count without it, a smaller one, and any other change are refused, naming every
+    changed field. A reference to another run (``runs.REF_KEYS``) is the same when it leads to the same directory:
+    the old one read from where the run was made, the new one from where it is now, so a moved run resumes.
 
     Sections of ``config`` given as config dataclasses (e.g. ``{"csd": CSDConfig(...)}``) are replaced in place by
     their dicts, and their class defaults make the resume check tolerant of runs older than a field: a field the
@@ -139,25 +160,43 @@ def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = N
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
             defaults[k], config[k] = _section_dict(type(v)()), _section_dict(v)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.lock_run_dir(run_dir)
+        config["location"] = str(run_dir.resolve())
         cfg_path = run_dir / "config.json"
         if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
+            old = ckpt.read_json(cfg_path)
+            if not isinstance(old, dict):
+                raise ckpt.CheckpointError(f"{cfg_path} is not a JSON object: delete it, or use a new --run-dir")
             new = json.loads(json.dumps(config, default=ckpt._json_default))
             leaves = _diff_leaves({k: v for k, v in old.items() if k not in _VOLATILE},
                                   {k: v for k, v in new.items() if k not in _VOLATILE},
                                   defaults=json.loads(json.dumps(defaults, default=ckpt._json_default)))
+            was_at = Path(old.get("location") or run_dir)
+            leaves = [(path, a, b) for path, a, b in leaves if not _same_ref(path, a, b, was_at, run_dir)]
             if leaves and ckpt.latest_checkpoint(run_dir) is not None:
                 check_resumable_change(run_dir, leaves)
         ckpt.write_json(cfg_path, config)
     return run_dir
 
 
+def _same_ref(path: str, a, b, was_at: Path, now_at: Path) -> bool:
+    """Whether a changed config leaf is a reference to another run that leads to the same place: ``a`` read from
+    where the run was made (``was_at``), ``b`` from where it is now."""
+    from onestep.runs import REF_KEYS
+
+    return (path.rsplit(".", 1)[-1] in REF_KEYS and isinstance(a, str) and isinstance(b, str)
+            and (was_at / a).resolve() == (now_at / b).resolve())
+
+
 def check_resumable_change(run_dir: Path, leaves: list[tuple]) -> None:
-    """Accept a grown step count alone (printing it); ValueError for any other change, or a smaller step count."""
+    """Accept a grown step count alone under :func:`extending` (printing it); ValueError for any other change, a
+    smaller step count, or a grown one without ``--extend``."""
     steps = [(path, a, b) for path, a, b in leaves if path in GROWABLE_STEPS]
     if len(steps) == len(leaves) and all(isinstance(a, int) and isinstance(b, int) for _, a, b in steps):
         path, a, b = steps[0]
+        if b > a and not _EXTEND.get():
+            raise ValueError(f"{run_dir} holds a run of {a} steps ({path}); continuing it to {b} steps replaces its "
+                             f"final/: pass --extend to do that, or use a new --run-dir")
         if b > a:
             print(f"[{run_dir}] {path} grows from {a} to {b}: continuing the run from its last checkpoint", flush=True)
             return
@@ -171,7 +210,7 @@ def _section_dict(cfg) -> dict:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
 
 
-_VOLATILE = {"device", "command", "started"}
+_VOLATILE = {"device", "command", "started", "location"}
 _ABSENT = object()
 
 
@@ -214,7 +253,7 @@ class TrainLoop:
             warnings.warn(f"[{desc}] bf16 autocast (--amp) is CUDA-only: ignored on {self.info.device}", stacklevel=2)
         self.desc = desc
         self.extra_state = extra_state if extra_state is not None else {}
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.info.rank)
+        self.generator = torch.Generator().manual_seed(derived_seed(cfg.seed * 1000 + self.info.rank))
         self.step = 0
         self.wall_s = 0.0  # training wall time over every invocation of the run (saved in checkpoints)
         self.steps_run = 0  # steps trained by this invocation (0: a finished run re-run)
@@ -262,7 +301,7 @@ class TrainLoop:
         elif self.info.rank == 0:
             mine = {"rng": state["rng"], "generator": state["generator"]}
         else:
-            seed = (self.cfg.seed * 1000 + self.info.rank) * 1_000_003 + state["step"]
+            seed = derived_seed((self.cfg.seed * 1000 + self.info.rank) * 1_000_003 + state["step"])
             self.generator.manual_seed(seed)
             torch.manual_seed(seed)
             print(f"[{self.desc}] rank {self.info.rank}: {source} holds no RNG state for this rank; reseeded "

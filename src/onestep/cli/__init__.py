@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded next to results
     _torch_threads(args)
-    from onestep.checkpoint import CheckpointError, describe_os_error
+    from onestep.checkpoint import CheckpointError, describe_os_error, release_run_locks
     from onestep.data import DataError
+    from onestep.trainer import extending
 
     try:
-        args.func(args)
+        with extending(getattr(args, "extend", False)):
+            args.func(args)
     # bad input, a diverged run or an environment fault (full disk, read-only directory): one clear line
     # (ONESTEP_DEBUG=1: the traceback)
     except (DataError, CheckpointError, ValueError, FloatingPointError, OSError) as e:
@@ -69,8 +71,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"onestep {args.command}{' ' + stage if stage else ''}: error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        resumable = getattr(args, "resumable", False)  # a training command (its run resumes); not serve, sample...
+        hint = "; re-run the same command to resume from the last checkpoint" if resumable else ""
+        print(f"onestep {args.command}: interrupted{hint}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        release_run_locks()
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def register(sub) -> None:
                    help="sequences mapped at once (default: the preset's)")
     add_sampling(a)
     add_common(a)
-    a.set_defaults(func=cmd_pairs)
+    a.set_defaults(func=cmd_pairs, resumable=True)
 
     t = s.add_parser("train", help="train the DD1 generator on pairs (resumable)",
                      description="Train the DD1 generator (a copy of the teacher reading trajectory points with a "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from onestep.argtypes import nonneg_int, positive_int
-from onestep.cli.flags import add_common, add_data, add_method, run_method, add_sampling
+from onestep.cli.flags import RULE_FLAGS, add_common, add_data, add_method, add_sampling, run_method
 
 
 def cmd_eval(args) -> None:
@@ -30,10 +30,22 @@ def cmd_eval(args) -> None:
         images = match_channels(images, train.image_shape[0], f"the images of {args.images}")
         shape, what, names = tuple(images.shape[1:]), f"the images of {args.images}", train.class_names
     else:
+        from onestep.api import sampling_rule
+        from onestep.checkpoint import check_memory
         from onestep.methods import build_sampler
 
-        sampler = build_sampler(run_method(args), args.run, device=args.device, args=args)
-        data, data_root = stage_data(args.data, args.data_root, recorded_data(args.run))
+        recorded = recorded_data(args.run)
+        named = {args.data, recorded[0]} - {None, "folder"}  # (a folder of images: checked by its image shape below)
+        if len(named) == 2:
+            raise ValueError(f"argument --data: {args.run} was trained on {recorded[0]}, not {args.data}: its images "
+                             f"are scored against the data set it learnt (leave --data out)")
+        method = run_method(args)
+        for k, v in sampling_rule(method, args.run, {k: getattr(args, k) for k in RULE_FLAGS}).items():
+            setattr(args, k, v)
+        sampler = build_sampler(method, args.run, device=args.device, args=args)
+        c, h, w = tokenizer_image_shape(sampler.tokenizer)
+        check_memory(args.n * c * h * w, f"argument -n/--n: scoring {args.n} images (kept in memory)")
+        data, data_root = stage_data(args.data, args.data_root, recorded)
         train = load_dataset(data, "train", root=data_root)
         shape, what, names = tokenizer_image_shape(sampler.tokenizer), f"the run {args.run}", class_names(args.run)
     check_image_shape(train, shape, what)
@@ -107,7 +119,7 @@ def register(sub) -> None:
                    help="write the metrics as JSON to FILE, and a grid of the first 100 scored images beside it "
                         "(FILE's name with .png); onestep report FILE tabulates it")
     add_data(p, recorded="with --run, the data set and data root the run records; with --images, fashion-mnist")
-    add_sampling(p)
+    add_sampling(p, recorded=True)
     add_common(p)
     p.set_defaults(func=cmd_eval)
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from onestep.argtypes import conti_from, device, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
+from onestep.argtypes import (conti_from, device, nonneg_float, nonneg_int, positive_float, positive_int, seed_int,
+                               unit_interval)
 
 __all__ = ["add_device", "add_common", "add_data", "add_run_dir", "add_preset", "add_method", "run_method",
-           "add_sampling", "override", "given", "DATA_SETS", "PRESETS", "DEFAULT_CFG_SCALE"]
+           "add_sampling", "override", "given", "DATA_SETS", "PRESETS", "DEFAULT_CFG_SCALE", "RULE_FLAGS"]
 
 DATA_SETS = ["fashion-mnist", "mnist", "folder"]
 
@@ -43,7 +44,7 @@ def add_common(p: argparse.ArgumentParser, seed: int | None = 0) -> None:
     """``--device`` and ``--seed``. ``seed``: the default seed (None: the preset's, as the dd2 stages have it)."""
     add_device(p)
     default = "the preset's" if seed is None else seed
-    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {default})")
+    p.add_argument("--seed", type=seed_int, default=seed, help=f"random seed, 0..2**63-1 (default: {default})")
 
 
 def add_data(p: argparse.ArgumentParser, recorded: str | None = None) -> None:
@@ -56,9 +57,14 @@ def add_data(p: argparse.ArgumentParser, recorded: str | None = None) -> None:
 
 
 def add_run_dir(p: argparse.ArgumentParser, default: str) -> None:
-    """``--run-dir``: the run directory a training command writes and resumes."""
+    """``--run-dir``: the run directory a training command writes and resumes; ``--extend``: let a larger ``--steps``
+    continue the run in it."""
     p.add_argument("--run-dir", default=default,
                    help="the run directory to write (re-running the same command resumes it)")
+    p.add_argument("--extend", action="store_true",
+                   help="with a larger --steps than the run in --run-dir was made with: continue that run to the new "
+                        "count and replace its final/ (without it a larger --steps is refused)")
+    p.set_defaults(resumable=True)
 
 
 def add_preset(p: argparse.ArgumentParser, names, default: str, what: str) -> None:
@@ -98,19 +104,27 @@ def run_method(args: argparse.Namespace) -> str:
 
 
 DEFAULT_CFG_SCALE = 2.0  # --cfg-scale's default on every command that takes the sampling rule
+RULE_FLAGS = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")  # the sampling rule's flags (dests)
 
 
-def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = DEFAULT_CFG_SCALE) -> None:
+def add_sampling(p: argparse.ArgumentParser, cfg_scale: float = DEFAULT_CFG_SCALE, recorded: bool = False) -> None:
+    """The teacher's sampling rule. ``recorded`` (``sample``, ``eval``): the flags default to None, which the command
+    resolves (:func:`onestep.api.sampling_rule`): a teacher run's defaults, or the rule a DD1 / DD2 run records (a
+    different value given for one is refused)."""
     g = p.add_argument_group("teacher sampling rule (also defines p for DD1's map and DD2's teacher score)")
-    g.add_argument("--cfg-scale", type=nonneg_float, default=cfg_scale,
-                   help=f"classifier-free guidance (default {cfg_scale}; 1 = off)")
-    g.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant",
+    run = "; a DD1 / DD2 run: the rule it was distilled under, no other" if recorded else ""
+    g.add_argument("--cfg-scale", type=nonneg_float, default=None if recorded else cfg_scale,
+                   help=f"classifier-free guidance (default {cfg_scale}{run}; 1 = off)")
+    g.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None if recorded else "constant",
                    help="guidance over AR steps: constant (LlamaGen), or linear from 1 at the first step to the scale "
-                        "at the last (VAR's ramp; VAR's cfg c is --cfg-scale 1+c)")
-    g.add_argument("--temperature", type=positive_float, default=1.0,
-                   help="softmax temperature of the teacher's logits")
-    g.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely codes (0 = all)")
-    g.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus mass (1 = off)")
+                        "at the last (VAR's ramp; VAR's cfg c is --cfg-scale 1+c)"
+                        + (f" (default: constant{run})" if recorded else ""))
+    g.add_argument("--temperature", type=positive_float, default=None if recorded else 1.0,
+                   help="softmax temperature of the teacher's logits" + (f" (default: 1{run})" if recorded else ""))
+    g.add_argument("--top-k", type=nonneg_int, default=None if recorded else 0,
+                   help="keep the k most likely codes (0 = all)" + (f" (default: 0{run})" if recorded else ""))
+    g.add_argument("--top-p", type=unit_interval, default=None if recorded else 1.0,
+                   help="nucleus mass (1 = off)" + (f" (default: 1{run})" if recorded else ""))
 
 
 def given(args: argparse.Namespace, *names: str) -> dict:

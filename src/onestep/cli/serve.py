@@ -10,7 +10,12 @@ from onestep.cli.flags import add_device
 def cmd_serve(args) -> None:
     from onestep.serve import serve
 
-    if not serve(args.run, args.host, args.port, args.device):
+    try:
+        started = serve(args.run, args.host, args.port, args.device)
+    except KeyboardInterrupt:  # Ctrl-C: the way to stop the server (it has nothing to resume)
+        print("onestep serve: stopped", file=sys.stderr)
+        return
+    if not started:
         sys.exit(1)
 
 

@@ -16,10 +16,10 @@ def load_dd1(run_dir: str | Path, device: str | torch.device = "cpu"):
     from onestep.runs import final_dir, load_teacher, resolve_ref
 
     d = final_dir(run_dir)
-    config = ckpt.read_json(d / "config.json")
+    config = ckpt.read_config(d)
     if config.get("kind") != "dd1":
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a DD1 run (kind 'dd1')")
     teacher, _, tokenizer = load_teacher(resolve_ref(config["teacher_dir"], d), device)
-    model = family_of(config["model"]).dd1_generator().from_config(config["model"], teacher.codebook().detach().cpu())
-    ckpt.load_model_weights(d, model)
+    codebook, generator = teacher.codebook().detach().cpu(), family_of(config["model"]).dd1_generator()
+    model = ckpt.load_model(d, lambda: generator.from_config(config["model"], codebook), config)
     return model.to(device).eval(), config, teacher, tokenizer

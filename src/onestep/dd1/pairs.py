@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from onestep.checkpoint import CorruptCheckpointError
 from onestep.flow_map import ODEConfig, map_noise_to_tokens
+from onestep.rng import derived_seed
 from onestep.teacher.base import ARTeacher
 from onestep.teacher.sampling import SamplingConfig
 
@@ -43,7 +45,24 @@ def shard_path(out_dir: str | Path, i: int) -> Path:
 
 
 def read_manifest(out_dir: str | Path) -> dict:
-    return json.loads((Path(out_dir) / MANIFEST).read_text())
+    from onestep.checkpoint import read_json
+
+    return read_json(Path(out_dir) / MANIFEST)
+
+
+def read_shard(p: Path) -> dict[str, np.ndarray]:
+    """Every array of a shard file (read with ``allow_pickle=False``); a truncated or unreadable shard raises
+    :class:`~onestep.checkpoint.CorruptCheckpointError` with one line (``onestep dd1 pairs`` writes it again)."""
+    from onestep.checkpoint import CorruptCheckpointError
+
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, a short read (EOFError, ValueError), a CRC error, ...
+        raise CorruptCheckpointError(f"cannot read the DD1 pairs shard {p} (truncated or corrupt: {e}); re-run "
+                                     f"`onestep dd1 pairs` with the same arguments to write it again") from None
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -58,7 +77,7 @@ def _ids_dtype(vocab_size: int):
 
 def _shard_noise(i: int, m: int, seed: int, teacher: ARTeacher) -> tuple[Tensor, Tensor]:
     """(eps (m, n, C) float32, labels (m,)) of shard i, drawn on the CPU from seed + i."""
-    g = torch.Generator().manual_seed(seed + i)
+    g = torch.Generator().manual_seed(derived_seed(seed + i))
     eps = torch.randn(m, teacher.seq_len, teacher.code_dim, generator=g)
     labels = torch.randint(0, teacher.num_classes, (m,), generator=g)
     return eps, labels
@@ -120,11 +139,14 @@ def generate_pairs(teacher: ARTeacher, n: int, out_dir: str | Path, shard_size: 
     elif rank == 0:
         _write_json_atomic(mpath, cfg)
     mine = [i for i in range(cfg["num_shards"]) if i % world_size == rank]
-    for i in mine:  # a shard of another size (the old partial last shard after a resize) is redone
+    for i in mine:  # a shard of another size (the old partial last shard after a resize) or unreadable is redone
         p = shard_path(out, i)
         if p.exists():
-            with np.load(p) as z:
-                stored = len(z["ids"])
+            try:
+                stored = len(read_shard(p)["ids"])
+            except (CorruptCheckpointError, KeyError) as e:
+                print(f"[dd1 pairs] {e if isinstance(e, CorruptCheckpointError) else p}: writing it again", flush=True)
+                stored = -1
             if stored != min(shard_size, n - i * shard_size):
                 p.unlink()
     todo = [i for i in mine if not shard_path(out, i).exists()]
@@ -172,11 +194,10 @@ def finalize_manifest(out_dir: str | Path) -> dict:
         if not p.exists():
             missing.append(i)
             continue
-        with np.load(p) as z:
-            shards.append({"file": p.name, "count": int(len(z["ids"])), "seed": int(z["seeds"][0]),
-                           "wall_s": float(z["wall_s"]), "snap_moved": float(z["snap_moved"]),
-                           "cpu_s": float(z["cpu_s"]) if "cpu_s" in z.files else None,
-                           "snap_max": float(z["snap_max"])})
+        z = read_shard(p)
+        shards.append({"file": p.name, "count": int(len(z["ids"])), "seed": int(z["seeds"][0]),
+                       "wall_s": float(z["wall_s"]), "snap_moved": float(z["snap_moved"]),
+                       "cpu_s": float(z["cpu_s"]) if "cpu_s" in z else None, "snap_max": float(z["snap_max"])})
     if missing:
         raise FileNotFoundError(f"{len(missing)} shards missing in {out}, e.g. {missing[:5]}")
     cnt = sum(s["count"] for s in shards)
@@ -193,9 +214,9 @@ def finalize_manifest(out_dir: str | Path) -> dict:
 
 
 def _load_shard(p: Path) -> dict[str, Tensor]:
-    with np.load(p) as z:
-        return {"eps": torch.from_numpy(z["eps"].astype(np.float32)), "ids": torch.from_numpy(z["ids"].astype(np.int64)),
-                "labels": torch.from_numpy(z["labels"]), "index": torch.from_numpy(z["index"])}
+    z = read_shard(p)
+    return {"eps": torch.from_numpy(z["eps"].astype(np.float32)), "ids": torch.from_numpy(z["ids"].astype(np.int64)),
+            "labels": torch.from_numpy(z["labels"]), "index": torch.from_numpy(z["index"])}
 
 
 def load_pairs(out_dir: str | Path) -> dict[str, Tensor]:
@@ -252,7 +273,7 @@ def iter_pair_batches(out_dir: str | Path, batch_size: int, seed: int = 0, epoch
     of ``shards_in_memory`` shards; rank r takes every world_size-th batch. Deterministic in
     (seed, epoch)."""
     man = read_manifest(out_dir)
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    g = torch.Generator().manual_seed(derived_seed(seed * 100003 + epoch))
     order = torch.randperm(man["num_shards"], generator=g).tolist()
     b = 0
     carry: dict[str, Tensor] | None = None

@@ -120,6 +120,8 @@ def make_pairs(out_dir: str | Path, teacher_dir: str | Path, n: int | None = Non
     sampling_cfg = sampling_cfg or SamplingConfig(cfg_scale=2.0)
     teacher, _, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     out = Path(out_dir)
+    if info.is_main:
+        ckpt.lock_run_dir(out)  # one writer: another process making these pairs is refused, naming it
     meta = {"teacher_dir": ref_to(teacher_dir, out)}
     man = generate_pairs(teacher, n, out, shard_size=cfg.shard_size, seed=seed, sampling_cfg=sampling_cfg,
                          ode=cfg.ode(), eps_dtype=cfg.eps_dtype, map_batch=cfg.map_batch, device=info.device,
@@ -195,12 +197,14 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     from onestep.dd1.pairs import MANIFEST, load_pairs
     from onestep.dd1.train import TrajectorySampler, dd1_loss
     from onestep.families import family_of
+    from onestep.rng import seed_everything
     from onestep.runs import load_teacher, ref_to
     from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
                                  set_lr, warmup_cosine)
 
     cfg = cfg or DD1_PRESETS["small"]
     info = info or DistInfo()
+    seed_everything(cfg.seed)
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     man = check_pairs(pairs_dir, teacher_dir, teacher)
     pair_sampling = SamplingConfig(**man["sampling"])

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from onestep import checkpoint as ckpt
+from onestep import rng
 from onestep.distributed import DistInfo, wrap_ddp
 from onestep.teacher.llamagen import GPT, continuous_copy
 from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
@@ -100,6 +101,7 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     from onestep.teacher.train import cached_tokens, heldout_nll, subset
 
     info = info or DistInfo()
+    rng.seed_everything(cfg.seed)
     teacher, tconf, tokenizer = load_teacher(teacher_dir, info.device)
     if not family_of(tconf).needs_stage0:
         raise ValueError(f"{teacher_dir} is a {tconf['family']!r} teacher: it reads code vectors natively and needs no "

@@ -21,6 +21,7 @@ import torch
 from onestep import checkpoint as ckpt
 from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
 from onestep.distributed import DistInfo, wrap_ddp
+from onestep.rng import seed_everything
 from onestep.trainer import LoopConfig, TrainLoop, add_run_time, prepare_run_dir
 
 TRAIN_PRESETS = {
@@ -60,6 +61,7 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     from onestep.teacher.sampling import SamplingConfig
 
     info = info or DistInfo()
+    seed_everything(cfg.seed)
     for name, n in (("batch size", cfg.batch_size), ("guidance batch size", cfg.guidance_batch)):
         if n % info.world_size:
             raise ValueError(f"{name} {n} is not divisible by world size {info.world_size}")

@@ -89,14 +89,13 @@ def load_ardiffusion(model_dir: str | Path, device="cpu") -> tuple[ARDiffusion, 
     from onestep.runs import final_dir, load_teacher, resolve_ref
 
     d = final_dir(model_dir)
-    config = ckpt.read_json(d / "config.json")
+    config = ckpt.read_config(d)
     if config.get("kind") not in ("dd2-ardiffusion", "dd2-generator"):
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} model, not a DD2 AR-diffusion model")
     teacher, _, _ = load_teacher(resolve_ref(config["teacher_dir"], d), "cpu", with_tokenizer=True)
-    backbone = family_of(config["model"]).backbone(config["model"]["backbone"], teacher)
-    model = ARDiffusion(backbone, MLPHead(**config["model"]["head"]), config["model"].get("generator_t", 1.0),
-                        config["model"].get("noise_stream", False))
-    ckpt.load_model_weights(d, model)
+    m = config["model"]
+    model = ckpt.load_model(d, lambda: ARDiffusion(family_of(m).backbone(m["backbone"], teacher), MLPHead(**m["head"]),
+                                                   m.get("generator_t", 1.0), m.get("noise_stream", False)), config)
     return model.to(device).eval(), config
 
 
@@ -114,7 +113,7 @@ def teacher_pool(path: Path, teacher, n: int, num_classes: int, sampling: Sampli
     labels = torch.arange(n) % num_classes
     ids = []
     for b in tqdm(range(0, n, batch_size), desc="teacher pool", dynamic_ncols=True):
-        g = torch.Generator(device=device).manual_seed(seed * 7919 + b)
+        g = torch.Generator(device=device).manual_seed(rng.derived_seed(seed * 7919 + b))
         ids.append(sample_tokens(teacher, labels[b:b + batch_size].to(device), sampling, g).cpu())
     ids = torch.cat(ids)
 
@@ -160,6 +159,7 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
     from onestep.runs import load_teacher, ref_to
 
     info = info or DistInfo()
+    rng.seed_everything(cfg.seed)
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     # a VAR teacher reads code vectors natively (through f_hat): its family needs no stage 0
     if family_of(tconf).needs_stage0 and tconf["model"].get("input_embedding") != "mlp":

@@ -133,6 +133,63 @@ def save_images(path: str | Path, images: torch.Tensor, labels: torch.Tensor | N
     return path
 
 
+class NpzWriter:
+    """An ``.npz`` in either layout (:func:`save_images`) written one batch at a time, for ``n`` images: each array is
+    a ``.npy`` file mapped from disk beside ``path`` (made at its first batch, when its row shape is known) and
+    :meth:`close` packs them into ``path`` (stored, as ``np.savez``; written to a temporary file and renamed), so
+    memory holds one batch whatever ``n`` is. ``extra``: small arrays stored as they are (``onestep`` layout only)."""
+
+    def __init__(self, path: str | Path, n: int, npz_format: str = "onestep", **extra):
+        if npz_format not in NPZ_FORMATS:
+            raise ValueError(f"npz format {npz_format!r} is not one of {', '.join(NPZ_FORMATS)}")
+        self.path, self.n, self.format, self.extra = Path(path), n, npz_format, extra
+        self.parts: dict[str, tuple[Path, np.ndarray]] = {}
+        self.done = 0
+
+    def _put(self, name: str, rows: np.ndarray) -> None:
+        if name not in self.parts:
+            tmp = self.path.with_name(f".{self.path.name}.{name}.npy")
+            self.parts[name] = (tmp, np.lib.format.open_memmap(tmp, "w+", rows.dtype, (self.n, *rows.shape[1:])))
+        self.parts[name][1][self.done:self.done + len(rows)] = rows
+
+    def write(self, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        """Append a batch: uint8 images (b, C, H, W), labels (b,), and (``onestep`` layout) tokens (b, ...)."""
+        x = images.cpu()
+        if self.format == "adm":
+            self._put("arr_0", (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).permute(0, 2, 3, 1).numpy())
+            self._put("arr_1", labels.cpu().numpy())
+        else:
+            self._put("images", x.numpy())
+            self._put("labels", labels.cpu().numpy())
+            if tokens is not None:
+                self._put("tokens", tokens.cpu().numpy())
+        self.done += len(x)
+
+    def close(self) -> Path:
+        import os
+        import zipfile
+
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name, (part, arr) in self.parts.items():
+                    arr.flush()
+                    zf.write(part, f"{name}.npy")
+                for name, value in (self.extra if self.format == "onestep" else {}).items():
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+            os.replace(tmp, self.path)
+        finally:
+            self.discard()
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the arrays written so far (and a partial ``.npz``); ``path`` is left as it was."""
+        self.parts.clear()  # unmaps the arrays
+        for part in self.path.parent.glob(f".{self.path.name}.*"):
+            part.unlink()
+
+
 def match_channels(images: torch.Tensor, channels: int, what: str) -> torch.Tensor:
     """``images`` (N, C, H, W) with ``channels`` channels: three equal channels (grey images stored as RGB, as in
     ADM's layout) become one; any other mismatch is a ``ValueError`` naming ``what``."""

@@ -30,12 +30,11 @@ def load_mapkd(run_dir: str | Path, device="cpu"):
     from onestep.runs import final_dir, load_teacher, resolve_ref
 
     d = final_dir(run_dir)
-    config = ckpt.read_json(d / "config.json")
+    config = ckpt.read_config(d)
     if not is_mapkd_config(config):
         raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a MapKD run")
     teacher, _, tokenizer = load_teacher(resolve_ref(config["teacher_dir"], d), device)
-    generator = MapKDGenerator.from_config(config["model"], teacher)
-    ckpt.load_model_weights(d, generator)
+    generator = ckpt.load_model(d, lambda: MapKDGenerator.from_config(config["model"], teacher), config)
     return generator.to(device).eval(), teacher, tokenizer, SamplingConfig(**config["sampling"])
 
 

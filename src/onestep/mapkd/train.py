@@ -116,6 +116,7 @@ def train_mapkd(run_dir: str | Path, teacher_dir: str | Path, cfg: MapKDConfig, 
     from onestep.runs import load_teacher, ref_to
 
     info = info or DistInfo()
+    rng.seed_everything(cfg.seed)
     if cfg.batch_size % info.world_size:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by world size {info.world_size}")
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)

@@ -69,7 +69,8 @@ def serve(run: list[str] | None, host: str = "127.0.0.1", port: int = 8000, devi
         print(f"onestep serve: {kind}: {where}", flush=True)
     models = Models(runs, device=device)
     models.warm_up()
-    app = build_app(models)
+    bound_host, bound_port = sock.getsockname()[:2]
+    app = build_app(models, host=host if host in ("", "0.0.0.0", "::") else bound_host, port=bound_port)
     print(f"onestep serve: {url_of(sock)}  (Ctrl-C to quit)", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)

@@ -12,15 +12,21 @@ Routes:
   image of the latent walk between two noise seeds.
 - ``POST /api/throughput`` ``{"k": int}``: images per second at batch 1 and 64 of every panel, timed side by side.
 
-Bad input (unknown class or method, seed / k / t out of range, malformed JSON, unknown fields) gets HTTP 400 with
-``{"error": message}``; the server keeps serving.
+Bad input (unknown class or method, seed / k / t out of range, malformed JSON at any depth, unknown fields) gets HTTP
+400 with ``{"error": message}``; the server keeps serving. A request whose ``Host`` header is not the server's own
+address (the bound one, localhost, 127.0.0.1 or [::1], with the port) gets 403: a page of another site that a DNS
+rebinding points at 127.0.0.1 reaches no model. The work of a generate request whose client went away is cancelled
+(at the next panel or teacher step), so abandoned requests do not delay the next one.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import random
+import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,12 +45,53 @@ class BadRequest(ValueError):
     """A request the API refuses with HTTP 400."""
 
 
+class Cancelled(Exception):
+    """The client of a generate request went away: its remaining work is dropped."""
+
+
+WILDCARD = ("", "0.0.0.0", "::")
+
+
+class HostGuard:
+    """ASGI middleware: HTTP 403 for a request whose ``Host`` header is not this server's. Allowed: localhost,
+    127.0.0.1, [::1] and the bound address, each with the bound port (bare when the port is 80); bound to every
+    interface (0.0.0.0, ::), also this machine's names and any IP address. A DNS-rebinding page sends its own domain
+    name, which is never allowed."""
+
+    def __init__(self, app, host: str, port: int):
+        self.app, self.port, self.wildcard = app, port, host in WILDCARD
+        names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
+        if self.wildcard:
+            names |= {socket.gethostname(), socket.getfqdn()}
+        self.allowed = {f"{n.lower()}:{port}" for n in names} | ({n.lower() for n in names} if port == 80 else set())
+
+    def ok(self, host: str) -> bool:
+        host = host.strip().lower()
+        if host in self.allowed:
+            return True
+        name, _, port = host.rpartition(":") if host.rfind(":") > host.rfind("]") else (host, "", "80")
+        try:
+            ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            return False
+        return self.wildcard and port == str(self.port)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not self.ok(host):
+                msg = f"Host {host!r} is not this server's address: refused (DNS rebinding protection)"
+                return await JSONResponse({"error": msg}, status_code=403)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 async def _body(request: Request, allowed: set[str]) -> dict:
     raw = await request.body()
     try:
         body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"malformed JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise BadRequest(f"malformed JSON: {what}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"expected a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - allowed)
@@ -82,10 +129,13 @@ def _k(body: dict, models: Models) -> int:
     return _int(body, "k", 1, models.k_max, default=min(3, models.k_max))
 
 
-def build_app(models: Models, workers: int = 16) -> Starlette:
+def build_app(models: Models, workers: int = 16, host: str | None = None, port: int | None = None) -> Starlette:
     """The app serving ``models``; model calls run on a thread pool of ``workers`` (they queue on the models'
-    lock), so the event loop keeps answering while one runs."""
+    lock), so the event loop keeps answering while one runs. With ``host`` and ``port`` (the bound address), requests
+    for another host are refused (:class:`HostGuard`). ``app.state.counts``: "abandoned", the generate streams whose
+    client went away; "cancelled", those whose work stopped early because of it."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onestep-serve")
+    counts = {"abandoned": 0, "cancelled": 0}
 
     async def in_pool(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -110,8 +160,11 @@ def build_app(models: Models, workers: int = 16) -> Starlette:
         panels = models.panels(k)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()  # the client went away: the work stops at its next event
 
         def put(ev):
+            if gone.is_set():
+                raise Cancelled
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
         def work():
@@ -120,6 +173,8 @@ def build_app(models: Models, workers: int = 16) -> Starlette:
                 for p in panels:
                     if p.key == "teacher":
                         continue
+                    if gone.is_set():
+                        raise Cancelled
                     img, dt = models.one_step(p, label, seed)
                     lat[p.key] = dt
                     put({"type": "image", **p.__dict__, "image": data_url(img), "latency_s": dt})
@@ -133,22 +188,32 @@ def build_app(models: Models, workers: int = 16) -> Starlette:
                 ref = lat.get("teacher")
                 put({"type": "done", "latency_s": lat,
                      "speedup": {k_: (ref / v if ref else None) for k_, v in lat.items()}})
+            except Cancelled:
+                counts["cancelled"] += 1
             except Exception as e:  # a fault inside a model: reported in the stream, the server keeps serving
-                put({"type": "error", "error": f"{type(e).__name__}: {e}"})
+                with contextlib.suppress(Cancelled):
+                    put({"type": "error", "error": f"{type(e).__name__}: {e}"})
             finally:
-                put(None)
+                loop.call_soon_threadsafe(queue.put_nowait, None)
 
         async def stream():
-            yield json.dumps({"type": "start", "class": label, "class_name": models.classes[label],
-                              "random_class": randomized, "seed": seed, "k": k,
-                              "panels": [p.__dict__ for p in panels], "missing": models.missing}) + "\n"
-            fut = loop.run_in_executor(pool, work)
-            while True:
-                ev = await queue.get()
-                if ev is None:
-                    break
-                yield json.dumps(ev) + "\n"
-            await fut
+            finished = False
+            try:
+                yield json.dumps({"type": "start", "class": label, "class_name": models.classes[label],
+                                  "random_class": randomized, "seed": seed, "k": k,
+                                  "panels": [p.__dict__ for p in panels], "missing": models.missing}) + "\n"
+                fut = loop.run_in_executor(pool, work)
+                while True:
+                    ev = await queue.get()
+                    if ev is None:
+                        break
+                    yield json.dumps(ev) + "\n"
+                await fut
+                finished = True
+            finally:  # a client that went away cancels the stream here (Starlette cancels it on http.disconnect)
+                if not finished:
+                    gone.set()
+                    counts["abandoned"] += 1
 
         return StreamingResponse(stream(), media_type="application/x-ndjson",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
@@ -188,6 +253,10 @@ def build_app(models: Models, workers: int = 16) -> Starlette:
         yield
         pool.shutdown(wait=False)
 
-    app = Starlette(routes=routes, lifespan=lifespan, max_body_size=1 << 16)
+    from starlette.middleware import Middleware
+
+    guard = [Middleware(HostGuard, host=host, port=port)] if host is not None and port is not None else []
+    app = Starlette(routes=routes, lifespan=lifespan, max_body_size=1 << 16, middleware=guard)
     app.state.models = models
+    app.state.counts = counts
     return app

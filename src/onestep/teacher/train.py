@@ -96,10 +96,11 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
     it records none); folder images are resized to the tokenizer's size. Images of another channel count or size
     than the tokenizer's are refused (:class:`~onestep.data.DataError`) before anything is written."""
     from onestep.data import check_image_shape, load_dataset
+    from onestep.rng import seed_everything
     from onestep.runs import load_tokenizer, recorded_data, ref_to, stage_data, tokenizer_image_shape
 
     info = info or DistInfo()
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, info.device)
     data, data_root = stage_data(data, data_root, recorded_data(tokenizer_dir))
     shape = tokenizer_image_shape(tokenizer)

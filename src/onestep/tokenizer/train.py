@@ -147,11 +147,12 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
     from onestep import checkpoint as ckpt
     from onestep.data import load_dataset, to_float
     from onestep.distributed import wrap_ddp
+    from onestep.rng import seed_everything
     from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
                                  prepare_run_dir, set_lr, warmup_cosine)
 
     info = info or DistInfo()
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     ds = load_dataset(data, "train", root=data_root)
     _, C, H, W = ds.images.shape
     if H != W:

@@ -86,6 +86,8 @@ def check_batch_size(sampler: Sampler, batch_size: int, device) -> None:
     the memory available on ``device``."""
     from onestep.checkpoint import memory_available
 
+    if getattr(sampler, "tokenizer", None) is None:  # (a stand-in that decodes nothing)
+        return
     device = torch.device(device)
     have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else memory_available()
     need = batch_bytes(sampler, batch_size)

@@ -418,6 +418,10 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:,.0f}" if s >= 1 else f"{s * 1e3:.1f}"
 
 
+def _spread(row: dict) -> str:
+    return f"{_ms(row['median_s'])} ({_ms(min(row['all_s']))}-{_ms(max(row['all_s']))})"
+
+
 def markdown(res: dict) -> str:
     lines = ["# Speed at the published models' shapes (random weights, official layouts)", "",
              f"- command: `{res['command']}`", f"- commit: `{res['commit']}`",
@@ -437,7 +441,7 @@ def markdown(res: dict) -> str:
                   "Layouts: " + ("; ".join(f"{k} {'matches' if v['matches'] else 'DIFFERS FROM'} `{v['fixture']}` "
                                            f"({v['keys']} keys)" for k, v in sh["layout"].items())
                                  or "not checked (no published fixture at this size)"), "",
-                  "| batch | row | params | repeats | generator (ms) | + decoder (ms) | x bound | x bound with decoder "
+                  "| batch | row | params | repeats | generator (ms): median (min-max) | + decoder (ms) | x bound | x bound with decoder "
                   "| teacher speed-up (networks / with decoder) | peak memory (MiB): weights + activations |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for b, rows in sh["batches"].items():
@@ -447,10 +451,10 @@ def markdown(res: dict) -> str:
                        if "peak_mib" in x else "-")
                 if r == "decoder":
                     lines.append(f"| {b} | {x['title']} | {sh['params'][r] / 1e6:.1f}M | {x['repeats']} | "
-                                 f"{_ms(x['median_s'])} | - | - | - | - | {mem} |")
+                                 f"{_spread(x)} | - | - | - | - | {mem} |")
                     continue
                 lines.append(f"| {b} | {x['title']} | {sh['params'][r] / 1e6:.1f}M | {x['repeats']} | "
-                             f"{_ms(x['median_s'])} | {_ms(x['with_decoder_s'])} | {x['x_bound']:.2f} | "
+                             f"{_spread(x)} | {_ms(x['with_decoder_s'])} | {x['x_bound']:.2f} | "
                              f"{x['x_bound_with_decoder']:.2f} | {x['teacher_speedup']:.1f}x / "
                              f"{x['teacher_speedup_with_decoder']:.1f}x | {mem} |")
         lines += ["", "Parts (median ms; share of the row's generator time):", "",

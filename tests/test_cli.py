@@ -827,7 +827,7 @@ def test_mnist_runs_train_and_evaluate_on_mnist_by_default(tmp_path, monkeypatch
 
 # ---- sampling within bounds -------------------------------------------------------------------------------------
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "fashion-mnist"
-needs_shipped = pytest.mark.skipif(not (SHIPPED / "dd2-csd" / "export.json").exists(), reason="no shipped models")
+needs_shipped = pytest.mark.skipif(not (SHIPPED / "dd2" / "export.json").exists(), reason="no shipped models")
 
 
 @needs_shipped
@@ -862,7 +862,7 @@ def test_sample_refuses_what_cannot_fit_or_another_rule_with_one_line(tmp_path, 
     """Before anything is written: an -n whose file cannot fit on the disk, a batch whose memory cannot fit, and a
     sampling rule other than the one a DD2 (CSD) run was distilled under (as the Python API refuses it)."""
     with pytest.raises(SystemExit) as e:
-        main(["sample", "--run", str(SHIPPED / "dd2-csd"), "--out", str(tmp_path / "out"), *argv])
+        main(["sample", "--run", str(SHIPPED / "dd2"), "--out", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()

@@ -9,9 +9,8 @@ import torch
 from onestep.teacher.llamagen import GPT, GPT_PRESETS, model_args
 from onestep.teacher.sampling import SamplingConfig, process_logits, sample_tokens, teacher_log_probs, truncate_logits
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "checkpoints"
-if not FIXTURES.exists():  # CI: shared/ sits beside the clone
-    FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoints"
+# The published models' state_dict layouts (key, shape, dtype; no weights), kept in the repository: fixtures/checkpoints
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "checkpoints"
 
 
 def assert_official_layout(build, fixture: str, prefix: str = "") -> tuple:
@@ -19,8 +18,7 @@ def assert_official_layout(build, fixture: str, prefix: str = "") -> tuple:
     keys in the same order, shapes and dtypes (``prefix``: only the fixture's keys under it, prefix removed); and,
     for a whole model, the parameter count. Returns (module, fixture dict)."""
     path = FIXTURES / f"{fixture}.json"
-    if not path.exists():
-        pytest.skip(f"fixture {path} not available")
+    assert path.is_file(), f"layout fixture {path} is missing"
     ref = json.loads(path.read_text())
     with torch.device("meta"):
         m = build()

@@ -6,6 +6,7 @@ ratio (2:1), and at least 4x the longest CSD run measured before (2,000 generato
 
     OMP_NUM_THREADS=1 python lab/dd2_plateau/run.py --root runs/lab/dd2-plateau        # resumable: re-run to go on
     OMP_NUM_THREADS=1 python lab/dd2_plateau/run.py --root runs/lab/dd2-plateau --eval  # score every snapshot
+    python lab/dd2_plateau/run.py --root runs/lab/dd2-plateau --report   # -> lab/results/dd2-plateau.{json,md}
 
 Stages (each a resumable onestep run directory under --root):
   adapt/  stage 0, the `small` preset (600 fine-tuning steps); its held-out NLL acceptance is printed
@@ -73,10 +74,35 @@ def evaluate(root: Path, n: int) -> None:
         print(rec, flush=True)
 
 
+def report(root: Path) -> None:
+    """What the run has measured so far: stage 0's acceptance, the stages' CPU, the scored snapshots."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from _common import provenance, write_results
+
+    def metrics(stage: str) -> dict:
+        f = root / stage / "metrics.json"
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    scores = root / "csd-snapshots" / "scores.jsonl"
+    rows = [json.loads(l) for l in scores.read_text().splitlines()] if scores.exists() else []
+    adapt = metrics("adapt")
+    result = {**provenance(), "root": str(root), "csd": PLATEAU.to_dict(),
+              "stage0": {k: adapt.get(k) for k in ("nll_teacher", "nll_after_fit", "nll_adapted", "nll_rel_change",
+                                                   "accepted", "cpu_time_s")},
+              "cpu_s": {s: metrics(s).get("cpu_time_s") for s in ("adapt", "tune", "csd")},
+              "rows": sorted(rows, key=lambda r: r["step"])}
+    write_results(Path(__file__).resolve().parents[1] / "results" / "dd2-plateau", result,
+                  "DD2 (the paper's recipe) run to its plateau: one-step classifier FID (2k) by CSD step")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="runs/lab/dd2-plateau")
     ap.add_argument("--eval", action="store_true", help="score the snapshots instead of training")
+    ap.add_argument("--report", action="store_true", help="write lab/results/dd2-plateau.{json,md}")
     ap.add_argument("-n", type=int, default=2000)
     a = ap.parse_args()
-    (evaluate if a.eval else train)(Path(a.root), *([a.n] if a.eval else []))
+    if a.report:
+        report(Path(a.root))
+    else:
+        (evaluate if a.eval else train)(Path(a.root), *([a.n] if a.eval else []))

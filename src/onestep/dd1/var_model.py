@@ -2,7 +2,7 @@
 
 The same contract as :class:`onestep.dd1.model.DD1Generator`: a trajectory point (ids where ``clean``, the
 original noise eps elsewhere, clean positions a prefix of whole scales) -> logits of the flow map's final token at
-EVERY position. Layout as in ``shared/reference/checkpoints/dd1-var-d*.json`` (checked by a test):
+EVERY position. Layout as in ``tests/fixtures/checkpoints/dd1-var-d*.json`` (checked by a test):
 
 - the teacher's modules and names, with one extra 1x1 level in front: internal scales (1,) + patch_nums, so
   ``pos_1LC`` has L + 1 rows and ``lvl_embed`` K + 1; slot 0 holds the class embedding plus ``pos_start``;

@@ -2,7 +2,7 @@
 
 Parameter names and shapes follow the official LlamaGen GPT (``autoregressive/models/gpt.py``), so the
 ``GPT-B`` / ``GPT-L`` / ``GPT-XL`` / ``GPT-XXL`` presets build exactly the state_dict layout described in
-``shared/reference/checkpoints/llamagen-gpt-*.json`` (checked by a test):
+``tests/fixtures/checkpoints/llamagen-gpt-*.json`` (checked by a test):
 
 - RMSNorm (eps 1e-5, normalised in float32, cast back, times weight), SwiGLU FFN (w1, w3, w2; hidden
   = round_up(int(2 * 4 * dim / 3), multiple_of)), no biases anywhere, untied output head.
@@ -84,7 +84,7 @@ class ModelArgs:
 
 _OFFICIAL = dict(vocab_size=16384, num_classes=1000, grid_h=16, grid_w=16, code_dim=8)
 GPT_PRESETS: dict[str, ModelArgs] = {
-    # Official LlamaGen c2i sizes (256px, 16x16 tokens); layouts match shared/reference/checkpoints.
+    # Official LlamaGen c2i sizes (256px, 16x16 tokens); layouts match tests/fixtures/checkpoints.
     "GPT-B": ModelArgs(dim=768, n_layer=12, n_head=12, **_OFFICIAL),
     "GPT-L": ModelArgs(dim=1024, n_layer=24, n_head=16, **_OFFICIAL),
     "GPT-XL": ModelArgs(dim=1280, n_layer=36, n_head=20, **_OFFICIAL),

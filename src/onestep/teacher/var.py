@@ -3,7 +3,7 @@
 One AR step is one scale: scale k holds ``pn_k x pn_k`` tokens in row-major order, and its tokens attend to
 every token of scales <= k (block-causal). Parameter names and shapes follow the official VAR
 (``models/var.py``), so the ``VAR-d16`` / ``d20`` / ``d24`` / ``d30`` presets build exactly the state_dict
-described in ``shared/reference/checkpoints/var-d*.json`` (checked by a test), persistent buffers included
+described in ``tests/fixtures/checkpoints/var-d*.json`` (checked by a test), persistent buffers included
 (``lvl_1L``, ``attn_bias_for_masking``, ``blocks.*.attn.zero_k_bias``):
 
 - width C = 64 depth, heads = depth; LayerNorms without affine parameters (eps 1e-6); per-block AdaLN on the
@@ -98,7 +98,7 @@ def _official(depth: int) -> VARArgs:
 
 
 VAR_PRESETS: dict[str, VARArgs] = {
-    # Official VAR class-conditional ImageNet 256 sizes; layouts match shared/reference/checkpoints/var-d*.json.
+    # Official VAR class-conditional ImageNet 256 sizes; layouts match tests/fixtures/checkpoints/var-d*.json.
     "VAR-d16": _official(16), "VAR-d20": _official(20), "VAR-d24": _official(24), "VAR-d30": _official(30),
     # Sized for a 2-core CPU: "tiny" for unit tests (3 scales, 14 tokens), "small" for 28x28 images (7x7 latent).
     "tiny": VARArgs(depth=2, embed_dim=32, num_heads=2, num_classes=10, vocab_size=16, code_dim=4,

@@ -1,7 +1,7 @@
 """VAR's multi-scale residual VQ tokenizer (VQVAE), with the official layout of ``vae_ch160v4096z32.pth``.
 
 Layout (names follow VAR's ``models/vqvae.py`` and ``basic_vae.py``; checked against
-``shared/reference/checkpoints/var-vqvae-ch160-v4096-z32.json`` by a test)::
+``tests/fixtures/checkpoints/var-vqvae-ch160-v4096-z32.json`` by a test)::
 
     image (B, in_ch, H, W) in [-1, 1]
       -> encoder: conv_in, down.{i}.block.{j} (ResnetBlocks), down.{i}.attn.{j} (lowest level only),

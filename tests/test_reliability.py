@@ -199,7 +199,7 @@ def test_a_run_moved_one_directory_deeper_keeps_resuming_and_sampling(upstream, 
     assert all(torch.equal(got[k], want[k]) for k in want)
     (runs / "ref").rename(runs / "sub" / "ref")  # a finished run moved: its teacher_dir "../teacher" is not beside it
     main(["sample", "--run", str(runs / "sub" / "ref"), "-n", "2", "--out", str(tmp_path / "samples")])
-    assert (tmp_path / "samples" / "dd2-1step.npz").exists()
+    assert (tmp_path / "samples" / "mapkd-1step.npz").exists()
 
 
 def test_a_larger_steps_on_a_finished_run_needs_extend(tmp_path, capsys, one_thread):
@@ -217,5 +217,5 @@ def test_a_larger_steps_on_a_finished_run_needs_extend(tmp_path, capsys, one_thr
     assert e.value.code == 2 and len(err) == 1 and "pass --extend" in err[0], err
     assert files() == before
     main(base + ["--steps", "4", "--extend"])
-    assert "flow.steps grows from 2 to 4" in capsys.readouterr().out
+    assert "mapkd.steps grows from 2 to 4" in capsys.readouterr().out
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"

@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
         cmd = [sys.executable, "benchmarks/published_shapes.py", "--device", a.device,
                *(["--bf16"] if a.device.startswith("cuda") else []), "--out", str(out / "published-shapes")]
         if a.tiny:
-            cmd.append("--tiny")
+            cmd += ["--shapes", "llamagen-tiny", "var-tiny", "--repeats", "1", "1", "--teacher-repeats", "1", "1"]
         subprocess.run(cmd, check=True, cwd=ROOT)
     (out / "gpu-check.json").write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))

@@ -57,14 +57,19 @@ def train(root: Path) -> None:
 
 
 def evaluate(root: Path, n: int) -> None:
+    """Score every snapshot not scored yet. A snapshot is scored as a run directory beside the others
+    (ROOT/csd-step_N/final), so that its references to the stage-0 teacher resolve as the run's own do."""
     snaps = root / "csd-snapshots"
     scores = snaps / "scores.jsonl"
     done = {json.loads(l)["snapshot"] for l in scores.read_text().splitlines()} if scores.exists() else set()
     for d in sorted(p for p in snaps.glob("step_*") if p.is_dir() and p.suffix != ".tmp"):
         if d.name in done:
             continue
+        run = root / f"csd-{d.name}"
+        if not (run / "final").exists():
+            shutil.copytree(d, run / "final")
         out = snaps / f"{d.name}.json"
-        onestep("eval", "--run", str(d), "--method", "dd2", "-n", str(n), "--n-inception", "0", "--seed", "0",
+        onestep("eval", "--run", str(run), "--method", "dd2", "-n", str(n), "--n-inception", "0", "--seed", "0",
                 "--out", str(out))
         res = json.loads(out.read_text())
         rec = {"snapshot": d.name, "step": int(d.name.split("_")[1]),

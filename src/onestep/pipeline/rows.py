@@ -36,7 +36,8 @@ class Rows:
         return grid_columns(self.cfg.n_grid, self._facts["num_classes"])
 
     def samplers(self, teacher_dir: Path, runs: dict[str, Path]) -> dict:
-        """Every method of the tables as a :class:`~onestep.samplers.Sampler`, keyed by row name."""
+        """Every row of :meth:`row_plan` whose runs are there, as a :class:`~onestep.samplers.Sampler` keyed by row name,
+        in the plan's order (a sampler built for a row the plan does not list is an error)."""
         from onestep.dd2.sampling import ardiffusion_sampler, dd2_sampler, load_dd2
         from onestep.dd2.tune import load_ardiffusion
         from onestep.runs import load_teacher
@@ -81,7 +82,11 @@ class Rows:
         if shipped is not None:  # the shipped DD2 generator, beside the run's own short CSD
             gen, dd2_teacher, _, samp = load_dd2(shipped, self.device)
             out["dd2-1step-shipped"] = dd2_sampler(gen, dd2_teacher, tok, samp, 1, name="dd2-1step-shipped")
-        return out
+        planned = [name for name, _ in self.row_plan(teacher_dir)]
+        unplanned = sorted(set(out) - set(planned))
+        if unplanned:
+            raise RuntimeError(f"samplers built for rows that row_plan does not list: {unplanned}")
+        return {name: out[name] for name in planned if name in out}
 
     def shipped_dd2(self) -> Path | None:
         """The shipped DD2 generator when the config asks for its row and the run uses the shipped teacher."""
@@ -234,20 +239,30 @@ class Rows:
             floor[f"fid_classifier_{h['n']}"] = h["fid_classifier"]
         return floor
 
-    def row_names(self, teacher_dir: Path) -> dict[str, list[str]]:
-        """The table's rows by what they need: the teacher alone, DD1, or DD2's stages (baselines included:
-        onestep*'s marginals come from the stage-1 pool), most expensive first. The skip-n rows follow the teacher's
-        AR step count (:func:`~onestep.dd1.baselines.skip_counts`)."""
+    def row_plan(self, teacher_dir: Path) -> list[tuple[str, str]]:
+        """The table's rows, in the one list both :meth:`row_names` and :meth:`samplers` read: (row, group), the group
+        being what the row needs trained (the teacher alone, DD1, DD2's stages, MapKD; the baselines are DD2's:
+        onestep*'s marginals come from the stage-1 pool), most expensive first within a group. The skip-n rows follow
+        the teacher's AR step count (:func:`~onestep.dd1.baselines.skip_counts`)."""
         from onestep.dd1.baselines import skip_counts
 
         skips = [f"skip-{n}" for n in skip_counts(self.teacher_facts(teacher_dir)["ar_steps"])]
+        plan = [("teacher", "teacher")] + ([("dd2-1step-shipped", "teacher")] if self.shipped_dd2() is not None else [])
+        plan += [(n, "dd1") for n in ("dd1-teacher-involved", "dd1-2step", "dd1-1step")]
         dd2 = [f"dd2-alg4-{k}step" for k in sorted(self.cfg.dd2_multi, reverse=True)]
-        dd2 += ["dd2-stage1-euler10", "teacher-stage0", *skips, "dd2-1step", "dd2-1step-continuous",
-                "onestep*"] + (["dd2-1step-align"] if self.cfg.align else [])
-        mapkd = [f"mapkd-jacobi-{k}step" for k in sorted(self.cfg.mapkd_multi, reverse=True)] + ["mapkd-1step"]
-        teacher = ["teacher"] + (["dd2-1step-shipped"] if self.shipped_dd2() is not None else [])
-        return {"teacher": teacher, "dd1": ["dd1-teacher-involved", "dd1-2step", "dd1-1step"], "dd2": dd2,
-                "mapkd": mapkd if self.cfg.mapkd else []}
+        dd2 += ["dd2-stage1-euler10", "teacher-stage0", *skips, "dd2-1step", "dd2-1step-continuous", "onestep*"]
+        plan += [(n, "dd2") for n in dd2 + (["dd2-1step-align"] if self.cfg.align else [])]
+        if self.cfg.mapkd:
+            plan += [(f"mapkd-jacobi-{k}step", "mapkd") for k in sorted(self.cfg.mapkd_multi, reverse=True)]
+            plan.append(("mapkd-1step", "mapkd"))
+        return plan
+
+    def row_names(self, teacher_dir: Path) -> dict[str, list[str]]:
+        """:meth:`row_plan` by group."""
+        out: dict[str, list[str]] = {"teacher": [], "dd1": [], "dd2": [], "mapkd": []}
+        for name, group in self.row_plan(teacher_dir):
+            out[group].append(name)
+        return out
 
     def side_by_side(self, methods: list[str]) -> Path | None:
         """One PNG: for each method a block of its first two grid rows (and the class captions), stacked vertically

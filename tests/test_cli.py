@@ -37,8 +37,9 @@ def _sub_parsers(parser, name="onestep"):
 
 
 def test_every_flag_has_a_help_that_names_its_default():
-    """Every option of every command (but -h, and hidden aliases) has a help text; a default that is not None or
-    False appears in it, as the formatter's "(default: X)" or in the text's own words."""
+    """Every option of every command (but -h, and hidden aliases) has a help text that says its default (or that it
+    is required); a default that is not None or False appears in it, as the formatter's "(default: X)" or in the
+    text's own words."""
     import argparse
 
     seen = 0
@@ -52,6 +53,9 @@ def test_every_flag_has_a_help_that_names_its_default():
             flag = f"{name} {'/'.join(action.option_strings) or action.dest}"
             text = fmt._expand_help(action) if action.help else ""
             assert text.strip(), f"{flag} has no help text"
+            if action.option_strings and not isinstance(action, argparse._VersionAction):
+                shown = p._get_formatter()._get_help_string(action).lower()
+                assert "default" in shown or "required" in shown, f"{flag}: {shown!r}"
             if action.default not in (None, False, argparse.SUPPRESS):
                 assert "default" in text.lower() and str(action.default) in text, f"{flag}: {text!r}"
             seen += 1

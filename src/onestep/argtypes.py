@@ -14,16 +14,21 @@ __all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "unit
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """A help formatter that appends `` (default: X)`` to a flag's help text, unless the text already mentions its
-    default (the word "default" in any case) or the default is None, False or suppressed (a flag that is off
-    unless given)."""
+    """A help formatter that says every flag's default: it appends `` (required)`` to a required flag's help text,
+    `` (default: off)`` to a switch's, `` (default: none)`` where the default is None, and `` (default: X)``
+    otherwise, unless the text already mentions its default (the word "default" in any case)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (not text or "default" in text.lower() or default is None or default is False
-                or default is argparse.SUPPRESS or not action.option_strings):
+        if not text or "default" in text.lower() or not action.option_strings or default is argparse.SUPPRESS:
             return text
+        if action.required:
+            return text + " (required)"
+        if default is False:
+            return text + " (default: off)"
+        if default is None:
+            return text + " (default: none)"
         return text + " (default: %(default)s)"
 
 

@@ -117,25 +117,25 @@ def register(sub) -> None:
                    help="after the warm-up: constant LRs, or both LRs on a cosine to --final-lr-ratio x their LR at the "
                         "last step (default: the preset's, constant)")
     r.add_argument("--final-lr-ratio", type=nonneg_float, default=None,
-                   help="the cosine's end, as a fraction of the LR")
-    r.add_argument("--guidance-steps", type=positive_int, default=None, help="K guidance updates per generator update")
+                   help="the cosine's end, as a fraction of the LR (default: the preset's, 0)")
+    r.add_argument("--guidance-steps", type=positive_int, default=None, help="K guidance updates per generator update (default: the preset's, 5)")
     r.add_argument("--guidance-batch-size", type=positive_int, default=None,
                    help="generated sequences per guidance update (default: the preset's, i.e. --batch-size)")
-    r.add_argument("--m-noise", type=positive_int, default=None, help="noise draws per sequence in the guidance loss")
+    r.add_argument("--m-noise", type=positive_int, default=None, help="noise draws per sequence in the guidance loss (default: the preset's)")
     r.add_argument("--generator-t", type=unit_interval, default=None,
                    help="time s in (0, 1] at which the generator's head reads the noise: x = s eps - s v(s eps, s); "
-                        "1 = the paper's x = eps - v(eps, 1) (default); s < 1 starts CSD from a noise-dependent "
-                        "generator instead of the per-position mean")
+                        "1 = the paper's x = eps - v(eps, 1); s < 1 starts CSD from a noise-dependent generator "
+                        "instead of the per-position mean (default: the preset's, 0.5 in small and paper)")
     r.add_argument("--condition-on-codes", action=argparse.BooleanOptionalAction, default=None,
                    help="the teacher's and psi's prefix conditions read the generated prefix snapped to the nearest "
                         "codes (psi then learns the generator's conditional given the quantised prefix); default: the "
                         "preset's (on in small, off in tiny); --no-condition-on-codes gives the paper's continuous "
                         "conditions")
     r.add_argument("--align-at", type=nonneg_int, default=None,
-                   help="performance alignment at this generator step (0 = off)")
-    r.add_argument("--align-steps", type=nonneg_int, default=None, help="guidance-only steps of the alignment")
+                   help="performance alignment at this generator step (0 = off; default: the preset's, off)")
+    r.add_argument("--align-steps", type=nonneg_int, default=None, help="guidance-only steps of the alignment (default: the preset's, 0)")
     r.add_argument("--guidance-warmup", type=nonneg_int, default=None,
-                   help="guidance-only steps before the first generator step (the map-start variant)")
+                   help="guidance-only steps before the first generator step, for the map-start variant (default: 0)")
     r.add_argument("--generator-init", default=None,
                    help="a run whose generator CSD starts from instead of stage 1's (the map-start variant of lab/mapstart.py; default: none, the paper's start)")
     add_common(r, seed=None)

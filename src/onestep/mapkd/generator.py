@@ -15,13 +15,16 @@ from torch import Tensor, nn
 
 from onestep.flow_map import ODEConfig, codebook_grid, ode_map
 
-__all__ = ["MapKDGenerator", "default_ode", "LEGACY_GENERATOR_NAMES"]
+__all__ = ["MapKDGenerator", "default_ode", "ODE_STEPS", "ODE_SOLVER", "LEGACY_GENERATOR_NAMES"]
 
 # the generator's name in a run's model config; runs written before the method had its name say "flow-head"
 LEGACY_GENERATOR_NAMES = ("flow-head",)
 
 
-def default_ode(codebook: Tensor, n_steps: int = 16, solver: str = "ab2log") -> ODEConfig:
+ODE_STEPS, ODE_SOLVER = 16, "ab2log"  # the map's default ODE (MapKDConfig's defaults read these)
+
+
+def default_ode(codebook: Tensor, n_steps: int = ODE_STEPS, solver: str = ODE_SOLVER) -> ODEConfig:
     """The map's default ODE: 16 AB2 steps extrapolating in log s on the codebook's log-SNR grid
     (:func:`~onestep.flow_map.codebook_grid`)."""
     s_min, s_max = codebook_grid(codebook)

@@ -30,7 +30,7 @@ from onestep import checkpoint as ckpt
 from onestep import rng
 from onestep.distributed import DistInfo, unwrap, wrap_ddp
 from onestep.flow_map import ODEConfig, codebook_grid, ode_map
-from onestep.mapkd.generator import MapKDGenerator
+from onestep.mapkd.generator import ODE_SOLVER, ODE_STEPS, MapKDGenerator
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
 from onestep.trainer import (LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer, prepare_run_dir,
                              set_lr, warmup_cosine)
@@ -46,8 +46,8 @@ class MapKDConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
-    ode_steps: int = 16          # the flow map's ODE (onestep.flow_map.ode_map), in training and sampling:
-    ode_solver: str = "ab2log"   # 16 steps of AB2 extrapolating in log s on a log-SNR grid over [s_min, s_max]
+    ode_steps: int = ODE_STEPS   # the flow map's ODE (onestep.flow_map.ode_map), in training and sampling:
+    ode_solver: str = ODE_SOLVER # 16 steps of AB2 extrapolating in log s on a log-SNR grid over [s_min, s_max]
     ode_s_min: float | None = None  # (None: flow_map.codebook_grid, [0.30, 37.4] on Fashion-MNIST's codes) put 1.0%
     ode_s_max: float | None = None  # of the tokens off a converged reference, at half the time of the 32 AB2 steps in
                                     # s over [0.05, 500] that put 3.3% off (benchmarks/results/ode-solvers.md)

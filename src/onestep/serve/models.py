@@ -20,11 +20,13 @@ from typing import Callable
 
 import torch
 
+from onestep.methods import METHODS
+
 KINDS = ("teacher", "dd1", "mapkd", "dd2")
 ONE_STEP = ("dd1", "mapkd", "dd2")  # the one-step methods, in the order of the page
-# the method whose k-step panel the page shows (the first served), with its multi-step sampler and its label
-MULTI = {"mapkd": ("jacobi", "MapKD, 1 step + {k} Jacobi teacher pass{es}"),
-         "dd2": ("alg4", "DD2, 1 step + {k} teacher step{s} (Alg. 4)")}
+# the methods whose k-step panel the page shows (the first served), each under its default multi-step sampler
+# (onestep.methods.METHODS), with the panel's label
+MULTI = {"mapkd": "MapKD, 1 step + {k} Jacobi teacher pass{es}", "dd2": "DD2, 1 step + {k} teacher step{s} (Alg. 4)"}
 LABELS = {"dd1": "DD1, 1 step", "mapkd": "MapKD, 1 step", "dd2": "DD2 (paper recipe), 1 step"}
 SEED_MAX = 2 ** 31 - 1
 THROUGHPUT_BATCHES = (1, 64)
@@ -215,7 +217,7 @@ class Models:
             if m in self.gens:
                 out.append(Served(m, m, 1, LABELS[m], self.runs[m]))
                 if k >= 1 and m == self.multi:
-                    label = MULTI[m][1].format(k=k, s="s" if k > 1 else "", es="es" if k > 1 else "")
+                    label = MULTI[m].format(k=k, s="s" if k > 1 else "", es="es" if k > 1 else "")
                     out.append(Served(f"{m}-k", m, 1 + k, label, self.runs[m]))
         return out
 
@@ -224,7 +226,7 @@ class Models:
 
         return {"classes": self.classes, "num_classes": self.num_classes, "image_shape": list(self.image_shape),
                 "runs": self.runs, "missing": self.missing, "one_step": self.one_step_keys, "labels": LABELS,
-                "multi": self.multi, "multi_row": f"{self.multi}-{MULTI[self.multi][0]}-" if self.multi else None,
+                "multi": self.multi, "multi_row": f"{self.multi}-{METHODS[self.multi].multistep[0]}-" if self.multi else None,
                 "teacher_steps": self.teacher_steps, "k_max": self.k_max, "k_default": min(3, self.k_max),
                 "seed_max": SEED_MAX, "fids": self.fids, "machine": machine_info(),
                 "panels": [p.__dict__ for p in self.panels(min(3, self.k_max))]}

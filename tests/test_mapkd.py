@@ -105,7 +105,7 @@ def test_loss_is_the_kl_from_the_teachers_conditional_at_the_generated_prefix(ta
     g = torch.Generator().manual_seed(2)
     eps, labels = torch.randn(4, n, C, generator=g), torch.tensor([0, 3, 5, 7])
     ode = gen.ode
-    loss, logs = mapkd_loss(gen, table_gpt, SAMPLING, eps, labels, ode, "forward")
+    loss, logs = mapkd_loss(gen, table_gpt, SAMPLING, eps, labels, ode, 0.0)
     with torch.no_grad():
         log_q = gen.log_probs(eps, labels)
         ids = gen.sample_ids(eps, labels)
@@ -113,9 +113,13 @@ def test_loss_is_the_kl_from_the_teachers_conditional_at_the_generated_prefix(ta
     p = log_p.exp()
     kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
     assert abs(loss.item() - kl.mean().item()) < 1e-5 and abs(logs["kl"] - kl.mean().item()) < 1e-5
-    rev, _ = mapkd_loss(gen, table_gpt, SAMPLING, eps, labels, ode, "reverse")
+    rev, rlogs = mapkd_loss(gen, table_gpt, SAMPLING, eps, labels, ode, 1.0)
     q = log_q.exp()
-    assert abs(rev.item() - (q * (log_q - log_p.clamp_min(-1e4))).sum(-1).mean().item()) < 1e-4
+    rkl = (q * (log_q - log_p.clamp_min(-1e4))).sum(-1).mean().item()
+    assert abs(rev.item() - rkl) < 1e-4 and abs(rlogs["reverse_kl"] - rkl) < 1e-4
+    # the mixture is the weighted sum of the two: w = 0.5 is half the Jeffreys divergence
+    mix, _ = mapkd_loss(gen, table_gpt, SAMPLING, eps, labels, ode, 0.25)
+    assert abs(mix.item() - (0.75 * kl.mean().item() + 0.25 * rkl)) < 1e-4
     # the gradient reaches the generator only through its logits: the prefix (sampled tokens) is a constant
     loss.backward()
     grads = [p.grad for p in gen.parameters() if p.grad is not None]
@@ -125,6 +129,14 @@ def test_loss_is_the_kl_from_the_teachers_conditional_at_the_generated_prefix(ta
     lp = teacher_log_probs(table_gpt, ids_t, labels, SAMPLING)
     pt = lp.exp()
     assert torch.where(pt > 0, pt * (lp - lp), torch.zeros_like(pt)).sum(-1).abs().max() == 0
+
+
+def test_the_reverse_weight_follows_the_divergence_and_its_schedule():
+    assert MapKDConfig().reverse_weight_at(7) == 0.0
+    assert MapKDConfig(divergence="reverse").reverse_weight_at(7) == 1.0
+    assert MapKDConfig(divergence="mixture", reverse_weight=0.3).reverse_weight_at(7) == 0.3
+    sched = MapKDConfig(steps=11, divergence="mixture", reverse_weight=0.0, reverse_weight_end=1.0)
+    assert [sched.reverse_weight_at(k) for k in (0, 5, 10)] == [0.0, 0.5, 1.0]
 
 
 def test_n_jacobi_passes_of_the_teacher_give_dd1s_map(table_gpt):
@@ -158,6 +170,10 @@ def test_alg4_resamples_only_the_last_ar_steps(table_gpt):
 def test_config_checks():
     with pytest.raises(ValueError, match="divergence"):
         MapKDConfig(divergence="js")
+    with pytest.raises(ValueError, match="reverse_weight"):
+        MapKDConfig(divergence="mixture", reverse_weight=1.5)
+    with pytest.raises(ValueError, match="needs divergence='mixture'"):
+        MapKDConfig(reverse_weight_end=1.0)
     with pytest.raises(ValueError, match="ode_steps"):
         MapKDConfig(ode_steps=1)
     with pytest.raises(ValueError, match="s_min < s_max"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from onestep.argtypes import positive_int, positive_float
+from onestep.argtypes import positive_float, positive_int, unit_interval
 from onestep.cli.flags import PRESETS, add_common, add_preset, add_run_dir, add_sampling, given, override
 
 
@@ -16,8 +16,9 @@ def cmd_train(args) -> None:
     from onestep.mapkd.train import MAPKD_PRESETS, train_mapkd
     from onestep.samplers import sampling_config_from_args
 
-    cfg = override(MAPKD_PRESETS[args.preset], **given(args, "steps", "batch_size", "lr", "divergence", "prefix_codes",
-                                                        "prefix_ode_steps", "seed"))
+    cfg = override(MAPKD_PRESETS[args.preset], **given(args, "steps", "batch_size", "lr", "divergence", "reverse_weight",
+                                                        "reverse_weight_end", "prefix_codes", "prefix_ode_steps",
+                                                        "seed"))
     info = setup(args.device)
     final = train_mapkd(args.run_dir, args.teacher, cfg, sampling_config_from_args(args), info)
     if info.is_main:
@@ -43,9 +44,13 @@ def register(sub) -> None:
     t.add_argument("--batch-size", type=positive_int, default=None,
                    help="generated sequences per step (default: the preset's)")
     t.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
-    t.add_argument("--divergence", choices=("forward", "reverse"), default=None,
+    t.add_argument("--divergence", choices=("forward", "reverse", "mixture"), default=None,
                    help="forward: KL(teacher || generator) per position, mass-covering; reverse: KL(generator || "
-                        "teacher), mode-seeking (default: the preset's, forward)")
+                        "teacher), mode-seeking; mixture: (1-w) forward + w reverse (default: the preset's, forward)")
+    t.add_argument("--reverse-weight", type=unit_interval, default=None,
+                   help="mixture: the weight w of the reverse KL (default: the preset's, 0.5)")
+    t.add_argument("--reverse-weight-end", type=unit_interval, default=None,
+                   help="mixture: w at the last step, moved linearly from --reverse-weight (default: none, fixed)")
     t.add_argument("--prefix-codes", action=argparse.BooleanOptionalAction, default=None,
                    help="each position also reads the teacher's embedding of the code DD1's map gives the earlier "
                         "positions' noise under the generator's running marginal (one more ODE map per sample; "

@@ -10,7 +10,12 @@ teacher's conditional at the generator's own samples (on-policy distillation):
 
 with p_T the teacher's conditional under its sampling rule (CFG, truncation), for every position in one
 teacher-forcing pass over the generated tokens. D = KL(p_T || q) (``divergence="forward"``, mass-covering) is the
-default; KL(q || p_T) (``"reverse"``) keeps precision and drops modes.
+default; KL(q || p_T) (``"reverse"``) keeps precision and drops modes; ``"mixture"`` is
+
+    D_w = (1 - w) KL(p_T || q) + w KL(q || p_T),    w = reverse_weight (0.5: half the Jeffreys divergence),
+
+with w moved linearly to ``reverse_weight_end`` over training when that is set (a schedule from forward to reverse).
+Every D here is zero exactly when q = p_T, so the fixed point is the same.
 
 What it shares with DD2: the per-position conditional view and Proposition 1's fixed point (every conditional of the
 generator equal to the teacher's at the generator's own prefixes, hence equal joints). What it drops: score
@@ -51,7 +56,9 @@ class MapKDConfig:
     ode_s_min: float | None = None  # (None: flow_map.codebook_grid, [0.30, 37.4] on Fashion-MNIST's codes) put 1.0%
     ode_s_max: float | None = None  # of the tokens off a converged reference, at half the time of the 32 AB2 steps in
                                     # s over [0.05, 500] that put 3.3% off (benchmarks/results/ode-solvers.md)
-    divergence: str = "forward"  # "forward": KL(p_T || q), "reverse": KL(q || p_T) (see the module docstring)
+    divergence: str = "forward"  # "forward": KL(p_T || q), "reverse": KL(q || p_T), "mixture" (module docstring)
+    reverse_weight: float = 0.5  # "mixture": the weight w of KL(q || p_T)
+    reverse_weight_end: float | None = None  # "mixture": w at the last step, linear from reverse_weight (None: fixed)
     prefix_codes: bool = False   # row i also reads the code DD1's map gives eps_j (j < i) under the generator's
                                  # running per-class marginal at position j (MapKDGenerator.prefix_codes)
     prefix_ode_steps: int | None = None  # the steps of that map's ODE (None: ode_steps)
@@ -60,8 +67,13 @@ class MapKDConfig:
     ckpt_every: int = 100
 
     def __post_init__(self):
-        if self.divergence not in ("forward", "reverse"):
-            raise ValueError(f"divergence must be 'forward' or 'reverse', got {self.divergence!r}")
+        if self.divergence not in ("forward", "reverse", "mixture"):
+            raise ValueError(f"divergence must be 'forward', 'reverse' or 'mixture', got {self.divergence!r}")
+        if not all(0.0 <= w <= 1.0 for w in (self.reverse_weight, self.reverse_weight_end or 0.0)):
+            raise ValueError(f"reverse_weight and reverse_weight_end must lie in [0, 1], got {self.reverse_weight}, "
+                             f"{self.reverse_weight_end}")
+        if self.reverse_weight_end is not None and self.divergence != "mixture":
+            raise ValueError("reverse_weight_end schedules the mixture's weight: it needs divergence='mixture'")
         if self.ode_steps < 2 or (self.prefix_ode_steps is not None and self.prefix_ode_steps < 2):
             raise ValueError(f"ode_steps and prefix_ode_steps must be at least 2, got {self.ode_steps}, "
                              f"{self.prefix_ode_steps}")
@@ -79,6 +91,15 @@ class MapKDConfig:
         s_max = grid[1] if self.ode_s_max is None else self.ode_s_max
         return ODEConfig(solver=self.ode_solver, n_steps=self.ode_steps, s_min=s_min, s_max=s_max)
 
+    def reverse_weight_at(self, step: int) -> float:
+        """The weight w of KL(q || p_T) in the loss at ``step`` (0-based): 0 forward, 1 reverse."""
+        if self.divergence != "mixture":
+            return float(self.divergence == "reverse")
+        if self.reverse_weight_end is None:
+            return self.reverse_weight
+        frac = step / max(1, self.steps - 1)
+        return self.reverse_weight + (self.reverse_weight_end - self.reverse_weight) * frac
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -91,10 +112,11 @@ MAPKD_PRESETS = {
 
 
 def mapkd_loss(generator: nn.Module, teacher: nn.Module, sampling: SamplingConfig, eps: Tensor, labels: Tensor,
-              ode: ODEConfig, divergence: str = "forward") -> tuple[Tensor, dict]:
-    """The distillation loss of the module docstring on one batch; ``generator`` may be DDP-wrapped (its
-    forward returns the log-probs). Logs: the forward KL per position (nats), overall, at the first position and
-    over the last eighth of the positions."""
+               ode: ODEConfig, reverse_weight: float = 0.0) -> tuple[Tensor, dict]:
+    """The distillation loss of the module docstring on one batch, D_w with w = ``reverse_weight`` (0: forward KL,
+    1: reverse KL); ``generator`` may be DDP-wrapped (its forward returns the log-probs). Logs: the forward KL per
+    position (nats), overall, at the first position and over the last eighth of the positions; the reverse KL
+    where it is in the loss."""
     log_q = generator(eps, labels)
     with torch.no_grad():
         ids = ode_map(eps, log_q.detach(), unwrap(generator).codebook(), ode)
@@ -102,12 +124,14 @@ def mapkd_loss(generator: nn.Module, teacher: nn.Module, sampling: SamplingConfi
     p = log_p.exp()
     zero = torch.zeros_like(p)
     kl = torch.where(p > 0, p * (log_p - log_q), zero).sum(-1)  # KL(p_T || q) (B, n); 0 log 0 = 0
-    if divergence == "forward":
-        loss = kl.mean()
-    else:  # KL(q || p_T); a truncated code (p_T = 0) is held at a large finite penalty
-        loss = (log_q.exp() * (log_q - log_p.clamp_min(-1e4))).sum(-1).mean()
     tail = max(1, kl.shape[1] // 8)
-    return loss, {"kl": kl.mean().item(), "kl_first": kl[:, 0].mean().item(), "kl_last": kl[:, -tail:].mean().item()}
+    logs = {"kl": kl.mean().item(), "kl_first": kl[:, 0].mean().item(), "kl_last": kl[:, -tail:].mean().item()}
+    if reverse_weight == 0.0:
+        return kl.mean(), logs
+    # KL(q || p_T); a truncated code (p_T = 0) is held at a large finite penalty
+    rkl = (log_q.exp() * (log_q - log_p.clamp_min(-1e4))).sum(-1).mean()
+    logs["reverse_kl"] = rkl.item()
+    return (1.0 - reverse_weight) * kl.mean() + reverse_weight * rkl, logs
 
 
 def train_mapkd(run_dir: str | Path, teacher_dir: str | Path, cfg: MapKDConfig, sampling: SamplingConfig,
@@ -138,7 +162,7 @@ def train_mapkd(run_dir: str | Path, teacher_dir: str | Path, cfg: MapKDConfig, 
         set_lr(opt, warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
         labels = torch.randint(teacher.num_classes, (n_local,), generator=loop.generator).to(info.device)
         eps = rng.randn((n_local, *generator.noise_shape), loop.generator, info.device)
-        loss, logs = mapkd_loss(wrapped, teacher, sampling, eps, labels, generator.ode, cfg.divergence)
+        loss, logs = mapkd_loss(wrapped, teacher, sampling, eps, labels, generator.ode, cfg.reverse_weight_at(step))
         logs["nonfinite"] = float(not guarded_step(loss, opt, generator.parameters(), cfg.grad_clip))
         logs["lr"] = opt.param_groups[0]["lr"]
         return logs

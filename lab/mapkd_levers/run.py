@@ -1,0 +1,114 @@
+"""MapKD's levers on the shipped Fashion-MNIST teacher: the divergence and the training length, one change at a time.
+
+Question: which divergence between the teacher's conditional p_T and the generator's q (forward KL, reverse KL,
+their mixtures, a schedule from forward to reverse), and how many training steps, give MapKD the lowest one-step
+classifier FID with precision at least DD1's? Every variant is `onestep mapkd train` from the shipped teacher with
+the `small` preset (600 steps of 64, LR 1e-3, seed 0, CFG 2.0) and one change; every generator is evaluated on the
+same 2,000 balanced labels at two evaluation seeds (classifier FID, precision, recall), so a difference counts only
+beyond the seeds' spread. The generator's network and sampler are those of the shipped MapKD in every row, so its
+latency is the same (benchmarks/results/latency-bound.md).
+
+    OMP_NUM_THREADS=1 python lab/mapkd_levers/run.py --root runs/lab/mapkd-levers            # resumable: re-run
+    OMP_NUM_THREADS=1 python lab/mapkd_levers/run.py --root runs/lab/mapkd-levers --only jeffreys-600
+    python lab/mapkd_levers/run.py --root runs/lab/mapkd-levers --report   # -> lab/results/mapkd-levers.{json,md}
+
+Each variant is a resumable onestep run directory under --root; its evaluations are cached beside it
+(eval-seed<k>.json), so re-running trains and scores only what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TEACHER = "assets/fashion-mnist/teacher"
+RULE = ["--cfg-scale", "2.0"]
+# name -> the flags that differ from the small preset, in the order they are run
+VARIANTS = {
+    "jeffreys-600": ["--divergence", "mixture", "--reverse-weight", "0.5"],
+    "mixture-0.25-600": ["--divergence", "mixture", "--reverse-weight", "0.25"],
+    "forward-1200": ["--steps", "1200"],
+    "schedule-0-to-0.5-600": ["--divergence", "mixture", "--reverse-weight", "0", "--reverse-weight-end", "0.5"],
+    "forward-600": [],
+}
+SEEDS = (0, 1)
+
+
+def onestep(*args: str) -> None:
+    cmd = [sys.executable, "-m", "onestep", *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def evaluate(run: Path, method: str, seed: int, n: int) -> dict:
+    out = run / f"eval-seed{seed}.json"
+    if not out.exists():
+        onestep("eval", "--run", str(run), "--method", method, "-n", str(n), "--n-inception", "0", "--seed", str(seed),
+                "--out", str(out))
+    return json.loads(out.read_text())
+
+
+def train_and_score(root: Path, names: list[str], n: int) -> None:
+    for name in names:
+        run = root / name
+        onestep("mapkd", "train", "--teacher", TEACHER, "--run-dir", str(run), *RULE, *VARIANTS[name])
+        for seed in SEEDS:
+            evaluate(run, "mapkd", seed, n)
+
+
+def report(root: Path, n: int) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import provenance, write_results
+
+    def row(name: str, run: Path, method: str, flags: str, cpu) -> dict | None:
+        if not all((run / f"eval-seed{s}.json").exists() for s in SEEDS):
+            return None
+        ev = [json.loads((run / f"eval-seed{s}.json").read_text()) for s in SEEDS]
+        mean = {k: sum(e[k] for e in ev) / len(ev) for k in ("fid_classifier", "precision", "recall")}
+        return {"variant": name, "flags": flags, **{k: round(v, 4) for k, v in mean.items()},
+                "fid_seed_spread": round(abs(ev[0]["fid_classifier"] - ev[1]["fid_classifier"]), 3),
+                "train_cpu_s": cpu, "n": n}
+
+    rows = []
+    for name, flags in VARIANTS.items():
+        m = root / name / "metrics.json"
+        r = row(name, root / name, "mapkd", " ".join(flags) or "(the small preset)",
+                json.loads(m.read_text()).get("cpu_time_s") if m.exists() else None)
+        if r:
+            rows.append(r)
+    for name, d in (("DD1 (shipped, reference)", root / "ref-dd1"),):
+        r = row(name, d, "dd1", "assets/fashion-mnist/dd1", None)
+        if r:
+            rows.append(r)
+    result = {**provenance(), "teacher": TEACHER, "rule": " ".join(RULE), "eval_seeds": list(SEEDS), "rows": rows}
+    write_results(ROOT / "lab" / "results" / "mapkd-levers", result,
+                  "MapKD's levers: one-step classifier FID (2k, mean of two evaluation seeds) by divergence and length")
+
+
+def reference(root: Path, n: int) -> None:
+    """DD1's shipped generator scored by the same protocol (the precision every variant must keep)."""
+    run = root / "ref-dd1"
+    for seed in SEEDS:
+        out = run / f"eval-seed{seed}.json"
+        if not out.exists():
+            run.mkdir(parents=True, exist_ok=True)
+            onestep("eval", "--run", "assets/fashion-mnist/dd1", "--method", "dd1", "-n", str(n), "--n-inception", "0",
+                    "--seed", str(seed), "--out", str(out))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="runs/lab/mapkd-levers")
+    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=None, help="these variants (default: all)")
+    ap.add_argument("--report", action="store_true", help="write lab/results/mapkd-levers.{json,md}")
+    ap.add_argument("-n", type=int, default=2000)
+    a = ap.parse_args()
+    root = Path(a.root).resolve()
+    if a.report:
+        report(root, a.n)
+    else:
+        reference(root, a.n)
+        train_and_score(root, a.only or list(VARIANTS), a.n)

@@ -131,3 +131,40 @@ def test_corrupt_files_raise_data_error(tmp_path):
     (tmp_path / "imgs" / "a" / "x.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot read image"):
         load_dataset("folder", "train", root=str(tmp_path / "imgs"))
+
+
+def _sheet(path, cells):
+    """A sprite sheet of 2 x 3 cells of 32x32 RGBA: ``cells[(r, c)] = (rgb, alpha, cover)`` paints the top ``cover``
+    fraction of that cell's rows; the rest stays transparent."""
+    from PIL import Image
+
+    a = np.zeros((64 + 5, 96 + 7, 4), np.uint8)  # a ragged edge beyond the grid, as the real sheets have
+    for (r, c), (rgb, alpha, cover) in cells.items():
+        rows = int(round(32 * cover))
+        a[r * 32:r * 32 + rows, c * 32:(c + 1) * 32] = [*rgb, alpha]
+    Image.fromarray(a, "RGBA").save(path)
+
+
+def test_crawl_tiles_are_the_covered_grid_cells_of_each_sheet_over_black(tmp_path):
+    from onestep.data import TILE_SHEETS
+
+    for k, sheet in enumerate(TILE_SHEETS):
+        cells = {(0, 0): ((200, 100, 50), 255, 1.0), (0, 1): ((10, 20, 30), 255, 0.5),
+                 (1, 2): ((255, 255, 255), 128, 1.0), (1, 1): ((99, 99, 99), 255, 0.2)}  # 0.2 < the quarter kept
+        _sheet(tmp_path / f"{sheet}.png", cells)
+    train, test = (load_dataset("crawl-tiles", s, root=str(tmp_path)) for s in ("train", "test"))
+    assert train.image_shape == (3, 32, 32) and train.class_names == list(TILE_SHEETS)
+    assert len(train) + len(test) == 3 * len(TILE_SHEETS)  # three cells per sheet cover at least a quarter
+    assert len(test) == len(TILE_SHEETS)  # max(1, round(10% of 3)) per class
+    x = torch.cat([train.images, test.images])
+    colours = {tuple(t[:, 0, 0].tolist()) for t in x}
+    assert colours == {(200, 100, 50), (10, 20, 30), (128, 128, 128)}  # white at alpha 128 over black
+    half = next(t for t in x if t[0, 0, 0] == 10)
+    assert (half[:, 16:] == 0).all()  # the transparent half is black
+    again = load_dataset("crawl-tiles", "test", root=str(tmp_path))
+    assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
+
+
+def test_crawl_tiles_missing_sheet_names_the_package(tmp_path):
+    with pytest.raises(DataError, match="crawl-tiles-data"):
+        load_dataset("crawl-tiles", root=str(tmp_path))

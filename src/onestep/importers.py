@@ -180,7 +180,8 @@ def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, s
     from onestep.flow_map import ODEConfig
     from onestep.dd1.model import DD1Generator
     from onestep.dd1.var_model import VARDD1Generator
-    from onestep.runs import load_teacher, ref_to
+    from onestep.runs import ref_to
+    from onestep.teacher.load import load_teacher
     from onestep.teacher.sampling import SamplingConfig
 
     teacher, tconf, _ = load_teacher(teacher_run, with_tokenizer=False)

@@ -132,7 +132,7 @@ def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256,
 def build_teacher_sampler(method: str, run_dir: str, device="cpu", args=None) -> Sampler:
     """The teacher of a teacher run: "teacher" (KV cache) or "teacher-nocache" (the registry's builder,
     :mod:`onestep.methods`)."""
-    from onestep.runs import load_teacher
+    from onestep.teacher.load import load_teacher
 
     teacher, _, tokenizer = load_teacher(run_dir, device)
     cfg = sampling_config_from_args(args) if args is not None else SamplingConfig()

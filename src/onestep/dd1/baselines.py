@@ -165,7 +165,7 @@ def baseline_samplers(teacher_dir, device="cpu", sampling_cfg: SamplingConfig | 
     tensor, (ids, labels), a dict {"tokens", "labels"} or an ``onestep sample`` .npz path. With labels,
     onestep* uses per-class marginals; skip-n's fillers use the unconditional ones.
     """
-    from onestep.runs import load_teacher
+    from onestep.teacher.load import load_teacher
 
     if teacher_token_samples is None:
         raise ValueError("baseline_samplers needs teacher token samples (for the marginals of onestep* and skip-n)")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from onestep import checkpoint as ckpt
-from onestep.dd1.load import load_dd1  # noqa: F401  (re-exported: the stage that writes a DD1 run also reads it)
+from onestep.dd1.load import load_dd1, new_generator  # load_dd1 re-exported: the stage that writes a DD1 run also reads it
 from onestep.dd1.sampling import default_split, one_step, two_step
 from onestep.distributed import DistInfo, barrier, wrap_ddp
 from onestep.teacher.sampling import SamplingConfig
@@ -110,7 +110,8 @@ def make_pairs(out_dir: str | Path, teacher_dir: str | Path, n: int | None = Non
     sampling). Under torchrun shards are split over ranks. Returns ``out_dir``.
     """
     from onestep.dd1.pairs import finalize_manifest, generate_pairs
-    from onestep.runs import load_teacher, ref_to
+    from onestep.runs import ref_to
+    from onestep.teacher.load import load_teacher
 
     cfg = cfg or DD1_PRESETS["small"]
     n = cfg.n_pairs if n is None else n
@@ -196,9 +197,9 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     """
     from onestep.dd1.pairs import MANIFEST, load_pairs
     from onestep.dd1.train import TrajectorySampler, dd1_loss
-    from onestep.families import family_of
     from onestep.rng import seed_everything
-    from onestep.runs import load_teacher, ref_to
+    from onestep.runs import ref_to
+    from onestep.teacher.load import load_teacher
     from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
                                  set_lr, warmup_cosine)
 
@@ -219,7 +220,7 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     train = {k: v[: N - cfg.n_val] for k, v in data.items()}
     val = {k: v[N - cfg.n_val:] for k, v in data.items()}
 
-    model = family_of(tconf).new_dd1(teacher, cfg.input_mode)
+    model = new_generator(teacher, tconf, cfg.input_mode)
     del teacher
     config = {"kind": "dd1", "method": "DD1 (method.md section 2)", "train": cfg,
               "teacher_dir": ref_to(teacher_dir, run_dir), "pairs_dir": ref_to(pairs_dir, run_dir),

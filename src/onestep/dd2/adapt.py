@@ -95,9 +95,9 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     none: then they must be given, e.g. ``data="folder"`` with class sub-folders, resized to the tokenizer's size).
     Images of another channel count or size than the tokenizer's are refused before anything is written."""
     from onestep.data import check_image_shape, load_dataset
-    from onestep.families import family_of
-    from onestep.runs import (final_dir, load_teacher, recorded_data, ref_to, resolve_ref, stage_data,
-                              tokenizer_image_shape)
+    from onestep.teacher.families import family_of
+    from onestep.runs import final_dir, recorded_data, ref_to, resolve_ref, stage_data, tokenizer_image_shape
+    from onestep.teacher.load import load_teacher
     from onestep.teacher.train import cached_tokens, heldout_nll, subset
 
     info = info or DistInfo()

@@ -81,7 +81,8 @@ def load_dd2(run_dir: str | Path, device="cpu"):
     from onestep import checkpoint as ckpt
     from onestep.dd2.tune import load_ardiffusion
     from onestep.mapkd.sampling import is_mapkd_config
-    from onestep.runs import final_dir, load_teacher, resolve_ref
+    from onestep.runs import final_dir, resolve_ref
+    from onestep.teacher.load import load_teacher
 
     if is_mapkd_config(ckpt.read_json(final_dir(run_dir) / "config.json")):
         raise ckpt.CheckpointError(f"{run_dir} is a MapKD run (onestep mapkd train), not DD2: use --method mapkd")

@@ -57,7 +57,8 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     ``save_at``: extra checkpoint steps; ``on_checkpoint(step)`` is called after each checkpoint (the pipeline
     branches the alignment run off the plain run's checkpoint at ``align_at`` this way)."""
     from onestep.dd2.tune import load_ardiffusion
-    from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
+    from onestep.runs import final_dir, ref_to, resolve_ref
+    from onestep.teacher.load import load_teacher
     from onestep.teacher.sampling import SamplingConfig
 
     info = info or DistInfo()

@@ -85,8 +85,9 @@ def ardiffusion_config(teacher_cfg: dict, head: MLPHead) -> dict:
 
 def load_ardiffusion(model_dir: str | Path, device="cpu") -> tuple[ARDiffusion, dict]:
     """(ARDiffusion, config) from a model directory written by stage 1 or 2 (strict load)."""
-    from onestep.families import family_of
-    from onestep.runs import final_dir, load_teacher, resolve_ref
+    from onestep.teacher.families import family_of
+    from onestep.runs import final_dir, resolve_ref
+    from onestep.teacher.load import load_teacher
 
     d = final_dir(model_dir)
     config = ckpt.read_config(d)
@@ -155,8 +156,9 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
     """Stage 1 end to end: pool of teacher samples, GTS training, ``final/`` + ``metrics.json``.
 
     ``loss="dsm"`` is the paper's ablation (Table 4), recorded in the run's config as ``ablation``."""
-    from onestep.families import family_of
-    from onestep.runs import load_teacher, ref_to
+    from onestep.teacher.families import family_of
+    from onestep.runs import ref_to
+    from onestep.teacher.load import load_teacher
 
     info = info or DistInfo()
     rng.seed_everything(cfg.seed)

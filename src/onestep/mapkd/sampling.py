@@ -27,7 +27,8 @@ def is_mapkd_config(config: dict) -> bool:
 
 def load_mapkd(run_dir: str | Path, device="cpu"):
     """(generator, teacher, tokenizer, sampling rule) from a MapKD run (``onestep mapkd train``)."""
-    from onestep.runs import final_dir, load_teacher, resolve_ref
+    from onestep.runs import final_dir, resolve_ref
+    from onestep.teacher.load import load_teacher
 
     d = final_dir(run_dir)
     config = ckpt.read_config(d)

@@ -113,7 +113,8 @@ def mapkd_loss(generator: nn.Module, teacher: nn.Module, sampling: SamplingConfi
 def train_mapkd(run_dir: str | Path, teacher_dir: str | Path, cfg: MapKDConfig, sampling: SamplingConfig,
                info: DistInfo | None = None) -> Path:
     """MapKD end to end from a teacher run; returns ``RUN/final`` (the generator)."""
-    from onestep.runs import load_teacher, ref_to
+    from onestep.runs import ref_to
+    from onestep.teacher.load import load_teacher
 
     info = info or DistInfo()
     rng.seed_everything(cfg.seed)

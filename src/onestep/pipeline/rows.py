@@ -23,7 +23,8 @@ class Rows:
         """What the rows and grids follow from the teacher and its tokenizer: ``num_classes``, ``ar_steps`` (K, which
         names the skip-n rows), ``image_shape`` (C, H, W) and ``class_names`` (None when the tokenizer records none)."""
         if getattr(self, "_facts", None) is None:
-            from onestep.runs import class_names, load_teacher, tokenizer_image_shape
+            from onestep.runs import class_names, tokenizer_image_shape
+            from onestep.teacher.load import load_teacher
 
             teacher, _, tok = load_teacher(teacher_dir, "cpu")
             self._facts = {"num_classes": int(teacher.num_classes), "ar_steps": len(teacher.ar_steps()),
@@ -40,7 +41,7 @@ class Rows:
         in the plan's order (a sampler built for a row the plan does not list is an error)."""
         from onestep.dd2.sampling import ardiffusion_sampler, dd2_sampler, load_dd2
         from onestep.dd2.tune import load_ardiffusion
-        from onestep.runs import load_teacher
+        from onestep.teacher.load import load_teacher
         from onestep.samplers import teacher_sampler
 
         self.teacher_facts(teacher_dir)

@@ -153,7 +153,7 @@ class Models:
     def __init__(self, runs: dict[str, Path | None], device="cpu"):
         import onestep
         from onestep.api import TEACHER_DEFAULTS
-        from onestep.runs import load_teacher
+        from onestep.teacher.load import load_teacher
         from onestep.teacher.sampling import SamplingConfig
 
         self.device = torch.device(device)

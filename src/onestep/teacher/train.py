@@ -82,7 +82,7 @@ def cached_tokens(run_dir: Path, tokenizer, dataset, split: str, device="cpu") -
 def build_teacher(preset: str, tokenizer, num_classes: int, class_dropout_prob: float = 0.1, **overrides):
     """A teacher preset of the tokenizer's family sized to the tokenizer and the data set's classes: a GPT (vocab, grid,
     code dim) for a raster VQ tokenizer, a VAR (vocab, code dim, scales, phi convs) for a multi-scale one."""
-    from onestep.families import family_named
+    from onestep.teacher.families import family_named
 
     family = family_named(getattr(tokenizer, "family", "llamagen"))
     return family.new_teacher(preset, tokenizer, num_classes, class_dropout_prob, **overrides)
@@ -97,7 +97,8 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
     than the tokenizer's are refused (:class:`~onestep.data.DataError`) before anything is written."""
     from onestep.data import check_image_shape, load_dataset
     from onestep.rng import seed_everything
-    from onestep.runs import load_tokenizer, recorded_data, ref_to, stage_data, tokenizer_image_shape
+    from onestep.runs import recorded_data, ref_to, stage_data, tokenizer_image_shape
+    from onestep.teacher.load import load_tokenizer
 
     info = info or DistInfo()
     seed_everything(cfg.seed)

@@ -12,7 +12,7 @@ mapkd              mapkd                                MapKD's generator       
 =================  ===================================  ========================  ==========================
 
 ``alg4`` and ``jacobi`` are :mod:`onestep.multistep`'s; ``dd1`` is DD1's own (:mod:`onestep.dd1.sampling`). A
-builder is ``build(method, run_dir, device, spec) -> Sampler`` where ``spec`` is an :class:`onestep.api.SampleSpec`,
+builder is ``build(method, run_dir, device, spec) -> Sampler`` where ``spec`` is an :class:`onestep.spec.SampleSpec`,
 the parsed command line of ``onestep sample`` / ``eval`` (the same attribute names), or None for the defaults.
 """
 from __future__ import annotations

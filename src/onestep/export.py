@@ -31,9 +31,13 @@ from pathlib import Path
 
 import torch
 
+from onestep import api
 from onestep import checkpoint as ckpt
+from onestep.eval import report
 from onestep.integrity import file_sha256, outside_references
-from onestep.runs import REF_KEYS  # the config keys naming other runs: those sampling follows are rewritten
+from onestep.methods import run_kind
+# REF_KEYS: the config keys naming other runs; an export keeps those that sampling follows, rewritten inside it
+from onestep.runs import REF_KEYS, final_dir, resolve_ref
 
 FORMAT = "onestep-export/1"
 # per model kind: the references sampling follows, and the component each one becomes
@@ -46,8 +50,6 @@ PLACES = {"final": ".", "teacher": "teacher", "tokenizer": "tokenizer"}
 def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path:
     """Export ``run_dir`` (a teacher, DD1, DD2 or MapKD generator run) to ``out`` (see the module docstring); returns ``out``.
     ValueError (one line) for an ``out`` that exists and is not an empty folder, or a run that is not sampled."""
-    from onestep.methods import run_kind
-
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not empty: export into a new folder")
@@ -83,8 +85,6 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path
 def _copy_components(run_dir: Path, tmp: Path, half: bool = False) -> dict:
     """Copy the final model directory of the run and of every run it needs into ``tmp`` (see ``PLACES``), with
     rewritten configs; returns {component: {"kind", "bytes", "sha256", "config"}}."""
-    from onestep.runs import final_dir, resolve_ref
-
     todo, done = [("final", final_dir(run_dir))], {}
     while todo:
         name, src = todo.pop(0)
@@ -136,9 +136,7 @@ def _permissions(root: Path) -> None:
 
 def _load_check(folder: Path):
     """The folder loaded with :func:`onestep.load` (every component strictly), as a one-line error otherwise."""
-    from onestep.api import load
-
-    return load(folder)
+    return api.load(folder)
 
 
 # ---- the model card --------------------------------------------------------------------------------
@@ -198,8 +196,6 @@ def _recipe(config: dict) -> dict:
 def run_card(run_dir: Path, method: str, components: dict, gen) -> dict:
     """export.json: what the folder holds, the recipe of every component (and of DD2's stage 1, read from the run it
     was trained from), and what was measured on the run."""
-    from onestep.runs import final_dir, resolve_ref
-
     sampler = gen.sampler()
     final_cfg = components["final"]["config"]
     metrics = final_cfg.get("metrics")
@@ -302,12 +298,10 @@ def _measured_lines(card: dict) -> list[str]:
     rows = card.get("evaluations") or []
     if rows:
         cols = [k for k in ROW_KEYS if any(r.get(k) is not None for r in rows)]
-        from onestep.eval.report import label
-
         out += ["", f"Evaluations (classifier FID, IS, precision / recall and class accuracy against the "
                 f"{card['data']} train split, n samples per row; IS, precision / recall and class accuracy are "
                 f"computed on the project's classifier, not Inception-v3):", "",
-                "| source | " + " | ".join(label(c) for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+                "| source | " + " | ".join(report.label(c) for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
         out += ["| " + r["source"] + " | " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
     if not m and not rows:
         out.append("The run records no measured figures.")

@@ -26,8 +26,8 @@ from onestep.data import to_uint8
 from onestep.eval.speed import git_commit, measure
 from onestep.paths import assets_dir, results_dir
 from onestep.api import RULE_FIELDS
-from onestep.runs import load_teacher
 from onestep.samplers import num_params, teacher_sampler
+from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig
 
 

@@ -37,7 +37,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.teacher:
-        from onestep.runs import load_teacher
+        from onestep.teacher.load import load_teacher
 
         teacher, _, _ = load_teacher(args.teacher)
         source = args.teacher

@@ -130,7 +130,8 @@ def fit_map(run_dir: str | Path, tune_dir: str | Path, pairs_dir: str | Path, cf
     from onestep.dd2.tune import load_ardiffusion
     from onestep.distributed import DistInfo, wrap_ddp
     from onestep.rng import seed_everything
-    from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
+    from onestep.runs import final_dir, ref_to, resolve_ref
+    from onestep.teacher.load import load_teacher
     from onestep.trainer import BatchSchedule, LoopConfig, TrainLoop, add_run_time, prepare_run_dir
 
     info = info or DistInfo()

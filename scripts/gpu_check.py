@@ -47,7 +47,7 @@ def check_cuda(device: str, out: Path) -> dict:
     """KV cache against the full forward, bf16 against float32, two --amp training steps of a tokenizer and teacher."""
     import torch
 
-    from onestep.runs import load_teacher
+    from onestep.teacher.load import load_teacher
     from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
     res = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),

@@ -167,7 +167,7 @@ def test_export_loads_anywhere_and_samples_the_same_images(runs, tmp_path, capsy
     that stay inside the folder."""
     import shutil
 
-    from onestep.export import outside_references
+    from onestep.integrity import outside_references
 
     src = tmp_path / "src"
     shutil.copytree(runs, src, ignore=shutil.ignore_patterns("dd2-grow"))

@@ -256,7 +256,7 @@ def test_a_configs_sizes_are_checked_before_any_tensor_is_allocated(tmp_path, mo
     building the model for real (today's raw TypeError / AttributeError / unbounded allocation)."""
     import json
 
-    from onestep.runs import load_teacher
+    from onestep.teacher.load import load_teacher
     from onestep.teacher import llamagen
 
     teacher = _shipped_teacher_copy(tmp_path)

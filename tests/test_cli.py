@@ -223,16 +223,16 @@ def test_dd2_adapt_smoke(tiny_runs, capsys, monkeypatch):
     assert ("[dd2 adapt] warning: not accepted" in err) == (not m["accepted"])
     cfg = json.loads((d / "final" / "config.json").read_text())
     assert cfg["model"]["input_embedding"] == "mlp" and cfg["metrics"]["accepted"] == m["accepted"]
-    from onestep.runs import load_teacher
+    from onestep.teacher.load import load_teacher
 
     teacher, _, _ = load_teacher(d)
     assert "tok_mlp.0.weight" in teacher.state_dict()
     # an adapted teacher whose held-out NLL ends 5% above the teacher's is written, with the warning and
     # "accepted": false in metrics.json and its config
-    from onestep.teacher import train as teacher_train
+    from onestep.dd2 import adapt
 
-    real = teacher_train.heldout_nll
-    monkeypatch.setattr(teacher_train, "heldout_nll", lambda model, ids, labels, progress=None: real(
+    real = adapt.heldout_nll
+    monkeypatch.setattr(adapt, "heldout_nll", lambda model, ids, labels, progress=None: real(
         model, ids, labels) * (1.05 if progress and "adapted" in progress else 1.0))
     main(["dd2", "adapt", "--preset", "tiny", "--teacher", str(tiny_runs / "teacher"), "--run-dir",
           str(tiny_runs / "adapt-worse"), "--steps", "2", "--fit-steps", "5"])

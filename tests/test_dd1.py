@@ -586,7 +586,7 @@ def test_sampler_builder_dd1_and_baselines(dd1_cli_run):
 
 
 def _load_teacher(d):
-    from onestep.runs import load_teacher
+    from onestep.teacher.load import load_teacher
 
     return load_teacher(d, "cpu", with_tokenizer=False)[0]
 

@@ -206,7 +206,7 @@ def test_import_llamagen_writes_runs_that_reproduce_the_models_and_refuses_other
     and teacher runs: the loaded teacher gives the original's logits on the tokenizer's normalised codebook, the
     tokenizer its ids; a GPT file of another shape fails, listing the keys, and writes no teacher run."""
     from onestep.cli import main
-    from onestep.runs import load_teacher, load_tokenizer
+    from onestep.teacher.load import load_teacher, load_tokenizer
     from onestep.tokenizer.vq import VQModel, vq_config
 
     torch.manual_seed(0)

@@ -174,7 +174,7 @@ def test_train_tokenizer_run_on_image_folder(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from onestep.runs import load_tokenizer
+    from onestep.teacher.load import load_tokenizer
     from onestep.tokenizer.train import train_tokenizer
 
     rng = np.random.default_rng(0)
@@ -281,7 +281,7 @@ def test_tokenizer_saved_with_the_old_key_names_still_loads(tmp_path):
     import re
 
     from onestep import checkpoint as ckpt
-    from onestep.runs import load_tokenizer
+    from onestep.teacher.load import load_tokenizer
 
     m = _tiny().eval()
     old = {}
@@ -355,7 +355,7 @@ def test_a_tokenizer_run_whose_final_lacks_its_config_is_not_finished(tmp_path, 
     import numpy as np
     from PIL import Image
 
-    from onestep.runs import load_tokenizer
+    from onestep.teacher.load import load_tokenizer
     from onestep.tokenizer.train import train_tokenizer
 
     rng = np.random.default_rng(0)

@@ -410,7 +410,7 @@ def test_import_var_writes_runs_that_reproduce_the_models_and_refuses_other_shap
     logits and the tokenizer its ids; a VQVAE file with another scale count of ema_vocab_hit_SV loads (VAR's own
     tolerance); a VAR file of another shape fails, listing the keys."""
     from onestep.cli import main
-    from onestep.runs import load_teacher, load_tokenizer
+    from onestep.teacher.load import load_teacher, load_tokenizer
     from onestep.tokenizer.msvq import VQVAE, vqvae_config
 
     torch.manual_seed(0)

@@ -84,7 +84,8 @@ def run(tune_dir: str, overrides: dict, steps: int, batch: int, n_eval: int, see
     from lab.csd_variants import CSDAblation, VariantDD2
     from onestep.dd2.csd import CSDConfig, CSDSchedule
     from onestep.dd2.tune import load_ardiffusion
-    from onestep.runs import final_dir, load_teacher, resolve_ref
+    from onestep.runs import final_dir, resolve_ref
+    from onestep.teacher.load import load_teacher
     from onestep.teacher.sampling import SamplingConfig
 
     init, tc = load_ardiffusion(tune_dir)

@@ -30,7 +30,7 @@ from onestep.flow_map import ODEConfig, ode_map
 from onestep.dd1.model import DD1Generator
 from onestep.multistep import jacobi
 from onestep.paths import assets_dir
-from onestep.runs import load_teacher
+from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
 
 SAMPLING = SamplingConfig(cfg_scale=2.0)  # the shipped teacher's rule (the bench's)

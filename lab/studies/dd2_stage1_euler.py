@@ -25,7 +25,8 @@ def main(argv=None) -> dict:
     from onestep.dd2.sampling import ardiffusion_sampler
     from onestep.dd2.tune import load_ardiffusion
     from onestep.eval.evaluate import Evaluator
-    from onestep.runs import final_dir, load_teacher, resolve_ref
+    from onestep.runs import final_dir, resolve_ref
+    from onestep.teacher.load import load_teacher
     from onestep.samplers import class_labels, generate
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -36,8 +36,8 @@ from onestep.mapkd.generator import MapKDGenerator as FlowHeadGenerator  # noqa:
 from onestep.mapkd.train import MapKDConfig as FlowConfig  # noqa: E402
 from onestep.mapkd.sampling import mapkd_sampler  # noqa: E402
 from onestep.eval.evaluate import Evaluator  # noqa: E402
-from onestep.runs import load_teacher  # noqa: E402
 from onestep.samplers import class_labels, generate  # noqa: E402
+from onestep.teacher.load import load_teacher  # noqa: E402
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs  # noqa: E402
 from onestep.trainer import guarded_step, set_lr, warmup_cosine  # noqa: E402
 

@@ -9,61 +9,29 @@ settings and batch size give the same images from the API and from the command l
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
-METHODS = ("teacher", "teacher-nocache", "dd1", "dd2", "mapkd")  # onestep.methods.METHODS, without importing torch
-# the teacher's sampling rule when a teacher run is sampled without settings: the defaults of ``onestep sample``
-TEACHER_DEFAULTS = {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-RULE_FIELDS = tuple(TEACHER_DEFAULTS)
+import torch
 
+from onestep import checkpoint as ckpt
+from onestep.eval import report
+from onestep.methods import METHODS, build_sampler, run_kind
+from onestep.rng import SEED_MAX
+from onestep.runs import final_dir, tokenizer_image_shape
+from onestep.samplers import generate
+from onestep.spec import RULE_FIELDS, TEACHER_DEFAULTS, SampleSpec
+from onestep.teacher.sampling import SamplingConfig
 
-@dataclass(frozen=True)
-class SampleSpec:
-    """How a run is sampled.
-
-    method: "teacher" (KV cache), "teacher-nocache", "dd1", "dd2" or "mapkd".
-    steps: sequential network calls; 1 = one step, more = one step refined by the teacher under ``multistep``.
-    multistep: the multi-step sampler (:mod:`onestep.multistep`; None = the method's default): "alg4" (the teacher
-        re-samples its last K - 1 AR steps; DD2's default), "jacobi" (K - 1 parallel teacher passes re-mapping the same
-        noise; MapKD's default), or for DD1 "dd1" (its own rule, the default: 2 = two-step, K >= 3 =
-        teacher-involved).
-    continuous: DD2 one-step only: decode the generator's continuous vectors instead of their nearest codes.
-    cfg_scale, cfg_schedule, temperature, top_k, top_p: the teacher's sampling rule
-        (:class:`onestep.teacher.sampling.SamplingConfig`); None takes the default: for a teacher run the defaults of
-        ``onestep sample`` (``TEACHER_DEFAULTS``), for a distilled run (DD1, DD2, MapKD) the rule it was distilled
-        under (it samples under that rule only, so another value is refused).
-
-    The samplers read these attributes by name (the same names as the options of ``onestep sample``).
-    """
-
-    method: str = "teacher"
-    steps: int = 1
-    multistep: str | None = None
-    continuous: bool = False
-    cfg_scale: float | None = None
-    cfg_schedule: str | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
+__all__ = ["load", "Generator", "SampleSpec", "sampling_rule", "run_kind", "to_pil", "save_grid", "TEACHER_DEFAULTS",
+           "RULE_FIELDS"]
 
 
 def _fail(msg: str) -> None:
     raise ValueError(msg)
 
 
-def run_kind(run_dir: str | Path) -> str:
-    """The method a run directory samples with ("teacher", "dd1", "dd2" or "mapkd"): :func:`onestep.methods.run_kind`
-    (imported here on use, so that ``import onestep`` stays light)."""
-    from onestep.methods import run_kind as kind
-
-    return kind(run_dir)
-
-
 def _recorded_rule(run_dir: str | Path) -> dict:
-    from onestep import checkpoint as ckpt
-    from onestep.runs import final_dir
-
     return dict(ckpt.read_json(final_dir(run_dir) / "config.json")["sampling"])
 
 
@@ -72,8 +40,6 @@ def sampling_rule(method: str, run_dir: str | Path, given: dict, rule: dict | No
     given): for the teacher, ``TEACHER_DEFAULTS`` with the given values; for a DD1 / DD2 run, the rule it was
     distilled under (``rule``, by default read from the run), where another given value is refused with one line
     (a ValueError). An invalid rule is refused too."""
-    from onestep.teacher.sampling import SamplingConfig
-
     base = TEACHER_DEFAULTS if method.startswith("teacher") else (rule or _recorded_rule(run_dir))
     filled = {k: base[k] if given.get(k) is None else given[k] for k in RULE_FIELDS}
     if not method.startswith("teacher"):
@@ -93,8 +59,6 @@ class Generator:
     """
 
     def __init__(self, run_dir: str | Path, device="cpu", method: str | None = None, **settings):
-        import torch
-
         self.run_dir = Path(run_dir)
         self.device = torch.device(device)
         kind = run_kind(run_dir)
@@ -109,8 +73,6 @@ class Generator:
         self.spec = self._resolve(SampleSpec(method=method), settings)
         sampler = self._sampler(self.spec)
         self.num_classes = int(sampler.info["num_classes"])
-        from onestep.runs import tokenizer_image_shape
-
         self.image_shape = tokenizer_image_shape(sampler.tokenizer)
 
     def __repr__(self) -> str:
@@ -130,9 +92,6 @@ class Generator:
 
     def _sampler(self, spec: SampleSpec):
         """The :class:`~onestep.samplers.Sampler` for a resolved spec (built once per spec)."""
-        from onestep import checkpoint as ckpt
-        from onestep.methods import build_sampler
-
         if spec not in self._samplers:
             try:
                 self._samplers[spec] = build_sampler(spec.method, str(self.run_dir), device=self.device, args=spec)
@@ -149,8 +108,6 @@ class Generator:
     def labels_tensor(self, labels):
         """``labels`` (a list of ints or an integer tensor) as a 1-D LongTensor on the device; ValueError when one is
         not a class of the run."""
-        import torch
-
         t = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(list(labels))
         if t.ndim != 1 or t.numel() == 0:
             _fail(f"labels must be a non-empty 1-D list or tensor of class ids, got shape {tuple(t.shape)}")
@@ -170,9 +127,6 @@ class Generator:
         spec for this call. Batch b of ``batch_size`` labels draws its noise from a stream of ``seed`` (as
         ``onestep sample``), so the same seed and batch size give the same images.
         """
-        from onestep.rng import SEED_MAX
-        from onestep.samplers import generate
-
         if steps is not None:
             settings["steps"] = steps
         spec = self._resolve(self.spec, settings)
@@ -196,7 +150,7 @@ def load(run_dir: str | Path, device="cpu", method: str | None = None, **setting
 def to_pil(images) -> list:
     """uint8 images (N, C, H, W) (what :meth:`Generator.sample` returns) as a list of ``PIL.Image`` (mode "L" for one
     channel, "RGB" for three)."""
-    from PIL import Image
+    from PIL import Image  # Pillow, optional (it comes with matplotlib): imported when images are converted
 
     _check_images(images)
     arr = images.permute(0, 2, 3, 1).contiguous().numpy()
@@ -207,15 +161,11 @@ def save_grid(images, path: str | Path, nrow: int | None = None, labels=None, cl
     """uint8 images (N, C, H, W) tiled into one PNG at ``path`` (``nrow`` per row; None: one column per class when
     ``labels`` are given, else a near-square grid); with ``labels`` and ``class_names`` the classes are captioned.
     Returns the path."""
-    from onestep.eval.report import save_grid as _save
-
     _check_images(images)
-    return _save(images, path, nrow=nrow, labels=labels, class_names=class_names)
+    return report.save_grid(images, path, nrow=nrow, labels=labels, class_names=class_names)
 
 
 def _check_images(images) -> None:
-    import torch
-
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or \
             images.shape[1] not in (1, 3):
         _fail("images must be a uint8 tensor (N, C, H, W) with C = 1 or 3 (what Generator.sample returns), got "

@@ -7,6 +7,7 @@ Each is an ``argparse`` ``type=`` callable taking the flag's string; they raise
 from __future__ import annotations
 
 import argparse
+import math
 
 __all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "unit_interval", "seed_int", "conti_from",
            "label_list", "check_labels", "device", "port", "DefaultsHelpFormatter",
@@ -69,8 +70,6 @@ def nonneg_int(text: str) -> int:
 
 
 def _finite(text: str) -> float:
-    import math
-
     v = _number(text, float)
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
@@ -142,7 +141,7 @@ def check_labels(labels: list[int], num_classes: int) -> None:
 
 def device(text: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``, available on this machine; returned as given."""
-    import torch
+    import torch  # here, not at the top: building the parser imports no torch (``onestep --help`` stays fast)
 
     try:
         dev = torch.device(text)

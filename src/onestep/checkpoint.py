@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
+import random
 import re
+import shlex
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -109,8 +114,6 @@ def lock_run_dir(run_dir: str | os.PathLike) -> None:
 
 def _lock_holder(fd: int) -> str:
     """"pid P on HOST: COMMAND" from a lock file (what its holder wrote), as far as it can be read."""
-    import shlex
-
     try:
         info = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
         command = shlex.join(str(a) for a in info.get("argv", []))
@@ -271,9 +274,6 @@ def read_header(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """{name: shape} of a safetensors file, read from its header alone (no tensor is read or allocated). The header is
     checked against the file: every tensor's bytes lie inside it and fit its dtype and shape; a truncated or foreign
     file raises :class:`CorruptCheckpointError` with one line."""
-    import math
-    import struct
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file {path}")
@@ -470,10 +470,6 @@ def load_model_weights(directory: str | os.PathLike, module: nn.Module) -> dict:
 def rng_state() -> dict:
     """The global torch / python / numpy (/ CUDA) RNG states as tensors and plain values (a ``weights_only`` load
     reads them back): numpy's MT19937 key array is stored as an int64 tensor."""
-    import random
-
-    import numpy as np
-
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
@@ -484,10 +480,6 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore :func:`rng_state`'s states (numpy's keys as a tensor, or as the array that older checkpoints hold)."""
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
@@ -500,8 +492,6 @@ def set_rng_state(state: dict) -> None:
 def _numpy_array_globals() -> list:
     """What unpickling a numpy array takes: older checkpoints hold numpy's RNG keys as an array. An array holds data
     only; its elements of any other type are unpickled under the same allow-list."""
-    import numpy as np
-
     reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's array rebuilder, wherever this version keeps it
     dtypes = {type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)}
     return [reconstruct, np.ndarray, np.dtype, *dtypes]

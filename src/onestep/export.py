@@ -23,7 +23,6 @@ either complete or absent.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,8 +31,13 @@ from pathlib import Path
 
 import torch
 
+from onestep import api
 from onestep import checkpoint as ckpt
-from onestep.runs import REF_KEYS  # the config keys naming other runs: those sampling follows are rewritten
+from onestep.eval import report
+from onestep.integrity import file_sha256, outside_references
+from onestep.methods import run_kind
+# REF_KEYS: the config keys naming other runs; an export keeps those that sampling follows, rewritten inside it
+from onestep.runs import REF_KEYS, final_dir, resolve_ref
 
 FORMAT = "onestep-export/1"
 # per model kind: the references sampling follows, and the component each one becomes
@@ -46,8 +50,6 @@ PLACES = {"final": ".", "teacher": "teacher", "tokenizer": "tokenizer"}
 def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path:
     """Export ``run_dir`` (a teacher, DD1, DD2 or MapKD generator run) to ``out`` (see the module docstring); returns ``out``.
     ValueError (one line) for an ``out`` that exists and is not an empty folder, or a run that is not sampled."""
-    from onestep.methods import run_kind
-
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not empty: export into a new folder")
@@ -83,8 +85,6 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path
 def _copy_components(run_dir: Path, tmp: Path, half: bool = False) -> dict:
     """Copy the final model directory of the run and of every run it needs into ``tmp`` (see ``PLACES``), with
     rewritten configs; returns {component: {"kind", "bytes", "sha256", "config"}}."""
-    from onestep.runs import final_dir, resolve_ref
-
     todo, done = [("final", final_dir(run_dir))], {}
     while todo:
         name, src = todo.pop(0)
@@ -112,7 +112,7 @@ def _copy_components(run_dir: Path, tmp: Path, half: bool = False) -> dict:
             shutil.copyfile(src / "model.safetensors", dst / "model.safetensors")
         ckpt.write_json(dst / "config.json", new)
         done[name] = {"kind": kind, "bytes": (dst / "model.safetensors").stat().st_size,
-                      "sha256": _sha256(dst / "model.safetensors"), "config": new, "source": src}
+                      "sha256": file_sha256(dst / "model.safetensors"), "config": new, "source": src}
     return done
 
 
@@ -134,72 +134,9 @@ def _permissions(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def outside_references(root: str | Path) -> list[str]:
-    """Every way the configs under ``root`` reach outside it: a run reference (``REF_KEYS``) that does not resolve
-    inside ``root``, or any string that is an absolute path or leads out through ``..``. Empty when self-contained."""
-    root = Path(root).resolve()
-    out = []
-    for cfg_path in sorted(root.rglob("*.json")):
-        base = cfg_path.parent.parent if cfg_path.parent.name == "final" else cfg_path.parent
-
-        def walk(v, key=""):
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    walk(x, k)
-            elif isinstance(v, list):
-                for x in v:
-                    walk(x, key)
-            elif isinstance(v, str):
-                rel = cfg_path.relative_to(root)
-                if key in REF_KEYS:
-                    target = (base / v).resolve()
-                    if not target.is_relative_to(root) or not target.exists():
-                        out.append(f"{rel}: {key} {v!r} does not resolve inside the folder")
-                elif os.path.isabs(v) or (("/" in v or os.sep in v) and not (base / v).resolve().is_relative_to(root)):
-                    out.append(f"{rel}: {key} {v!r} is a path outside the folder")
-
-        walk(json.loads(cfg_path.read_text()))
-    return out
-
-
-def verify_export(folder: str | Path) -> None:
-    """Check an export before it is loaded (nothing is checked for a folder without ``export.json``, a run): every
-    component's weights have the SHA-256 that ``export.json`` records, and no config reaches outside the folder
-    (:func:`outside_references`). A mismatch is a one-line :class:`~onestep.checkpoint.CheckpointError`."""
-    folder = Path(folder)
-    if not (folder / "export.json").is_file():
-        return
-    card = ckpt.read_json(folder / "export.json")
-    components = card.get("components") if isinstance(card, dict) else None
-    if not isinstance(components, dict) or not components:
-        raise ckpt.CheckpointError(f"{folder / 'export.json'} lists no components: export the run again")
-    for name, comp in components.items():
-        path = folder / str(comp.get("path", "")) / "model.safetensors" if isinstance(comp, dict) else None
-        if path is None or not path.resolve().is_relative_to(folder.resolve()) or not path.is_file():
-            raise ckpt.CheckpointError(f"{folder}: the {name} weights that export.json lists are missing")
-        got = _sha256(path)
-        if got != comp.get("sha256"):
-            raise ckpt.CheckpointError(f"{path} does not match the SHA-256 that {folder / 'export.json'} records "
-                                       f"({got[:16]}... against {str(comp.get('sha256'))[:16]}...): the file changed "
-                                       f"after the export; export the run again")
-    problems = outside_references(folder)
-    if problems:
-        raise ckpt.CheckpointError(f"{folder} is an export whose configs reach outside it ({problems[0]}): refused")
-
-
 def _load_check(folder: Path):
     """The folder loaded with :func:`onestep.load` (every component strictly), as a one-line error otherwise."""
-    from onestep.api import load
-
-    return load(folder)
+    return api.load(folder)
 
 
 # ---- the model card --------------------------------------------------------------------------------
@@ -259,8 +196,6 @@ def _recipe(config: dict) -> dict:
 def run_card(run_dir: Path, method: str, components: dict, gen) -> dict:
     """export.json: what the folder holds, the recipe of every component (and of DD2's stage 1, read from the run it
     was trained from), and what was measured on the run."""
-    from onestep.runs import final_dir, resolve_ref
-
     sampler = gen.sampler()
     final_cfg = components["final"]["config"]
     metrics = final_cfg.get("metrics")
@@ -363,12 +298,10 @@ def _measured_lines(card: dict) -> list[str]:
     rows = card.get("evaluations") or []
     if rows:
         cols = [k for k in ROW_KEYS if any(r.get(k) is not None for r in rows)]
-        from onestep.eval.report import label
-
         out += ["", f"Evaluations (classifier FID, IS, precision / recall and class accuracy against the "
                 f"{card['data']} train split, n samples per row; IS, precision / recall and class accuracy are "
                 f"computed on the project's classifier, not Inception-v3):", "",
-                "| source | " + " | ".join(label(c) for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+                "| source | " + " | ".join(report.label(c) for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
         out += ["| " + r["source"] + " | " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
     if not m and not rows:
         out.append("The run records no measured figures.")

@@ -34,12 +34,12 @@ these coordinates
 
   exact integration of that interpolant (1 NFE per step). Its first step, from s = 0, is the second-order
   Taylor step y + h x0_hat(0) + h^2 / 2 x0_hat'(0) with the slope in closed form, x0_hat'(0) = Cov_p(c) y
-  (the posterior logits are linear in s at s = 0), and its second step is ``ab2``'s. It is the flow recipe's
-  map, on the grid :func:`codebook_grid` sizes to the codebook: on the Fashion-MNIST generator's conditionals,
-  16 steps put 1.0% of the tokens off a converged reference where ``ab2`` on [0.05, 500] puts 3.3% at 32 steps
-  and 15% at 16 (``benchmarks/ode_solvers.py``); on the tabular ladder's rungs the Taylor first step is what
-  brings the push-forward to the sampling floor (without it, the Euler step from s = 0 to s_min leaves a bias
-  of TV 0.005 on a 4-code mixture).
+  (the posterior logits are linear in s at s = 0), and its second step is ``ab2``'s. It is MapKD's map
+  (:data:`onestep.mapkd.generator.ODE_SOLVER`), on the grid :func:`codebook_grid` sizes to the codebook: on the
+  Fashion-MNIST generator's conditionals, 16 steps put 1.0% of the tokens off a converged reference where ``ab2``
+  on [0.05, 500] puts 3.3% at 32 steps and 15% at 16 (``benchmarks/ode_solvers.py``); on the tabular ladder's
+  rungs the Taylor first step is what brings the push-forward to the sampling floor (without it, the Euler step from
+  s = 0 to s_min leaves a bias of TV 0.005 on a 4-code mixture).
 
 Time grid (``grid="logsnr"``, default): s_0 = 0 (t = 1, x = eps), then s geometric from ``s_min`` to
 ``s_max`` (uniform in log-SNR). The posterior logits are log p_j + s y.c_j - s^2 |c_j|^2 / 2, so two

@@ -26,6 +26,16 @@ from pathlib import Path
 import torch
 
 from onestep import checkpoint as ckpt
+from onestep.dd1.model import DD1Generator
+from onestep.dd1.var_model import VARDD1Generator
+from onestep.flow_map import ODEConfig
+from onestep.runs import ref_to
+from onestep.teacher.llamagen import GPT, GPT_PRESETS, model_args
+from onestep.teacher.load import load_teacher
+from onestep.teacher.sampling import SamplingConfig
+from onestep.teacher.var import VAR, VAR_PRESETS, var_args
+from onestep.tokenizer.msvq import VQVAE, vqvae_config
+from onestep.tokenizer.vq import VQModel, vq_config
 
 
 def read_state_dict(path: str | Path, nested: tuple[str, ...] = (), wrapper: str | tuple[str, ...] | None = None
@@ -68,8 +78,6 @@ def var_depth(sd: dict[str, torch.Tensor]) -> int:
 def write_runs(out: str | Path, family: str, source: dict, tokenizer: tuple, teacher: tuple) -> tuple[Path, Path]:
     """OUT/tokenizer/final and OUT/teacher/final of imported weights (``tokenizer`` / ``teacher``: (module, model
     config dict, preset name)); the teacher refers to the tokenizer by a relative path. Returns the two final dirs."""
-    from onestep.runs import ref_to
-
     out = Path(out)
     tok_dir, teacher_dir = out / "tokenizer" / "final", out / "teacher" / "final"
     common = {"family": family, "data": None, "imported_from": source}
@@ -85,9 +93,6 @@ def import_var(var_path: str | Path, vae_path: str | Path, out: str | Path, var_
 
     ``var_preset`` defaults to ``VAR-d{depth}`` with the depth read from the file; ``num_classes`` defaults to the
     class embedding's rows minus the null row."""
-    from onestep.teacher.var import VAR, VAR_PRESETS, var_args
-    from onestep.tokenizer.msvq import VQVAE, vqvae_config
-
     vae_sd = read_state_dict(vae_path)
     vae = VQVAE(vqvae_config(vae_preset))
     key = "quantize.ema_vocab_hit_SV"
@@ -116,8 +121,6 @@ def import_var(var_path: str | Path, vae_path: str | Path, out: str | Path, var_
 
 def llamagen_preset(sd: dict[str, torch.Tensor]) -> str:
     """The GPT preset of a LlamaGen c2i state_dict, from its width and depth."""
-    from onestep.teacher.llamagen import GPT_PRESETS
-
     if "tok_embeddings.weight" not in sd:
         raise ckpt.CheckpointError("not a LlamaGen GPT state_dict: no tok_embeddings.weight")
     dim = sd["tok_embeddings.weight"].shape[1]
@@ -136,9 +139,6 @@ def import_llamagen(gpt_path: str | Path, vq_path: str | Path, out: str | Path, 
     ``image_size`` (256 or 384 for the published models) sets the token grid, image_size / 16 per side: the
     GPT's weights do not depend on it (its 2-D rotary table is derived). ``gpt_preset`` defaults to the official
     size whose width and depth the file has; ``num_classes`` to the class table's rows minus the null row."""
-    from onestep.teacher.llamagen import GPT, model_args
-    from onestep.tokenizer.vq import VQModel, vq_config
-
     vq = VQModel(vq_config(vq_preset, image_size=image_size))
     ckpt.load_state_dict_strict(vq, read_state_dict(vq_path, wrapper="model"), source=str(vq_path))
     gpt_sd = read_state_dict(gpt_path, wrapper=("model", "module", "state_dict"))  # upstream's order (DDP, DeepSpeed)
@@ -177,12 +177,6 @@ def import_dd1(dd1_path: str | Path, teacher_run: str | Path, out: str | Path, s
     argmax codes before that position and the continuous head's tokens from it on. Default for LlamaGen-DD: 80, the
     release's sampler default (kept only when the teacher has more positions); VAR-DD: none (its split is a
     sampling argument of the release; pass the position of a scale boundary). Negative: argmax codes everywhere."""
-    from onestep.flow_map import ODEConfig
-    from onestep.dd1.model import DD1Generator
-    from onestep.dd1.var_model import VARDD1Generator
-    from onestep.runs import load_teacher, ref_to
-    from onestep.teacher.sampling import SamplingConfig
-
     teacher, tconf, _ = load_teacher(teacher_run, with_tokenizer=False)
     var = tconf.get("family", "llamagen") == "var"
     if conti_from is None and not var and teacher.seq_len > LLAMAGEN_DD_CONTI_FROM:

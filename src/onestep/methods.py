@@ -12,7 +12,7 @@ mapkd              mapkd                                MapKD's generator       
 =================  ===================================  ========================  ==========================
 
 ``alg4`` and ``jacobi`` are :mod:`onestep.multistep`'s; ``dd1`` is DD1's own (:mod:`onestep.dd1.sampling`). A
-builder is ``build(method, run_dir, device, spec) -> Sampler`` where ``spec`` is an :class:`onestep.api.SampleSpec`,
+builder is ``build(method, run_dir, device, spec) -> Sampler`` where ``spec`` is an :class:`onestep.spec.SampleSpec`,
 the parsed command line of ``onestep sample`` / ``eval`` (the same attribute names), or None for the defaults.
 """
 from __future__ import annotations
@@ -24,7 +24,9 @@ from typing import Callable
 from onestep import checkpoint as ckpt
 from onestep.dd1 import sampling as dd1_sampling
 from onestep.dd2 import sampling as dd2_sampling
+from onestep.integrity import verify_export
 from onestep.mapkd import sampling as mapkd_sampling
+from onestep.runs import final_dir
 from onestep.samplers import Sampler, build_teacher_sampler
 
 __all__ = ["Method", "METHODS", "method_of_config", "run_kind", "build_sampler"]
@@ -58,8 +60,6 @@ def method_of_config(config: dict) -> str | None:
 def run_kind(run_dir: str | Path) -> str:
     """The method a run directory samples with ("teacher", "dd1", "dd2" or "mapkd"), read from its recorded kind;
     ValueError for a directory that holds no finished run or a run that is not sampled."""
-    from onestep.runs import final_dir
-
     try:
         config = ckpt.read_config(final_dir(run_dir))
     except ckpt.CheckpointError as e:
@@ -87,7 +87,5 @@ def build_sampler(method: str, run_dir: str | Path, device="cpu", args=None) -> 
     if getattr(args, "continuous", False) and method != "dd2":
         raise ValueError(f"--continuous decodes DD2's continuous vectors; it does not apply to --method {method} "
                          "(for a released DD1 generator's continuous head see --conti-from)")
-    from onestep.export import verify_export
-
     verify_export(run_dir)  # an export's weights match its recorded SHA-256 and its configs stay inside it
     return m.build(method, str(run_dir), device, args)

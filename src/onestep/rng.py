@@ -8,7 +8,9 @@ the generator's own device and move the result to ``device``, so both kinds work
 from __future__ import annotations
 
 import hashlib
+import random
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -56,10 +58,6 @@ def seed_everything(seed: int) -> None:
     """Seed the global torch, numpy and python RNGs from a run's seed. Every training entry point calls it first,
     before any model is built: layers created from the global RNG (a new head, an MLP, a copy's fresh embedding) then
     start from the same weights in every run of the same command and seed."""
-    import random
-
-    import numpy as np
-
     torch.manual_seed(derived_seed(seed))
     random.seed(seed)
     np.random.seed(derived_seed(seed) % 2 ** 32)

@@ -1,17 +1,18 @@
-"""Run directories: where each stage's outputs live and how to load them back.
+"""Run directories: where each stage's outputs live and how runs refer to each other.
 
 Every command writes into a run directory holding ``config.json`` (the full config, seeds included),
 ``log.jsonl``, ``checkpoints/`` (resumable state) and, once finished, ``final/`` (``model.safetensors``
 + ``config.json``). Downstream stages refer to upstream runs by directory:
 
     tokenizer run  ->  teacher run (config["tokenizer_dir"])  ->  DD1 / DD2 runs (config["teacher_dir"])
+
+Each stage loads its own runs back (a tokenizer or teacher run: :mod:`onestep.teacher.load`); this module knows
+directories and references only, so every stage may use it.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
 
 from onestep import checkpoint as ckpt
 
@@ -34,34 +35,6 @@ def final_dir(run_dir: str | Path) -> Path:
         raise ckpt.CheckpointError(f"run directory {run_dir} does not exist")
     hint = " (it has checkpoints: re-run the same command to resume it)" if (run_dir / "checkpoints").exists() else ""
     raise ckpt.CheckpointError(f"{run_dir} holds no finished model (no final/model.safetensors and config.json){hint}")
-
-
-def load_tokenizer(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(tokenizer, config) from a tokenizer run (or model) directory, in eval mode: a VQModel (LlamaGen family) or a
-    multi-scale VQVAE (VAR family), as ``config["family"]`` says."""
-    from onestep.families import family_of
-
-    d = final_dir(run_dir)
-    config = ckpt.read_config(d)
-    if config.get("kind") != "tokenizer":
-        raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a tokenizer")
-    # (VQModel.upgrade_state_dict renames keys saved before LlamaGen's names)
-    model = ckpt.load_model(d, lambda: family_of(config).tokenizer(config["model"]), config)
-    return model.to(device).eval(), config
-
-
-def load_teacher(run_dir: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = True):
-    """(teacher, config, tokenizer | None) from a teacher run directory: a GPT (``config["family"]`` "llamagen") or a
-    VAR ("var"); the codebook (and VAR's phi convs) come from its tokenizer."""
-    from onestep.families import family_of
-
-    d = final_dir(run_dir)
-    config = ckpt.read_config(d)
-    if config.get("kind") != "teacher":
-        raise ckpt.CheckpointError(f"{d} is a {config.get('kind')!r} run, not a teacher")
-    tokenizer, _ = load_tokenizer(resolve_ref(config["tokenizer_dir"], d), device)
-    model = ckpt.load_model(d, lambda: family_of(config).teacher(config["model"], tokenizer), config)
-    return model.to(device).eval(), config, (tokenizer if with_tokenizer else None)
 
 
 def ref_to(target: str | Path, run_dir: str | Path) -> str:

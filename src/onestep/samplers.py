@@ -11,8 +11,13 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from onestep import rng
+from onestep.checkpoint import memory_available
+from onestep.data import to_uint8
+from onestep.runs import tokenizer_image_shape
+from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
 
@@ -30,8 +35,6 @@ class Sampler:
     @torch.no_grad()
     def decode(self, out: Tensor) -> Tensor:
         """Token ids or code vectors -> uint8 images (B, C, H, W) on the CPU."""
-        from onestep.data import to_uint8
-
         imgs = self.tokenizer.decode_codes(out) if out.is_floating_point() else self.tokenizer.decode_ids(out)
         return to_uint8(imgs.float().cpu())
 
@@ -73,8 +76,6 @@ def batch_bytes(sampler: Sampler, batch_size: int) -> int:
     """An estimate of the memory one batch of ``batch_size`` takes while it is decoded, low rather than high: two
     float32 activations per sample at the image's full resolution, as wide as the decoder's last layer reads (the
     widest input of a convolution that outputs the image's channels)."""
-    from onestep.runs import tokenizer_image_shape
-
     c, h, w = tokenizer_image_shape(sampler.tokenizer)
     width = max([c, *(m.in_channels for m in sampler.tokenizer.modules()
                       if isinstance(m, torch.nn.Conv2d) and m.out_channels == c)])
@@ -84,8 +85,6 @@ def batch_bytes(sampler: Sampler, batch_size: int) -> int:
 def check_batch_size(sampler: Sampler, batch_size: int, device) -> None:
     """ValueError (one line naming ``--batch-size``) when a batch's estimated memory (:func:`batch_bytes`) exceeds
     the memory available on ``device``."""
-    from onestep.checkpoint import memory_available
-
     if getattr(sampler, "tokenizer", None) is None:  # (a stand-in that decodes nothing)
         return
     device = torch.device(device)
@@ -105,8 +104,6 @@ def sample_batches(sampler: Sampler, labels: Tensor, seed: int, batch_size: int 
     ``rng.stream_seed(seed, b)``: noise that no training stream drew (DD1's pairs included), and that two evaluation
     seeds do not share. A batch whose estimated memory exceeds what is available is refused first
     (:func:`check_batch_size`)."""
-    from tqdm.auto import tqdm
-
     n = len(labels) if n is None else n
     check_batch_size(sampler, min(batch_size, n), labels.device)
     for b in tqdm(range((n + batch_size - 1) // batch_size), desc=f"sample {sampler.name}", disable=not progress,
@@ -132,8 +129,6 @@ def generate(sampler: Sampler, labels: Tensor, seed: int, batch_size: int = 256,
 def build_teacher_sampler(method: str, run_dir: str, device="cpu", args=None) -> Sampler:
     """The teacher of a teacher run: "teacher" (KV cache) or "teacher-nocache" (the registry's builder,
     :mod:`onestep.methods`)."""
-    from onestep.runs import load_teacher
-
     teacher, _, tokenizer = load_teacher(run_dir, device)
     cfg = sampling_config_from_args(args) if args is not None else SamplingConfig()
     s = teacher_sampler(teacher, tokenizer, cfg, use_cache=method == "teacher", name=method)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import json
 import math
 import sys
 import time
 import warnings
 from contextlib import nullcontext
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from onestep import checkpoint as ckpt
 from onestep.distributed import DistInfo, all_gather_object, unwrap
 from onestep.rng import derived_seed
+from onestep.runs import REF_KEYS
 
 
 @dataclass
@@ -182,8 +183,6 @@ def prepare_run_dir(run_dir: str | Path, config: dict, info: DistInfo | None = N
 def _same_ref(path: str, a, b, was_at: Path, now_at: Path) -> bool:
     """Whether a changed config leaf is a reference to another run that leads to the same place: ``a`` read from
     where the run was made (``was_at``), ``b`` from where it is now."""
-    from onestep.runs import REF_KEYS
-
     return (path.rsplit(".", 1)[-1] in REF_KEYS and isinstance(a, str) and isinstance(b, str)
             and (was_at / a).resolve() == (now_at / b).resolve())
 
@@ -444,8 +443,6 @@ def add_run_time(run_dir: str | Path, t0: float, c0: float, phase: str | None = 
     every invocation and phase that trained the run), ``threads``, and for a stage with phases (``phase``: e.g.
     "pool" and "train" of stage 1, "fit" and "finetune" of stage 0) ``<phase>_wall_time_s`` and
     ``<phase>_cpu_time_s``. Call it on the main rank only."""
-    from onestep import checkpoint as ckpt
-
     wall, cpu = time.time() - t0, time.process_time() - c0
     mpath = Path(run_dir) / "metrics.json"
     metrics = ckpt.read_json(mpath) if mpath.exists() else {}

@@ -11,8 +11,10 @@ library modules hold no parser code: a command turns its flags into plain values
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from onestep import __version__
 from onestep.argtypes import OnestepArgumentParser
 from onestep.cli import dd1, dd2, eval, export, importers, mapkd, pipeline, sample, serve, train
 
@@ -21,9 +23,7 @@ COMMANDS = (train, sample, eval, mapkd, dd1, dd2, pipeline, importers, serve, ex
 
 
 def _torch_threads(args) -> None:
-    import os
-
-    import torch
+    import torch  # here and in main, not at the top: building the parser imports no torch (--help answers at once)
 
     if os.environ.get("OMP_NUM_THREADS") is None and getattr(args, "device", "cpu") == "cpu":
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
@@ -32,8 +32,6 @@ def _torch_threads(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``onestep`` parser with every command's sub-parser; building it imports no torch (``--help`` and
     ``--version`` answer at once)."""
-    from onestep import __version__
-
     parser = OnestepArgumentParser(
         prog="onestep",
         description="Turn an image autoregressive model into a one-step generator: MapKD (the project's own "
@@ -52,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded next to results
     _torch_threads(args)
+    # the library, once a command runs (each command module imports what it runs inside its command function)
     from onestep.checkpoint import CheckpointError, describe_os_error, release_run_locks
     from onestep.data import DataError
     from onestep.trainer import extending
@@ -62,8 +61,6 @@ def main(argv: list[str] | None = None) -> None:
     # bad input, a diverged run or an environment fault (full disk, read-only directory): one clear line
     # (ONESTEP_DEBUG=1: the traceback)
     except (DataError, CheckpointError, ValueError, FloatingPointError, OSError) as e:
-        import os
-
         if os.environ.get("ONESTEP_DEBUG"):
             raise
         stage = getattr(args, f"{args.command}_command", None)  # onestep dd1 / dd2 / mapkd STAGE

@@ -14,6 +14,9 @@ from pathlib import Path
 from onestep.argtypes import positive_float, positive_int
 from onestep.cli.flags import PRESETS, add_common, add_preset, add_run_dir, add_sampling, given, override
 
+# the library (and torch with it) is imported inside each command function, when the command runs: building the
+# parser imports none, so that ``onestep --help`` answers at once
+
 __all__ = ["register"]
 
 _SAMPLING_KEYS = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 
 from onestep.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
-from onestep.cli.flags import (DEFAULT_CFG_SCALE, PRESETS, add_common, add_data, add_preset, add_run_dir, add_sampling,
-                               given, override)
+from onestep.cli.flags import PRESETS, add_common, add_data, add_preset, add_run_dir, add_sampling, given, override
+
+# the library (and torch with it) is imported inside each command function, when the command runs: building the
+# parser imports none, so that ``onestep --help`` answers at once
 
 
 def cmd_adapt(args) -> None:

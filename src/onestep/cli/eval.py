@@ -1,8 +1,14 @@
 """``onestep eval`` and ``onestep report``."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from onestep.argtypes import nonneg_int, positive_int
 from onestep.cli.flags import RULE_FLAGS, add_common, add_data, add_method, add_sampling, run_method
+
+# the library (and torch with it) is imported inside each command function, when the command runs: building the
+# parser imports none, so that ``onestep --help`` answers at once
 
 
 def cmd_eval(args) -> None:
@@ -11,8 +17,6 @@ def cmd_eval(args) -> None:
     refused before the classifier and the reference statistics are made (grey images stored as three equal channels,
     ADM's layout, are read as grey). Prints the metrics under their labels; ``--out FILE`` writes them as JSON, and
     beside it FILE's name with .png: a grid of the first 100 scored images (what ``onestep report`` shows)."""
-    from pathlib import Path
-
     from onestep.data import check_image_shape, load_dataset
     from onestep.eval.evaluate import Evaluator, load_images, match_channels
     from onestep.eval.report import format_evaluation
@@ -82,8 +86,6 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
-    import sys
-
     from onestep.eval.report import write_report
 
     path = write_report(args.runs, args.out, title=args.title,

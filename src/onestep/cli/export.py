@@ -1,6 +1,9 @@
 """``onestep export RUN OUT``: a run as one self-contained folder (:mod:`onestep.export`)."""
 from __future__ import annotations
 
+# the library (and torch with it) is imported inside each command function, when the command runs: building the
+# parser imports none, so that ``onestep --help`` answers at once
+
 
 def cmd_export(args) -> None:
     from onestep import checkpoint as ckpt

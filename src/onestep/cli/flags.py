@@ -16,6 +16,9 @@ from dataclasses import replace
 from onestep.argtypes import (conti_from, device, nonneg_float, nonneg_int, positive_float, positive_int, seed_int,
                                unit_interval)
 
+# run_method imports the library (and torch with it) when a command calls it: building the parser imports
+# none, so that ``onestep --help`` answers at once
+
 __all__ = ["add_device", "add_common", "add_data", "add_run_dir", "add_preset", "add_method", "run_method",
            "add_sampling", "override", "given", "DATA_SETS", "PRESETS", "DEFAULT_CFG_SCALE", "RULE_FLAGS"]
 

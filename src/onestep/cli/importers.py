@@ -5,6 +5,9 @@ from __future__ import annotations
 from onestep.argtypes import conti_from, positive_int
 from onestep.cli.flags import add_sampling
 
+# the library (and torch with it) is imported inside each command function, when the command runs: building the
+# parser imports none, so that ``onestep --help`` answers at once
+
 
 def cmd_import_dd1(args) -> None:
     from onestep.importers import import_dd1

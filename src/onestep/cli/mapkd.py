@@ -10,6 +10,9 @@ import argparse
 from onestep.argtypes import positive_float, positive_int, unit_interval
 from onestep.cli.flags import PRESETS, add_common, add_preset, add_run_dir, add_sampling, given, override
 
+# the library (and torch with it) is imported inside each command function, when the command runs: building the
+# parser imports none, so that ``onestep --help`` answers at once
+
 
 def cmd_train(args) -> None:
     from onestep.distributed import cleanup, setup

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 
 from onestep.argtypes import positive_int
 from onestep.cli.flags import DATA_SETS, PRESETS, add_common, override
 
+# the library (and torch with it) is imported inside each command function, when the command runs: building the
+# parser imports none, so that ``onestep --help`` answers at once
+
 
 def _print_outputs(root: Path, outputs: dict) -> None:
-    import json
-
     print("\nDone. Everything is under", root.resolve())
     for k, v in outputs.items():
         print(f"  {k:>18}: {v}")
@@ -20,8 +23,6 @@ def _print_outputs(root: Path, outputs: dict) -> None:
 
 
 def cmd_pipeline(args) -> None:
-    import os
-
     import torch
 
     from onestep.pipeline import PIPELINE_PRESETS, Pipeline, default_workers

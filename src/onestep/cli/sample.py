@@ -1,18 +1,20 @@
 """``onestep sample``: a PNG grid and the tokens (.npz) of a teacher, DD1 or DD2 run."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from onestep.argtypes import check_labels, label_list, nonneg_int, positive_int
 from onestep.cli.flags import RULE_FLAGS, add_common, add_method, add_sampling, run_method
+
+# the library (and torch with it) is imported inside each command function, when the command runs: building the
+# parser imports none, so that ``onestep --help`` answers at once
 
 NPZ_FORMATS = ("onestep", "adm")  # onestep.eval.evaluate.NPZ_FORMATS (that module imports torch)
 
 
 def free_disk(path: Path) -> int:
     """Bytes free on the file system that holds ``path`` (or would hold it: its nearest existing parent)."""
-    import shutil
-
     path = path.resolve()
     while not path.exists() and path != path.parent:
         path = path.parent

@@ -6,6 +6,9 @@ import sys
 from onestep.argtypes import port
 from onestep.cli.flags import add_device
 
+# the library (and torch with it) is imported inside each command function, when the command runs: building the
+# parser imports none, so that ``onestep --help`` answers at once
+
 
 def cmd_serve(args) -> None:
     from onestep.serve import serve

@@ -4,6 +4,9 @@ from __future__ import annotations
 from onestep.argtypes import positive_float, positive_int
 from onestep.cli.flags import PRESETS, add_common, add_data, add_preset, add_run_dir, override
 
+# the library (and torch with it) is imported inside each command function, when the command runs: building the
+# parser imports none, so that ``onestep --help`` answers at once
+
 
 def cmd_train_tokenizer(args) -> None:
     from onestep.distributed import cleanup, setup

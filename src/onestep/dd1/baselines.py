@@ -26,11 +26,14 @@ LlamaGen-skip-106 / -156 of 256), and onestep*.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from onestep.dd1.sampling import sample_window
+from onestep.samplers import Sampler, num_params
 from onestep.teacher.base import ARTeacher
+from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
 
 __all__ = ["skip_n", "estimate_marginals", "estimate_class_marginals", "sample_marginals", "sample_class_marginals",
@@ -107,8 +110,6 @@ def skip_n(teacher: ARTeacher, labels: Tensor, cfg: SamplingConfig, n_skip: int,
 
 def skip_sampler(teacher: ARTeacher, tokenizer, cfg: SamplingConfig, n_skip: int, fill: str = "marginal",
                  marginals: Tensor | None = None):
-    from onestep.samplers import Sampler, num_params
-
     return Sampler(name=f"skip-{n_skip}", steps=len(teacher.ar_steps()) - n_skip,
                    sample=lambda labels, g: skip_n(teacher, labels, cfg, n_skip, g, fill, marginals),
                    tokenizer=tokenizer, params=num_params(teacher),
@@ -118,8 +119,6 @@ def skip_sampler(teacher: ARTeacher, tokenizer, cfg: SamplingConfig, n_skip: int
 def onestep_star_sampler(marginals: Tensor, tokenizer, class_marginals: Tensor | None = None):
     """onestep*: independent per-position draws from ``class_marginals`` (C, n, V) by label if given, else
     from the unconditional ``marginals`` (n, V)."""
-    from onestep.samplers import Sampler
-
     def sample(labels: Tensor, g: torch.Generator) -> Tensor:
         if class_marginals is not None:
             return sample_class_marginals(class_marginals.to(labels.device), labels, g)
@@ -145,8 +144,6 @@ def skip_counts(ar_steps: int, fractions=SKIP_FRACTIONS) -> list[int]:
 
 def _token_samples(samples):
     """Tensor (N, n) | (ids, labels) | dict with "tokens" (and "labels") | path to an ``onestep sample`` .npz."""
-    import numpy as np
-
     if isinstance(samples, (str, bytes)) or hasattr(samples, "__fspath__"):
         with np.load(samples) as z:
             samples = {k: torch.from_numpy(z[k]) for k in ("tokens", "labels") if k in z.files}
@@ -165,8 +162,6 @@ def baseline_samplers(teacher_dir, device="cpu", sampling_cfg: SamplingConfig | 
     tensor, (ids, labels), a dict {"tokens", "labels"} or an ``onestep sample`` .npz path. With labels,
     onestep* uses per-class marginals; skip-n's fillers use the unconditional ones.
     """
-    from onestep.runs import load_teacher
-
     if teacher_token_samples is None:
         raise ValueError("baseline_samplers needs teacher token samples (for the marginals of onestep* and skip-n)")
     teacher, _, tokenizer = load_teacher(teacher_dir, device)

@@ -27,8 +27,9 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from onestep.checkpoint import CorruptCheckpointError
+from onestep.checkpoint import CorruptCheckpointError, read_json
 from onestep.flow_map import ODEConfig, map_noise_to_tokens
 from onestep.rng import derived_seed
 from onestep.teacher.base import ARTeacher
@@ -45,16 +46,12 @@ def shard_path(out_dir: str | Path, i: int) -> Path:
 
 
 def read_manifest(out_dir: str | Path) -> dict:
-    from onestep.checkpoint import read_json
-
     return read_json(Path(out_dir) / MANIFEST)
 
 
 def read_shard(p: Path) -> dict[str, np.ndarray]:
     """Every array of a shard file (read with ``allow_pickle=False``); a truncated or unreadable shard raises
     :class:`~onestep.checkpoint.CorruptCheckpointError` with one line (``onestep dd1 pairs`` writes it again)."""
-    from onestep.checkpoint import CorruptCheckpointError
-
     try:
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -110,8 +107,6 @@ def generate_pairs(teacher: ARTeacher, n: int, out_dir: str | Path, shard_size: 
     (shard i depends only on seed + i and its size); shards past the new end are ignored.
     Raises if ``out_dir`` already holds a manifest with any other difference in configuration.
     """
-    from tqdm.auto import tqdm
-
     sampling_cfg = sampling_cfg or SamplingConfig()
     ode = ode or ODEConfig()
     if eps_dtype not in ("float16", "float32"):

@@ -33,9 +33,11 @@ import torch
 from torch import Tensor
 
 from onestep import rng
+from onestep.dd1.load import load_dd1
 from onestep.dd1.model import clean_mask
 from onestep.flow_map import ODEConfig, map_noise_to_tokens
-from onestep.samplers import sampling_config_from_args
+from onestep.multistep import refined
+from onestep.samplers import Sampler, num_params, sampling_config_from_args
 from onestep.teacher.base import ARTeacher, nearest_code
 from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
@@ -169,8 +171,6 @@ def dd1_sampler(model, tokenizer, mode: str = "1step", s: int | None = None, tea
     named "dd1-teacher-involved"). ``steps`` counts sequential network calls: generator calls plus the
     teacher's AR steps. ``params`` counts the networks used (generator, plus the teacher when involved).
     ``conti_from``: the released generators' output rule (:func:`dd_step_vectors`; None: argmax ids everywhere)."""
-    from onestep.samplers import Sampler, num_params
-
     if mode not in ("1step", "2step", "teacher"):
         raise ValueError(f"unknown DD1 sampling mode {mode!r}; choose 1step, 2step or teacher")
     if mode == "teacher" and (teacher is None or cfg is None or window is None):
@@ -253,8 +253,6 @@ def build_sampler(method: str, run_dir, device="cpu", args=None):
     None (one step). The teacher's sampling flags in ``args`` matter only for K >= 2 under the teacher's rules, and
     must then equal the rule the run was distilled with.
     """
-    from onestep.dd1.load import load_dd1
-
     if method != "dd1":
         raise ValueError(f"the DD1 builder makes 'dd1' samplers, not {method!r}")
     steps = getattr(args, "steps", None)
@@ -282,9 +280,6 @@ def dd1_refined(model, teacher, tokenizer, config: dict, steps: int, rule: str, 
                 args_rule: SamplingConfig | None = None):
     """DD1's one step refined by the shared multi-step sampler ``rule`` ("alg4" or "jacobi", :mod:`onestep.multistep`)
     under the run's sampling rule: ``steps`` sequential calls in all."""
-    from onestep.multistep import refined
-    from onestep.samplers import Sampler, num_params
-
     cfg = _sampling_of_run(config, args_rule, "dd1 sampling")
 
     def first(labels: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -304,8 +299,6 @@ def dd1_samplers(run_dir, device="cpu", sampling_cfg: SamplingConfig | None = No
     ``steps``: 1, 2 and ``teacher_steps`` (1 DD call + teacher_steps - 2 teacher AR steps + 1 DD call).
     ``sampling_cfg`` (None: the run's) must equal the rule the run was distilled with.
     """
-    from onestep.dd1.load import load_dd1
-
     model, config, teacher, tokenizer = load_dd1(run_dir, device)
     cfg = _sampling_of_run(config, sampling_cfg, "dd1_samplers")
     cf = conti_from_of(config)

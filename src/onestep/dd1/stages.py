@@ -26,11 +26,20 @@ from pathlib import Path
 import torch
 
 from onestep import checkpoint as ckpt
-from onestep.dd1.load import load_dd1  # noqa: F401  (re-exported: the stage that writes a DD1 run also reads it)
+from onestep.dd1.load import load_dd1, new_generator
+from onestep.dd1.pairs import MANIFEST, finalize_manifest, generate_pairs, load_pairs, read_manifest
 from onestep.dd1.sampling import default_split, one_step, two_step
+from onestep.dd1.train import TrajectoryConfig, TrajectorySampler, dd1_loss
 from onestep.distributed import DistInfo, barrier, wrap_ddp
+from onestep.flow_map import ODEConfig
+from onestep.rng import seed_everything
+from onestep.runs import ref_to
+from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig
+from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
+                             set_lr, warmup_cosine)
 
+# load_dd1 is re-exported: the stage that writes a DD1 run also reads it
 __all__ = ["DD1Config", "DD1_PRESETS", "make_pairs", "train_dd1", "load_dd1", "check_pairs"]
 
 
@@ -75,13 +84,9 @@ class DD1Config:
         return asdict(self)
 
     def ode(self):
-        from onestep.flow_map import ODEConfig
-
         return ODEConfig(n_steps=self.ode_steps)
 
     def trajectory(self):
-        from onestep.dd1.train import TrajectoryConfig
-
         return TrajectoryConfig(self.p_all_noise, self.clean_counts, self.loss_on)
 
 
@@ -109,9 +114,6 @@ def make_pairs(out_dir: str | Path, teacher_dir: str | Path, n: int | None = Non
     on ``seed + index``); any other change raises. ``sampling_cfg`` defaults to CFG 2.0 (the teacher's
     sampling). Under torchrun shards are split over ranks. Returns ``out_dir``.
     """
-    from onestep.dd1.pairs import finalize_manifest, generate_pairs
-    from onestep.runs import load_teacher, ref_to
-
     cfg = cfg or DD1_PRESETS["small"]
     n = cfg.n_pairs if n is None else n
     if n < 1:
@@ -142,8 +144,6 @@ def make_pairs(out_dir: str | Path, teacher_dir: str | Path, n: int | None = Non
 
 def check_pairs(pairs_dir: str | Path, teacher_dir: str | Path, teacher=None) -> dict:
     """The pairs' manifest, after checking they are complete and were made with this teacher."""
-    from onestep.dd1.pairs import MANIFEST, read_manifest
-
     pairs_dir = Path(pairs_dir)
     if not (pairs_dir / MANIFEST).exists():
         raise ckpt.CheckpointError(f"{pairs_dir} holds no DD1 pairs (no {MANIFEST}); run `onestep dd1 pairs` first")
@@ -194,14 +194,6 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     ``metrics.json`` the held-out accuracies and the wall times (module docstring). ``sampling_cfg``
     must equal the pairs' rule (default: taken from the pairs).
     """
-    from onestep.dd1.pairs import MANIFEST, load_pairs
-    from onestep.dd1.train import TrajectorySampler, dd1_loss
-    from onestep.families import family_of
-    from onestep.rng import seed_everything
-    from onestep.runs import load_teacher, ref_to
-    from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, guarded_step, make_optimizer, prepare_run_dir,
-                                 set_lr, warmup_cosine)
-
     cfg = cfg or DD1_PRESETS["small"]
     info = info or DistInfo()
     seed_everything(cfg.seed)
@@ -219,7 +211,7 @@ def train_dd1(run_dir: str | Path, pairs_dir: str | Path, teacher_dir: str | Pat
     train = {k: v[: N - cfg.n_val] for k, v in data.items()}
     val = {k: v[N - cfg.n_val:] for k, v in data.items()}
 
-    model = family_of(tconf).new_dd1(teacher, cfg.input_mode)
+    model = new_generator(teacher, tconf, cfg.input_mode)
     del teacher
     config = {"kind": "dd1", "method": "DD1 (method.md section 2)", "train": cfg,
               "teacher_dir": ref_to(teacher_dir, run_dir), "pairs_dir": ref_to(pairs_dir, run_dir),

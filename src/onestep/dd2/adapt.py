@@ -22,11 +22,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from onestep import checkpoint as ckpt
 from onestep import rng
+from onestep.data import check_image_shape, load_dataset
 from onestep.distributed import DistInfo, wrap_ddp
+from onestep.runs import final_dir, recorded_data, ref_to, resolve_ref, stage_data, tokenizer_image_shape
+from onestep.teacher.families import family_of
 from onestep.teacher.llamagen import GPT, continuous_copy
+from onestep.teacher.load import load_teacher
+from onestep.teacher.train import cached_tokens, heldout_nll, subset
 from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
                              prepare_run_dir, set_lr, warmup_cosine)
 
@@ -70,8 +76,6 @@ def fit_embedding_mlp(student: GPT, table: torch.Tensor, steps: int, lr: float, 
                       progress: bool = False) -> float:
     """Phase 1: regress tok_mlp(c_j) onto the table row emb(j); returns the final relative MSE. ``progress``: a bar
     labelled "dd2 adapt: MLP fit" (with its ETA) on stderr."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     cb = student.codebook()
     opt = make_optimizer(torch.optim.Adam, student.tok_mlp.parameters(), lr=lr)
@@ -94,12 +98,6 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     The fine-tuning data: ``data`` / ``data_root``, by default the teacher run's own (an imported teacher records
     none: then they must be given, e.g. ``data="folder"`` with class sub-folders, resized to the tokenizer's size).
     Images of another channel count or size than the tokenizer's are refused before anything is written."""
-    from onestep.data import check_image_shape, load_dataset
-    from onestep.families import family_of
-    from onestep.runs import (final_dir, load_teacher, recorded_data, ref_to, resolve_ref, stage_data,
-                              tokenizer_image_shape)
-    from onestep.teacher.train import cached_tokens, heldout_nll, subset
-
     info = info or DistInfo()
     rng.seed_everything(cfg.seed)
     teacher, tconf, tokenizer = load_teacher(teacher_dir, info.device)

@@ -14,10 +14,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from onestep import checkpoint as ckpt
 from onestep import rng
 from onestep.dd2.model import ARDiffusion
+from onestep.dd2.tune import euler_sample, load_ardiffusion
+from onestep.mapkd.sampling import is_mapkd_config
 from onestep.multistep import alg4, refined
+from onestep.runs import final_dir, resolve_ref
+from onestep.samplers import Sampler, num_params
 from onestep.teacher.base import nearest_code
+from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig
 
 
@@ -41,8 +47,6 @@ def dd2_sampler(generator: ARDiffusion, teacher, tokenizer, sampling: SamplingCo
                 continuous: bool = False, name: str | None = None, multistep: str = "alg4"):
     """A :class:`~onestep.samplers.Sampler` for DD2 with ``steps`` total steps (``multistep``: the rule of the other
     ``steps - 1`` calls, :mod:`onestep.multistep`)."""
-    from onestep.samplers import Sampler, num_params
-
     if continuous and steps != 1:
         raise ValueError("continuous decoding is defined for one-step sampling only")
     cb = teacher.codebook()
@@ -65,9 +69,6 @@ def dd2_sampler(generator: ARDiffusion, teacher, tokenizer, sampling: SamplingCo
 
 def ardiffusion_sampler(model: ARDiffusion, tokenizer, euler_steps: int = 10, name: str = "dd2-stage1-euler"):
     """Table 7: the stage-1 AR-diffusion model sampled token by token with an Euler solver (quantised)."""
-    from onestep.dd2.tune import euler_sample
-    from onestep.samplers import Sampler, num_params
-
     bb = model.backbone
     return Sampler(name=name, steps=len(bb.ar_steps()) * euler_steps,
                    sample=lambda labels, g: nearest_code(euler_sample(model, labels, g, euler_steps), bb.codebook()),
@@ -78,11 +79,6 @@ def ardiffusion_sampler(model: ARDiffusion, tokenizer, euler_steps: int = 10, na
 def load_dd2(run_dir: str | Path, device="cpu"):
     """(generator, teacher, tokenizer, sampling rule) from a ``onestep dd2 train`` run: the EMA generator and the
     stage-0 teacher."""
-    from onestep import checkpoint as ckpt
-    from onestep.dd2.tune import load_ardiffusion
-    from onestep.mapkd.sampling import is_mapkd_config
-    from onestep.runs import final_dir, load_teacher, resolve_ref
-
     if is_mapkd_config(ckpt.read_json(final_dir(run_dir) / "config.json")):
         raise ckpt.CheckpointError(f"{run_dir} is a MapKD run (onestep mapkd train), not DD2: use --method mapkd")
     generator, config = load_ardiffusion(run_dir, device)

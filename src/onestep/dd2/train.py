@@ -20,8 +20,12 @@ import torch
 
 from onestep import checkpoint as ckpt
 from onestep.dd2.csd import DD2, CSDConfig, CSDSchedule
+from onestep.dd2.tune import load_ardiffusion
 from onestep.distributed import DistInfo, wrap_ddp
 from onestep.rng import seed_everything
+from onestep.runs import final_dir, ref_to, resolve_ref
+from onestep.teacher.load import load_teacher
+from onestep.teacher.sampling import SamplingConfig
 from onestep.trainer import LoopConfig, TrainLoop, add_run_time, prepare_run_dir
 
 TRAIN_PRESETS = {
@@ -56,10 +60,6 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
 
     ``save_at``: extra checkpoint steps; ``on_checkpoint(step)`` is called after each checkpoint (the pipeline
     branches the alignment run off the plain run's checkpoint at ``align_at`` this way)."""
-    from onestep.dd2.tune import load_ardiffusion
-    from onestep.runs import final_dir, load_teacher, ref_to, resolve_ref
-    from onestep.teacher.sampling import SamplingConfig
-
     info = info or DistInfo()
     seed_everything(cfg.seed)
     for name, n in (("batch size", cfg.batch_size), ("guidance batch size", cfg.guidance_batch)):

@@ -17,6 +17,7 @@ Euler solve of the head's ODE from t = 1 to 0, feeding the continuous tokens bac
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,12 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from onestep import checkpoint as ckpt
 from onestep import rng
-from onestep.distributed import DistInfo, wrap_ddp
 from onestep.dd2.losses import dsm_loss, gts_loss
 from onestep.dd2.model import ARDiffusion, MLPHead
+from onestep.distributed import DistInfo, wrap_ddp
+from onestep.runs import final_dir, ref_to, resolve_ref
+from onestep.teacher.families import family_of
+from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
 from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
                              prepare_run_dir, warmup_cosine)
@@ -72,8 +77,6 @@ TUNE_PRESETS = {
 # ---- model construction / loading --------------------------------------------------------------------
 def build_ardiffusion(teacher, cfg: TuneConfig) -> ARDiffusion:
     """Backbone = a copy of the continuous-input teacher (its logits head stays, unused); fresh MLP head."""
-    import copy
-
     backbone = copy.deepcopy(teacher).requires_grad_(True).train()
     head = MLPHead(teacher.code_dim, teacher.feature_dim, cfg.head_width, cfg.head_depth, cfg.head_time_dim)
     return ARDiffusion(backbone, head).to(teacher.codebook().device)
@@ -85,9 +88,6 @@ def ardiffusion_config(teacher_cfg: dict, head: MLPHead) -> dict:
 
 def load_ardiffusion(model_dir: str | Path, device="cpu") -> tuple[ARDiffusion, dict]:
     """(ARDiffusion, config) from a model directory written by stage 1 or 2 (strict load)."""
-    from onestep.families import family_of
-    from onestep.runs import final_dir, load_teacher, resolve_ref
-
     d = final_dir(model_dir)
     config = ckpt.read_config(d)
     if config.get("kind") not in ("dd2-ardiffusion", "dd2-generator"):
@@ -107,7 +107,6 @@ def teacher_pool(path: Path, teacher, n: int, num_classes: int, sampling: Sampli
         with np.load(path) as f:
             if len(f["ids"]) == n and int(f["seed"]) == seed:
                 return torch.from_numpy(f["ids"]).long(), torch.from_numpy(f["labels"]).long()
-    from tqdm.auto import tqdm
 
     device = teacher.codebook().device
     labels = torch.arange(n) % num_classes
@@ -155,9 +154,6 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
     """Stage 1 end to end: pool of teacher samples, GTS training, ``final/`` + ``metrics.json``.
 
     ``loss="dsm"`` is the paper's ablation (Table 4), recorded in the run's config as ``ablation``."""
-    from onestep.families import family_of
-    from onestep.runs import load_teacher, ref_to
-
     info = info or DistInfo()
     rng.seed_everything(cfg.seed)
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from onestep import checkpoint as ckpt
+from onestep.data import data_fingerprint, load_dataset, to_float
 from onestep.paths import assets_dir, cache_dir
 from onestep.trainer import make_optimizer
 
@@ -67,10 +69,6 @@ class Classifier(nn.Module):
               desc: str = "classifier features") -> tuple[torch.Tensor, torch.Tensor]:
         """(features (N, D), logits (N, K)) of uint8 images, eval mode, float64 on the CPU; ``progress``: a bar
         labelled ``desc`` (with its ETA) on stderr."""
-        from tqdm.auto import tqdm
-
-        from onestep.data import to_float
-
         self.eval()
         dev = next(self.parameters()).device
         feats, logits = [], []
@@ -95,10 +93,6 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def train_classifier(train_images, train_labels, test_images, test_labels, cfg: ClassifierConfig,
                      progress: bool = True, max_steps: int | None = None) -> tuple[Classifier, dict]:
     """Train with AdamW + cosine LR; returns (model, {"test_accuracy", "train_time_s", ...})."""
-    from tqdm.auto import tqdm
-
-    from onestep.data import to_float
-
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     model = Classifier(cfg)
@@ -134,8 +128,6 @@ def train_classifier(train_images, train_labels, test_images, test_labels, cfg: 
 def data_key(data: str, image_shape: tuple[int, int, int], data_root: str | None = None) -> str:
     """The cache key of what is computed from a data set: its name and image shape, and for an image folder a
     fingerprint of its files (:func:`onestep.data.data_fingerprint`), so two folders never share a cache entry."""
-    from onestep.data import data_fingerprint
-
     C, H, W = image_shape
     fp = data_fingerprint(data, data_root)
     return f"{data}-{C}x{H}x{W}" + (f"-{fp}" if fp else "")
@@ -153,8 +145,6 @@ def classifier_dir(data: str, image_shape: tuple[int, int, int], data_root: str 
 def load_or_train_classifier(data: str = "fashion-mnist", data_root: str | None = None, device="cpu",
                              cfg: ClassifierConfig | None = None, directory: Path | None = None) -> tuple[Classifier, dict]:
     """The cached classifier of a data set, trained (and cached atomically) the first time."""
-    from onestep.data import load_dataset
-
     train = load_dataset(data, "train", root=data_root)
     d = Path(directory) if directory else classifier_dir(data, train.image_shape, data_root)
     if ckpt.is_model_dir(d):

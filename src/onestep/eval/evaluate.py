@@ -24,16 +24,22 @@ project's (uint8 ``images`` (N, C, H, W), ``labels``) and ADM's evaluator's (uin
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from onestep.checkpoint import atomic_write, write_json
+from onestep.data import load_dataset
 from onestep.eval import metrics
 from onestep.eval.classifier import data_key, load_or_train_classifier
+from onestep.eval.inception import inception_features
 from onestep.paths import cache_dir
-
 
 NPZ_FORMATS = ("onestep", "adm")
 INCEPTION_DIM = 2048  # the pool3 features of the Inception FID network
@@ -94,7 +100,7 @@ def load_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         if labels is not None and (labels.ndim != 1 or len(labels) != len(images)):
             raise ValueError(f"{path}: {len(images)} images but labels of shape {tuple(labels.shape)}")
         return images, (torch.from_numpy(labels).long() if labels is not None else None)
-    from PIL import Image
+    from PIL import Image  # Pillow, optional (it comes with matplotlib): needed for a folder of images only
 
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
@@ -166,9 +172,6 @@ class NpzWriter:
         self.done += len(x)
 
     def close(self) -> Path:
-        import os
-        import zipfile
-
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -244,8 +247,6 @@ def reference_stats(ref: dict, features: Callable[[torch.Tensor], torch.Tensor])
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra) -> Path:
     """ADM-evaluator style ``.npz`` with ``mu`` and ``sigma`` (plus optional arrays), written atomically."""
-    from onestep.checkpoint import atomic_write
-
     return atomic_write(path, lambda p: np.savez(open(p, "wb"), mu=mu, sigma=sigma, **extra))
 
 
@@ -266,8 +267,6 @@ class Evaluator:
     def __init__(self, data: str = "fashion-mnist", data_root: str | None = None, device="cpu",
                  n_ref_inception: int = 5000, n_ref_pr: int = 5000, seed: int = 0, progress: bool = True,
                  n_ref_classifier: int | None = None, ref_stats: str | Path | None = None):
-        from onestep.data import load_dataset
-
         self.data, self.data_root, self.device, self.progress = data, data_root, device, progress
         self.ref_stats = Path(ref_stats) if ref_stats is not None else None
         self._ref_file = read_reference_npz(self.ref_stats) if self.ref_stats is not None else None  # checked first
@@ -288,8 +287,6 @@ class Evaluator:
             return (f"classifier-{self.classifier_meta.get('test_accuracy', 0):.6f}-n{self.n_ref_classifier}"
                     f"-pr{self.n_ref_pr}")
         if self.ref_stats is not None:  # the file, by its path, size and modification time
-            import hashlib
-
             st = self.ref_stats.stat()
             key = f"{self.ref_stats.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
             return f"{feature}-file{hashlib.sha256(key).hexdigest()[:12]}"
@@ -339,7 +336,6 @@ class Evaluator:
         bar of an Inception pass."""
         if feature == "classifier":
             return self.classifier.embed(images_uint8)[0]
-        from onestep.eval.inception import inception_features
 
         return inception_features(images_uint8, device=str(self.device), progress=self.progress,
                                   desc=desc or "Inception features")
@@ -384,20 +380,15 @@ class Evaluator:
         2000 / 10000 images here, benchmarks/results/eval-protocol.md), so a floor is comparable only with rows
         scored on as many samples: pass the rows' ``n_test`` (and ``n_inception``). Cached under everything the
         figure depends on."""
-        from onestep.data import load_dataset
-
         test = load_dataset(self.data, "test", root=self.data_root)
         n_test = min(n_test or len(test), len(test))
         inc = f"inc{n_inception}-{self._ref_tag('inception')}" if n_inception != 0 else "inc0"
         key = f"floor-{self._ref_tag('classifier')}-test{n_test}-{inc}-seed{self.seed}"
         path = self.cache / f"{key}.json"
         if path.exists():
-            import json
-
             return json.loads(path.read_text())
         res = self.evaluate(test.images[:n_test], test.labels[:n_test], n_inception=n_inception,
                             what=f"{self.data} test split (data floor)")
-        from onestep.checkpoint import write_json
 
         write_json(path, res)
         return res

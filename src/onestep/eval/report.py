@@ -108,7 +108,7 @@ def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int | None = N
     them there (nearest neighbour: the pixels stay visible). With ``labels`` (one per image) and ``class_names``, the
     classes are captioned: above each column when every image of the column has one class (the balanced labels of
     ``class_labels`` in one column per class), else under each image."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont  # Pillow, optional (it comes with matplotlib): imported to draw
 
     x = images_uint8.cpu()
     if x.dtype != torch.uint8:
@@ -201,7 +201,7 @@ def format_evaluation(res: dict) -> str:
 
 
 def plot_fid(rows: list[dict], x: str, path: Path, metric: str = "fid_classifier", logx: bool = False) -> Path | None:
-    import matplotlib
+    import matplotlib  # slow to import, and its backend is set before pyplot loads: imported when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

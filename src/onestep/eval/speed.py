@@ -13,10 +13,13 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import time
 from typing import Any, Callable
 
 import torch
+
+from onestep.paths import checkout
 
 
 def machine_info() -> dict:
@@ -34,9 +37,6 @@ def machine_info() -> dict:
 
 def git_commit() -> str:
     """HEAD of the repository holding this package, with ``-dirty`` when tracked files are modified."""
-    import subprocess
-    from onestep.paths import checkout
-
     repo = checkout()
     try:
         run = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from onestep.flow_map import ODEConfig, codebook_grid, ode_map
+from onestep.teacher.families import family_named, family_of
 
 __all__ = ["MapKDGenerator", "default_ode", "ODE_STEPS", "ODE_SOLVER", "LEGACY_GENERATOR_NAMES"]
 
@@ -70,8 +71,6 @@ class MapKDGenerator(nn.Module):
         """A copy of the teacher's weights that reads the noise (the family's ``noise_reader``: a LlamaGen token table
         becomes an MLP on the C-dim inputs whose noise embeddings have the RMS of the teacher's token embeddings).
         ``ode``: the map's ODE (default: the default 16-step map's, on the teacher codebook's grid)."""
-        from onestep.families import family_named
-
         if prefix_codes and getattr(teacher, "tok_embeddings", None) is None:
             raise ValueError("prefix codes need a teacher with a token table (a LlamaGen teacher reading token ids); "
                              "this teacher reads code vectors")
@@ -89,8 +88,6 @@ class MapKDGenerator(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict, teacher: nn.Module) -> "MapKDGenerator":
-        from onestep.families import family_of
-
         net = family_of(cfg).backbone(cfg["net"], teacher)
         return cls(net, ODEConfig(**cfg["ode"]), cfg.get("family", "llamagen"), cfg.get("prefix_codes", False),
                    cfg.get("prefix_ode_steps"))

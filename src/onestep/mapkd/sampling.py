@@ -11,7 +11,9 @@ from onestep import checkpoint as ckpt
 from onestep import rng
 from onestep.mapkd.generator import LEGACY_GENERATOR_NAMES, MapKDGenerator
 from onestep.multistep import refined
+from onestep.runs import final_dir, resolve_ref
 from onestep.samplers import Sampler, num_params
+from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig
 
 __all__ = ["is_mapkd_config", "load_mapkd", "mapkd_sampler", "build_sampler"]
@@ -27,8 +29,6 @@ def is_mapkd_config(config: dict) -> bool:
 
 def load_mapkd(run_dir: str | Path, device="cpu"):
     """(generator, teacher, tokenizer, sampling rule) from a MapKD run (``onestep mapkd train``)."""
-    from onestep.runs import final_dir, load_teacher, resolve_ref
-
     d = final_dir(run_dir)
     config = ckpt.read_config(d)
     if not is_mapkd_config(config):

@@ -25,7 +25,7 @@ It needs no DD1 pairs either.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,9 +36,11 @@ from onestep import rng
 from onestep.distributed import DistInfo, unwrap, wrap_ddp
 from onestep.flow_map import ODEConfig, codebook_grid, ode_map
 from onestep.mapkd.generator import ODE_SOLVER, ODE_STEPS, MapKDGenerator
+from onestep.runs import ref_to
+from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
-from onestep.trainer import (LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer, prepare_run_dir,
-                             set_lr, warmup_cosine)
+from onestep.trainer import (LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer, prepare_run_dir, set_lr,
+                             warmup_cosine)
 
 __all__ = ["MapKDConfig", "MAPKD_PRESETS", "mapkd_loss", "train_mapkd"]
 
@@ -137,8 +139,6 @@ def mapkd_loss(generator: nn.Module, teacher: nn.Module, sampling: SamplingConfi
 def train_mapkd(run_dir: str | Path, teacher_dir: str | Path, cfg: MapKDConfig, sampling: SamplingConfig,
                info: DistInfo | None = None) -> Path:
     """MapKD end to end from a teacher run; returns ``RUN/final`` (the generator)."""
-    from onestep.runs import load_teacher, ref_to
-
     info = info or DistInfo()
     rng.seed_everything(cfg.seed)
     if cfg.batch_size % info.world_size:

@@ -5,6 +5,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from onestep.dd1.stages import DD1_PRESETS
+from onestep.dd2.adapt import ADAPT_PRESETS
+from onestep.dd2.train import TRAIN_PRESETS
+from onestep.dd2.tune import TUNE_PRESETS
+from onestep.mapkd.train import MAPKD_PRESETS
+from onestep.teacher.sampling import SamplingConfig
+from onestep.teacher.train import TEACHER_TRAIN_PRESETS
+from onestep.tokenizer.train import VQ_TRAIN_PRESETS
+
 # What a stage given a step count of its own (``*_steps``) derives from it, beside the step count:
 SHORT_ADAPT_BATCH = 64  # stage 0: its batch size at most this
 SHORT_PHASE_DIVISOR = 4  # stage 1's head-only steps, stage 2's and DD1's warm-up: at most steps // this
@@ -67,8 +76,6 @@ class PipelineConfig:
         return asdict(self)
 
     def sampling(self):
-        from onestep.teacher.sampling import SamplingConfig
-
         return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
     @property
@@ -107,42 +114,28 @@ def stage_config(cfg: PipelineConfig, stage: str, seed: int):
     stage 1 its pool, stage 0 its image count, DD1 its pair count). A stage given a step count also shortens what is
     counted in steps (:data:`SHORT_PHASE_DIVISOR`) and stage 0 its batch (:data:`SHORT_ADAPT_BATCH`)."""
     if stage == "tokenizer":
-        from onestep.tokenizer.train import VQ_TRAIN_PRESETS
-
         out = replace(VQ_TRAIN_PRESETS[cfg.tokenizer_preset], seed=seed)
         return replace(out, steps=cfg.tokenizer_steps) if cfg.tokenizer_steps else out
     if stage == "teacher":
-        from onestep.teacher.train import TEACHER_TRAIN_PRESETS
-
         out = replace(TEACHER_TRAIN_PRESETS[cfg.teacher_preset], seed=seed)
         return replace(out, steps=cfg.teacher_steps) if cfg.teacher_steps else out
     if stage == "dd2_adapt":
-        from onestep.dd2.adapt import ADAPT_PRESETS
-
         out = replace(ADAPT_PRESETS[cfg.adapt_preset], seed=seed)
         if cfg.adapt_steps:
             out = replace(out, steps=cfg.adapt_steps, batch_size=min(out.batch_size, SHORT_ADAPT_BATCH))
         return replace(out, max_items=cfg.adapt_max_items) if cfg.adapt_max_items else out
     if stage == "dd2_tune":
-        from onestep.dd2.tune import TUNE_PRESETS
-
         out = replace(TUNE_PRESETS[cfg.tune_preset], seed=seed)
         if cfg.tune_steps:
             out = _shortened(out, cfg.tune_steps, "head_only_steps")
         return replace(out, n_pool=cfg.tune_pool) if cfg.tune_pool else out
     if stage == "dd2_train":
-        from onestep.dd2.train import TRAIN_PRESETS
-
         out = replace(TRAIN_PRESETS[cfg.train_preset], seed=seed)
         return _shortened(out, cfg.train_steps, "warmup_steps") if cfg.train_steps else out
     if stage == "mapkd":
-        from onestep.mapkd.train import MAPKD_PRESETS
-
         out = replace(MAPKD_PRESETS[cfg.mapkd_preset], seed=seed)
         return _shortened(out, cfg.mapkd_steps, "warmup_steps") if cfg.mapkd_steps else out
     if stage == "dd1":
-        from onestep.dd1.stages import DD1_PRESETS
-
         out = replace(DD1_PRESETS[cfg.dd1_preset], seed=seed)
         if cfg.dd1_pairs:
             out = replace(out, n_pairs=cfg.dd1_pairs)

@@ -6,9 +6,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from onestep import checkpoint as ckpt
+from onestep.dd1.baselines import baseline_samplers, skip_counts
+from onestep.dd1.load import load_dd1
+from onestep.dd1.sampling import dd1_samplers, one_step
+from onestep.dd2.sampling import ardiffusion_sampler, dd2_sampler, load_dd2
+from onestep.dd2.tune import load_ardiffusion
+from onestep.eval import report
+from onestep.eval.evaluate import Evaluator
+from onestep.eval.metrics import perceptual_path_length
+from onestep.eval.speed import measure
+from onestep.mapkd.sampling import load_mapkd, mapkd_sampler
+from onestep.paths import assets_dir
+from onestep.runs import class_names, tokenizer_image_shape
+from onestep.samplers import class_labels, generate, teacher_sampler
+from onestep.teacher.base import nearest_code
+from onestep.teacher.load import load_teacher
 
 # the evaluation noise rule of samplers.generate; rows cached under another rule are re-evaluated (before it, batch b
 # drew from seed b, DD1's training noise for seed 0)
@@ -23,44 +39,29 @@ class Rows:
         """What the rows and grids follow from the teacher and its tokenizer: ``num_classes``, ``ar_steps`` (K, which
         names the skip-n rows), ``image_shape`` (C, H, W) and ``class_names`` (None when the tokenizer records none)."""
         if getattr(self, "_facts", None) is None:
-            from onestep.runs import class_names, load_teacher, tokenizer_image_shape
-
             teacher, _, tok = load_teacher(teacher_dir, "cpu")
             self._facts = {"num_classes": int(teacher.num_classes), "ar_steps": len(teacher.ar_steps()),
                            "image_shape": tokenizer_image_shape(tok), "class_names": class_names(teacher_dir)}
         return self._facts
 
     def grid_columns(self) -> int:
-        from onestep.eval.report import grid_columns
-
-        return grid_columns(self.cfg.n_grid, self._facts["num_classes"])
+        return report.grid_columns(self.cfg.n_grid, self._facts["num_classes"])
 
     def samplers(self, teacher_dir: Path, runs: dict[str, Path]) -> dict:
         """Every row of :meth:`row_plan` whose runs are there, as a :class:`~onestep.samplers.Sampler` keyed by row name,
         in the plan's order (a sampler built for a row the plan does not list is an error)."""
-        from onestep.dd2.sampling import ardiffusion_sampler, dd2_sampler, load_dd2
-        from onestep.dd2.tune import load_ardiffusion
-        from onestep.runs import load_teacher
-        from onestep.samplers import teacher_sampler
-
         self.teacher_facts(teacher_dir)
         teacher, _, tok = load_teacher(teacher_dir, self.device)
         sampling = self.cfg.sampling()
         out = {"teacher": teacher_sampler(teacher, tok, sampling)}
         if "dd2_tune" in runs:  # the baselines' marginals come from the stage-1 pool of teacher samples
-            from onestep.dd1.baselines import baseline_samplers
-
             out.update(baseline_samplers(teacher_dir, self.device, sampling, self.teacher_tokens(runs)))
         if "dd1" in runs:
-            from onestep.dd1.sampling import dd1_samplers
-
             out.update(dd1_samplers(runs["dd1"], self.device, sampling))
         if "dd2_adapt" in runs:  # stage 0's continuous-input teacher, sampled like the teacher (FID after stage 0)
             adapted, _, _ = load_teacher(runs["dd2_adapt"], self.device, with_tokenizer=False)
             out["teacher-stage0"] = teacher_sampler(adapted, tok, sampling, name="teacher-stage0")
         if "mapkd" in runs:  # MapKD: one pass + the ODE map, then k - 1 Jacobi teacher passes
-            from onestep.mapkd.sampling import load_mapkd, mapkd_sampler
-
             gen, mapkd_teacher, _, samp = load_mapkd(runs["mapkd"], self.device)
             for k in (1, *self.cfg.mapkd_multi):
                 smp = mapkd_sampler(gen, mapkd_teacher, tok, samp, k, "jacobi")
@@ -90,23 +91,17 @@ class Rows:
 
     def shipped_dd2(self) -> Path | None:
         """The shipped DD2 generator when the config asks for its row and the run uses the shipped teacher."""
-        from onestep.paths import assets_dir
-
         path = assets_dir() / "fashion-mnist" / "dd2"
         ok = self.cfg.shipped_dd2 and self.cfg.use_assets and self.cfg.data == "fashion-mnist"
         return path if ok and (path / "final" / "config.json").exists() else None
 
     def teacher_tokens(self, runs: dict[str, Path]) -> torch.Tensor:
         """Teacher token samples (ids, labels) for the onestep* marginals: the stage-1 pool (same sampling rule)."""
-        import numpy as np
-
         with np.load(runs["dd2_tune"] / "pool.npz") as f:
             return torch.from_numpy(f["ids"]).long(), torch.from_numpy(f["labels"]).long()
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluator(self):
-        from onestep.eval.evaluate import Evaluator
-
         if not hasattr(self, "_ev"):
             self._ev = Evaluator(self.cfg.data, self.data_root, self.device, n_ref_classifier=self.cfg.n_ref_classifier,
                                  n_ref_inception=self.cfg.n_ref_inception)
@@ -114,9 +109,6 @@ class Rows:
 
     def evaluate(self, samplers: dict) -> list[dict]:
         """Quality rows, one per sampler, cached in ROOT/evals/<method>.json (same labels and seeds for all)."""
-        from onestep.eval.report import save_grid
-        from onestep.samplers import class_labels, generate
-
         rows = []
         for name, s in samplers.items():
             path = self.root / "evals" / f"{name}.json"
@@ -134,9 +126,9 @@ class Rows:
             t0 = time.time()
             out = generate(s, labels, self.seed, batch_size=250, keep_tokens=False)
             gen_time = time.time() - t0
-            grid = save_grid(out["images"][: self.cfg.n_grid], self.root / "grids" / f"{name}.png",
-                             nrow=self.grid_columns(), labels=out["labels"][: self.cfg.n_grid],
-                             class_names=self._facts["class_names"])
+            grid = report.save_grid(out["images"][: self.cfg.n_grid], self.root / "grids" / f"{name}.png",
+                                    nrow=self.grid_columns(), labels=out["labels"][: self.cfg.n_grid],
+                                    class_names=self._facts["class_names"])
             n_inc = self.cfg.n_inception if headline else 0
             k = self.cfg.n_eval  # every row's metrics on the same number of samples (FID's bias depends on it)
             res = ev.evaluate(out["images"][:k], out["labels"][:k], n_inception=n_inc)
@@ -162,9 +154,6 @@ class Rows:
 
     def speed(self, samplers: dict) -> dict:
         """Latency at batch 1 and throughput at batch 64 of every method, side by side in this process."""
-        from onestep.eval.speed import measure
-        from onestep.samplers import class_labels
-
         path = self.root / "speed.json"
         if path.exists():
             return ckpt.read_json(path)
@@ -181,11 +170,6 @@ class Rows:
 
     def ppl(self, runs: dict[str, Path]) -> dict:
         """Table 5: perceptual path length in noise space (classifier-feature PPL, see eval.metrics), DD1 vs DD2."""
-        from onestep.dd2.sampling import load_dd2
-        from onestep.eval.metrics import perceptual_path_length
-        from onestep.samplers import class_labels
-        from onestep.teacher.base import nearest_code
-
         path = self.root / "ppl.json"
         if path.exists():
             return ckpt.read_json(path)
@@ -201,9 +185,6 @@ class Rows:
             out["dd2_continuous"] = perceptual_path_length(
                 lambda z, y: tok.decode_codes(gen.generate(z, y)), shape, labels, clf.features)
             if "dd1" in runs:
-                from onestep.dd1.sampling import one_step
-                from onestep.dd1.stages import load_dd1
-
                 model = load_dd1(runs["dd1"], self.device)[0]
                 n_pos = teacher.seq_len
 
@@ -217,8 +198,6 @@ class Rows:
                     lambda z, y: tok.decode_ids(one_step(model, z, y)), shape, labels, clf.features)
                 out["dd1_continuous"] = perceptual_path_length(dd1_soft, shape, labels, clf.features)
         if "mapkd" in runs:  # MapKD's tokens are codes: its one map is the quantised one
-            from onestep.mapkd.sampling import load_mapkd
-
             mapkd_gen = load_mapkd(runs["mapkd"], self.device)[0]
             with torch.no_grad():
                 out["mapkd_quantised"] = perceptual_path_length(
@@ -244,8 +223,6 @@ class Rows:
         being what the row needs trained (the teacher alone, DD1, DD2's stages, MapKD; the baselines are DD2's:
         onestep*'s marginals come from the stage-1 pool), most expensive first within a group. The skip-n rows follow
         the teacher's AR step count (:func:`~onestep.dd1.baselines.skip_counts`)."""
-        from onestep.dd1.baselines import skip_counts
-
         skips = [f"skip-{n}" for n in skip_counts(self.teacher_facts(teacher_dir)["ar_steps"])]
         plan = [("teacher", "teacher")] + ([("dd2-1step-shipped", "teacher")] if self.shipped_dd2() is not None else [])
         plan += [(n, "dd1") for n in ("dd1-teacher-involved", "dd1-2step", "dd1-1step")]
@@ -267,6 +244,7 @@ class Rows:
     def side_by_side(self, methods: list[str]) -> Path | None:
         """One PNG: for each method a block of its first two grid rows (and the class captions), stacked vertically
         with labels."""
+        # matplotlib (slow, its backend set before pyplot loads) and Pillow (optional): imported when the grid is drawn
         import matplotlib
 
         matplotlib.use("Agg")
@@ -276,11 +254,9 @@ class Rows:
         have = [m for m in methods if (self.root / "grids" / f"{m}.png").exists()]
         if not have:
             return None
-        from onestep.eval.report import grid_layout
-
         _, H, W = self._facts["image_shape"]
-        lay = grid_layout(self.cfg.n_grid, H, W, self.grid_columns(),
-                          captions="columns" if self._facts["class_names"] else None)
+        lay = report.grid_layout(self.cfg.n_grid, H, W, self.grid_columns(),
+                                 captions="columns" if self._facts["class_names"] else None)
         fig, axes = plt.subplots(len(have), 1, figsize=(7, 2.2 * len(have)))
         for ax, m in zip(list(axes) if len(have) > 1 else [axes], have):
             img = Image.open(self.root / "grids" / f"{m}.png")

@@ -3,17 +3,29 @@ interrupted), then the rows and the tables; on a multi-core CPU the DD1 and DD2 
 run in two worker processes (:meth:`Pipeline.run_parallel`)."""
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from onestep import checkpoint as ckpt
+from onestep.dd1.stages import make_pairs, train_dd1
+from onestep.dd2.adapt import adapt_teacher
+from onestep.dd2.train import train as train_dd2
+from onestep.dd2.tune import tune as tune_dd2
+from onestep.distributed import setup
+from onestep.eval.report import write_report
+from onestep.mapkd.train import train_mapkd
 from onestep.paths import assets_dir
 from onestep.pipeline.config import PipelineConfig, alignment_step, stage_config
 from onestep.pipeline.rows import Rows
 from onestep.pipeline.tables import cost, publish, tables, write_tables_md
+from onestep.teacher.train import train_teacher
+from onestep.tokenizer.train import train_tokenizer
 
 # run directory (under ROOT) of each trained stage, by its key in ``runs``
 RUN_DIRS = {"dd2_adapt": "dd2-adapt", "dd2_tune": "dd2-tune", "dd2": "dd2", "dd2_align": "dd2-align", "dd1": "dd1",
@@ -36,7 +48,7 @@ class Pipeline(Rows):
 
     def _record_cost(self, name: str, seconds: float) -> None:
         """costs.json[name] = seconds, read-modify-write under a lock (worker processes share the file)."""
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken, so that the module imports on any system
 
         with open(self.root / ".costs.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -57,8 +69,6 @@ class Pipeline(Rows):
         return out
 
     def _info(self):
-        from onestep.distributed import setup
-
         return setup(self.device)
 
     # ---- tokenizer and teacher ----------------------------------------------------------------
@@ -71,7 +81,6 @@ class Pipeline(Rows):
         if shipped is not None:
             print(f"[{self.cfg.name}] tokenizer: shipped checkpoint {shipped}", flush=True)
             return shipped
-        from onestep.tokenizer.train import train_tokenizer
 
         run = self.root / "tokenizer"
         cfg = stage_config(self.cfg, "tokenizer", self.seed)
@@ -83,7 +92,6 @@ class Pipeline(Rows):
         if shipped is not None:
             print(f"[{self.cfg.name}] teacher: shipped checkpoint {shipped}", flush=True)
             return shipped
-        from onestep.teacher.train import train_teacher
 
         run = self.root / "teacher"
         cfg = stage_config(self.cfg, "teacher", self.seed)
@@ -93,19 +101,15 @@ class Pipeline(Rows):
 
     # ---- DD2 ------------------------------------------------------------------------------------
     def dd2_adapt(self, teacher_dir: Path) -> Path:
-        from onestep.dd2.adapt import adapt_teacher
-
         run = self.root / RUN_DIRS["dd2_adapt"]
         cfg = stage_config(self.cfg, "dd2_adapt", self.seed)
         self._stage("dd2_adapt", run / "final", lambda: adapt_teacher(run, teacher_dir, cfg, self._info()))
         return run
 
     def dd2_tune(self, adapt_dir: Path) -> Path:
-        from onestep.dd2.tune import tune
-
         run = self.root / RUN_DIRS["dd2_tune"]
         cfg = stage_config(self.cfg, "dd2_tune", self.seed)
-        self._stage("dd2_tune", run / "final", lambda: tune(run, adapt_dir, cfg, self.cfg.sampling(), self._info()))
+        self._stage("dd2_tune", run / "final", lambda: tune_dd2(run, adapt_dir, cfg, self.cfg.sampling(), self._info()))
         return run
 
     def dd2_train_cfg(self, align: bool):
@@ -118,8 +122,6 @@ class Pipeline(Rows):
         """Stage 2 (CSD). The alignment run shares the plain run's first ``align_at`` steps (same config and
         seeds up to there): the plain run checkpoints at ``align_at`` and the alignment run is branched off
         that checkpoint (``branched_from.json``), so only the alignment phase and the rest are trained twice."""
-        from onestep.dd2.train import train
-
         run = self.root / RUN_DIRS["dd2_align" if align else "dd2"]
         cfg, align_at = self.dd2_train_cfg(align)
         save_at, hook = (), None
@@ -134,7 +136,7 @@ class Pipeline(Rows):
                     print(f"[{self.cfg.name}] dd2_train_align: branched from {run} at step {step}", flush=True)
 
         self._stage("dd2_train_align" if align else "dd2_train", run / "final",
-                    lambda: train(run, tune_dir, cfg, self._info(), save_at=save_at, on_checkpoint=hook))
+                    lambda: train_dd2(run, tune_dir, cfg, self._info(), save_at=save_at, on_checkpoint=hook))
         return run
 
     def dd2_branch(self, teacher_dir: Path) -> dict[str, Path]:
@@ -148,8 +150,6 @@ class Pipeline(Rows):
 
     def mapkd(self, teacher_dir: Path) -> Path:
         """MapKD (:mod:`onestep.mapkd`): from the teacher alone."""
-        from onestep.mapkd.train import train_mapkd
-
         run = self.root / RUN_DIRS["mapkd"]
         cfg = stage_config(self.cfg, "mapkd", self.seed)
         self._stage("mapkd", run / "final", lambda: train_mapkd(run, teacher_dir, cfg, self.cfg.sampling(), self._info()))
@@ -157,8 +157,6 @@ class Pipeline(Rows):
 
     # ---- DD1 ------------------------------------------------------------------------------------
     def dd1(self, teacher_dir: Path) -> Path:
-        from onestep.dd1.stages import make_pairs, train_dd1
-
         preset = stage_config(self.cfg, "dd1", self.seed)
         pairs, run = self.root / "dd1-pairs", self.root / RUN_DIRS["dd1"]
         if not ckpt.is_model_dir(run / "final"):  # make_pairs resumes / returns at once when complete
@@ -210,7 +208,6 @@ class Pipeline(Rows):
         write_tables_md(self.root / "paper-table.md", table)
         grid = self.side_by_side(["teacher", "dd1-1step", "dd1-2step", "mapkd-1step", "mapkd-jacobi-3step", "dd2-1step",
                                   "dd2-1step-shipped"])
-        from onestep.eval.report import write_report
 
         report = write_report([self.root], self.root / "report", title=f"onestep {self.cfg.name}: {self.cfg.data}")
         if self.cfg.publish:
@@ -226,10 +223,6 @@ class Pipeline(Rows):
         cpu_count // workers threads each (the models here are small and use several threads poorly). Rows are
         evaluated as soon as what they need is trained. Results land
         in the run directories and ROOT/evals/, which the sequential code path then re-uses."""
-        import multiprocessing as mp
-        import os
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         args = (str(self.root), self.cfg, self.device, self.seed, self.data_root, self.command)
         names = self.row_names(teacher_dir)
@@ -284,6 +277,4 @@ def _pipeline_task(args: tuple, threads: int, task: str, rows: tuple = ()):
 
 def default_workers(device: str) -> int:
     """2 worker processes on a multi-core CPU (the DD1 and DD2 branches side by side), else 1 (sequential)."""
-    import os
-
     return 2 if str(device).startswith("cpu") and (os.cpu_count() or 1) >= 2 else 1

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from onestep import checkpoint as ckpt
+from onestep.eval.report import markdown_table
+from onestep.eval.speed import git_commit, machine_info
 from onestep.paths import results_dir
 
 
@@ -54,8 +56,6 @@ def cost(runs: dict[str, Path]) -> dict:
 def tables(rows: list[dict], speed: dict, ppl: dict | None, cost: dict, floor: dict, cfg, command: str) -> dict:
     """metrics.json of a pipeline (``cfg``, run by ``command``): the quality rows with their speed columns, the data
     floor, the cost, the PPL, and what the figures were measured with."""
-    from onestep.eval.speed import git_commit, machine_info
-
     sp = {r["method"]: r for r in speed.get("rows", [])}
     keys = ("latency_b1_s", "throughput_b64", "speedup_b1", "speedup_b64")
     full = []
@@ -76,8 +76,6 @@ TABLE1 = ["method", "steps", "params", "fid_classifier", "fid_classifier_10000",
 
 def write_tables_md(path: Path, table: dict) -> Path:
     """Tables 1-3 and 5 of the DD2 paper, at this scale, as markdown (Table 4: ``benchmarks/paper_goals.py``)."""
-    from onestep.eval.report import markdown_table
-
     rows = table["rows"]
     multi = [r for r in rows if r["method"].startswith(("teacher", "dd1", "dd2", "mapkd"))]
     md = [f"# onestep: the papers' tables at small scale ({table['pipeline']['name']} preset)", "",

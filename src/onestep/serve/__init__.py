@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import socket
 
+from onestep.serve.models import KINDS, Models, default_runs, resolve_runs
+
 __all__ = ["default_runs", "open_socket", "serve"]
-
-
-def default_runs():
-    """The shipped teacher, DD1 and DD2 runs (:func:`onestep.serve.models.default_runs`)."""
-    from onestep.serve.models import default_runs as runs
-
-    return runs()
 
 
 def open_socket(host: str, port: int) -> socket.socket:
@@ -54,13 +49,12 @@ def url_of(sock: socket.socket) -> str:
 def serve(run: list[str] | None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> bool:
     """Serve the page on ``host``:``port`` until interrupted: the runs of ``run`` (teacher, DD1 or DD2 run
     directories; a kind not given: the shipped run) on ``device``. Returns whether the server started."""
-    try:
+    try:  # starlette and uvicorn are optional (only the server needs them): imported when it starts
         import uvicorn
 
         from onestep.serve.app import build_app
     except ImportError as e:
         raise ValueError(f"onestep serve needs starlette and uvicorn ({e}): pip install -r requirements.txt") from None
-    from onestep.serve.models import KINDS, Models, resolve_runs
 
     runs = resolve_runs(run)
     sock = open_socket(host, port)  # before loading: a port in use fails at once

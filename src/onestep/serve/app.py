@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
@@ -252,8 +253,6 @@ def build_app(models: Models, workers: int = 16, host: str | None = None, port: 
     async def lifespan(app):
         yield
         pool.shutdown(wait=False)
-
-    from starlette.middleware import Middleware
 
     guard = [Middleware(HostGuard, host=host, port=port)] if host is not None and port is not None else []
     app = Starlette(routes=routes, lifespan=lifespan, max_body_size=1 << 16, middleware=guard)

@@ -4,7 +4,9 @@ save a screenshot. The browser test and the README's screenshot (``python -m one
 docs/serve.png``) both use it.
 
 Nothing here downloads a browser: the system's chromedriver is passed to selenium explicitly, so selenium-manager
-is never run (with a driver path given, selenium skips it).
+is never run (with a driver path given, selenium skips it). selenium is optional (the browser test and the screenshot
+need it): the functions that drive the browser import it, so the module loads without it and :func:`find_chromium`
+says what is missing.
 """
 from __future__ import annotations
 

@@ -20,7 +20,23 @@ from typing import Callable
 
 import torch
 
-from onestep.methods import METHODS
+import onestep
+from onestep import checkpoint as ckpt
+from onestep import rng
+from onestep.api import TEACHER_DEFAULTS
+from onestep.data import FASHION_MNIST_CLASSES, MNIST_CLASSES, to_uint8
+from onestep.dd1 import sampling as dd1_sampling
+from onestep.dd1.load import load_dd1
+from onestep.dd2.sampling import dd2_sampler, load_dd2
+from onestep.eval.speed import machine_info, measure
+from onestep.mapkd.sampling import load_mapkd, mapkd_sampler
+from onestep.methods import METHODS, run_kind
+from onestep.paths import assets_dir, checkout, results_dir
+from onestep.runs import final_dir
+from onestep.samplers import generate
+from onestep.teacher.base import nearest_code
+from onestep.teacher.load import load_teacher
+from onestep.teacher.sampling import SamplingConfig, sample_tokens
 
 KINDS = ("teacher", "dd1", "mapkd", "dd2")
 ONE_STEP = ("dd1", "mapkd", "dd2")  # the one-step methods, in the order of the page
@@ -36,8 +52,6 @@ UNFILLED = 48  # gray level of the token cells the teacher has not generated yet
 def default_runs() -> dict[str, Path | None]:
     """The shipped runs of the default preset: {"teacher", "dd1", "mapkd", "dd2"} -> run directory under
     ``assets/fashion-mnist/`` (``ONESTEP_ASSETS`` overrides the assets folder), or None where it is not shipped."""
-    from onestep.paths import assets_dir
-
     root = assets_dir() / "fashion-mnist"
     out: dict[str, Path | None] = {}
     for kind in KINDS:
@@ -50,8 +64,6 @@ def resolve_runs(runs: list[str] | None, defaults: dict[str, Path | None] | None
     """The runs to serve: each ``--run`` directory under its recorded kind (teacher, dd1, mapkd or dd2); a kind no
     ``--run`` gives comes from :func:`default_runs`. ValueError (one line) for two runs of one kind or a directory
     that holds no sampled run."""
-    from onestep.methods import run_kind
-
     out = dict(default_runs() if defaults is None else defaults)
     given: dict[str, str] = {}
     for r in runs or []:
@@ -86,8 +98,6 @@ def data_url(img: torch.Tensor) -> str:
 
 def class_names(data: str | None, num_classes: int) -> list[str]:
     """Display names of the classes: Fashion-MNIST's and MNIST's by name, "class i" otherwise."""
-    from onestep.data import FASHION_MNIST_CLASSES, MNIST_CLASSES
-
     names = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}.get(data or "")
     if names is not None and len(names) == num_classes:
         return list(names)
@@ -98,8 +108,6 @@ def bench_fids(path: Path | None = None) -> dict:
     """The bench's FIDs of the served methods' rows (``benchmarks/results/paper-table.json``: teacher, dd1-1step,
     mapkd-*, dd2-*): {"source", "commit", "rows": [{method, steps, fid_classifier, fid_classifier_10000,
     fid_inception}]}; no rows when the file is absent."""
-    from onestep.paths import results_dir
-
     path = path or results_dir() / "paper-table.json"
     try:
         table = json.loads(Path(path).read_text())
@@ -108,7 +116,6 @@ def bench_fids(path: Path | None = None) -> dict:
     keep = lambda m: m in ("teacher", "dd1-1step") or (m.startswith(("dd2-", "mapkd-")) and m.endswith("step"))  # noqa: E731
     rows = [{k: r.get(k) for k in ("method", "steps", "fid_classifier", "fid_classifier_10000", "fid_inception")}
             for r in table.get("rows", []) if keep(str(r.get("method")))]
-    from onestep.paths import checkout
 
     try:
         source = str(Path(path).resolve().relative_to(checkout()))
@@ -151,11 +158,6 @@ class Models:
     """
 
     def __init__(self, runs: dict[str, Path | None], device="cpu"):
-        import onestep
-        from onestep.api import TEACHER_DEFAULTS
-        from onestep.runs import load_teacher
-        from onestep.teacher.sampling import SamplingConfig
-
         self.device = torch.device(device)
         self.runs = {k: (None if v is None else str(v)) for k, v in runs.items()}
         self.missing = [k for k in KINDS if self.runs.get(k) is None]
@@ -188,9 +190,6 @@ class Models:
         self.multi = next((k for k in MULTI if k in self.gens), None)  # the method of the k-step panel
         self.multi_ar_steps = self._walker(self.multi).ar_steps if self.multi else 0
         if data is None:
-            from onestep import checkpoint as ckpt
-            from onestep.runs import final_dir
-
             data = ckpt.read_json(final_dir(first.run_dir) / "config.json").get("data")
         self.classes = class_names(data, self.num_classes)
         self.fids = bench_fids()
@@ -222,8 +221,6 @@ class Models:
         return out
 
     def info(self) -> dict:
-        from onestep.eval.speed import machine_info
-
         return {"classes": self.classes, "num_classes": self.num_classes, "image_shape": list(self.image_shape),
                 "runs": self.runs, "missing": self.missing, "one_step": self.one_step_keys, "labels": LABELS,
                 "multi": self.multi, "multi_row": f"{self.multi}-{METHODS[self.multi].multistep[0]}-" if self.multi else None,
@@ -239,9 +236,6 @@ class Models:
         """The sampler of a MapKD or DD2 panel at its step count: built once per (method, count) from the run loaded
         at start (the sampler ``onestep.load(run)`` builds, with the method's default multi-step sampler, without
         reading the run again)."""
-        from onestep.dd2.sampling import dd2_sampler
-        from onestep.mapkd.sampling import mapkd_sampler
-
         key = (panel.method, panel.steps)
         if key not in self._samplers:
             w = self._walker(panel.method)
@@ -253,8 +247,6 @@ class Models:
         """uint8 images (N, C, H, W) of ``panel`` for ``labels``: the images ``onestep.load(run).sample(labels,
         steps=panel.steps, seed=seed, batch_size=batch_size)`` gives."""
         if panel.method in MULTI:
-            from onestep.samplers import generate
-
             lab = self.gens[panel.method].labels_tensor(labels)
             return generate(self._sampler(panel), lab, seed, batch_size=batch_size, progress=False,
                             keep_tokens=False)["images"]
@@ -276,8 +268,6 @@ class Models:
         """The image of the teacher's grid after AR step ``step``: the tokenizer decodes the grid (positions not yet
         sampled hold code 0) and, for a raster-order teacher, the cells of those positions are grayed out. A
         multi-scale (VAR) teacher's partial grids are decoded as they are."""
-        from onestep.data import to_uint8
-
         img = to_uint8(self.tokenizer.decode_ids(ids).float().cpu())[0]
         a, b = self.teacher.ar_steps()[step]
         n = self.teacher.seq_len
@@ -297,9 +287,6 @@ class Models:
         (the last call carries the final image). Returns (final uint8 image, seconds of sampling and final decode,
         the partial decodes and ``emit`` not counted). The image equals ``onestep.load(teacher).sample([label],
         seed=seed)``'s: the same stream seed, and the hook draws nothing."""
-        from onestep import rng
-        from onestep.teacher.sampling import sample_tokens
-
         spent = [0.0]
 
         def on_step(k: int, ids: torch.Tensor) -> None:
@@ -313,7 +300,6 @@ class Models:
             t0 = time.perf_counter()
             g = torch.Generator(device=self.device).manual_seed(rng.stream_seed(seed, 0))
             ids = sample_tokens(self.teacher, labels, self.teacher_cfg, g, on_step=on_step)
-            from onestep.data import to_uint8
 
             img = to_uint8(self.tokenizer.decode_ids(ids).float().cpu())[0]
             dt = time.perf_counter() - t0 - spent[0]
@@ -324,26 +310,16 @@ class Models:
     def _walker(self, key: str) -> _OneStep:
         """The one-step generator ``key`` opened at the noise level (loaded once, on first use)."""
         if key not in self._walkers:
-            from onestep.data import to_uint8
-            from onestep.teacher.base import nearest_code
-
             if key == "dd1":
-                from onestep.dd1.load import load_dd1
-                from onestep.dd1.sampling import conti_from_of, one_step
-
                 parts = model, config, teacher, tok = load_dd1(self.runs["dd1"], self.device)
-                cf = conti_from_of(config)
-                fn = lambda eps, lab: one_step(model, eps, lab, cf)  # noqa: E731
+                cf = dd1_sampling.conti_from_of(config)
+                fn = lambda eps, lab: dd1_sampling.one_step(model, eps, lab, cf)  # noqa: E731
                 shape = (model.seq_len, model.code_dim)
             elif key == "mapkd":
-                from onestep.mapkd.sampling import load_mapkd
-
                 parts = gen, teacher, tok, _ = load_mapkd(self.runs["mapkd"], self.device)
                 fn = gen.sample_ids
                 shape = gen.noise_shape
             else:
-                from onestep.dd2.sampling import load_dd2
-
                 parts = gen, teacher, tok, _ = load_dd2(self.runs["dd2"], self.device)
                 cb = teacher.codebook()
                 fn = lambda eps, lab: nearest_code(gen.generate(eps, lab), cb)  # noqa: E731
@@ -359,8 +335,6 @@ class Models:
     def noise(self, key: str, seed: int) -> torch.Tensor:
         """The noise (1, n, C) that ``gen.sample([c], seed=seed)`` feeds the one-step generator ``key``: the first
         draw of batch 0's stream."""
-        from onestep import rng
-
         g = torch.Generator(device=self.device).manual_seed(rng.stream_seed(seed, 0))
         return rng.randn((1, *self._walker(key).shape), g, self.device)
 
@@ -384,8 +358,6 @@ class Models:
         """Images per second of every panel at each batch size, side by side in this process
         (:func:`onestep.eval.speed.measure`: one warm-up call, then ``repeats`` round-robin rounds, the median),
         under the lock: the machine's other requests wait."""
-        from onestep.eval.speed import measure
-
         fns = {}
         labels = list(range(self.num_classes))
         for p in self.panels(k):

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from onestep import checkpoint as ckpt
+from onestep.data import check_image_shape, load_dataset, to_float
 from onestep.distributed import DistInfo, wrap_ddp
+from onestep.rng import seed_everything
+from onestep.runs import recorded_data, ref_to, stage_data, tokenizer_image_shape
+from onestep.teacher.families import family_named
 from onestep.teacher.llamagen import GPT
-from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, autocast, guarded_step,
-                             make_optimizer, prepare_run_dir, set_lr, warmup_cosine)
+from onestep.teacher.load import load_tokenizer
+from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, autocast, guarded_step, make_optimizer,
+                             prepare_run_dir, set_lr, warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -50,8 +57,6 @@ TEACHER_TRAIN_PRESETS = {
 
 def tokenize_split(tokenizer, images_uint8: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
     """Token ids (N, n) of a uint8 image tensor, in batches, without gradients."""
-    from onestep.data import to_float
-
     out = []
     tokenizer.eval()
     with torch.no_grad():
@@ -62,8 +67,6 @@ def tokenize_split(tokenizer, images_uint8: torch.Tensor, batch_size: int = 500,
 
 def subset(dataset, n: int | None):
     """The first ``n`` items of an ImageDataset (all when ``n`` is None)."""
-    from dataclasses import replace as dc_replace
-
     if n is None or n >= len(dataset):
         return dataset
     return dc_replace(dataset, images=dataset.images[:n], labels=dataset.labels[:n])
@@ -82,8 +85,6 @@ def cached_tokens(run_dir: Path, tokenizer, dataset, split: str, device="cpu") -
 def build_teacher(preset: str, tokenizer, num_classes: int, class_dropout_prob: float = 0.1, **overrides):
     """A teacher preset of the tokenizer's family sized to the tokenizer and the data set's classes: a GPT (vocab, grid,
     code dim) for a raster VQ tokenizer, a VAR (vocab, code dim, scales, phi convs) for a multi-scale one."""
-    from onestep.families import family_named
-
     family = family_named(getattr(tokenizer, "family", "llamagen"))
     return family.new_teacher(preset, tokenizer, num_classes, class_dropout_prob, **overrides)
 
@@ -95,10 +96,6 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
     The training images: ``data`` / ``data_root``, by default the ones the tokenizer run records (Fashion-MNIST when
     it records none); folder images are resized to the tokenizer's size. Images of another channel count or size
     than the tokenizer's are refused (:class:`~onestep.data.DataError`) before anything is written."""
-    from onestep.data import check_image_shape, load_dataset
-    from onestep.rng import seed_everything
-    from onestep.runs import load_tokenizer, recorded_data, ref_to, stage_data, tokenizer_image_shape
-
     info = info or DistInfo()
     seed_everything(cfg.seed)
     tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, info.device)
@@ -153,8 +150,6 @@ def heldout_nll(model: GPT, ids: torch.Tensor, labels: torch.Tensor, batch_size:
                 progress: str | None = None) -> float:
     """Mean per-token negative log-likelihood (nats) under teacher forcing (eval mode, no dropout); ``progress``: the
     label of a progress bar (with its ETA) on stderr, None for none."""
-    from tqdm.auto import tqdm
-
     model.eval()
     tot, cnt = 0.0, 0
     dev = next(model.parameters()).device

@@ -18,8 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from onestep.distributed import DistInfo, unwrap
+from onestep import checkpoint as ckpt
+from onestep.data import load_dataset, to_float, to_uint8
+from onestep.distributed import DistInfo, unwrap, wrap_ddp
+from onestep.rng import seed_everything
+from onestep.tokenizer.msvq import VQVAE, VQVAE_PRESETS, vqvae_config
 from onestep.tokenizer.vq import VQModel, vq_config
+from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
+                             prepare_run_dir, set_lr, warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,6 @@ def evaluate_tokenizer(model: VQModel, images_uint8: torch.Tensor, batch_size: i
     before uint8 rounding), codebook_usage (fraction of codes used at least once), codes_used.
     Runs in eval mode and restores the previous mode.
     """
-    from onestep.data import to_float, to_uint8
-
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -131,8 +135,6 @@ def evaluate_tokenizer(model: VQModel, images_uint8: torch.Tensor, batch_size: i
 def build_tokenizer(preset: str, image_size: int, in_channels: int, **overrides):
     """A tokenizer sized to the data (image size, channels): a VQModel from ``VQ_PRESETS[preset]`` (LlamaGen family) or
     a multi-scale VQVAE from ``VQVAE_PRESETS[preset]`` (VAR family, presets ``var-*``)."""
-    from onestep.tokenizer.msvq import VQVAE, VQVAE_PRESETS, vqvae_config
-
     if preset in VQVAE_PRESETS:
         return VQVAE(vqvae_config(preset, image_size=image_size, in_channels=in_channels, **overrides))
     return VQModel(vq_config(preset, image_size=image_size, in_channels=in_channels, **overrides))
@@ -144,13 +146,6 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
 
     The test-split metrics of :func:`evaluate_tokenizer` are stored in ``final/config.json["eval"]``.
     """
-    from onestep import checkpoint as ckpt
-    from onestep.data import load_dataset, to_float
-    from onestep.distributed import wrap_ddp
-    from onestep.rng import seed_everything
-    from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
-                                 prepare_run_dir, set_lr, warmup_cosine)
-
     info = info or DistInfo()
     seed_everything(cfg.seed)
     ds = load_dataset(data, "train", root=data_root)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # _
 from _common import provenance, write_results  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: lab.*
+from lab import tabular as tab  # noqa: E402  (its CSDSchedule is wrapped below to record the EMA generator)
 from lab.tabular import TabularRunConfig, fit_tabular, generator_ids, tv_of_ids  # noqa: E402
 from onestep.teacher.tabular import TabularTeacher  # noqa: E402
 
@@ -66,8 +67,6 @@ def run(kind: str, name: str, n_eval: int, every: int) -> dict:
         d = (x[:, 0, None] - cb).norm(dim=-1).min(-1).values
         curve.append({"step": step, "tv": tv_of_ids(teacher, ids), "blur": (d > 0.1).float().mean().item(),
                       "mean_dist": d.mean().item(), "masses": [round(m, 5) for m in masses(ids, 4)]})
-
-    from onestep.dd2 import tabular as tab
 
     def log(step, logs, tv, tv_ema):
         record(step, sched_ema[0])

@@ -21,7 +21,7 @@ its recipe spent, summed over every stage it needs:
 - MapKD (``onestep mapkd train``): its one stage, from the teacher (no stage 0 or 1, no pairs), at
   150, 300 and 600 steps (separate runs, each with its own cosine; ``cpu.json``'s ``flow_<steps>`` from each run's
   metrics.json). The runs shared the 2 cores with one to three other jobs, which inflates CPU seconds; the same
-  costs measured one after the other on an idle thread: ``benchmarks/training_cost.py``.
+  costs measured one after the other on one thread: ``benchmarks/training_cost.py``.
 
 The CPU seconds come from two machines: the bench's rows (DD1 at 900 steps, the paper recipe) from the bench's
 machine, the others from a second 2-core machine (the eval JSONs record each machine).

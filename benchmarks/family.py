@@ -53,6 +53,20 @@ METHODS = ("dd1", "mapkd", "dd2")  # what a setup distils unless it names fewer
 STAGES = ("tokenizer", "teacher", "dd1", "mapkd", "dd2", "eval")
 
 
+def train_cpu(r: Path, method: str) -> float | None:
+    """A method's training CPU-seconds over every stage it needs from the teacher (DD1: pairs and training; DD2:
+    stages 0 (raster teachers), 1 and 2), from the runs' own records (``metrics.json``, the pairs' manifest)."""
+    def cpu(path: str, key: str = "cpu_time_s"):
+        f = r / path
+        return json.loads(f.read_text()).get(key) if f.exists() else None
+
+    parts = {"teacher": [], "dd1": [cpu("pairs/manifest.json", "cpu_s"), cpu("dd1/metrics.json")],
+             "mapkd": [cpu("mapkd/metrics.json")],
+             "dd2": [cpu("dd2-tune/metrics.json"), cpu("dd2/metrics.json")]
+             + ([cpu("dd2-adapt/metrics.json")] if (r / "dd2-adapt").exists() else [])}[method]
+    return None if not parts or None in parts else round(sum(parts), 1)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", choices=list(SETUPS), default="var", help="the teacher's shape (default: var)")
@@ -60,6 +74,9 @@ def main(argv=None) -> dict:
                    help="the stages to run, in order (default: all)")
     p.add_argument("--root", default=None, help="the runs' folder (default: runs/<setup>)")
     p.add_argument("-n", type=int, default=2000, help="samples per evaluation (classifier FID)")
+    p.add_argument("--n-inception", type=int, default=0,
+                   help="of which scored by Inception-v3 too (default: 0; the bench's protocol: -n 10000 "
+                        "--n-inception 2000)")
     p.add_argument("--teacher-steps", type=int, default=None, help="(default: the setup's)")
     p.add_argument("--teacher-batch", type=int, default=None,
                    help="(default: the setup's; the small VAR is compute-bound on a CPU: ~4 s per step of 128 "
@@ -108,12 +125,13 @@ def main(argv=None) -> dict:
         if method != "teacher" and method not in methods:
             continue
         out = r / f"eval-{name}.json"
-        run(["eval", "--run", f"{r}/{run_dir}", "--method", method, "-n", str(a.n), "--n-inception", "0",
-             "--out", str(out), *s, *extra])
+        run(["eval", "--run", f"{r}/{run_dir}", "--method", method, "-n", str(a.n), "--n-inception",
+             str(a.n_inception), "--out", str(out), *s, *extra])
         m = json.loads(out.read_text())
         rows.append({"method": name, "steps": m["steps"], "params": m["params"], "fid_classifier": m["fid_classifier"],
-                     "inception_score": m.get("inception_score"), "precision": m.get("precision"),
-                     "recall": m.get("recall"), "class_accuracy": m.get("class_accuracy")})
+                     "fid_inception": m.get("fid_inception"), "inception_score": m.get("inception_score"),
+                     "precision": m.get("precision"), "recall": m.get("recall"),
+                     "class_accuracy": m.get("class_accuracy"), "train_cpu_s": train_cpu(r, method)})
     # speed side by side in this process (1 and 64 samples per call)
     from onestep.eval.speed import measure
     from onestep.methods import build_sampler
@@ -123,7 +141,8 @@ def main(argv=None) -> dict:
                               temperature=1.0, top_k=0, top_p=1.0, steps=1, continuous=False)
     samplers = {"teacher": build_sampler("teacher", f"{r}/teacher", "cpu", args),
                 **{f"{m}-1step": build_sampler(m, f"{r}/{m}", "cpu", args) for m in methods}}
-    labels = class_labels(64, 10)
+    num_classes = json.loads((r / "teacher" / "final" / "config.json").read_text())["model"]["num_classes"]
+    labels = class_labels(64, num_classes)
 
     def fn(smp):
         return lambda b: smp.images(labels[:b], torch.Generator().manual_seed(0))
@@ -152,7 +171,8 @@ def main(argv=None) -> dict:
               "table": rows, "fid_gap_to_teacher": gaps, "wall_time_s": walls, "speed_protocol": {
                   k: v for k, v in speed.items() if k != "rows"}, "threads": torch.get_num_threads()}
     write_results(a.out or str(ROOT / "benchmarks/results" / setup["out"]), result,
-                  f"{setup['title']} (classifier FID on {a.n} samples)")
+                  f"{setup['title']} (classifier FID on {a.n} samples"
+                  + (f", Inception FID on the first {a.n_inception})" if a.n_inception else ")"))
     print(json.dumps(rows, indent=2))
     return result
 

@@ -16,10 +16,12 @@ def cmd_serve(args) -> None:
     try:
         started = serve(args.run, args.host, args.port, args.device)
     except KeyboardInterrupt:  # Ctrl-C: the way to stop the server (it has nothing to resume)
-        print("onestep serve: stopped", file=sys.stderr)
-        return
+        started = True
     if not started:
         sys.exit(1)
+    # also when the server shut down on a signal without raising it again (uvicorn restores the handler it found,
+    # which ignores SIGINT in a process started in the background)
+    print("onestep serve: stopped", file=sys.stderr)
 
 
 def register(sub) -> None:

@@ -17,7 +17,8 @@ medians):
 - DD1, one step: the released generators' layout (LlamaGen-DD: linear input + continuous head, the release's output
   rule with continuous tokens from position 80; VAR-DD: argmax codes), one forward;
 - MapKD, one step (MapKD, ``onestep.mapkd``): the teacher's backbone reading the noise, logits, then DD1's
-  closed-form ODE map of every position over the whole codebook (16 AB2 steps in log s, the flow recipe's default);
+  closed-form ODE map of every position (16 AB2 steps in log s, the default) over the generator's top-k codes, k the
+  teacher's rule's (a generator trained under that rule samples under it: ``MapKDGenerator.top_k``);
 - DD2, one step (``onestep.dd2.model.ARDiffusion``): backbone + MLP head (the project's default head, width 256,
   depth 3), one Euler step from t = 1, then the nearest code (DD2's default one-step sampler);
 - decoder: token ids -> uint8 images (256x256), timed as its own row, identical for every row above (DD1's
@@ -57,7 +58,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance  # noqa: E402
 
 from onestep.data import to_uint8  # noqa: E402
-from onestep.flow_map import ode_map  # noqa: E402
 from onestep.dd1.sampling import one_step as dd1_one_step  # noqa: E402
 from onestep.mapkd.generator import MapKDGenerator, default_ode  # noqa: E402
 from onestep.dd2.model import ARDiffusion, MLPHead  # noqa: E402
@@ -173,7 +173,8 @@ def build(shape: Shape, device: str = "cpu") -> Models:
         backbone = copy.deepcopy(teacher)  # VAR reads code vectors: no stage 0
     else:
         raise ValueError(f"unknown family {shape.family!r}")
-    own = MapKDGenerator.from_teacher(teacher, default_ode(teacher.codebook()), shape.family)
+    own = MapKDGenerator.from_teacher(teacher, default_ode(teacher.codebook()), shape.family,
+                                      top_k=shape.sampling.top_k)  # trained under the teacher's rule
     width, depth, time_dim = shape.dd2_head
     head = MLPHead(teacher.code_dim, teacher.feature_dim, width, depth, time_dim)
     _randomise_zero_params(head)
@@ -242,7 +243,7 @@ def rows_of(m: Models, shape: Shape, device: str, bf16: bool) -> dict[str, list[
 
     def own_map(st):
         with exact():
-            return {**st, "out": ode_map(st["eps"], st["log_q"], cb, m.own.ode)}
+            return {**st, "out": m.own.draw(st["eps"], st["log_q"])}
 
     def dd2_backbone(st):
         eps = noise(st)
@@ -270,7 +271,8 @@ def rows_of(m: Models, shape: Shape, device: str, bf16: bool) -> dict[str, list[
             "dd1": [("forward + output rule" + (f" (continuous tokens from position {m.conti_from})"
                                                 if m.conti_from is not None else " (argmax)"), dd1)],
             "own": [("backbone", own_backbone), ("logits head + log-softmax", own_head),
-                    (f"closed-form map ({m.own.ode.n_steps} {m.own.ode.solver} steps over {V} codes)", own_map)],
+                    (f"closed-form map ({m.own.ode.n_steps} {m.own.ode.solver} steps over "
+                     + (f"the top {m.own.top_k} of {V} codes)" if m.own.top_k else f"{V} codes)"), own_map)],
             "dd2": [("backbone", dd2_backbone), ("MLP head (one Euler step)", dd2_head),
                     (f"nearest code ({V} codes)", dd2_nearest)],
             "decoder": [("decoder", decode)]}

@@ -71,6 +71,54 @@ def test_ode_map_pushforward_matches_p(C, V, kind):
     assert (st["snap_dist"] > 1e-3).float().mean() < 1e-3  # the ODE ends on codes
 
 
+def _top(log_p: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Each row truncated to its k most likely codes, a few rows to fewer (padding on the support path)."""
+    kth = log_p.topk(k, -1).values[:, -1:]
+    out = log_p.masked_fill(log_p < kth, float("-inf"))
+    few = torch.rand(log_p.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.1
+    out[few] = out[few].masked_fill(out[few] < out[few].max(-1, keepdim=True).values - 0.5, float("-inf"))
+    return out
+
+
+def test_blocks_of_rows_and_truncated_supports_give_the_same_ids(monkeypatch):
+    """The map solves its rows in blocks and, where every row's support is a small part of the codebook, on those
+    codes only: the ids are those of one dense solve of every row over every code (a truncated code has weight 0)."""
+    from onestep import flow_map
+
+    V, C, N = 128, 8, 3000
+    cb = _codebook(V, C, seed=3)
+    g = torch.Generator().manual_seed(4)
+    log_p = _top(torch.log_softmax(2 * torch.randn(N, V, generator=g), -1), 6, seed=5)
+    eps = torch.randn(N, C, generator=g)
+    cfg = ODEConfig(solver="ab2log", n_steps=16, s_min=codebook_grid(cb)[0], s_max=codebook_grid(cb)[1])
+    assert flow_map._support(log_p) is not None and flow_map._support(log_p)[1].any()  # the support path, padded
+    ids, st = ode_map(eps, log_p, cb, cfg, return_stats=True)
+    top = log_p.topk(6, -1)
+    explicit = ode_map(eps, top.values, cb, cfg, support=top.indices)
+    monkeypatch.setattr(flow_map, "BLOCK_ELEMENTS", 2 ** 40)
+    monkeypatch.setattr(flow_map, "SUPPORT_FRACTION", 0.0)
+    dense, st_dense = ode_map(eps, log_p, cb, cfg, return_stats=True)
+    assert torch.equal(ids, dense) and torch.equal(explicit, dense)
+    assert torch.allclose(st["snap_dist"], st_dense["snap_dist"], atol=1e-5)
+    assert torch.isfinite(log_p.gather(1, ids[:, None])).all()  # never a truncated code
+
+
+def test_the_map_on_a_support_pushes_forward_to_p():
+    """Solved on a top-k support given as values and indices, the map is still exact in distribution."""
+    V, C = 64, 8
+    cb = _codebook(V, C, seed=6)
+    p = _probs("dirichlet", V, seed=7)
+    p[np.argsort(p)[:-5]] = 0.0
+    p /= p.sum()
+    log_p = torch.log(torch.tensor(p, dtype=torch.float32)).expand(N_DRAWS, V)
+    top = log_p.topk(5, -1)
+    eps = torch.randn(N_DRAWS, C, generator=torch.Generator().manual_seed(8))
+    s_min, s_max = codebook_grid(cb)
+    ids = ode_map(eps, top.values, cb, ODEConfig(solver="ab2log", n_steps=16, s_min=s_min, s_max=s_max),
+                  support=top.indices)
+    assert _chi2(torch.bincount(ids, minlength=V).numpy(), p, N_DRAWS) > P_MIN
+
+
 def test_euler_in_s_is_euler_on_dx_dt_velocity_and_solvers_agree():
     """solver="euler" in (s, y) coordinates is the plain Euler step of dx/dt = flow.velocity in t."""
     from onestep import flow

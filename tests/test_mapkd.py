@@ -74,6 +74,24 @@ def test_the_generators_conditional_is_softmax_of_its_logits(table_gpt, prefix_c
     assert tv < 0.02, tv
 
 
+def test_top_k_draws_from_the_k_most_likely_codes(table_gpt):
+    """With ``top_k`` the map draws from softmax(l_i) truncated to its k most likely codes: the ids are DD1's map
+    under the truncated conditional; the knob is saved in the config (absent when 0, as in older runs)."""
+    gen = MapKDGenerator.from_teacher(table_gpt, top_k=3).eval()
+    n, C = gen.noise_shape
+    eps, labels = torch.randn(8, n, C, generator=torch.Generator().manual_seed(9)), torch.arange(8)
+    with torch.no_grad():
+        log_q = gen.log_probs(eps, labels)
+        kth = log_q.topk(3, -1).values[..., -1:]
+        ids = gen.sample_ids(eps, labels)
+    assert torch.equal(ids, ode_map(eps, log_q.masked_fill(log_q < kth, float("-inf")), gen.codebook(), gen.ode))
+    assert (log_q.gather(-1, ids[..., None]) >= kth).all()
+    assert gen.config()["top_k"] == 3 and MapKDGenerator.from_config(gen.config(), table_gpt).top_k == 3
+    assert "top_k" not in MapKDGenerator.from_teacher(table_gpt).config()
+    with pytest.raises(ValueError, match="top_k"):
+        MapKDGenerator.from_teacher(table_gpt, top_k=-1)
+
+
 def test_prefix_codes_are_the_map_under_the_running_marginal(table_gpt):
     """With prefix codes, row i also reads the teacher's embedding of the code DD1's map gives eps_j (j < i) under the
     prior of the class at position j; a training forward moves the prior of each class in the batch toward the batch's
@@ -228,6 +246,10 @@ def test_mapkd_run_trains_resumes_and_samples(tmp_path):
     assert net.prefix_ode.n_steps == 3 and net.ode.n_steps == MAPKD_PRESETS["tiny"].ode_steps == 4
     gen = onestep.load(coded)
     assert torch.equal(gen.sample([0, 1], steps=1, seed=0), onestep.load(coded).sample([0, 1], steps=1, seed=0))
+    topk = tmp_path / "mapkd-topk"  # the generator samples under the top-k of the rule it is trained under
+    main(["mapkd", "train", "--teacher", str(tmp_path / "teacher"), "--run-dir", str(topk), "--preset", "tiny",
+          "--top-k", "5"])
+    assert load_mapkd(topk)[0].top_k == 5
     _check_the_older_names_load(run, tmp_path / "old")
 
 

@@ -164,51 +164,95 @@ class _Posterior:
     matmul per evaluation (``onestep.flow.denoise`` at x = y t, t = 1 / (1 + s), without its extra passes).
     On a codebook of equal norms (LlamaGen's l2-normalised codes) the |c_j|^2 term is a constant and the
     logits are one ``addmm`` of y itself.
+
+    With ``support`` (indices (N, K), padding mask (N, K)) the rows see only those codes (``codebook[support]``,
+    log p given over them, (N, K)): the per-row products become batched ones over K codes instead of V. The codes
+    are stored (N, C, K), so that both products are batched products of one row (the mean's against the
+    transposed view).
     """
 
-    def __init__(self, log_p: Tensor, codebook: Tensor, dtype: torch.dtype):
-        self.log_p = log_p.reshape(-1, log_p.shape[-1]).to(dtype)                      # (N, V)
+    def __init__(self, log_p: Tensor, codebook: Tensor, dtype: torch.dtype,
+                 support: tuple[Tensor, Tensor] | None = None):
         self.cb = codebook.to(dtype)                                                     # (V, C)
-        n2 = self.cb.pow(2).sum(-1, keepdim=True)
+        n2 = self.cb.pow(2).sum(-1)
         self.equal_norms = bool((n2.max() - n2.min()) <= 1e-6 * n2.max())
-        self.cb_t = self.cb.t().contiguous()                                             # (C, V)
-        self.cb_aug = None if self.equal_norms else torch.cat([self.cb, n2], 1).t().contiguous()  # (C+1, V)
+        self.support = None if support is None else support[0]
+        if support is None:
+            self.log_p = log_p.to(dtype)                                                 # (N, V)
+            self.cb_t = self.cb.t().contiguous()                                         # (C, V)
+            self.cb_aug = None if self.equal_norms else torch.cat([self.cb, n2[:, None]], 1).t().contiguous()
+        else:
+            support, pad = support
+            self.log_p = log_p.to(dtype).masked_fill(pad, -math.inf)                     # (N, K)
+            N, K = support.shape
+            self.rows_t = self.cb.t().index_select(1, support.reshape(-1)).reshape(-1, N, K).transpose(0, 1) \
+                .contiguous()                                                            # (N, C, K)
+            self.n2 = n2[support]                                                        # (N, K)
         self.logits = None
 
+    def codes(self, ids: Tensor) -> Tensor:
+        """The code vectors of ``ids`` (indices into this posterior's codes: the support where there is one)."""
+        if self.support is None:
+            return self.cb[ids]
+        return self.rows_t.gather(2, ids[:, None, None].expand(-1, self.rows_t.shape[1], 1))[:, :, 0]
+
     def posterior_logits(self, y: Tensor, s: float) -> Tensor:
-        if self.equal_norms:
+        if self.support is not None:
+            dots = torch.bmm(y[:, None, :], self.rows_t)[:, 0]                          # (N, K)
+            self.logits = self.log_p + s * dots if self.equal_norms else \
+                self.log_p + s * dots - (0.5 * s * s) * self.n2
+        elif self.equal_norms:
             self.logits = torch.addmm(self.log_p, y, self.cb_t, alpha=s)
         else:
             y_aug = torch.cat([y * s, y.new_full((y.shape[0], 1), -0.5 * s * s)], 1)
             self.logits = torch.addmm(self.log_p, y_aug, self.cb_aug)
         return self.logits
 
+    def mean(self, w: Tensor) -> Tensor:
+        """sum_j w_j c_j for weights w (N, V or K)."""
+        if self.support is not None:
+            return torch.bmm(w[:, None, :], self.rows_t.transpose(1, 2))[:, 0]
+        return F.linear(w, self.cb_t)  # linear() against the (C, V) layout: softmax @ cb, faster for C << V
+
     def __call__(self, y: Tensor, s: float) -> Tensor:
-        # linear() against the (C, V) layout: the same product as softmax @ cb, faster for C << V
-        return F.linear(torch.softmax(self.posterior_logits(y, s), dim=-1), self.cb_t)
+        return self.mean(torch.softmax(self.posterior_logits(y, s), dim=-1))
 
     def slope_at_zero(self, y: Tensor) -> Tensor:
         """d x0_hat / ds at s = 0: Cov_p(c) y = sum_j p_j c_j (c_j . y) - mu (mu . y), mu = sum_j p_j c_j."""
         p = torch.softmax(self.log_p, dim=-1)
-        mu = p @ self.cb
-        return (p * (y @ self.cb_t)) @ self.cb - mu * (mu * y).sum(-1, keepdim=True)
+        mu = self.mean(p)
+        dots = torch.bmm(y[:, None, :], self.rows_t)[:, 0] if self.support is not None else y @ self.cb_t
+        return self.mean(p * dots) - mu * (mu * y).sum(-1, keepdim=True)
 
 
-@torch.no_grad()
-def ode_map(eps: Tensor, log_p: Tensor, codebook: Tensor, cfg: ODEConfig | None = None,
-            return_stats: bool = False):
-    """Map noise eps (..., C) to code ids (...) under probabilities ``log_p`` (..., V) (-inf = truncated).
+# The posterior's (rows, codes) matrices are streamed several times per evaluation; solving the ODE a block of rows
+# at a time keeps a block's matrices in the cache (about 1 MiB of float32 each; on a support, its (rows, codes, C)
+# code vectors): at 16,384 codes and 2,048 rows, 3.3x faster than all rows at once, with the same ids (every row is
+# independent).
+BLOCK_ELEMENTS = 2 ** 18
+# Where every row gives non-zero probability to at most this fraction of the codebook (a top-k rule), the rows are
+# solved on their own codes only (a truncated code has weight exactly 0 at every step, so the ids are the same).
+SUPPORT_FRACTION = 0.125
 
-    Integrates dx/dt = v from t = 1 to t = 0 (module docstring), then snaps to the code with the
-    largest posterior weight. Every leading position is independent (vectorised). With
-    ``return_stats`` also returns {"snap_dist": (...) distance from x0_hat(s_max) to the chosen code}.
-    """
-    cfg = cfg or ODEConfig()
-    dt = cfg.torch_dtype
-    lead = eps.shape[:-1]
-    y = eps.reshape(-1, eps.shape[-1]).to(dt)
-    x0 = _Posterior(log_p, codebook.to(device=eps.device), dt)
-    s = time_grid(cfg).tolist()
+
+def _support(log_p: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The codes each row gives log p > -inf, as (N, K) indices in increasing order with K the largest row's count,
+    and the (N, K) mask of a shorter row's padding; None where K is above ``SUPPORT_FRACTION`` of the codebook."""
+    N, V = log_p.shape
+    kept = log_p != -math.inf
+    count = kept.view(torch.uint8).sum(-1, dtype=torch.int64)  # 20x faster than a bool sum over the rows
+    k = int(count.max()) if N else 0
+    if k > SUPPORT_FRACTION * V:
+        return None
+    row, code = kept.nonzero(as_tuple=True)  # row-major: each row's codes in increasing order
+    slot = torch.arange(row.shape[0], device=log_p.device) - (count.cumsum(0) - count)[row]
+    idx = torch.zeros(N, k, dtype=torch.long, device=log_p.device)
+    idx[row, slot] = code
+    return idx, torch.arange(k, device=log_p.device) >= count[:, None]
+
+
+def _solve(y: Tensor, x0: _Posterior, s: list[float], cfg: ODEConfig, return_stats: bool):
+    """Integrate one block of rows (module docstring): the ids (N,) and, with ``return_stats``, the snap distances."""
     d = x0(y, s[0])
     d_prev, h_prev = None, None
     for i in range(len(s) - 1):
@@ -232,9 +276,53 @@ def ode_map(eps: Tensor, log_p: Tensor, codebook: Tensor, cfg: ODEConfig | None 
             break
         y, d = y_next, x0(y_next, s[i + 1])
     ids = x0.logits.argmax(-1)  # the posterior at s_max (the last evaluation)
+    snap = (d - x0.codes(ids)).norm(dim=-1) if return_stats else None
+    if x0.support is not None:
+        ids = x0.support.gather(1, ids[:, None])[:, 0]
+    return ids, snap
+
+
+@torch.no_grad()
+def ode_map(eps: Tensor, log_p: Tensor, codebook: Tensor, cfg: ODEConfig | None = None,
+            return_stats: bool = False, support: Tensor | None = None):
+    """Map noise eps (..., C) to code ids (...) under probabilities ``log_p`` (..., V) (-inf = truncated).
+
+    With ``support`` (..., K) code indices, ``log_p`` (..., K) gives the log-probabilities of those codes only
+    (every other code truncated): a top-k rule's values and indices, solved on the K codes directly.
+
+    Integrates dx/dt = v from t = 1 to t = 0 (module docstring), then snaps to the code with the
+    largest posterior weight. Every leading position is independent (vectorised, in blocks of rows, on the
+    codes the rows can reach where that is a small part of the codebook: ``BLOCK_ELEMENTS``,
+    ``SUPPORT_FRACTION``). With ``return_stats`` also returns {"snap_dist": (...) distance from x0_hat(s_max)
+    to the chosen code}.
+    """
+    cfg = cfg or ODEConfig()
+    dt = cfg.torch_dtype
+    lead = eps.shape[:-1]
+    y = eps.reshape(-1, eps.shape[-1]).to(dt)
+    log_p = log_p.reshape(-1, log_p.shape[-1])
+    codebook = codebook.to(device=eps.device)
+    s = time_grid(cfg).tolist()
+    if support is None:
+        support = _support(log_p)
+        if support is not None:
+            log_p = log_p.gather(1, support[0])
+    else:
+        support = (support.reshape(-1, support.shape[-1]), torch.zeros(log_p.shape, dtype=torch.bool,
+                                                                       device=log_p.device))
+    per_row = log_p.shape[-1] if support is None else max(1, support[0].shape[-1]) * codebook.shape[-1]
+    rows = max(1, BLOCK_ELEMENTS // per_row)
+    ids, snaps = [], []
+    for a in range(0, y.shape[0], rows):
+        sup = None if support is None else (support[0][a:a + rows], support[1][a:a + rows])
+        x0 = _Posterior(log_p[a:a + rows], codebook, dt, sup)
+        ids_b, snap_b = _solve(y[a:a + rows], x0, s, cfg, return_stats)
+        ids.append(ids_b)
+        snaps.append(snap_b)
+    ids = torch.cat(ids).reshape(lead) if ids else y.new_zeros(lead, dtype=torch.long)
     if not return_stats:
-        return ids.reshape(lead)
-    return ids.reshape(lead), {"snap_dist": (d - x0.cb[ids]).norm(dim=-1).reshape(lead)}
+        return ids
+    return ids, {"snap_dist": torch.cat(snaps).reshape(lead) if snaps else y.new_zeros(lead)}
 
 
 @torch.no_grad()

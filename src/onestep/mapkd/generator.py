@@ -8,12 +8,13 @@ the ODE's error). Every position comes out of ONE forward pass plus the per-toke
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
-from onestep.flow_map import ODEConfig, codebook_grid, ode_map
+from onestep.flow_map import SUPPORT_FRACTION, ODEConfig, codebook_grid, ode_map
 from onestep.teacher.families import family_named, family_of
 
 __all__ = ["MapKDGenerator", "default_ode", "ODE_STEPS", "ODE_SOLVER", "LEGACY_GENERATOR_NAMES"]
@@ -45,14 +46,21 @@ class MapKDGenerator(nn.Module):
     position j (an EMA of its training batches' softmax(l_j) per class, ``PRIOR_DECAY`` per step; under DDP the
     buffer is rank 0's). At j = 0 that code is the token itself (row 0's logits depend on the class only); later it
     is a guess that the backbone corrects. The conditional stays softmax(l_i) exactly: the codes are functions of
-    eps_<i. Costs one more ODE map per sample."""
+    eps_<i. Costs one more ODE map per sample.
+
+    ``top_k``: the map draws from the generator's k most likely codes only (softmax(l_i) truncated to them, the
+    truncation the teacher's sampling rule applies to its own conditionals; 0: every code). Training sets it from the
+    rule it distils under, so that the generator samples in training as it does after; the map then runs on k codes
+    instead of V (at LlamaGen-B's 16,384 codes and top-k 2,000, 6x faster: benchmarks/results/published-shapes.md)."""
 
     PRIOR_DECAY = 0.98  # the running marginal's EMA decay per training step
 
     def __init__(self, net: nn.Module, ode: ODEConfig, family: str = "llamagen", prefix_codes: bool = False,
-                 prefix_ode_steps: int | None = None):
+                 prefix_ode_steps: int | None = None, top_k: int = 0):
         super().__init__()
-        self.net, self.ode, self.family, self.prefix_codes = net, ode, family, prefix_codes
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: every code), got {top_k}")
+        self.net, self.ode, self.family, self.prefix_codes, self.top_k = net, ode, family, prefix_codes, top_k
         self.prefix_ode = ode if prefix_ode_steps is None else replace(ode, n_steps=prefix_ode_steps)
         self.seq_len, self.code_dim, self.num_classes = net.seq_len, net.code_dim, net.num_classes
         if prefix_codes:
@@ -67,7 +75,7 @@ class MapKDGenerator(nn.Module):
     @classmethod
     def from_teacher(cls, teacher: nn.Module, ode: ODEConfig | None = None,
                      family: str = "llamagen", prefix_codes: bool = False,
-                     prefix_ode_steps: int | None = None) -> "MapKDGenerator":
+                     prefix_ode_steps: int | None = None, top_k: int = 0) -> "MapKDGenerator":
         """A copy of the teacher's weights that reads the noise (the family's ``noise_reader``: a LlamaGen token table
         becomes an MLP on the C-dim inputs whose noise embeddings have the RMS of the teacher's token embeddings).
         ``ode``: the map's ODE (default: the default 16-step map's, on the teacher codebook's grid)."""
@@ -76,7 +84,7 @@ class MapKDGenerator(nn.Module):
                              "this teacher reads code vectors")
         net = family_named(family).noise_reader(teacher)
         gen = cls(net.train().requires_grad_(True), ode or default_ode(teacher.codebook()), family, prefix_codes,
-                  prefix_ode_steps)
+                  prefix_ode_steps, top_k)
         if prefix_codes:
             gen.code_embed.weight.data.copy_(teacher.tok_embeddings.weight.detach().float())
         return gen
@@ -84,13 +92,14 @@ class MapKDGenerator(nn.Module):
     def config(self) -> dict:
         return {"generator": "mapkd", "family": self.family, "net": self.net.args.to_dict(),
                 "ode": self.ode.to_dict(), "prefix_codes": self.prefix_codes,
-                "prefix_ode_steps": None if self.prefix_ode is self.ode else self.prefix_ode.n_steps}
+                "prefix_ode_steps": None if self.prefix_ode is self.ode else self.prefix_ode.n_steps,
+                **({"top_k": self.top_k} if self.top_k else {})}  # absent = 0, as in runs written before the knob
 
     @classmethod
     def from_config(cls, cfg: dict, teacher: nn.Module) -> "MapKDGenerator":
         net = family_of(cfg).backbone(cfg["net"], teacher)
         return cls(net, ODEConfig(**cfg["ode"]), cfg.get("family", "llamagen"), cfg.get("prefix_codes", False),
-                   cfg.get("prefix_ode_steps"))
+                   cfg.get("prefix_ode_steps"), cfg.get("top_k", 0))
 
     def codebook(self) -> Tensor:
         return self.net.codebook()
@@ -117,11 +126,23 @@ class MapKDGenerator(nn.Module):
         self.prior.copy_(torch.where(count > 0, ema, self.prior))  # a class absent from the batch keeps its prior
 
     @torch.no_grad()
+    def draw(self, eps: Tensor, log_q: Tensor, ode: ODEConfig | None = None) -> Tensor:
+        """Token ids (B, n): the map of each position's noise under its conditional ``log_q`` (B, n, V), truncated to
+        the ``top_k`` most likely codes where that is set."""
+        ode, V = ode or self.ode, log_q.shape[-1]
+        if 0 < self.top_k < V:
+            top = log_q.topk(self.top_k, dim=-1, sorted=False)
+            if self.top_k <= SUPPORT_FRACTION * V:  # solved on the k codes
+                return ode_map(eps, top.values, self.codebook(), ode, support=top.indices)
+            log_q = torch.full_like(log_q, -math.inf).scatter_(-1, top.indices, top.values)
+        return ode_map(eps, log_q, self.codebook(), ode)
+
+    @torch.no_grad()
     def sample_ids(self, eps: Tensor, labels: Tensor, ode_steps: int | None = None) -> Tensor:
         """Token ids (B, n): one forward pass, then the ODE map of every position (``ode_steps`` overrides
         ``self.ode.n_steps``)."""
         ode = self.ode if ode_steps is None else replace(self.ode, n_steps=ode_steps)
-        return ode_map(eps, self.log_probs(eps, labels), self.codebook(), ode)
+        return self.draw(eps, self.log_probs(eps, labels), ode)
 
     def generate(self, eps: Tensor, labels: Tensor) -> Tensor:
         """The one-step sample as code vectors (B, n, C) (exactly codebook vectors)."""

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from onestep import checkpoint as ckpt
 from onestep import rng
 from onestep.distributed import DistInfo, unwrap, wrap_ddp
-from onestep.flow_map import ODEConfig, codebook_grid, ode_map
+from onestep.flow_map import ODEConfig, codebook_grid
 from onestep.mapkd.generator import ODE_SOLVER, ODE_STEPS, MapKDGenerator
 from onestep.runs import ref_to
 from onestep.teacher.load import load_teacher
@@ -121,7 +121,7 @@ def mapkd_loss(generator: nn.Module, teacher: nn.Module, sampling: SamplingConfi
     where it is in the loss."""
     log_q = generator(eps, labels)
     with torch.no_grad():
-        ids = ode_map(eps, log_q.detach(), unwrap(generator).codebook(), ode)
+        ids = unwrap(generator).draw(eps, log_q.detach(), ode)
         log_p = teacher_log_probs(teacher, ids, labels, sampling).float()
     p = log_p.exp()
     zero = torch.zeros_like(p)
@@ -146,7 +146,7 @@ def train_mapkd(run_dir: str | Path, teacher_dir: str | Path, cfg: MapKDConfig, 
     teacher, tconf, _ = load_teacher(teacher_dir, info.device, with_tokenizer=False)
     teacher.requires_grad_(False).eval()
     generator = MapKDGenerator.from_teacher(teacher, cfg.ode(teacher.codebook()), tconf.get("family", "llamagen"),
-                                               cfg.prefix_codes, cfg.prefix_ode_steps).to(info.device)
+                                               cfg.prefix_codes, cfg.prefix_ode_steps, sampling.top_k).to(info.device)
     config = {"kind": "mapkd", "stage": "mapkd-train", "mapkd": cfg,
               "sampling": sampling.to_dict(), "teacher_dir": ref_to(teacher_dir, run_dir),
               "model": generator.config(), "data": tconf.get("data")}

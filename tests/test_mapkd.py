@@ -287,3 +287,15 @@ def test_each_method_has_its_own_command_group(tmp_path, capsys, argv):
     with pytest.raises(SystemExit):
         main([*argv, "--run-dir", str(tmp_path / "r")])
     assert "error" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_the_mixture_weight_flags_take_the_closed_unit_interval(capsys):
+    """A schedule may start from the forward KL (w = 0); a weight outside [0, 1] is a one-line usage error."""
+    from onestep.cli import build_parser
+
+    a = build_parser().parse_args(["mapkd", "train", "--teacher", "T", "--divergence", "mixture",
+                                   "--reverse-weight", "0", "--reverse-weight-end", "0.5"])
+    assert (a.reverse_weight, a.reverse_weight_end) == (0.0, 0.5)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["mapkd", "train", "--teacher", "T", "--reverse-weight", "1.5"])
+    assert "must lie in [0, 1], got 1.5" in capsys.readouterr().err

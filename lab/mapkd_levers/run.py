@@ -1,8 +1,8 @@
 """MapKD's levers on the shipped Fashion-MNIST teacher: the divergence and the training length, one change at a time.
 
 Question: which divergence between the teacher's conditional p_T and the generator's q (forward KL, reverse KL,
-their mixtures, a schedule from forward to reverse), and how many training steps, give MapKD the lowest one-step
-classifier FID with precision at least DD1's? Every variant is `onestep mapkd train` from the shipped teacher with
+their mixtures, a schedule from forward to reverse), how many training steps, and which teacher sampling rule as the
+target (top-k truncation, CFG scale) give MapKD the lowest one-step classifier FID with precision at least DD1's? Every variant is `onestep mapkd train` from the shipped teacher with
 the `small` preset (600 steps of 64, LR 1e-3, seed 0, CFG 2.0) and one change; every generator is evaluated on the
 same 2,000 balanced labels at two evaluation seeds (classifier FID, precision, recall), so a difference counts only
 beyond the seeds' spread. The generator's network and sampler are those of the shipped MapKD in every row, so its
@@ -33,6 +33,10 @@ VARIANTS = {
     "forward-1200": ["--steps", "1200"],
     "schedule-0-to-0.5-600": ["--divergence", "mixture", "--reverse-weight", "0", "--reverse-weight-end", "0.5"],
     "forward-600": [],
+    # the teacher's sampling rule as the target: its top-k truncation (the generator then samples under the same
+    # top-k, MapKDGenerator.top_k), and a stronger CFG
+    "topk-64-600": ["--top-k", "64"],
+    "cfg-3-600": ["--cfg-scale", "3.0"],
 }
 SEEDS = (0, 1)
 REFERENCES = {"DD1 (shipped)": "dd1", "MapKD (shipped: the small preset)": "mapkd"}

@@ -100,6 +100,14 @@ def unit_interval(text: str) -> float:
     return v
 
 
+def weight(text: str) -> float:
+    """A number in [0, 1] (a mixture's weight)."""
+    v = _finite(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return v
+
+
 def seed_int(text: str) -> int:
     """A random seed: an integer in 0..2**63-1 (every seed a command takes gives its own streams)."""
     v = _number(text, int)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from onestep.argtypes import positive_float, positive_int, unit_interval
+from onestep.argtypes import positive_float, positive_int, weight
 from onestep.cli.flags import PRESETS, add_common, add_preset, add_run_dir, add_sampling, given, override
 
 # the library (and torch with it) is imported inside each command function, when the command runs: building the
@@ -50,9 +50,9 @@ def register(sub) -> None:
     t.add_argument("--divergence", choices=("forward", "reverse", "mixture"), default=None,
                    help="forward: KL(teacher || generator) per position, mass-covering; reverse: KL(generator || "
                         "teacher), mode-seeking; mixture: (1-w) forward + w reverse (default: the preset's, forward)")
-    t.add_argument("--reverse-weight", type=unit_interval, default=None,
+    t.add_argument("--reverse-weight", type=weight, default=None,
                    help="mixture: the weight w of the reverse KL (default: the preset's, 0.5)")
-    t.add_argument("--reverse-weight-end", type=unit_interval, default=None,
+    t.add_argument("--reverse-weight-end", type=weight, default=None,
                    help="mixture: w at the last step, moved linearly from --reverse-weight (default: none, fixed)")
     t.add_argument("--prefix-codes", action=argparse.BooleanOptionalAction, default=None,
                    help="each position also reads the teacher's embedding of the code DD1's map gives the earlier "

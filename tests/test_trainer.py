@@ -479,3 +479,43 @@ def test_add_run_time_sums_invocations_and_phases(tmp_path):
     assert m["wall_time_s"] == pytest.approx(m["fit_wall_time_s"] + m["finetune_wall_time_s"], abs=0.02)
     assert m["cpu_time_s"] == pytest.approx(m["fit_cpu_time_s"] + m["finetune_cpu_time_s"], abs=0.02)
     assert json.loads((tmp_path / "metrics.json").read_text()) == m
+
+
+def test_run_clock_counts_a_stopped_invocation_up_to_its_last_checkpoint(tmp_path):
+    """A stage's metrics.json gets its time at every checkpoint (RunClock): an invocation stopped after its second
+    checkpoint has those steps' CPU time recorded; the resume adds only its own."""
+    from onestep.trainer import LoopConfig, RunClock, TrainLoop
+
+    net = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def busy(step):  # about 20 ms of CPU per step
+        c = time.process_time()
+        while time.process_time() - c < 0.02:
+            torch.randn(64, 64) @ torch.randn(64, 64)
+        if step == 5:
+            raise KeyboardInterrupt  # stopped during step 6, after the checkpoints at steps 2 and 4
+        return {}
+
+    def loop():
+        return TrainLoop(tmp_path, LoopConfig(steps=8, batch_size=1, log_every=100, ckpt_every=2), {"net": net},
+                         {"net": opt}, {"net": {}}, desc="clock")
+
+    with pytest.raises(KeyboardInterrupt):
+        loop().run(busy, clock=RunClock(tmp_path))
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    assert first["cpu_time_s"] >= 4 * 0.02  # the four steps that made the kept checkpoints
+
+    def finish(step):
+        c = time.process_time()
+        while time.process_time() - c < 0.02:
+            torch.randn(64, 64) @ torch.randn(64, 64)
+        return {}
+
+    clock = RunClock(tmp_path)
+    lp = loop()
+    lp.run(finish, clock=clock)
+    total = clock.add()
+    assert lp.steps_run == 4  # steps 5-8 trained again
+    assert total["cpu_time_s"] - first["cpu_time_s"] >= 4 * 0.02
+    assert total["cpu_time_s"] < first["cpu_time_s"] + 4 * 0.02 + 1.0  # the stopped step is not counted twice

@@ -353,7 +353,9 @@ class TrainLoop:
                 raise err from e
 
     # ---- main loop -------------------------------------------------------------------------------
-    def run(self, step_fn: Callable[[int], dict], on_checkpoint: Callable[[int], None] | None = None) -> dict:
+    def run(self, step_fn: Callable[[int], dict], on_checkpoint: Callable[[int], None] | None = None,
+            clock: "RunClock | None" = None) -> dict:
+        """Train to ``cfg.steps``; ``clock``: the run's time, added to its metrics.json at every checkpoint."""
         self.resume()
         logs: dict = {}
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, disable=not self.info.is_main,
@@ -383,6 +385,8 @@ class TrainLoop:
                 self.log(rec)
             if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps or self.step in self.cfg.save_at:
                 self.save()
+                if clock is not None and self.info.is_main:
+                    clock.add()
                 if on_checkpoint is not None:
                     on_checkpoint(self.step)
         bar.close()
@@ -454,3 +458,20 @@ def add_run_time(run_dir: str | Path, t0: float, c0: float, phase: str | None = 
     metrics.update(extra)
     ckpt.write_json(mpath, metrics)
     return metrics
+
+
+class RunClock:
+    """A stage's time in ``RUN/metrics.json``, added in pieces by :func:`add_run_time`: started with the stage, added
+    at every checkpoint of its :class:`TrainLoop` (``run(..., clock=)``) and once more at the end (:meth:`add`). An
+    invocation stopped in the middle has its time up to its last checkpoint counted; the steps after it are trained
+    again by the resume, and counted then. Main rank only."""
+
+    def __init__(self, run_dir: str | Path, phase: str | None = None):
+        self.run_dir, self.phase = run_dir, phase
+        self.t, self.c = time.time(), time.process_time()
+
+    def add(self, **extra) -> dict:
+        """Add the time since the last piece (``extra`` as in :func:`add_run_time`); returns the metrics."""
+        metrics = add_run_time(self.run_dir, self.t, self.c, self.phase, **extra)
+        self.t, self.c = time.time(), time.process_time()
+        return metrics

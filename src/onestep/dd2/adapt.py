@@ -33,7 +33,7 @@ from onestep.teacher.families import family_of
 from onestep.teacher.llamagen import GPT, continuous_copy
 from onestep.teacher.load import load_teacher
 from onestep.teacher.train import cached_tokens, heldout_nll, subset
-from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
+from onestep.trainer import (BatchSchedule, LoopConfig, RunClock, TrainLoop, add_run_time, guarded_step, make_optimizer,
                              prepare_run_dir, set_lr, warmup_cosine)
 
 
@@ -160,8 +160,8 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
         ok = guarded_step(loss, opt, student.parameters(), cfg.grad_clip)
         return {"loss": loss.item(), "nonfinite": not ok}
 
-    t1, c1 = time.time(), time.process_time()
-    loop.run(step_fn)
+    clock = RunClock(run_dir, phase="finetune")
+    loop.run(step_fn, clock=clock)
     final = Path(run_dir) / "final"
     if info.is_main:
         metrics["nll_adapted"] = heldout_nll(student, ids_test, test.labels,
@@ -173,6 +173,6 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
                   f"beyond stage 0's acceptance ({metrics['acceptance']}); metrics.json records \"accepted\": false; "
                   f"more fine-tuning (--steps) may close the gap", file=sys.stderr, flush=True)
         ckpt.write_json(metrics_path, metrics)
-        config["metrics"] = metrics = add_run_time(run_dir, t1, c1, phase="finetune")
+        config["metrics"] = metrics = clock.add()
         ckpt.save_model(final, student, config)
     return final

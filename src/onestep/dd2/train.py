@@ -13,7 +13,6 @@ generator itself, ``metrics.json`` with the wall time.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from onestep.rng import seed_everything
 from onestep.runs import final_dir, ref_to, resolve_ref
 from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig
-from onestep.trainer import LoopConfig, TrainLoop, add_run_time, prepare_run_dir
+from onestep.trainer import LoopConfig, RunClock, TrainLoop, prepare_run_dir
 
 TRAIN_PRESETS = {
     "tiny": CSDConfig(steps=2, batch_size=4, guidance_steps=1, m_noise=2, warmup_steps=1, log_every=1, ckpt_every=1),
@@ -112,11 +111,11 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
         logs = sched.step(step, sample_labels, loop.generator)
         return {k: v for k, v in logs.items() if k != "phase"} | {"align": logs["phase"] == "align"}
 
-    t0, c0 = time.time(), time.process_time()
-    loop.run(step_fn, on_checkpoint)
+    clock = RunClock(run_dir)
+    loop.run(step_fn, on_checkpoint, clock=clock)
     final = Path(run_dir) / "final"
     if info.is_main:
-        metrics = add_run_time(run_dir, t0, c0, nonfinite_steps=loop.nonfinite_total)
+        metrics = clock.add(nonfinite_steps=loop.nonfinite_total)
         ckpt.save_model(Path(run_dir) / "raw", generator, {**config, "weights": "raw generator"})
         ckpt.save_model(final, sched.ema, {**config, "weights": "EMA generator", "metrics": metrics})
     return final

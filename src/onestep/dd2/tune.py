@@ -36,7 +36,7 @@ from onestep.runs import final_dir, ref_to, resolve_ref
 from onestep.teacher.families import family_of
 from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig, sample_tokens, teacher_log_probs
-from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
+from onestep.trainer import (BatchSchedule, LoopConfig, RunClock, TrainLoop, add_run_time, guarded_step, make_optimizer,
                              prepare_run_dir, warmup_cosine)
 
 
@@ -189,11 +189,11 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
         ok = guarded_step(loss, opt, model.parameters(), cfg.grad_clip)
         return {**logs, "head_only": head_only, "nonfinite": not ok}
 
-    t1, c1 = time.time(), time.process_time()
-    loop.run(step_fn)
+    clock = RunClock(run_dir, phase="train")
+    loop.run(step_fn, clock=clock)
     final = Path(run_dir) / "final"
     if info.is_main:
-        metrics = add_run_time(run_dir, t1, c1, phase="train")
+        metrics = clock.add()
         ckpt.save_model(final, model, {**config, "metrics": metrics})
     return final
 

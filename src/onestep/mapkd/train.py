@@ -24,7 +24,6 @@ It needs no DD1 pairs either.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from onestep.mapkd.generator import ODE_SOLVER, ODE_STEPS, MapKDGenerator
 from onestep.runs import ref_to
 from onestep.teacher.load import load_teacher
 from onestep.teacher.sampling import SamplingConfig, teacher_log_probs
-from onestep.trainer import (LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer, prepare_run_dir, set_lr,
+from onestep.trainer import (LoopConfig, RunClock, TrainLoop, guarded_step, make_optimizer, prepare_run_dir, set_lr,
                              warmup_cosine)
 
 __all__ = ["MapKDConfig", "MAPKD_PRESETS", "mapkd_loss", "train_mapkd"]
@@ -167,10 +166,10 @@ def train_mapkd(run_dir: str | Path, teacher_dir: str | Path, cfg: MapKDConfig, 
         logs["lr"] = opt.param_groups[0]["lr"]
         return logs
 
-    t0, c0 = time.time(), time.process_time()
-    loop.run(step_fn)
+    clock = RunClock(run_dir)
+    loop.run(step_fn, clock=clock)
     final = Path(run_dir) / "final"
     if info.is_main:
-        metrics = add_run_time(run_dir, t0, c0, nonfinite_steps=loop.nonfinite_total)
+        metrics = clock.add(nonfinite_steps=loop.nonfinite_total)
         ckpt.save_model(final, generator, {**config, "weights": "generator", "metrics": metrics})
     return final

@@ -6,7 +6,6 @@ split, computed once and cached in the run directory (``tokens_train.npz``).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from dataclasses import replace as dc_replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from onestep.runs import recorded_data, ref_to, stage_data, tokenizer_image_shap
 from onestep.teacher.families import family_named
 from onestep.teacher.llamagen import GPT
 from onestep.teacher.load import load_tokenizer
-from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, autocast, guarded_step, make_optimizer,
+from onestep.trainer import (BatchSchedule, LoopConfig, RunClock, TrainLoop, autocast, guarded_step, make_optimizer,
                              prepare_run_dir, set_lr, warmup_cosine)
 
 
@@ -134,10 +133,10 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
         ok = guarded_step(loss, opt, model.parameters(), cfg.grad_clip)
         return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"], "nonfinite": not ok}
 
-    t0, c0 = time.time(), time.process_time()
-    loop.run(step_fn)
+    clock = RunClock(run_dir, phase="train")
+    loop.run(step_fn, clock=clock)
     if info.is_main:
-        add_run_time(run_dir, t0, c0, phase="train")
+        clock.add()
     final = Path(run_dir) / "final"
     if info.is_main:
         config["wall_time_s"] = round(loop.wall_s, 2)  # all invocations; a re-run finished run keeps it

@@ -11,7 +11,6 @@ the test set (equivalently peak-to-peak 2 on [-1, 1]); ``psnr_image_mean_db`` is
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from onestep.distributed import DistInfo, unwrap, wrap_ddp
 from onestep.rng import seed_everything
 from onestep.tokenizer.msvq import VQVAE, VQVAE_PRESETS, vqvae_config
 from onestep.tokenizer.vq import VQModel, vq_config
-from onestep.trainer import (BatchSchedule, LoopConfig, TrainLoop, add_run_time, guarded_step, make_optimizer,
+from onestep.trainer import (BatchSchedule, LoopConfig, RunClock, TrainLoop, guarded_step, make_optimizer,
                              prepare_run_dir, set_lr, warmup_cosine)
 
 
@@ -171,10 +170,10 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
         ok = guarded_step(loss, opt, model.parameters(), cfg.grad_clip)
         return {**logs, "lr": opt.param_groups[0]["lr"], "nonfinite": not ok}
 
-    t0, c0 = time.time(), time.process_time()
-    loop.run(step_fn)
+    clock = RunClock(run_dir, phase="train")
+    loop.run(step_fn, clock=clock)
     if info.is_main:
-        add_run_time(run_dir, t0, c0, phase="train")
+        clock.add()
     final = Path(run_dir) / "final"
     if info.is_main and loop.steps_run == 0 and ckpt.is_model_dir(final):
         print(f"[tokenizer] {final} is already finished", flush=True)  # nothing trained: keep it and its evaluation

@@ -39,7 +39,7 @@ def run(cmd: list[str]) -> None:
 # per setup: the tokenizer preset, the teacher's sampling rule, the defaults of the flags below, the results' name
 SETUPS = {
     "var": {"tokenizer": "var-small", "rule": ["--cfg-scale", "2", "--cfg-schedule", "linear"], "out": "var-family",
-            "title": "The VAR family on Fashion-MNIST", "teacher_steps": 1200, "teacher_batch": 64},
+            "title": "The VAR family on Fashion-MNIST", "teacher_steps": 3000, "teacher_batch": 64},
     "raster196": {"tokenizer": "ds2", "rule": ["--cfg-scale", "2"], "out": "raster196",
                   "title": "A 196-token raster teacher on Fashion-MNIST", "teacher_steps": 1500, "teacher_batch": 64},
     "mnist": {"tokenizer": "default", "rule": ["--cfg-scale", "2"], "out": "mnist", "data": ["--data", "mnist"],

@@ -40,7 +40,8 @@ VARIANTS = {
     "forward-600": [],
 }
 SEEDS = (0, 1)
-REFERENCES = {"DD1 (shipped)": "dd1", "MapKD (shipped: the small preset)": "mapkd"}
+REFERENCES = {"teacher (shipped; 49 AR steps)": "teacher", "DD1 (shipped)": "dd1",
+              "MapKD (shipped: the small preset)": "mapkd"}
 
 
 def onestep(*args: str) -> None:
@@ -110,8 +111,9 @@ def report(root: Path, n: int) -> None:
 
 
 def reference(root: Path, n: int) -> None:
-    """The shipped DD1 and MapKD generators scored by the same protocol: the precision every variant must keep, and
-    the small preset's own generator (the `forward-600` recipe, trained on another machine)."""
+    """The shipped teacher, DD1 and MapKD generators scored by the same protocol: the FID every variant is measured
+    against (the teacher's), the precision it must keep (DD1's), and the small preset's own generator (the
+    `forward-600` recipe, trained on another machine)."""
     for method in REFERENCES.values():
         run = root / f"ref-{method}"
         for seed in SEEDS:

@@ -483,7 +483,7 @@ def test_add_run_time_sums_invocations_and_phases(tmp_path):
 
 def test_run_clock_counts_a_stopped_invocation_up_to_its_last_checkpoint(tmp_path):
     """A stage's metrics.json gets its time at every checkpoint (RunClock): an invocation stopped after its second
-    checkpoint has those steps' CPU time recorded; the resume adds only its own."""
+    checkpoint has those steps' CPU time recorded; the resume adds only its own; a finished run re-run adds none."""
     from onestep.trainer import LoopConfig, RunClock, TrainLoop
 
     net = torch.nn.Linear(4, 4)
@@ -519,3 +519,7 @@ def test_run_clock_counts_a_stopped_invocation_up_to_its_last_checkpoint(tmp_pat
     assert lp.steps_run == 4  # steps 5-8 trained again
     assert total["cpu_time_s"] - first["cpu_time_s"] >= 4 * 0.02
     assert total["cpu_time_s"] < first["cpu_time_s"] + 4 * 0.02 + 1.0  # the stopped step is not counted twice
+    clock = RunClock(tmp_path)  # the finished run re-run (a pipeline reusing it): nothing trained, nothing added
+    again = loop()
+    again.run(finish, clock=clock)
+    assert again.steps_run == 0 and clock.add(count=again.steps_run > 0)["cpu_time_s"] == total["cpu_time_s"]

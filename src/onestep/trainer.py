@@ -470,8 +470,11 @@ class RunClock:
         self.run_dir, self.phase = run_dir, phase
         self.t, self.c = time.time(), time.process_time()
 
-    def add(self, **extra) -> dict:
-        """Add the time since the last piece (``extra`` as in :func:`add_run_time`); returns the metrics."""
+    def add(self, count: bool = True, **extra) -> dict:
+        """Add the time since the last piece (``extra`` as in :func:`add_run_time`); returns the metrics. ``count``
+        False: add nothing (a finished run re-run to reuse it: loading and checking it is not training)."""
+        if not count:
+            self.t, self.c = time.time(), time.process_time()
         metrics = add_run_time(self.run_dir, self.t, self.c, self.phase, **extra)
         self.t, self.c = time.time(), time.process_time()
         return metrics

@@ -164,8 +164,9 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
     loop.run(step_fn, clock=clock)
     final = Path(run_dir) / "final"
     if info.is_main:
-        metrics["nll_adapted"] = heldout_nll(student, ids_test, test.labels,
-                                             progress="dd2 adapt: held-out NLL, adapted teacher")
+        if loop.steps_run > 0 or "nll_adapted" not in metrics:  # a finished run re-run keeps its measurement
+            metrics["nll_adapted"] = heldout_nll(student, ids_test, test.labels,
+                                                 progress="dd2 adapt: held-out NLL, adapted teacher")
         metrics.update(acceptance(metrics["nll_teacher"], metrics["nll_adapted"]))
         if not metrics["accepted"]:
             print(f"[dd2 adapt] warning: not accepted: the adapted teacher's held-out NLL {metrics['nll_adapted']:.4f} "
@@ -173,6 +174,6 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
                   f"beyond stage 0's acceptance ({metrics['acceptance']}); metrics.json records \"accepted\": false; "
                   f"more fine-tuning (--steps) may close the gap", file=sys.stderr, flush=True)
         ckpt.write_json(metrics_path, metrics)
-        config["metrics"] = metrics = clock.add()
+        config["metrics"] = metrics = clock.add(count=loop.steps_run > 0)
         ckpt.save_model(final, student, config)
     return final

@@ -168,8 +168,9 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
         config["ablation"] = {"loss": loss}
     run_dir = prepare_run_dir(run_dir, config, info)
     t0, c0 = time.time(), time.process_time()
+    pool_built = not (Path(run_dir) / "pool.npz").exists()
     ids, labels = teacher_pool(Path(run_dir) / "pool.npz", teacher, cfg.n_pool, teacher.num_classes, sampling, cfg.seed)
-    if info.is_main:
+    if info.is_main and pool_built:
         add_run_time(run_dir, t0, c0, phase="pool")
     objective = TuneObjective(model, teacher, sampling, cfg, loss)
     opt = make_optimizer(torch.optim.AdamW, [{"params": list(model.backbone.parameters())}, {"params": list(model.head.parameters())}],
@@ -193,7 +194,7 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
     loop.run(step_fn, clock=clock)
     final = Path(run_dir) / "final"
     if info.is_main:
-        metrics = clock.add()
+        metrics = clock.add(count=loop.steps_run > 0)
         ckpt.save_model(final, model, {**config, "metrics": metrics})
     return final
 

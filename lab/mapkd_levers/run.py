@@ -36,6 +36,8 @@ VARIANTS = {
     # top-k, MapKDGenerator.top_k), and a stronger CFG
     "topk-64-600": ["--top-k", "64"],
     "mixture-0.25-1200": ["--steps", "1200", "--divergence", "mixture", "--reverse-weight", "0.25"],
+    # prefix codes with a 4-step map for the codes (the latency bound), at the longer length
+    "prefix-codes-4-1200": ["--steps", "1200", "--prefix-codes", "--prefix-ode-steps", "4"],
     "cfg-3-600": ["--cfg-scale", "3.0"],
     "forward-600": [],
 }

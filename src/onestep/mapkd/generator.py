@@ -51,7 +51,8 @@ class MapKDGenerator(nn.Module):
     ``top_k``: the map draws from the generator's k most likely codes only (softmax(l_i) truncated to them, the
     truncation the teacher's sampling rule applies to its own conditionals; 0: every code). Training sets it from the
     rule it distils under, so that the generator samples in training as it does after; the map then runs on k codes
-    instead of V (at LlamaGen-B's 16,384 codes and top-k 2,000, 6x faster: benchmarks/results/published-shapes.md)."""
+    instead of V (at LlamaGen-B's 16,384 codes and top-k 2,000 the map's share of the step falls from about 25% to
+    10%: benchmarks/results/published-shapes.notes.md)."""
 
     PRIOR_DECAY = 0.98  # the running marginal's EMA decay per training step
 

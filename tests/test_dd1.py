@@ -95,6 +95,9 @@ def test_blocks_of_rows_and_truncated_supports_give_the_same_ids(monkeypatch):
     ids, st = ode_map(eps, log_p, cb, cfg, return_stats=True)
     top = log_p.topk(6, -1)
     explicit = ode_map(eps, top.values, cb, cfg, support=top.indices)
+    wide_p = _top(torch.log_softmax(2 * torch.randn(N, V, generator=g), -1), 40, seed=6)  # above SUPPORT_FRACTION
+    wide = wide_p.topk(40, -1)
+    assert torch.equal(ode_map(eps, wide.values, cb, cfg, support=wide.indices), ode_map(eps, wide_p, cb, cfg))
     monkeypatch.setattr(flow_map, "BLOCK_ELEMENTS", 2 ** 40)
     monkeypatch.setattr(flow_map, "SUPPORT_FRACTION", 0.0)
     dense, st_dense = ode_map(eps, log_p, cb, cfg, return_stats=True)

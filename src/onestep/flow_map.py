@@ -183,11 +183,11 @@ class _Posterior:
             self.cb_aug = None if self.equal_norms else torch.cat([self.cb, n2[:, None]], 1).t().contiguous()
         else:
             support, pad = support
-            self.log_p = log_p.to(dtype).masked_fill(pad, -math.inf)                     # (N, K)
+            self.log_p = log_p.to(dtype) if pad is None else log_p.to(dtype).masked_fill(pad, -math.inf)  # (N, K)
             N, K = support.shape
             self.rows_t = self.cb.t().index_select(1, support.reshape(-1)).reshape(-1, N, K).transpose(0, 1) \
                 .contiguous()                                                            # (N, C, K)
-            self.n2 = n2[support]                                                        # (N, K)
+            self.n2 = None if self.equal_norms else n2[support]                          # (N, K)
         self.logits = None
 
     def codes(self, ids: Tensor) -> Tensor:
@@ -288,7 +288,8 @@ def ode_map(eps: Tensor, log_p: Tensor, codebook: Tensor, cfg: ODEConfig | None 
     """Map noise eps (..., C) to code ids (...) under probabilities ``log_p`` (..., V) (-inf = truncated).
 
     With ``support`` (..., K) code indices, ``log_p`` (..., K) gives the log-probabilities of those codes only
-    (every other code truncated): a top-k rule's values and indices, solved on the K codes directly.
+    (every other code truncated): a top-k rule's values and indices, solved on the K codes directly (or, where K is
+    above ``SUPPORT_FRACTION`` of the codebook, scattered into a dense solve).
 
     Integrates dx/dt = v from t = 1 to t = 0 (module docstring), then snaps to the code with the
     largest posterior weight. Every leading position is independent (vectorised, in blocks of rows, on the
@@ -303,18 +304,21 @@ def ode_map(eps: Tensor, log_p: Tensor, codebook: Tensor, cfg: ODEConfig | None 
     log_p = log_p.reshape(-1, log_p.shape[-1])
     codebook = codebook.to(device=eps.device)
     s = time_grid(cfg).tolist()
-    if support is None:
+    if support is not None and support.shape[-1] > SUPPORT_FRACTION * codebook.shape[0]:  # cheaper dense
+        log_p = torch.full((log_p.shape[0], codebook.shape[0]), -math.inf, dtype=log_p.dtype, device=log_p.device) \
+            .scatter_(1, support.reshape(-1, support.shape[-1]), log_p)
+        support = None
+    elif support is not None:
+        support = (support.reshape(-1, support.shape[-1]), None)
+    else:
         support = _support(log_p)
         if support is not None:
             log_p = log_p.gather(1, support[0])
-    else:
-        support = (support.reshape(-1, support.shape[-1]), torch.zeros(log_p.shape, dtype=torch.bool,
-                                                                       device=log_p.device))
     per_row = log_p.shape[-1] if support is None else max(1, support[0].shape[-1]) * codebook.shape[-1]
     rows = max(1, BLOCK_ELEMENTS // per_row)
     ids, snaps = [], []
     for a in range(0, y.shape[0], rows):
-        sup = None if support is None else (support[0][a:a + rows], support[1][a:a + rows])
+        sup = None if support is None else tuple(None if t is None else t[a:a + rows] for t in support)
         x0 = _Posterior(log_p[a:a + rows], codebook, dt, sup)
         ids_b, snap_b = _solve(y[a:a + rows], x0, s, cfg, return_stats)
         ids.append(ids_b)

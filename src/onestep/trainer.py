@@ -390,6 +390,8 @@ class TrainLoop:
                 if on_checkpoint is not None:
                     on_checkpoint(self.step)
         bar.close()
+        if clock is not None:
+            clock.counting = self.steps_run > 0  # a finished run re-run: its loading and checks are not training
         return logs
 
 
@@ -469,11 +471,11 @@ class RunClock:
     def __init__(self, run_dir: str | Path, phase: str | None = None):
         self.run_dir, self.phase = run_dir, phase
         self.t, self.c = time.time(), time.process_time()
+        self.counting = True  # False once its loop has run without training a step: then nothing more is added
 
-    def add(self, count: bool = True, **extra) -> dict:
-        """Add the time since the last piece (``extra`` as in :func:`add_run_time`); returns the metrics. ``count``
-        False: add nothing (a finished run re-run to reuse it: loading and checking it is not training)."""
-        if not count:
+    def add(self, **extra) -> dict:
+        """Add the time since the last piece (``extra`` as in :func:`add_run_time`); returns the metrics."""
+        if not self.counting:
             self.t, self.c = time.time(), time.process_time()
         metrics = add_run_time(self.run_dir, self.t, self.c, self.phase, **extra)
         self.t, self.c = time.time(), time.process_time()

@@ -174,6 +174,6 @@ def adapt_teacher(run_dir: str | Path, teacher_dir: str | Path, cfg: AdaptConfig
                   f"beyond stage 0's acceptance ({metrics['acceptance']}); metrics.json records \"accepted\": false; "
                   f"more fine-tuning (--steps) may close the gap", file=sys.stderr, flush=True)
         ckpt.write_json(metrics_path, metrics)
-        config["metrics"] = metrics = clock.add(count=loop.steps_run > 0)
+        config["metrics"] = metrics = clock.add()
         ckpt.save_model(final, student, config)
     return final

@@ -115,7 +115,7 @@ def train(run_dir: str | Path, tune_dir: str | Path, cfg: CSDConfig, info: DistI
     loop.run(step_fn, on_checkpoint, clock=clock)
     final = Path(run_dir) / "final"
     if info.is_main:
-        metrics = clock.add(count=loop.steps_run > 0, nonfinite_steps=loop.nonfinite_total)
+        metrics = clock.add(nonfinite_steps=loop.nonfinite_total)
         ckpt.save_model(Path(run_dir) / "raw", generator, {**config, "weights": "raw generator"})
         ckpt.save_model(final, sched.ema, {**config, "weights": "EMA generator", "metrics": metrics})
     return final

@@ -194,7 +194,7 @@ def tune(run_dir: str | Path, teacher_dir: str | Path, cfg: TuneConfig, sampling
     loop.run(step_fn, clock=clock)
     final = Path(run_dir) / "final"
     if info.is_main:
-        metrics = clock.add(count=loop.steps_run > 0)
+        metrics = clock.add()
         ckpt.save_model(final, model, {**config, "metrics": metrics})
     return final
 

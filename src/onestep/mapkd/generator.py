@@ -8,13 +8,12 @@ the ODE's error). Every position comes out of ONE forward pass plus the per-toke
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
-from onestep.flow_map import SUPPORT_FRACTION, ODEConfig, codebook_grid, ode_map
+from onestep.flow_map import ODEConfig, codebook_grid, ode_map
 from onestep.teacher.families import family_named, family_of
 
 __all__ = ["MapKDGenerator", "default_ode", "ODE_STEPS", "ODE_SOLVER", "LEGACY_GENERATOR_NAMES"]
@@ -130,12 +129,10 @@ class MapKDGenerator(nn.Module):
     def draw(self, eps: Tensor, log_q: Tensor, ode: ODEConfig | None = None) -> Tensor:
         """Token ids (B, n): the map of each position's noise under its conditional ``log_q`` (B, n, V), truncated to
         the ``top_k`` most likely codes where that is set."""
-        ode, V = ode or self.ode, log_q.shape[-1]
-        if 0 < self.top_k < V:
+        ode = ode or self.ode
+        if 0 < self.top_k < log_q.shape[-1]:
             top = log_q.topk(self.top_k, dim=-1, sorted=False)
-            if self.top_k <= SUPPORT_FRACTION * V:  # solved on the k codes
-                return ode_map(eps, top.values, self.codebook(), ode, support=top.indices)
-            log_q = torch.full_like(log_q, -math.inf).scatter_(-1, top.indices, top.values)
+            return ode_map(eps, top.values, self.codebook(), ode, support=top.indices)
         return ode_map(eps, log_q, self.codebook(), ode)
 
     @torch.no_grad()

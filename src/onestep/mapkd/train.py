@@ -170,6 +170,6 @@ def train_mapkd(run_dir: str | Path, teacher_dir: str | Path, cfg: MapKDConfig, 
     loop.run(step_fn, clock=clock)
     final = Path(run_dir) / "final"
     if info.is_main:
-        metrics = clock.add(count=loop.steps_run > 0, nonfinite_steps=loop.nonfinite_total)
+        metrics = clock.add(nonfinite_steps=loop.nonfinite_total)
         ckpt.save_model(final, generator, {**config, "weights": "generator", "metrics": metrics})
     return final

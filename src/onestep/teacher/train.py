@@ -136,7 +136,7 @@ def train_teacher(run_dir: str | Path, tokenizer_dir: str | Path, cfg: TeacherTr
     clock = RunClock(run_dir, phase="train")
     loop.run(step_fn, clock=clock)
     if info.is_main:
-        clock.add(count=loop.steps_run > 0)
+        clock.add()
     final = Path(run_dir) / "final"
     if info.is_main:
         config["wall_time_s"] = round(loop.wall_s, 2)  # all invocations; a re-run finished run keeps it

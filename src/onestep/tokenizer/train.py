@@ -173,7 +173,7 @@ def train_tokenizer(run_dir: str | Path, cfg: VQTrainConfig, data: str = "fashio
     clock = RunClock(run_dir, phase="train")
     loop.run(step_fn, clock=clock)
     if info.is_main:
-        clock.add(count=loop.steps_run > 0)
+        clock.add()
     final = Path(run_dir) / "final"
     if info.is_main and loop.steps_run == 0 and ckpt.is_model_dir(final):
         print(f"[tokenizer] {final} is already finished", flush=True)  # nothing trained: keep it and its evaluation
